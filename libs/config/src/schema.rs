@@ -1,0 +1,341 @@
+//! The schema. Keys are camelCase, as in the seed's `config/worker.yaml` examples.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::units::{ByteSize, Millis, Seconds, StringList};
+
+/// Every service's settings. `claudecluster up` reads all three sections from one file;
+/// `claudecluster worker --config worker.yaml` reads a file that holds the worker section alone.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    pub driver: DriverConfig,
+    pub scheduler: SchedulerConfig,
+    pub worker: WorkerConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct DriverConfig {
+    /// Address the DriverService listens on.
+    pub listen: String,
+    /// The scheduler, as host:port.
+    pub scheduler_address: String,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            listen: "127.0.0.1:50051".into(),
+            scheduler_address: "127.0.0.1:50052".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    pub listen: String,
+    /// How often workers send a heartbeat (a bare number is milliseconds).
+    pub heartbeat_interval: Millis,
+    /// A worker silent this long is unhealthy and gets no new work.
+    pub heartbeat_timeout: Millis,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            listen: "127.0.0.1:50052".into(),
+            heartbeat_interval: Millis(Duration::from_secs(1)),
+            heartbeat_timeout: Millis(Duration::from_secs(5)),
+        }
+    }
+}
+
+/// How a worker runs agents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecutionModeSetting {
+    #[default]
+    ProcessPool,
+    ContainerAgentic,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Address the WorkerService listens on.
+    pub listen: String,
+    /// Address the driver uses to reach this worker; defaults to the address bound.
+    pub advertise_address: Option<String>,
+    /// The scheduler, as host:port.
+    pub scheduler_address: String,
+    /// Stable name of this worker; a random one is made when unset.
+    pub worker_id: Option<String>,
+    /// Labels that tasks can select this worker by.
+    pub labels: BTreeMap<String, String>,
+    /// Concurrent tasks; defaults to `processPool.maxProcesses` or `container.maxContainers`.
+    pub max_concurrent_tasks: Option<u32>,
+    pub execution_mode: ExecutionModeSetting,
+    pub feature_flags: FeatureFlags,
+    pub process_pool: ProcessPoolConfig,
+    pub container: ContainerConfig,
+    pub agent: AgentConfig,
+    /// Where task workspaces are made; defaults to a `claudecluster/workspaces` directory
+    /// under the user's data directory.
+    pub workspace_root: Option<PathBuf>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            listen: "127.0.0.1:50053".into(),
+            advertise_address: None,
+            scheduler_address: "127.0.0.1:50052".into(),
+            worker_id: None,
+            labels: BTreeMap::new(),
+            max_concurrent_tasks: None,
+            execution_mode: ExecutionModeSetting::default(),
+            feature_flags: FeatureFlags::default(),
+            process_pool: ProcessPoolConfig::default(),
+            container: ContainerConfig::default(),
+            agent: AgentConfig::default(),
+            workspace_root: None,
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// Tasks this worker runs at once.
+    pub fn capacity(&self) -> u32 {
+        self.max_concurrent_tasks.unwrap_or(match self.execution_mode {
+            ExecutionModeSetting::ProcessPool => self.process_pool.max_processes,
+            ExecutionModeSetting::ContainerAgentic => self.container.max_containers,
+        })
+    }
+
+    /// The task wall-clock limit when the task sets none.
+    pub fn default_task_timeout(&self) -> Duration {
+        match self.execution_mode {
+            ExecutionModeSetting::ProcessPool => self.process_pool.process_timeout.get(),
+            ExecutionModeSetting::ContainerAgentic => self.container.resource_limits.timeout.get(),
+        }
+    }
+}
+
+/// The seed's feature flags.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct FeatureFlags {
+    pub enable_container_mode: bool,
+    pub default_execution_mode: Option<ExecutionModeSetting>,
+    /// Whether tasks may ask for an execution mode.
+    pub allow_mode_override: bool,
+    pub container_providers: StringList,
+}
+
+impl Default for FeatureFlags {
+    fn default() -> Self {
+        FeatureFlags {
+            enable_container_mode: false,
+            default_execution_mode: None,
+            allow_mode_override: true,
+            container_providers: StringList(vec!["docker".into()]),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ProcessPoolConfig {
+    /// Concurrent `claude` processes.
+    pub max_processes: u32,
+    /// Wall-clock limit of a task that sets none (a bare number is milliseconds).
+    pub process_timeout: Millis,
+    /// The `claude` executable: a path, or a name looked up on PATH.
+    pub claude_code_path: String,
+}
+
+impl Default for ProcessPoolConfig {
+    fn default() -> Self {
+        ProcessPoolConfig {
+            max_processes: 4,
+            process_timeout: Millis(Duration::from_secs(3600)),
+            claude_code_path: "claude".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ContainerConfig {
+    /// Only `docker` is implemented.
+    pub orchestrator: String,
+    pub image: String,
+    pub registry: Option<String>,
+    /// Concurrent containers.
+    pub max_containers: u32,
+    pub resource_limits: ContainerLimits,
+}
+
+impl Default for ContainerConfig {
+    fn default() -> Self {
+        ContainerConfig {
+            orchestrator: "docker".into(),
+            image: "claudecluster/agent:latest".into(),
+            registry: None,
+            max_containers: 4,
+            resource_limits: ContainerLimits::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ContainerLimits {
+    pub memory: ByteSize,
+    /// CPU cores.
+    pub cpu: f64,
+    /// Wall-clock limit of a task that sets none (a bare number is seconds).
+    pub timeout: Seconds,
+    pub pids: u32,
+}
+
+impl Default for ContainerLimits {
+    fn default() -> Self {
+        ContainerLimits {
+            memory: ByteSize(2 << 30),
+            cpu: 1.0,
+            timeout: Seconds(Duration::from_secs(3600)),
+            pids: 512,
+        }
+    }
+}
+
+/// How agents are started and watched, whatever the execution mode.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// An agent that prints nothing for this long is killed and its task fails (a bare number
+    /// is seconds).
+    pub idle_timeout: Seconds,
+    /// After SIGINT, how long an agent has to stop before it is killed.
+    pub cancel_grace_period: Seconds,
+    /// Defaults for tasks that set no agent options.
+    pub model: Option<String>,
+    pub permission_mode: Option<String>,
+    pub allowed_tools: StringList,
+    pub disallowed_tools: StringList,
+    pub append_system_prompt: Option<String>,
+    /// Prefixes of the worker's environment variables passed to agents.
+    pub pass_env: StringList,
+    /// Variables set for every agent, after the passed ones.
+    pub env: BTreeMap<String, String>,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            idle_timeout: Seconds(Duration::from_secs(600)),
+            cancel_grace_period: Seconds(Duration::from_secs(5)),
+            model: None,
+            permission_mode: None,
+            allowed_tools: StringList::default(),
+            disallowed_tools: StringList::default(),
+            append_system_prompt: None,
+            pass_env: StringList(vec!["ANTHROPIC_".into(), "CLAUDE_CODE_".into()]),
+            env: BTreeMap::new(),
+        }
+    }
+}
+
+/// A problem found by [`ClusterConfig::validate`]: the key (dotted, from the root) and what is
+/// wrong with it.
+pub(crate) struct Violation {
+    pub key: &'static str,
+    pub message: String,
+}
+
+impl ClusterConfig {
+    pub(crate) fn violations(&self) -> Vec<Violation> {
+        let mut found = Vec::new();
+        let mut check = |ok: bool, key: &'static str, message: &str| {
+            if !ok {
+                found.push(Violation {
+                    key,
+                    message: message.to_owned(),
+                });
+            }
+        };
+        let addresses = [
+            ("driver.listen", &self.driver.listen),
+            ("driver.schedulerAddress", &self.driver.scheduler_address),
+            ("scheduler.listen", &self.scheduler.listen),
+            ("worker.listen", &self.worker.listen),
+            ("worker.schedulerAddress", &self.worker.scheduler_address),
+        ];
+        for (key, address) in addresses {
+            check(
+                is_host_port(address),
+                key,
+                &format!("`{address}` is not an address of the form host:port"),
+            );
+        }
+        let worker = &self.worker;
+        check(
+            worker.process_pool.max_processes >= 1,
+            "worker.processPool.maxProcesses",
+            "must be at least 1",
+        );
+        check(
+            worker.container.max_containers >= 1,
+            "worker.container.maxContainers",
+            "must be at least 1",
+        );
+        check(
+            worker.max_concurrent_tasks != Some(0),
+            "worker.maxConcurrentTasks",
+            "must be at least 1",
+        );
+        check(
+            !worker.process_pool.claude_code_path.trim().is_empty(),
+            "worker.processPool.claudeCodePath",
+            "must name the claude executable",
+        );
+        check(
+            worker.container.orchestrator == "docker",
+            "worker.container.orchestrator",
+            &format!(
+                "`{}` is not supported; the only orchestrator is `docker`",
+                worker.container.orchestrator
+            ),
+        );
+        check(
+            worker.container.resource_limits.cpu >= 0.0,
+            "worker.container.resourceLimits.cpu",
+            "cannot be negative",
+        );
+        check(
+            !worker.agent.idle_timeout.get().is_zero(),
+            "worker.agent.idleTimeout",
+            "must be longer than zero",
+        );
+        check(
+            self.scheduler.heartbeat_timeout.get() > self.scheduler.heartbeat_interval.get(),
+            "scheduler.heartbeatTimeout",
+            "must be longer than scheduler.heartbeatInterval",
+        );
+        found
+    }
+}
+
+fn is_host_port(address: &str) -> bool {
+    match address.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok(),
+        None => false,
+    }
+}

