@@ -332,7 +332,9 @@ mod tests {
     #[test]
     fn unknown_system_subtypes_are_kept() {
         let events = parse_line(r#"{"type":"system","subtype":"compact_boundary"}"#).unwrap();
-        assert!(matches!(&events[0], AgentEvent::Other { subtype: Some(s), .. } if s == "compact_boundary"));
+        assert!(
+            matches!(&events[0], AgentEvent::Other { subtype: Some(s), .. } if s == "compact_boundary")
+        );
     }
 
     #[test]

@@ -47,7 +47,10 @@ fn plain_reply() {
     assert_eq!(result.subtype, "success");
     assert!(!result.is_error);
     assert_eq!(result.num_turns, 1);
-    assert_eq!(result.result.as_deref(), Some("MOCK_REPLY turn=1: hello mock"));
+    assert_eq!(
+        result.result.as_deref(),
+        Some("MOCK_REPLY turn=1: hello mock")
+    );
     assert!(result.total_cost_usd > 0.0);
     assert_eq!(result.usage.input_tokens, 2562);
     assert_eq!(result.usage.output_tokens, 7);
@@ -69,9 +72,11 @@ fn tool_round_trip_writes_a_file() {
     let tool_result = events
         .iter()
         .find_map(|e| match e {
-            AgentEvent::ToolResult { tool_use_id, content, is_error } => {
-                Some((tool_use_id, content, is_error))
-            }
+            AgentEvent::ToolResult {
+                tool_use_id,
+                content,
+                is_error,
+            } => Some((tool_use_id, content, is_error)),
             _ => None,
         })
         .expect("a tool_result event");
@@ -88,7 +93,13 @@ fn api_error_is_an_error_result_despite_subtype_success() {
     let events = transcript("error_529.jsonl");
     assert!(events.iter().any(|e| matches!(e,
         AgentEvent::ApiRetry { attempt: 1, error_status: 529, error, .. } if error == "overloaded")));
-    assert!(events.iter().any(|e| matches!(e, AgentEvent::Text { api_error: true, .. })));
+    assert!(events.iter().any(|e| matches!(
+        e,
+        AgentEvent::Text {
+            api_error: true,
+            ..
+        }
+    )));
     let result = result_of(&events);
     assert_eq!(result.subtype, "success");
     assert!(result.is_error);
@@ -101,7 +112,13 @@ fn api_error_is_an_error_result_despite_subtype_success() {
 #[test]
 fn one_retry_then_success() {
     let events = transcript("failonce.jsonl");
-    assert!(events.iter().any(|e| matches!(e, AgentEvent::ApiRetry { max_retries: 10, .. })));
+    assert!(events.iter().any(|e| matches!(
+        e,
+        AgentEvent::ApiRetry {
+            max_retries: 10,
+            ..
+        }
+    )));
     assert_eq!(result_of(&events).failure_reason(), None);
 }
 
@@ -121,7 +138,9 @@ fn partial_messages_and_status_events_are_kept_as_other() {
     let events = transcript("slow_partial.jsonl");
     let stream_events = events
         .iter()
-        .filter(|e| matches!(e, AgentEvent::Other { event_type, .. } if event_type == "stream_event"))
+        .filter(
+            |e| matches!(e, AgentEvent::Other { event_type, .. } if event_type == "stream_event"),
+        )
         .count();
     assert!(stream_events >= 5, "got {stream_events} stream events");
     assert!(events.iter().any(|e| matches!(e,
@@ -135,7 +154,10 @@ fn partial_messages_and_status_events_are_kept_as_other() {
 #[test]
 fn one_process_many_turns_gives_one_init_and_result_per_turn() {
     let events = transcript("multiturn_stdin.jsonl");
-    let inits = events.iter().filter(|e| matches!(e, AgentEvent::Init(_))).count();
+    let inits = events
+        .iter()
+        .filter(|e| matches!(e, AgentEvent::Init(_)))
+        .count();
     let results: Vec<_> = events
         .iter()
         .filter_map(|e| match e {

@@ -44,9 +44,7 @@ pub fn load(
         .add_source(Layer(
             env_layer
                 .into_iter()
-                .map(|(key, (var, value))| {
-                    (key, Value::new(Some(&var), ValueKind::String(value)))
-                })
+                .map(|(key, (var, value))| (key, Value::new(Some(&var), ValueKind::String(value))))
                 .collect(),
         ))
         .build()
@@ -167,7 +165,11 @@ impl Origins {
         let env_var = self
             .env_keys
             .iter()
-            .filter(|(env_key, _)| key == env_key.as_str() || key.starts_with(&format!("{env_key}.")) || env_key.starts_with(&format!("{key}.")))
+            .filter(|(env_key, _)| {
+                key == env_key.as_str()
+                    || key.starts_with(&format!("{env_key}."))
+                    || env_key.starts_with(&format!("{key}."))
+            })
             .map(|(_, var)| var.clone())
             .next();
         if let Some(var) = env_var {

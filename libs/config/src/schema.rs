@@ -112,10 +112,11 @@ impl Default for WorkerConfig {
 impl WorkerConfig {
     /// Tasks this worker runs at once.
     pub fn capacity(&self) -> u32 {
-        self.max_concurrent_tasks.unwrap_or(match self.execution_mode {
-            ExecutionModeSetting::ProcessPool => self.process_pool.max_processes,
-            ExecutionModeSetting::ContainerAgentic => self.container.max_containers,
-        })
+        self.max_concurrent_tasks
+            .unwrap_or(match self.execution_mode {
+                ExecutionModeSetting::ProcessPool => self.process_pool.max_processes,
+                ExecutionModeSetting::ContainerAgentic => self.container.max_containers,
+            })
     }
 
     /// The task wall-clock limit when the task sets none.

@@ -80,7 +80,10 @@ mod tests {
         );
         assert_eq!(substitute_env("m: ${EMPTY:-x}", env).unwrap(), "m: x");
         assert_eq!(substitute_env("m: ${EMPTY}", env).unwrap(), "m: ");
-        assert_eq!(substitute_env("cost: $5 and $${HOME}", env).unwrap(), "cost: $5 and ${HOME}");
+        assert_eq!(
+            substitute_env("cost: $5 and $${HOME}", env).unwrap(),
+            "cost: $5 and ${HOME}"
+        );
     }
 
     #[test]

@@ -35,8 +35,14 @@ fn seed_process_pool_example_loads_as_written() {
     let worker = config.worker;
     assert_eq!(worker.execution_mode, ExecutionModeSetting::ProcessPool);
     assert_eq!(worker.process_pool.max_processes, 5);
-    assert_eq!(worker.process_pool.process_timeout.get(), Duration::from_secs(300));
-    assert_eq!(worker.process_pool.claude_code_path, "/usr/local/bin/claude");
+    assert_eq!(
+        worker.process_pool.process_timeout.get(),
+        Duration::from_secs(300)
+    );
+    assert_eq!(
+        worker.process_pool.claude_code_path,
+        "/usr/local/bin/claude"
+    );
     assert_eq!(worker.capacity(), 5);
 }
 
@@ -49,19 +55,28 @@ fn seed_container_example_loads_as_written() {
     )
     .unwrap();
     let container = config.worker.container;
-    assert_eq!(config.worker.execution_mode, ExecutionModeSetting::ContainerAgentic);
+    assert_eq!(
+        config.worker.execution_mode,
+        ExecutionModeSetting::ContainerAgentic
+    );
     assert_eq!(container.image, "claudecluster/agentic-worker:latest");
     assert_eq!(container.registry.as_deref(), Some("docker.io"));
     assert_eq!(container.resource_limits.memory.0, 4_000_000_000);
     assert_eq!(container.resource_limits.cpu, 2.0);
-    assert_eq!(container.resource_limits.timeout.get(), Duration::from_secs(3600));
+    assert_eq!(
+        container.resource_limits.timeout.get(),
+        Duration::from_secs(3600)
+    );
 }
 
 #[test]
 fn seed_dual_mode_example_defaults_and_follows_its_variable() {
     let path = example("worker-dual-mode.yaml");
     let default = load(Some(&path), FileLayout::Section("worker"), vars(&[])).unwrap();
-    assert_eq!(default.worker.execution_mode, ExecutionModeSetting::ProcessPool);
+    assert_eq!(
+        default.worker.execution_mode,
+        ExecutionModeSetting::ProcessPool
+    );
     assert!(default.worker.feature_flags.enable_container_mode);
     assert!(default.worker.feature_flags.allow_mode_override);
     let switched = load(
@@ -70,7 +85,10 @@ fn seed_dual_mode_example_defaults_and_follows_its_variable() {
         vars(&[("EXECUTION_MODE", "container_agentic")]),
     )
     .unwrap();
-    assert_eq!(switched.worker.execution_mode, ExecutionModeSetting::ContainerAgentic);
+    assert_eq!(
+        switched.worker.execution_mode,
+        ExecutionModeSetting::ContainerAgentic
+    );
 }
 
 #[test]
@@ -96,13 +114,20 @@ fn environment_overrides_the_file() {
     )
     .unwrap();
     assert_eq!(config.worker.process_pool.max_processes, 9);
-    assert_eq!(config.worker.labels.get("zone").map(String::as_str), Some("eu"));
+    assert_eq!(
+        config.worker.labels.get("zone").map(String::as_str),
+        Some("eu")
+    );
     assert_eq!(config.worker.agent.allowed_tools.0, vec!["Write", "Bash"]);
 }
 
 fn invalid(err: ConfigError) -> (String, String, String) {
     match err {
-        ConfigError::Invalid { key, origin, message } => (key, origin, message),
+        ConfigError::Invalid {
+            key,
+            origin,
+            message,
+        } => (key, origin, message),
         other => panic!("expected an invalid key, got {other}"),
     }
 }
@@ -167,7 +192,10 @@ fn a_missing_file_and_an_unset_variable_are_reported() {
         vars(&[]),
     )
     .unwrap_err();
-    assert!(err.to_string().contains("/nonexistent/worker.yaml"), "{err}");
+    assert!(
+        err.to_string().contains("/nonexistent/worker.yaml"),
+        "{err}"
+    );
     let file = write("executionMode: ${MODE_WITHOUT_DEFAULT}\n");
     let err = load(Some(file.path()), FileLayout::Section("worker"), vars(&[])).unwrap_err();
     assert!(err.to_string().contains("MODE_WITHOUT_DEFAULT"), "{err}");

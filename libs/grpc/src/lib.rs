@@ -1,0 +1,116 @@
+//! gRPC plumbing every ClaudeCluster service shares.
+//!
+//! [`serve`] runs a set of routes with what every service must offer besides its own API:
+//! `grpc.health.v1.Health`, and server reflection in both v1 and v1alpha (grpcurl 1.8.6 and
+//! Python's grpcio-reflection speak only v1alpha). [`channel`] makes client channels.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
+use tonic::transport::{Channel, Endpoint, Server};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+pub use tonic_health;
+
+/// Health of a service, as reported through `grpc.health.v1.Health`.
+#[derive(Clone)]
+pub struct Health {
+    reporter: HealthReporter,
+    service_name: &'static str,
+}
+
+impl Health {
+    /// Reports the service (and the server as a whole, the empty name) as serving or not.
+    pub async fn set_serving(&self, serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.reporter
+            .set_service_status(self.service_name, status)
+            .await;
+        self.reporter.set_service_status("", status).await;
+    }
+}
+
+/// Routes holding health and reflection, to which a service adds its own.
+pub async fn standard_routes(service_name: &'static str) -> (Routes, Health) {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health = Health {
+        reporter,
+        service_name,
+    };
+    health.set_serving(true).await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(claudecluster_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .expect("the embedded descriptor sets are valid");
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .expect("the embedded descriptor sets are valid");
+    let routes = Routes::new(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+    (routes, health)
+}
+
+/// Binds `address`, explaining which setting named it when that fails.
+pub async fn bind(address: &str, setting: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(address).await.map_err(|err| {
+        std::io::Error::new(
+            err.kind(),
+            format!("cannot listen on {address} (`{setting}`): {err}"),
+        )
+    })
+}
+
+/// Serves `routes` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    routes: Routes,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .trace_fn(|request| tracing::debug_span!("grpc", path = %request.uri().path()))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// A channel to `address` (host:port or a full http:// URI) that connects on first use and
+/// reconnects after failures.
+pub fn channel(address: &str) -> Result<Channel, tonic::transport::Error> {
+    let uri = if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("http://{address}")
+    };
+    Ok(Endpoint::from_shared(uri)?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
+
+/// The address a listener is reachable at, with an unspecified IP (0.0.0.0) replaced by
+/// loopback so that it can be advertised on one machine.
+pub fn reachable_address(local: SocketAddr) -> String {
+    let mut address = local;
+    if address.ip().is_unspecified() {
+        address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    address.to_string()
+}

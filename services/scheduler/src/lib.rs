@@ -1,0 +1,66 @@
+//! The scheduler: knows every worker (execution mode, capacity, labels, health), queues the
+//! tasks the driver hands it and places each on a matching worker with room.
+//!
+//! Its state is soft: the driver owns the record of every task and enqueues its pending tasks
+//! again whenever its placement stream reconnects, so a restarted scheduler loses nothing.
+
+mod error;
+mod placement;
+mod service;
+mod state;
+
+use std::net::SocketAddr;
+
+use claudecluster_config::SchedulerConfig;
+use claudecluster_proto::v1::scheduler_service_server::SchedulerServiceServer;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use error::SchedulerError;
+pub use placement::{Candidate, TaskRequirements, choose_worker};
+pub use service::SchedulerService;
+
+/// A running scheduler.
+pub struct Handle {
+    pub local_addr: SocketAddr,
+    shutdown: CancellationToken,
+    join: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Handle {
+    pub async fn shutdown(self) -> Result<(), tonic::transport::Error> {
+        self.shutdown.cancel();
+        self.join
+            .await
+            .expect("the scheduler's server task panicked")
+    }
+
+    /// Waits until the server stops by itself (it does only on error).
+    pub async fn wait(&mut self) -> Result<(), tonic::transport::Error> {
+        (&mut self.join)
+            .await
+            .expect("the scheduler's server task panicked")
+    }
+}
+
+/// Starts a scheduler serving on `listener`.
+pub async fn spawn(config: SchedulerConfig, listener: TcpListener) -> std::io::Result<Handle> {
+    let local_addr = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+    let service = SchedulerService::new(config);
+    service.start_health_checks(shutdown.clone());
+    let (routes, _health) =
+        claudecluster_grpc::standard_routes("claudecluster.v1.SchedulerService").await;
+    let routes = routes.add_service(SchedulerServiceServer::new(service));
+    let stop = shutdown.clone();
+    let join = tokio::spawn(async move {
+        claudecluster_grpc::serve(listener, routes, stop.cancelled_owned()).await
+    });
+    tracing::info!(address = %local_addr, "scheduler listening");
+    Ok(Handle {
+        local_addr,
+        shutdown,
+        join,
+    })
+}

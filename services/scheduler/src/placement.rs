@@ -1,0 +1,220 @@
+//! The placement policy, as a pure function.
+//!
+//! A task goes only to a healthy worker of the requested execution mode (any mode when none is
+//! requested) that carries every label of the task's selector and has a free slot. Among
+//! those, the least loaded by fraction of capacity wins; ties go to the worker that was
+//! given work least recently, so that equal workers take turns.
+
+use std::collections::{BTreeMap, HashMap};
+
+use claudecluster_proto::v1::ExecutionMode;
+
+/// What a task needs of a worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRequirements {
+    pub execution_mode: ExecutionMode,
+    pub worker_selector: HashMap<String, String>,
+}
+
+/// A worker as placement sees it.
+#[derive(Debug, Clone)]
+pub struct Candidate<'a> {
+    pub worker_id: &'a str,
+    pub healthy: bool,
+    pub execution_mode: ExecutionMode,
+    pub labels: &'a HashMap<String, String>,
+    pub capacity: u32,
+    pub load: u32,
+    /// Placement counter value when this worker last got work.
+    pub last_placed: u64,
+}
+
+impl Candidate<'_> {
+    fn can_run(&self, task: &TaskRequirements) -> bool {
+        self.healthy
+            && self.load < self.capacity
+            && (task.execution_mode == ExecutionMode::Unspecified
+                || task.execution_mode == self.execution_mode)
+            && task
+                .worker_selector
+                .iter()
+                .all(|(key, value)| self.labels.get(key) == Some(value))
+    }
+}
+
+/// The worker `task` should go to, if any can take it now.
+pub fn choose_worker<'a>(
+    task: &TaskRequirements,
+    candidates: impl IntoIterator<Item = Candidate<'a>>,
+) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .filter(|candidate| candidate.can_run(task))
+        .min_by(|a, b| {
+            // load/capacity compared without division: a.load * b.capacity vs b.load * a.capacity
+            let left = u64::from(a.load) * u64::from(b.capacity);
+            let right = u64::from(b.load) * u64::from(a.capacity);
+            left.cmp(&right)
+                .then(a.last_placed.cmp(&b.last_placed))
+                .then(a.worker_id.cmp(b.worker_id))
+        })
+        .map(|candidate| candidate.worker_id)
+}
+
+/// Why nothing can run `task`, for the task's status reason.
+pub fn explain_unplaceable<'a>(
+    task: &TaskRequirements,
+    candidates: impl IntoIterator<Item = Candidate<'a>>,
+) -> String {
+    let candidates: Vec<_> = candidates.into_iter().collect();
+    let mode_ok = |c: &&Candidate| {
+        task.execution_mode == ExecutionMode::Unspecified || task.execution_mode == c.execution_mode
+    };
+    let matching: Vec<_> = candidates
+        .iter()
+        .filter(mode_ok)
+        .filter(|c| {
+            task.worker_selector
+                .iter()
+                .all(|(key, value)| c.labels.get(key) == Some(value))
+        })
+        .collect();
+    let mode = if task.execution_mode == ExecutionMode::Unspecified {
+        String::new()
+    } else {
+        format!("{} ", task.execution_mode.label())
+    };
+    let selector = if task.worker_selector.is_empty() {
+        String::new()
+    } else {
+        let sorted: BTreeMap<_, _> = task.worker_selector.iter().collect();
+        let labels: Vec<_> = sorted.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!(" with labels {}", labels.join(","))
+    };
+    if matching.is_empty() {
+        format!("waiting for a {mode}worker{selector}: none is registered")
+    } else if !matching.iter().any(|c| c.healthy) {
+        format!("waiting for a {mode}worker{selector}: none is healthy")
+    } else {
+        format!("waiting for a free slot on a {mode}worker{selector}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn candidate<'a>(
+        id: &'a str,
+        mode: ExecutionMode,
+        labels: &'a HashMap<String, String>,
+        capacity: u32,
+        load: u32,
+    ) -> Candidate<'a> {
+        Candidate {
+            worker_id: id,
+            healthy: true,
+            execution_mode: mode,
+            labels,
+            capacity,
+            load,
+            last_placed: 0,
+        }
+    }
+
+    fn any_task() -> TaskRequirements {
+        TaskRequirements {
+            execution_mode: ExecutionMode::Unspecified,
+            worker_selector: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn least_loaded_by_fraction_wins() {
+        let none = labels(&[]);
+        let chosen = choose_worker(
+            &any_task(),
+            [
+                candidate("big", ExecutionMode::ProcessPool, &none, 10, 4),
+                candidate("small", ExecutionMode::ProcessPool, &none, 2, 1),
+            ],
+        );
+        assert_eq!(chosen, Some("big"), "4/10 is less loaded than 1/2");
+    }
+
+    #[test]
+    fn full_unhealthy_and_wrong_mode_workers_are_skipped() {
+        let none = labels(&[]);
+        let mut sick = candidate("sick", ExecutionMode::ContainerAgentic, &none, 4, 0);
+        sick.healthy = false;
+        let task = TaskRequirements {
+            execution_mode: ExecutionMode::ContainerAgentic,
+            worker_selector: HashMap::new(),
+        };
+        let chosen = choose_worker(
+            &task,
+            [
+                sick,
+                candidate("full", ExecutionMode::ContainerAgentic, &none, 2, 2),
+                candidate("process", ExecutionMode::ProcessPool, &none, 4, 0),
+            ],
+        );
+        assert_eq!(chosen, None);
+    }
+
+    #[test]
+    fn selector_labels_must_all_match() {
+        let gpu = labels(&[("gpu", "true"), ("zone", "eu")]);
+        let plain = labels(&[("zone", "eu")]);
+        let task = TaskRequirements {
+            execution_mode: ExecutionMode::Unspecified,
+            worker_selector: labels(&[("gpu", "true"), ("zone", "eu")]),
+        };
+        let chosen = choose_worker(
+            &task,
+            [
+                candidate("plain", ExecutionMode::ProcessPool, &plain, 4, 0),
+                candidate("gpu", ExecutionMode::ProcessPool, &gpu, 4, 3),
+            ],
+        );
+        assert_eq!(chosen, Some("gpu"));
+    }
+
+    #[test]
+    fn equal_workers_take_turns() {
+        let none = labels(&[]);
+        let mut first = candidate("a", ExecutionMode::ProcessPool, &none, 4, 0);
+        first.last_placed = 7;
+        let second = candidate("b", ExecutionMode::ProcessPool, &none, 4, 0);
+        assert_eq!(choose_worker(&any_task(), [first, second]), Some("b"));
+    }
+
+    #[test]
+    fn unplaceable_tasks_say_why() {
+        let none = labels(&[]);
+        let task = TaskRequirements {
+            execution_mode: ExecutionMode::ContainerAgentic,
+            worker_selector: HashMap::new(),
+        };
+        let reason = explain_unplaceable(
+            &task,
+            [candidate("p", ExecutionMode::ProcessPool, &none, 1, 0)],
+        );
+        assert_eq!(
+            reason,
+            "waiting for a container_agentic worker: none is registered"
+        );
+        let reason = explain_unplaceable(
+            &any_task(),
+            [candidate("p", ExecutionMode::ProcessPool, &none, 1, 1)],
+        );
+        assert_eq!(reason, "waiting for a free slot on a worker");
+    }
+}

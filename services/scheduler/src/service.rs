@@ -1,0 +1,213 @@
+use std::sync::{Arc, Mutex};
+
+use claudecluster_config::SchedulerConfig;
+use claudecluster_proto::v1::scheduler_service_server::SchedulerService as SchedulerApi;
+use claudecluster_proto::v1::worker_link_request::Message as LinkMessage;
+use claudecluster_proto::v1::worker_link_response::Message as LinkReply;
+use claudecluster_proto::v1::*;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::SchedulerError;
+use crate::state::{State, requirements};
+
+/// The SchedulerService: thin RPC methods over the shared [`State`].
+#[derive(Clone)]
+pub struct SchedulerService {
+    state: Arc<Mutex<State>>,
+    config: Arc<SchedulerConfig>,
+}
+
+impl SchedulerService {
+    pub fn new(config: SchedulerConfig) -> Self {
+        SchedulerService {
+            state: Arc::default(),
+            config: Arc::new(config),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("scheduler state lock poisoned")
+    }
+
+    /// Marks workers that stop sending heartbeats as unhealthy, until `stop`.
+    pub fn start_health_checks(&self, stop: CancellationToken) {
+        let this = self.clone();
+        let period = self.config.heartbeat_interval.get() / 2;
+        let timeout = self.config.heartbeat_timeout.get();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(period);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = ticker.tick() => this.state().expire_heartbeats(timeout),
+                }
+            }
+        });
+    }
+}
+
+fn validate_registration(registration: &RegisterWorker) -> Result<(), SchedulerError> {
+    let invalid = |field, message: &str| {
+        Err(SchedulerError::InvalidArgument {
+            field,
+            message: message.to_owned(),
+        })
+    };
+    if registration.worker_id.trim().is_empty() {
+        return invalid("register.worker_id", "must not be empty");
+    }
+    if registration.address.trim().is_empty() {
+        return invalid("register.address", "must not be empty");
+    }
+    if registration.capacity == 0 {
+        return invalid("register.capacity", "must be at least 1");
+    }
+    if registration.execution_mode() == ExecutionMode::Unspecified {
+        return invalid("register.execution_mode", "must be set");
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl SchedulerApi for SchedulerService {
+    type WorkerLinkStream = ReceiverStream<Result<WorkerLinkResponse, Status>>;
+
+    async fn worker_link(
+        &self,
+        request: Request<Streaming<WorkerLinkRequest>>,
+    ) -> Result<Response<Self::WorkerLinkStream>, Status> {
+        let mut inbound = request.into_inner();
+        let Some(LinkMessage::Register(registration)) =
+            inbound.message().await?.and_then(|first| first.message)
+        else {
+            return Err(SchedulerError::NotRegistered.into());
+        };
+        validate_registration(&registration)?;
+        let worker_id = registration.worker_id.clone();
+        tracing::info!(
+            worker = %worker_id,
+            address = %registration.address,
+            mode = registration.execution_mode().label(),
+            capacity = registration.capacity,
+            "worker registered"
+        );
+        let link = self.state().register(registration);
+        let (replies, replies_rx) = mpsc::channel(4);
+        let registered = WorkerLinkResponse {
+            message: Some(LinkReply::Registered(WorkerRegistered {
+                heartbeat_interval_ms: self.config.heartbeat_interval.get().as_millis() as u64,
+            })),
+        };
+        replies
+            .send(Ok(registered))
+            .await
+            .map_err(|_| Status::cancelled("worker went away while registering"))?;
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            // `replies` lives as long as the link, so the worker sees its end if we stop.
+            let _replies = replies;
+            let reason = loop {
+                match inbound.message().await {
+                    Ok(Some(WorkerLinkRequest {
+                        message: Some(LinkMessage::Heartbeat(beat)),
+                    })) => {
+                        let current = state
+                            .lock()
+                            .expect("scheduler state lock poisoned")
+                            .heartbeat(&worker_id, link, beat.healthy, beat.health_reason);
+                        if !current {
+                            break "replaced by a newer registration".to_owned();
+                        }
+                    }
+                    Ok(Some(WorkerLinkRequest {
+                        message: Some(LinkMessage::GoingAway(going)),
+                    })) => break format!("going away: {}", going.reason),
+                    Ok(Some(_)) => {}
+                    Ok(None) => break "link closed".to_owned(),
+                    Err(status) => break format!("link failed: {}", status.message()),
+                }
+            };
+            state
+                .lock()
+                .expect("scheduler state lock poisoned")
+                .link_closed(&worker_id, link, &reason);
+        });
+        Ok(Response::new(ReceiverStream::new(replies_rx)))
+    }
+
+    async fn enqueue_task(
+        &self,
+        request: Request<EnqueueTaskRequest>,
+    ) -> Result<Response<EnqueueTaskResponse>, Status> {
+        let request = request.into_inner();
+        if request.task_id.is_empty() {
+            return Err(SchedulerError::InvalidArgument {
+                field: "task_id",
+                message: "must not be empty".into(),
+            }
+            .into());
+        }
+        let priority = request.priority();
+        let requirements = requirements(request.execution_mode(), request.worker_selector);
+        let enqueued =
+            self.state()
+                .enqueue(request.task_id, request.attempt, priority, requirements);
+        Ok(Response::new(EnqueueTaskResponse {
+            queue_position: enqueued.queue_position,
+            waiting_reason: enqueued.waiting_reason,
+        }))
+    }
+
+    async fn dequeue_task(
+        &self,
+        request: Request<DequeueTaskRequest>,
+    ) -> Result<Response<DequeueTaskResponse>, Status> {
+        let removed = self.state().dequeue(&request.into_inner().task_id);
+        Ok(Response::new(DequeueTaskResponse { removed }))
+    }
+
+    async fn release_task(
+        &self,
+        request: Request<ReleaseTaskRequest>,
+    ) -> Result<Response<ReleaseTaskResponse>, Status> {
+        self.state().release(&request.into_inner().task_id);
+        Ok(Response::new(ReleaseTaskResponse {}))
+    }
+
+    type StreamPlacementsStream = UnboundedReceiverStream<Result<StreamPlacementsResponse, Status>>;
+
+    async fn stream_placements(
+        &self,
+        _request: Request<StreamPlacementsRequest>,
+    ) -> Result<Response<Self::StreamPlacementsStream>, Status> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        self.state().set_placement_stream(sender);
+        tracing::info!("driver connected for placements");
+        Ok(Response::new(UnboundedReceiverStream::new(receiver)))
+    }
+
+    async fn list_workers(
+        &self,
+        _request: Request<ListWorkersRequest>,
+    ) -> Result<Response<ListWorkersResponse>, Status> {
+        Ok(Response::new(ListWorkersResponse {
+            workers: self.state().workers(),
+        }))
+    }
+
+    async fn get_queue_stats(
+        &self,
+        _request: Request<GetQueueStatsRequest>,
+    ) -> Result<Response<GetQueueStatsResponse>, Status> {
+        let state = self.state();
+        Ok(Response::new(GetQueueStatsResponse {
+            queued_tasks: state.queued_tasks() as u64,
+            placed_tasks: state.placed_tasks() as u64,
+            placements: state.placements,
+            placement_nanos_total: state.placement_nanos,
+        }))
+    }
+}

@@ -1,0 +1,329 @@
+//! The scheduler's state: workers, the queue and the placements in force.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant, SystemTime};
+
+use claudecluster_proto::v1::{
+    ExecutionMode, Priority, RegisterWorker, StreamPlacementsResponse, WorkerInfo,
+};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::placement::{Candidate, TaskRequirements, choose_worker, explain_unplaceable};
+
+pub(crate) type PlacementSender = mpsc::UnboundedSender<Result<StreamPlacementsResponse, Status>>;
+
+/// Queue order: higher priority first, then first in first out.
+type QueueKey = (Reverse<i32>, u64);
+
+#[derive(Debug)]
+struct QueuedTask {
+    task_id: String,
+    attempt: u32,
+    requirements: TaskRequirements,
+}
+
+#[derive(Debug)]
+struct WorkerEntry {
+    registration: RegisterWorker,
+    labels: HashMap<String, String>,
+    /// Identifies the link the worker registered on; a re-registration makes a new one.
+    link: u64,
+    connected: bool,
+    reported_healthy: bool,
+    health_reason: String,
+    last_heartbeat: Instant,
+    last_heartbeat_time: SystemTime,
+    /// Missed heartbeats for longer than the timeout.
+    stale: bool,
+    /// Placements not yet released.
+    load: u32,
+    last_placed: u64,
+}
+
+impl WorkerEntry {
+    fn healthy(&self) -> bool {
+        self.connected && self.reported_healthy && !self.stale
+    }
+
+    fn candidate(&self) -> Candidate<'_> {
+        Candidate {
+            worker_id: &self.registration.worker_id,
+            healthy: self.healthy(),
+            execution_mode: self.registration.execution_mode(),
+            labels: &self.labels,
+            capacity: self.registration.capacity,
+            load: self.load,
+            last_placed: self.last_placed,
+        }
+    }
+
+    fn info(&self) -> WorkerInfo {
+        let health_reason = if !self.connected {
+            "disconnected from the scheduler".to_owned()
+        } else if self.stale {
+            "missed its heartbeats".to_owned()
+        } else {
+            self.health_reason.clone()
+        };
+        WorkerInfo {
+            worker_id: self.registration.worker_id.clone(),
+            address: self.registration.address.clone(),
+            execution_mode: self.registration.execution_mode,
+            capacity: self.registration.capacity,
+            load: self.load,
+            labels: self.labels.clone(),
+            version: self.registration.version.clone(),
+            healthy: self.healthy(),
+            health_reason,
+            last_heartbeat_time: Some(self.last_heartbeat_time.into()),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    workers: HashMap<String, WorkerEntry>,
+    queue: BTreeMap<QueueKey, QueuedTask>,
+    queued: HashMap<String, QueueKey>,
+    /// Task id to the worker it was placed on.
+    placed: HashMap<String, String>,
+    placements_tx: Option<PlacementSender>,
+    next_queue_seq: u64,
+    next_link: u64,
+    placement_counter: u64,
+    pub placements: u64,
+    pub placement_nanos: u64,
+}
+
+/// What enqueuing a task led to.
+pub(crate) struct Enqueued {
+    pub queue_position: u64,
+    pub waiting_reason: String,
+}
+
+impl State {
+    pub fn register(&mut self, registration: RegisterWorker) -> u64 {
+        self.next_link += 1;
+        let link = self.next_link;
+        let labels = registration.labels.clone();
+        let worker_id = registration.worker_id.clone();
+        // A worker that registers again keeps the placements the driver has not released.
+        let load = self.workers.get(&worker_id).map_or(0, |w| w.load);
+        let last_placed = self.workers.get(&worker_id).map_or(0, |w| w.last_placed);
+        self.workers.insert(
+            worker_id,
+            WorkerEntry {
+                registration,
+                labels,
+                link,
+                connected: true,
+                reported_healthy: true,
+                health_reason: String::new(),
+                last_heartbeat: Instant::now(),
+                last_heartbeat_time: SystemTime::now(),
+                stale: false,
+                load,
+                last_placed,
+            },
+        );
+        self.place();
+        link
+    }
+
+    /// Records a heartbeat; false when the link has been replaced by a newer registration.
+    pub fn heartbeat(&mut self, worker_id: &str, link: u64, healthy: bool, reason: String) -> bool {
+        let Some(worker) = self.workers.get_mut(worker_id).filter(|w| w.link == link) else {
+            return false;
+        };
+        let was_healthy = worker.healthy();
+        worker.last_heartbeat = Instant::now();
+        worker.last_heartbeat_time = SystemTime::now();
+        worker.stale = false;
+        worker.reported_healthy = healthy;
+        worker.health_reason = reason;
+        if !was_healthy && worker.healthy() {
+            tracing::info!(worker = worker_id, "worker is healthy");
+            self.place();
+        }
+        true
+    }
+
+    pub fn link_closed(&mut self, worker_id: &str, link: u64, reason: &str) {
+        if let Some(worker) = self.workers.get_mut(worker_id).filter(|w| w.link == link) {
+            worker.connected = false;
+            worker.health_reason = reason.to_owned();
+            tracing::warn!(worker = worker_id, reason, "worker link closed");
+        }
+    }
+
+    /// Marks workers whose last heartbeat is older than `timeout` as unhealthy.
+    pub fn expire_heartbeats(&mut self, timeout: Duration) {
+        let now = Instant::now();
+        for (worker_id, worker) in &mut self.workers {
+            if worker.connected && !worker.stale && now - worker.last_heartbeat > timeout {
+                worker.stale = true;
+                tracing::warn!(
+                    worker = %worker_id,
+                    silent_for = ?now - worker.last_heartbeat,
+                    "worker missed its heartbeats; it gets no new work"
+                );
+            }
+        }
+    }
+
+    pub fn enqueue(
+        &mut self,
+        task_id: String,
+        attempt: u32,
+        priority: Priority,
+        requirements: TaskRequirements,
+    ) -> Enqueued {
+        // The driver enqueues only tasks it holds as pending, so a placement it never received
+        // (its stream broke) is released and made again.
+        self.release(&task_id);
+        let key = match self.queued.get(&task_id) {
+            Some(key) => *key,
+            None => {
+                self.next_queue_seq += 1;
+                let key = (Reverse(priority_rank(priority)), self.next_queue_seq);
+                self.queued.insert(task_id.clone(), key);
+                self.queue.insert(
+                    key,
+                    QueuedTask {
+                        task_id: task_id.clone(),
+                        attempt,
+                        requirements: requirements.clone(),
+                    },
+                );
+                key
+            }
+        };
+        let queue_position = self.queue.range(..key).count() as u64;
+        self.place();
+        let waiting_reason = if self.queued.contains_key(&task_id) {
+            if self.placements_tx.is_none() {
+                "waiting for the driver's placement stream".to_owned()
+            } else {
+                explain_unplaceable(
+                    &requirements,
+                    self.workers.values().map(WorkerEntry::candidate),
+                )
+            }
+        } else {
+            String::new()
+        };
+        Enqueued {
+            queue_position,
+            waiting_reason,
+        }
+    }
+
+    pub fn dequeue(&mut self, task_id: &str) -> bool {
+        match self.queued.remove(task_id) {
+            Some(key) => {
+                self.queue.remove(&key);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn release(&mut self, task_id: &str) {
+        if let Some(worker_id) = self.placed.remove(task_id) {
+            if let Some(worker) = self.workers.get_mut(&worker_id) {
+                worker.load = worker.load.saturating_sub(1);
+            }
+            self.place();
+        }
+    }
+
+    pub fn set_placement_stream(&mut self, sender: PlacementSender) {
+        self.placements_tx = Some(sender);
+        self.place();
+    }
+
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        let mut workers: Vec<_> = self.workers.values().map(WorkerEntry::info).collect();
+        workers.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+        workers
+    }
+
+    pub fn queued_tasks(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn placed_tasks(&self) -> usize {
+        self.placed.len()
+    }
+
+    /// Places queued tasks, in queue order, while workers have room.
+    fn place(&mut self) {
+        let Some(sender) = self.placements_tx.clone() else {
+            return;
+        };
+        let keys: Vec<QueueKey> = self.queue.keys().copied().collect();
+        for key in keys {
+            let free_slots: u32 = self
+                .workers
+                .values()
+                .filter(|w| w.healthy())
+                .map(|w| w.registration.capacity.saturating_sub(w.load))
+                .sum();
+            if free_slots == 0 {
+                return;
+            }
+            let started = Instant::now();
+            let task = &self.queue[&key];
+            let Some(worker_id) = choose_worker(
+                &task.requirements,
+                self.workers.values().map(WorkerEntry::candidate),
+            )
+            .map(str::to_owned) else {
+                continue;
+            };
+            let worker = self
+                .workers
+                .get_mut(&worker_id)
+                .expect("chosen from the map");
+            let placement = StreamPlacementsResponse {
+                task_id: task.task_id.clone(),
+                attempt: task.attempt,
+                worker_id: worker_id.clone(),
+                worker_address: worker.registration.address.clone(),
+            };
+            if sender.send(Ok(placement)).is_err() {
+                tracing::warn!("the driver's placement stream closed; holding the queue");
+                self.placements_tx = None;
+                return;
+            }
+            self.placement_counter += 1;
+            worker.load += 1;
+            worker.last_placed = self.placement_counter;
+            let task = self.queue.remove(&key).expect("key taken from the queue");
+            self.queued.remove(&task.task_id);
+            tracing::debug!(task = %task.task_id, worker = %worker_id, "placed");
+            self.placed.insert(task.task_id, worker_id);
+            self.placements += 1;
+            self.placement_nanos += started.elapsed().as_nanos() as u64;
+        }
+    }
+}
+
+fn priority_rank(priority: Priority) -> i32 {
+    match priority {
+        Priority::Unspecified => Priority::Normal as i32,
+        other => other as i32,
+    }
+}
+
+pub(crate) fn requirements(
+    mode: ExecutionMode,
+    selector: HashMap<String, String>,
+) -> TaskRequirements {
+    TaskRequirements {
+        execution_mode: mode,
+        worker_selector: selector,
+    }
+}

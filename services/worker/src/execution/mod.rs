@@ -1,0 +1,118 @@
+//! Running agents, whatever runs them.
+//!
+//! An [`ExecutionProvider`] knows one way to start a `claude` process: as a local process
+//! ([`ProcessPoolProvider`]) or in a container. It hands back an [`AgentHandle`]: the agent's
+//! output lines, its exit, and a way to interrupt and kill it. Everything else (parsing the
+//! stream-json output, streaming events, the wall-clock timeout, the idle watchdog, cancel,
+//! and deciding the outcome from the result event) is shared, in [`supervisor`].
+
+mod command;
+mod output;
+mod process;
+mod signal;
+pub mod supervisor;
+
+use std::fmt;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use claudecluster_proto::v1::ExecutionMode;
+use tokio::sync::{mpsc, oneshot};
+
+pub use command::{AgentOptions, agent_args, agent_env};
+pub use output::{OutputLine, OutputStream, forward_lines};
+pub use process::ProcessPoolProvider;
+
+/// Everything needed to start one agent, whatever runs it.
+///
+/// `env` holds secrets (API keys): never log its values.
+#[derive(Clone)]
+pub struct AgentLaunch {
+    pub task_id: String,
+    pub attempt: u32,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// The task's workspace on this host.
+    pub workspace: PathBuf,
+}
+
+impl fmt::Debug for AgentLaunch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let env_names: Vec<&str> = self.env.iter().map(|(name, _)| name.as_str()).collect();
+        f.debug_struct("AgentLaunch")
+            .field("task_id", &self.task_id)
+            .field("attempt", &self.attempt)
+            .field("args", &self.args)
+            .field("env", &env_names)
+            .field("workspace", &self.workspace)
+            .finish()
+    }
+}
+
+/// A started agent.
+pub struct AgentHandle {
+    /// Output lines; the channel closes when the agent closed stdout and stderr.
+    pub output: mpsc::Receiver<OutputLine>,
+    /// The agent's exit, once it happened.
+    pub exit: oneshot::Receiver<AgentExit>,
+    pub control: Box<dyn AgentControl>,
+}
+
+/// Stopping an agent and releasing what it held.
+#[async_trait]
+pub trait AgentControl: Send + Sync {
+    /// Asks the agent to stop (SIGINT), which makes the CLI end its turn with a result.
+    async fn interrupt(&self) -> std::io::Result<()>;
+    /// Stops the agent at once.
+    async fn kill(&self) -> std::io::Result<()>;
+    /// Releases what the agent held once it is gone; called exactly once.
+    async fn release(&self) {}
+}
+
+/// How an agent ended.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AgentExit {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    /// What the runtime knows besides the status, e.g. "out of memory".
+    pub detail: Option<String>,
+}
+
+impl fmt::Display for AgentExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.code, self.signal) {
+            (Some(code), _) => write!(f, "exited {code}")?,
+            (None, Some(signal)) => write!(f, "was killed by signal {signal}")?,
+            (None, None) => write!(f, "ended")?,
+        }
+        if let Some(detail) = &self.detail {
+            write!(f, ": {detail}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why an agent could not be started, in words for the task's failure reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LaunchError(pub String);
+
+/// Whether a provider can take work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderHealth {
+    Ready,
+    Unavailable(String),
+}
+
+/// One way of running agents.
+#[async_trait]
+pub trait ExecutionProvider: Send + Sync + 'static {
+    fn mode(&self) -> ExecutionMode;
+
+    /// Starts the agent described by `launch`.
+    async fn launch(&self, launch: AgentLaunch) -> Result<AgentHandle, LaunchError>;
+
+    async fn health(&self) -> ProviderHealth {
+        ProviderHealth::Ready
+    }
+}

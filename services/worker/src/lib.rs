@@ -1,0 +1,131 @@
+//! The worker: registers with the scheduler, runs the tasks the driver sends it through its
+//! [`execution::ExecutionProvider`], and streams every agent event back.
+
+mod error;
+mod events;
+pub mod execution;
+mod link;
+mod runtime;
+mod service;
+mod workspace;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use claudecluster_config::{ExecutionModeSetting, WorkerConfig};
+use claudecluster_proto::v1::worker_service_server::WorkerServiceServer;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use error::WorkerError;
+pub use runtime::Runtime;
+pub use workspace::Workspaces;
+
+use execution::{ExecutionProvider, ProcessPoolProvider};
+
+/// A running worker.
+pub struct Handle {
+    pub local_addr: SocketAddr,
+    pub worker_id: String,
+    runtime: Arc<Runtime>,
+    stop_link: CancellationToken,
+    stop_server: CancellationToken,
+    link: JoinHandle<()>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Handle {
+    /// Stops running tasks (they end CANCELLED), says going-away to the scheduler, then stops
+    /// serving once their streams have ended.
+    pub async fn shutdown(self) -> Result<(), tonic::transport::Error> {
+        self.runtime.shut_down();
+        self.stop_link.cancel();
+        let _ = self.link.await;
+        self.stop_server.cancel();
+        self.server
+            .await
+            .expect("the worker's server task panicked")
+    }
+
+    /// Waits until the server stops by itself (it does only on error).
+    pub async fn wait(&mut self) -> Result<(), tonic::transport::Error> {
+        (&mut self.server)
+            .await
+            .expect("the worker's server task panicked")
+    }
+}
+
+/// Why a worker cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("`executionMode: {0}` is not available in this build")]
+    ModeUnavailable(&'static str),
+}
+
+fn provider(config: &WorkerConfig) -> Result<Arc<dyn ExecutionProvider>, StartError> {
+    match config.execution_mode {
+        ExecutionModeSetting::ProcessPool => Ok(Arc::new(ProcessPoolProvider::new(
+            config.process_pool.claude_code_path.clone(),
+        ))),
+        ExecutionModeSetting::ContainerAgentic => {
+            Err(StartError::ModeUnavailable("container_agentic"))
+        }
+    }
+}
+
+/// Starts a worker serving on `listener` and registering with its scheduler.
+pub async fn spawn(config: WorkerConfig, listener: TcpListener) -> Result<Handle, StartError> {
+    let local_addr = listener.local_addr()?;
+    let advertised = config
+        .advertise_address
+        .clone()
+        .unwrap_or_else(|| claudecluster_grpc::reachable_address(local_addr));
+    let worker_id = config
+        .worker_id
+        .clone()
+        .unwrap_or_else(|| format!("worker-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+    let provider = provider(&config)?;
+    let scheduler_address = config.scheduler_address.clone();
+    let runtime = Arc::new(Runtime::new(worker_id.clone(), config, provider));
+
+    let (routes, _health) =
+        claudecluster_grpc::standard_routes("claudecluster.v1.WorkerService").await;
+    let routes = routes.add_service(WorkerServiceServer::new(service::WorkerService::new(
+        runtime.clone(),
+        advertised.clone(),
+    )));
+    let stop_server = CancellationToken::new();
+    let server = {
+        let stop = stop_server.clone();
+        tokio::spawn(async move {
+            claudecluster_grpc::serve(listener, routes, stop.cancelled_owned()).await
+        })
+    };
+    let stop_link = CancellationToken::new();
+    let link = tokio::spawn(link::run(
+        runtime.clone(),
+        scheduler_address,
+        advertised.clone(),
+        stop_link.clone(),
+    ));
+    tracing::info!(
+        worker = %worker_id,
+        address = %local_addr,
+        advertised = %advertised,
+        mode = runtime.mode().label(),
+        capacity = runtime.capacity(),
+        "worker listening"
+    );
+    Ok(Handle {
+        local_addr,
+        worker_id,
+        runtime,
+        stop_link,
+        stop_server,
+        link,
+        server,
+    })
+}

@@ -1,0 +1,129 @@
+//! The worker's link to the scheduler: register, then heartbeats, then going-away; reconnects
+//! with backoff whenever the link breaks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use claudecluster_proto::v1::scheduler_service_client::SchedulerServiceClient;
+use claudecluster_proto::v1::worker_link_request::Message;
+use claudecluster_proto::v1::worker_link_response::Message as Reply;
+use claudecluster_proto::v1::{
+    RegisterWorker, WorkerGoingAway, WorkerHeartbeat, WorkerLinkRequest,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::execution::ProviderHealth;
+use crate::runtime::Runtime;
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+pub async fn run(
+    runtime: Arc<Runtime>,
+    scheduler_address: String,
+    advertised: String,
+    stop: CancellationToken,
+) {
+    let channel = match claudecluster_grpc::channel(&scheduler_address) {
+        Ok(channel) => channel,
+        Err(err) => {
+            tracing::error!(address = %scheduler_address, error = %err, "bad scheduler address (`worker.schedulerAddress`)");
+            return;
+        }
+    };
+    let mut client = SchedulerServiceClient::new(channel);
+    let mut backoff = FIRST_BACKOFF;
+    let mut failures = 0u32;
+    loop {
+        match session(&runtime, &mut client, &advertised, &stop).await {
+            Ok(()) => return,
+            Err(reason) => {
+                failures += 1;
+                // The first failure and every tenth are worth a line; the rest is noise.
+                if failures == 1 || failures % 10 == 0 {
+                    tracing::warn!(scheduler = %scheduler_address, %reason, "scheduler link down; retrying");
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+        if failures == 0 {
+            backoff = FIRST_BACKOFF;
+        }
+    }
+}
+
+/// One link, from registration to its end. `Ok` only when `stop` ended it.
+async fn session(
+    runtime: &Runtime,
+    client: &mut SchedulerServiceClient<tonic::transport::Channel>,
+    advertised: &str,
+    stop: &CancellationToken,
+) -> Result<(), String> {
+    let (outbound, outbound_rx) = mpsc::channel(4);
+    let register = RegisterWorker {
+        worker_id: runtime.worker_id.clone(),
+        address: advertised.to_owned(),
+        execution_mode: runtime.mode() as i32,
+        capacity: runtime.capacity(),
+        labels: runtime.config().labels.clone().into_iter().collect(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    outbound
+        .send(WorkerLinkRequest {
+            message: Some(Message::Register(register)),
+        })
+        .await
+        .map_err(|_| "link closed".to_owned())?;
+    let mut inbound = client
+        .worker_link(ReceiverStream::new(outbound_rx))
+        .await
+        .map_err(|status| status.message().to_owned())?
+        .into_inner();
+    let interval = match inbound.message().await {
+        Ok(Some(reply)) => match reply.message {
+            Some(Reply::Registered(registered)) => {
+                Duration::from_millis(registered.heartbeat_interval_ms.max(10))
+            }
+            None => return Err("the scheduler did not confirm the registration".into()),
+        },
+        Ok(None) => return Err("the scheduler closed the link".into()),
+        Err(status) => return Err(status.message().to_owned()),
+    };
+    tracing::info!(worker = %runtime.worker_id, "registered with the scheduler");
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => {
+                let _ = outbound.send(WorkerLinkRequest {
+                    message: Some(Message::GoingAway(WorkerGoingAway { reason: "shutting down".into() })),
+                }).await;
+                return Ok(());
+            }
+            _ = ticker.tick() => {
+                let (healthy, health_reason) = match runtime.health().await {
+                    ProviderHealth::Ready => (true, String::new()),
+                    ProviderHealth::Unavailable(reason) => (false, reason),
+                };
+                let beat = WorkerHeartbeat {
+                    running_tasks: runtime.running_task_ids().len() as u32,
+                    healthy,
+                    health_reason,
+                };
+                if outbound.send(WorkerLinkRequest { message: Some(Message::Heartbeat(beat)) }).await.is_err() {
+                    return Err("link closed".into());
+                }
+            }
+            reply = inbound.message() => match reply {
+                Ok(Some(_)) => {}
+                Ok(None) => return Err("the scheduler closed the link".into()),
+                Err(status) => return Err(status.message().to_owned()),
+            },
+        }
+    }
+}

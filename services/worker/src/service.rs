@@ -1,0 +1,91 @@
+use std::pin::Pin;
+use std::sync::Arc;
+
+use claudecluster_proto::v1::worker_service_server::WorkerService as WorkerApi;
+use claudecluster_proto::v1::*;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use crate::runtime::{EventSink, Execution, Runtime};
+
+/// The WorkerService: thin RPC methods over the [`Runtime`].
+pub struct WorkerService {
+    runtime: Arc<Runtime>,
+    address: String,
+}
+
+impl WorkerService {
+    pub fn new(runtime: Arc<Runtime>, address: String) -> Self {
+        WorkerService { runtime, address }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<ExecuteTaskResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl WorkerApi for WorkerService {
+    type ExecuteTaskStream = EventStream;
+
+    async fn execute_task(
+        &self,
+        request: Request<ExecuteTaskRequest>,
+    ) -> Result<Response<Self::ExecuteTaskStream>, Status> {
+        let request = request.into_inner();
+        let execution = Execution {
+            task_id: request.task_id,
+            attempt: request.attempt.max(1),
+            spec: request.spec.unwrap_or_default(),
+        };
+        let sink_ids = (execution.task_id.clone(), execution.attempt);
+        let admission = self.runtime.admit(execution).await?;
+        let (sender, receiver) = mpsc::channel(256);
+        tokio::spawn(admission.run(EventSink::new(sender, sink_ids.0, sink_ids.1)));
+        let stream = ReceiverStream::new(receiver)
+            .map(|event| Ok(ExecuteTaskResponse { event: Some(event) }));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cancel_execution(
+        &self,
+        request: Request<CancelExecutionRequest>,
+    ) -> Result<Response<CancelExecutionResponse>, Status> {
+        let request = request.into_inner();
+        let reason = if request.reason.is_empty() {
+            "cancelled".to_owned()
+        } else {
+            request.reason
+        };
+        let found = self.runtime.cancel(&request.task_id, &reason);
+        Ok(Response::new(CancelExecutionResponse { found }))
+    }
+
+    async fn get_worker_status(
+        &self,
+        _request: Request<GetWorkerStatusRequest>,
+    ) -> Result<Response<GetWorkerStatusResponse>, Status> {
+        let runtime = &self.runtime;
+        let running_task_ids = runtime.running_task_ids();
+        let health = runtime.health().await;
+        let (healthy, health_reason) = match health {
+            crate::execution::ProviderHealth::Ready => (true, String::new()),
+            crate::execution::ProviderHealth::Unavailable(reason) => (false, reason),
+        };
+        Ok(Response::new(GetWorkerStatusResponse {
+            worker: Some(WorkerInfo {
+                worker_id: runtime.worker_id.clone(),
+                address: self.address.clone(),
+                execution_mode: runtime.mode() as i32,
+                capacity: runtime.capacity(),
+                load: running_task_ids.len() as u32,
+                labels: runtime.config().labels.clone().into_iter().collect(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                healthy,
+                health_reason,
+                last_heartbeat_time: None,
+            }),
+            running_task_ids,
+        }))
+    }
+}
