@@ -225,29 +225,30 @@ impl Admission {
     /// Runs the task, sending its events to `events`; ends with a terminal status event.
     /// When `events` closes (the caller went away) the task is cancelled.
     pub async fn run(self, events: EventSink) {
+        let Admission {
+            runtime,
+            execution,
+            cancel,
+            _permit: permit,
+        } = self;
         let watcher = {
             let events = events.clone();
-            let cancel = self.cancel.clone();
+            let cancel = cancel.clone();
             tokio::spawn(async move {
                 events.closed().await;
                 cancel.cancel("the driver went away");
             })
         };
-        let runtime = &self.runtime;
-        let task_id = &self.execution.task_id;
-        let outcome = runtime
-            .execute(&self.execution, &self.cancel, &events)
-            .await;
-        tracing::info!(task = %task_id, status = outcome.status.label(), reason = %outcome.reason, "task ended");
-        events
-            .emit(events::status_change(
-                outcome.status,
-                outcome.reason,
-                &runtime.worker_id,
-            ))
-            .await;
+        let outcome = runtime.execute(&execution, &cancel, &events).await;
         watcher.abort();
-        runtime.running().remove(task_id);
+        tracing::info!(task = %execution.task_id, status = outcome.status.label(), reason = %outcome.reason, "task ended");
+        // The slot is free before the terminal event goes out: whoever reacts to it by sending
+        // the next task must find room.
+        runtime.running().remove(&execution.task_id);
+        drop(permit);
+        events
+            .emit(events::status_change(outcome.status, outcome.reason, &runtime.worker_id))
+            .await;
     }
 }
 

@@ -1,0 +1,369 @@
+//! Test support for whole-cluster tests: real `claudecluster` processes on free loopback
+//! ports, the real Claude Code CLI, and the stand-in Messages API.
+//!
+//! Every component a test needs is required: when one is missing the test fails with a
+//! message saying how to install it (`scripts/setup.sh`), it never passes by skipping.
+
+pub mod standin;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use claudecluster_proto::v1::driver_service_client::DriverServiceClient;
+use claudecluster_proto::v1::event::Kind;
+use claudecluster_proto::v1::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+pub use standin::StandinApi;
+
+/// The pinned Claude Code version the tests run.
+pub const CLAUDE_CODE_VERSION: &str = "2.1.328";
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("CLAUDECLUSTER_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let base = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"));
+            base.join("claudecluster")
+        })
+}
+
+fn required(path: PathBuf, what: &str) -> PathBuf {
+    assert!(
+        path.exists(),
+        "{what} is missing at {}: run scripts/setup.sh (it installs every component the tests need)",
+        path.display()
+    );
+    path
+}
+
+/// The `claudecluster` binary built alongside the tests.
+pub fn claudecluster_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("CLAUDECLUSTER_BIN") {
+        return required(PathBuf::from(path), "the claudecluster binary");
+    }
+    // target/<profile>/deps/<test> -> target/<profile>/claudecluster
+    let exe = std::env::current_exe().expect("the test's own path");
+    let dir = exe.parent().and_then(Path::parent).expect("test binaries live in target/<profile>/deps");
+    required(dir.join("claudecluster"), "the claudecluster binary (cargo build --bins)")
+}
+
+/// A binary of this crate (`standin-api`, `scripted-agent`), built alongside the tests.
+pub fn test_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let dir = exe.parent().and_then(Path::parent).expect("test binaries live in target/<profile>/deps");
+    required(dir.join(name), &format!("the {name} binary (cargo build --bins)"))
+}
+
+/// The pinned Claude Code CLI.
+pub fn claude_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("CLAUDE_BIN") {
+        return required(PathBuf::from(path), "the Claude Code CLI");
+    }
+    required(
+        cache_dir().join(format!("claude-code-{CLAUDE_CODE_VERSION}/node_modules/.bin/claude")),
+        "the Claude Code CLI",
+    )
+}
+
+/// A command-line tool installed by the setup script into its Python venv (grpcurl, buf, python).
+pub fn venv_tool(name: &str) -> PathBuf {
+    required(cache_dir().join("venv/bin").join(name), name)
+}
+
+/// A `claudecluster` service process, stopped (SIGTERM) when dropped.
+pub struct ServiceProcess {
+    pub name: String,
+    pub address: String,
+    child: Child,
+}
+
+impl ServiceProcess {
+    /// Starts `claudecluster <subcommand> --config <config>` and waits for its address.
+    pub async fn start(subcommand: &str, config: &Path, env: &[(String, String)]) -> Self {
+        let mut child = Command::new(claudecluster_bin())
+            .arg(subcommand)
+            .arg("--config")
+            .arg(config)
+            .envs(env.iter().cloned())
+            .env("CLAUDECLUSTER_LOG", std::env::var("CLAUDECLUSTER_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start claudecluster {subcommand}: {err}"));
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let marker = format!("claudecluster: {subcommand} listening on ");
+        let address = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(address) = line.strip_prefix(&marker) {
+                    return address.to_owned();
+                }
+            }
+            panic!("claudecluster {subcommand} exited before listening")
+        })
+        .await
+        .unwrap_or_else(|_| panic!("claudecluster {subcommand} did not listen within 30 s"));
+        // Keep reading stdout so the process never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        ServiceProcess {
+            name: subcommand.to_owned(),
+            address,
+            child,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the service is running")
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        // SIGTERM lets a worker stop its agents; the process finishes that on its own.
+        if let Some(pid) = self.child.id() {
+            send_signal(pid, libc::SIGTERM);
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn send_signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
+
+/// How one worker of a test cluster is set up.
+#[derive(Clone)]
+pub struct WorkerSpec {
+    pub capacity: u32,
+    pub labels: BTreeMap<String, String>,
+    pub idle_timeout: Duration,
+    pub grace_period: Duration,
+    /// The agent executable; the real CLI unless a test says otherwise.
+    pub claude_path: Option<PathBuf>,
+    /// Extra YAML appended to the worker's configuration.
+    pub extra_yaml: String,
+}
+
+impl Default for WorkerSpec {
+    fn default() -> Self {
+        WorkerSpec {
+            capacity: 2,
+            labels: BTreeMap::new(),
+            idle_timeout: Duration::from_secs(60),
+            grace_period: Duration::from_secs(3),
+            claude_path: None,
+            extra_yaml: String::new(),
+        }
+    }
+}
+
+/// A cluster of real processes: scheduler, driver and workers, with a stand-in API.
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub api: StandinApi,
+    pub scheduler: ServiceProcess,
+    pub driver: ServiceProcess,
+    pub workers: Vec<ServiceProcess>,
+    env: Vec<(String, String)>,
+}
+
+impl TestCluster {
+    pub async fn start(workers: Vec<WorkerSpec>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let api = StandinApi::start().await.unwrap();
+        let env = vec![
+            ("ANTHROPIC_BASE_URL".to_owned(), api.base_url()),
+            ("ANTHROPIC_API_KEY".to_owned(), "sk-ant-standin-secret".to_owned()),
+            // A failing API must fail the run at once, not after minutes of retries.
+            ("CLAUDE_CODE_MAX_RETRIES".to_owned(), "0".to_owned()),
+        ];
+        let scheduler_config = dir.path().join("scheduler.yaml");
+        std::fs::write(
+            &scheduler_config,
+            "listen: 127.0.0.1:0\nheartbeatInterval: 200ms\nheartbeatTimeout: 1s\n",
+        )
+        .unwrap();
+        let scheduler = ServiceProcess::start("scheduler", &scheduler_config, &env).await;
+        let driver_config = dir.path().join("driver.yaml");
+        std::fs::write(
+            &driver_config,
+            format!("listen: 127.0.0.1:0\nschedulerAddress: {}\n", scheduler.address),
+        )
+        .unwrap();
+        let driver = ServiceProcess::start("driver", &driver_config, &env).await;
+        let mut cluster = TestCluster {
+            dir,
+            api,
+            scheduler,
+            driver,
+            workers: Vec::new(),
+            env,
+        };
+        let count = workers.len();
+        for (index, spec) in workers.into_iter().enumerate() {
+            cluster.add_worker(&format!("worker-{index}"), spec).await;
+        }
+        cluster.wait_for_healthy_workers(count).await;
+        cluster
+    }
+
+    /// Starts one more worker process with id `worker_id`.
+    pub async fn add_worker(&mut self, worker_id: &str, spec: WorkerSpec) {
+        let root = self.dir.path().join(worker_id);
+        std::fs::create_dir_all(root.join("claude-config")).unwrap();
+        let claude = spec.claude_path.clone().unwrap_or_else(claude_bin);
+        let mut labels = String::new();
+        for (key, value) in &spec.labels {
+            labels.push_str(&format!("  {key}: \"{value}\"\n"));
+        }
+        let config = format!(
+            "listen: 127.0.0.1:0\n\
+             schedulerAddress: {scheduler}\n\
+             workerId: {worker_id}\n\
+             workspaceRoot: {workspaces}\n\
+             executionMode: process_pool\n\
+             labels:\n{labels}\
+             processPool:\n  maxProcesses: {capacity}\n  claudeCodePath: {claude}\n\
+             agent:\n  idleTimeout: {idle}ms\n  cancelGracePeriod: {grace}ms\n  env:\n    CLAUDE_CONFIG_DIR: {config_dir}\n    DISABLE_TELEMETRY: \"1\"\n\
+             {extra}",
+            scheduler = self.scheduler.address,
+            workspaces = root.join("workspaces").display(),
+            labels = if labels.is_empty() { "  {}\n".to_owned() } else { labels },
+            capacity = spec.capacity,
+            claude = claude.display(),
+            idle = spec.idle_timeout.as_millis(),
+            grace = spec.grace_period.as_millis(),
+            config_dir = root.join("claude-config").display(),
+            extra = spec.extra_yaml,
+        );
+        let config_path = self.dir.path().join(format!("{worker_id}.yaml"));
+        std::fs::write(&config_path, config).unwrap();
+        let worker = ServiceProcess::start("worker", &config_path, &self.env).await;
+        self.workers.push(worker);
+    }
+
+    pub async fn driver(&self) -> DriverServiceClient<Channel> {
+        DriverServiceClient::new(claudecluster_grpc::channel(&self.driver.address).unwrap())
+    }
+
+    /// Waits until the scheduler reports `count` healthy workers.
+    pub async fn wait_for_healthy_workers(&self, count: usize) {
+        let mut driver = self.driver().await;
+        wait_until(Duration::from_secs(20), || {
+            let mut driver = driver.clone();
+            async move {
+                driver
+                    .get_cluster_status(GetClusterStatusRequest {})
+                    .await
+                    .map(|r| r.into_inner().workers.iter().filter(|w| w.healthy).count() >= count)
+                    .unwrap_or(false)
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{count} workers did not become healthy"));
+        let _ = &mut driver;
+    }
+
+    /// Submits a task and returns its record.
+    pub async fn submit(&self, spec: TaskSpec) -> Task {
+        self.driver()
+            .await
+            .submit_task(SubmitTaskRequest { spec: Some(spec) })
+            .await
+            .expect("submit")
+            .into_inner()
+            .task
+            .unwrap()
+    }
+
+    /// Streams the task's events until it ends; returns them and the final record.
+    pub async fn finish(&self, task_id: &str) -> (Task, Vec<Event>) {
+        let events = collect_events(&mut self.driver().await, task_id, 0).await;
+        let task = self
+            .driver()
+            .await
+            .get_task(GetTaskRequest { task_id: task_id.to_owned() })
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .unwrap();
+        (task, events)
+    }
+
+    /// The workspace root of a worker started by this cluster.
+    pub fn workspaces(&self, worker_id: &str) -> PathBuf {
+        self.dir.path().join(worker_id).join("workspaces")
+    }
+}
+
+/// All events of a task after `after`, until the stream ends (after the terminal status).
+pub async fn collect_events(driver: &mut DriverServiceClient<Channel>, task_id: &str, after: u64) -> Vec<Event> {
+    let request = StreamTaskEventsRequest {
+        task_id: task_id.to_owned(),
+        after_sequence: after,
+    };
+    let mut stream = driver.stream_task_events(request).await.unwrap().into_inner();
+    let mut events = Vec::new();
+    let collecting = async {
+        while let Some(response) = stream.message().await.unwrap() {
+            events.push(response.event.unwrap());
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), collecting)
+        .await
+        .expect("the task did not end within 120 s");
+    events
+}
+
+/// A task whose prompt is `prompt`, with the options most tests want.
+pub fn task(prompt: &str) -> TaskSpec {
+    TaskSpec {
+        prompt: prompt.to_owned(),
+        ..TaskSpec::default()
+    }
+}
+
+/// The statuses a task went through, from its events.
+pub fn statuses(events: &[Event]) -> Vec<TaskStatus> {
+    events
+        .iter()
+        .filter_map(|event| match &event.kind {
+            Some(Kind::StatusChange(change)) => Some(change.status()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Polls `condition` every 20 ms until it holds or `limit` passes.
+pub async fn wait_until<F, Fut>(limit: Duration, mut condition: F) -> Result<(), ()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if condition().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(())
+}

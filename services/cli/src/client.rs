@@ -1,0 +1,314 @@
+//! Client commands: they talk to the driver like any other gRPC client.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use claudecluster_proto::v1::driver_service_client::DriverServiceClient;
+use claudecluster_proto::v1::event::Kind;
+use claudecluster_proto::v1::*;
+use tonic::transport::Channel;
+
+use crate::render;
+
+#[derive(Args, Clone)]
+pub struct DriverArgs {
+    /// The driver's address.
+    #[arg(long, env = "CLAUDECLUSTER_DRIVER", default_value = "127.0.0.1:50051", global = true)]
+    driver: String,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// What the agent should do.
+    prompt: String,
+    /// A git repository to clone into the task's workspace.
+    #[arg(long)]
+    repo: Option<String>,
+    /// Stream the agent's progress until the task ends; exit non-zero unless it completed.
+    #[arg(long, short)]
+    follow: bool,
+    /// Run only on workers of this execution mode: process_pool or container_agentic.
+    #[arg(long)]
+    mode: Option<String>,
+    /// low, normal, high or critical.
+    #[arg(long)]
+    priority: Option<String>,
+    /// Only on workers carrying this label (repeatable): key=value.
+    #[arg(long = "selector", value_name = "KEY=VALUE")]
+    selectors: Vec<String>,
+    /// Wall-clock limit in seconds.
+    #[arg(long)]
+    timeout: Option<u32>,
+    #[arg(long)]
+    model: Option<String>,
+    /// Tools the agent may use without asking, comma-separated (e.g. Write,Bash).
+    #[arg(long, value_delimiter = ',')]
+    allowed_tools: Vec<String>,
+    #[arg(long)]
+    permission_mode: Option<String>,
+    #[arg(long)]
+    max_turns: Option<u32>,
+    #[command(flatten)]
+    driver: DriverArgs,
+}
+
+#[derive(Subcommand)]
+pub enum TasksCommand {
+    /// Tasks in submission order.
+    List {
+        /// Only tasks in this status (repeatable): pending, running, completed, ...
+        #[arg(long = "status")]
+        statuses: Vec<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        driver: DriverArgs,
+    },
+    /// One task in full.
+    Get {
+        task_id: String,
+        #[command(flatten)]
+        driver: DriverArgs,
+    },
+    /// Cancel a task.
+    Cancel {
+        task_id: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        driver: DriverArgs,
+    },
+    /// Stream a task's events (from the start, or after a sequence number).
+    Events {
+        task_id: String,
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[command(flatten)]
+        driver: DriverArgs,
+    },
+}
+
+fn connect(args: &DriverArgs) -> Result<DriverServiceClient<Channel>, String> {
+    claudecluster_grpc::channel(&args.driver)
+        .map(DriverServiceClient::new)
+        .map_err(|err| format!("bad driver address `{}`: {err}", args.driver))
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("claudecluster: {message}");
+    ExitCode::FAILURE
+}
+
+fn status_error(status: tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+fn key_values(pairs: &[String], flag: &str) -> Result<HashMap<String, String>, String> {
+    pairs
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| format!("{flag} `{pair}` is not KEY=VALUE"))
+        })
+        .collect()
+}
+
+fn task_spec(args: &RunArgs) -> Result<TaskSpec, String> {
+    let execution_mode = match &args.mode {
+        Some(mode) => ExecutionMode::from_label(mode).ok_or_else(|| format!("--mode `{mode}` is not process_pool or container_agentic"))?,
+        None => ExecutionMode::Unspecified,
+    };
+    let priority = match &args.priority {
+        Some(priority) => Priority::from_label(priority).ok_or_else(|| format!("--priority `{priority}` is not low, normal, high or critical"))?,
+        None => Priority::Unspecified,
+    };
+    Ok(TaskSpec {
+        prompt: args.prompt.clone(),
+        repo_url: args.repo.clone().unwrap_or_default(),
+        execution_mode: execution_mode as i32,
+        worker_selector: key_values(&args.selectors, "--selector")?,
+        limits: Some(ResourceLimits {
+            timeout_seconds: args.timeout.unwrap_or_default(),
+            ..Default::default()
+        }),
+        priority: priority as i32,
+        agent: Some(AgentOptions {
+            model: args.model.clone().unwrap_or_default(),
+            allowed_tools: args.allowed_tools.clone(),
+            permission_mode: args.permission_mode.clone().unwrap_or_default(),
+            max_turns: args.max_turns.unwrap_or_default(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+pub async fn run(args: RunArgs) -> ExitCode {
+    let spec = match task_spec(&args) {
+        Ok(spec) => spec,
+        Err(message) => return fail(message),
+    };
+    let mut client = match connect(&args.driver) {
+        Ok(client) => client,
+        Err(message) => return fail(message),
+    };
+    let task = match client.submit_task(SubmitTaskRequest { spec: Some(spec) }).await {
+        Ok(response) => response.into_inner().task.unwrap_or_default(),
+        Err(status) => return fail(status_error(status)),
+    };
+    if !args.follow {
+        println!("{}", task.task_id);
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("task {}", task.task_id);
+    follow(&mut client, &task.task_id, 0, true).await
+}
+
+/// Prints a task's events until it ends, resuming after the last event seen when the stream
+/// breaks. Ctrl-C cancels the task (when `cancel_on_interrupt`) and keeps following.
+async fn follow(
+    client: &mut DriverServiceClient<Channel>,
+    task_id: &str,
+    after: u64,
+    cancel_on_interrupt: bool,
+) -> ExitCode {
+    let mut cursor = after;
+    let mut reconnects = 0;
+    let mut interrupted = false;
+    loop {
+        let request = StreamTaskEventsRequest {
+            task_id: task_id.to_owned(),
+            after_sequence: cursor,
+        };
+        let mut stream = match client.stream_task_events(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unavailable && reconnects < 10 => {
+                reconnects += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(status) => return fail(status_error(status)),
+        };
+        loop {
+            let message = tokio::select! {
+                message = stream.message() => message,
+                _ = tokio::signal::ctrl_c(), if cancel_on_interrupt && !interrupted => {
+                    interrupted = true;
+                    eprintln!("cancelling task {task_id}…");
+                    let mut canceller = client.clone();
+                    let request = CancelTaskRequest { task_id: task_id.to_owned(), reason: "interrupted from the terminal".into() };
+                    tokio::spawn(async move { let _ = canceller.cancel_task(request).await; });
+                    continue;
+                }
+            };
+            match message {
+                Ok(Some(response)) => {
+                    let Some(event) = response.event else { continue };
+                    cursor = event.sequence;
+                    render::event(&event);
+                    if let Some(Kind::StatusChange(change)) = &event.kind {
+                        if change.status().is_terminal() {
+                            return if change.status() == TaskStatus::Completed {
+                                ExitCode::SUCCESS
+                            } else {
+                                ExitCode::FAILURE
+                            };
+                        }
+                    }
+                }
+                Ok(None) => return fail("the event stream ended before the task did"),
+                Err(status) if reconnects < 10 => {
+                    reconnects += 1;
+                    eprintln!("claudecluster: stream interrupted ({}); resuming after event {cursor}", status.message());
+                    break;
+                }
+                Err(status) => return fail(status_error(status)),
+            }
+        }
+    }
+}
+
+pub async fn tasks(command: TasksCommand) -> ExitCode {
+    match command {
+        TasksCommand::List { statuses, limit, driver } => {
+            let mut parsed = Vec::new();
+            for status in &statuses {
+                match TaskStatus::from_label(status) {
+                    Some(status) => parsed.push(status as i32),
+                    None => return fail(format!("--status `{status}` is not a task status")),
+                }
+            }
+            let mut client = match connect(&driver) {
+                Ok(client) => client,
+                Err(message) => return fail(message),
+            };
+            let request = ListTasksRequest {
+                statuses: parsed,
+                page_size: limit,
+                page_token: String::new(),
+            };
+            match client.list_tasks(request).await {
+                Ok(response) => {
+                    render::task_table(&response.into_inner().tasks);
+                    ExitCode::SUCCESS
+                }
+                Err(status) => fail(status_error(status)),
+            }
+        }
+        TasksCommand::Get { task_id, driver } => {
+            let mut client = match connect(&driver) {
+                Ok(client) => client,
+                Err(message) => return fail(message),
+            };
+            match client.get_task(GetTaskRequest { task_id }).await {
+                Ok(response) => {
+                    render::task_detail(&response.into_inner().task.unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(status) => fail(status_error(status)),
+            }
+        }
+        TasksCommand::Cancel { task_id, reason, driver } => {
+            let mut client = match connect(&driver) {
+                Ok(client) => client,
+                Err(message) => return fail(message),
+            };
+            let request = CancelTaskRequest {
+                task_id,
+                reason: reason.unwrap_or_default(),
+            };
+            match client.cancel_task(request).await {
+                Ok(response) => {
+                    render::task_detail(&response.into_inner().task.unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(status) => fail(status_error(status)),
+            }
+        }
+        TasksCommand::Events { task_id, after, driver } => {
+            let mut client = match connect(&driver) {
+                Ok(client) => client,
+                Err(message) => return fail(message),
+            };
+            follow(&mut client, &task_id, after, false).await
+        }
+    }
+}
+
+pub async fn status(args: DriverArgs) -> ExitCode {
+    let mut client = match connect(&args) {
+        Ok(client) => client,
+        Err(message) => return fail(message),
+    };
+    match client.get_cluster_status(GetClusterStatusRequest {}).await {
+        Ok(response) => {
+            render::cluster_status(&response.into_inner());
+            ExitCode::SUCCESS
+        }
+        Err(status) => fail(status_error(status)),
+    }
+}

@@ -1,0 +1,64 @@
+//! `claudecluster`: runs the services (`up`, `driver`, `scheduler`, `worker`) and drives a
+//! cluster from a terminal (`run`, `tasks`, `status`).
+
+mod client;
+mod render;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "claudecluster", version, about = "Run many Claude Code agents at once and drive them over gRPC")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run driver, scheduler and one worker in this process.
+    Up(ServeArgs),
+    /// Run the driver (the public API).
+    Driver(ServeArgs),
+    /// Run the scheduler.
+    Scheduler(ServeArgs),
+    /// Run a worker.
+    Worker(ServeArgs),
+    /// Submit a task.
+    Run(client::RunArgs),
+    /// List, inspect and cancel tasks.
+    #[command(subcommand)]
+    Tasks(client::TasksCommand),
+    /// Show workers and queues.
+    Status(client::DriverArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// A YAML configuration file. For `up` it holds `driver:`, `scheduler:` and `worker:`
+    /// sections; for a single service, that service's keys.
+    #[arg(long, short, env = "CLAUDECLUSTER_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("cannot start the async runtime");
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Up(args) => serve::run(serve::Services::All, args.config).await,
+            Command::Driver(args) => serve::run(serve::Services::Driver, args.config).await,
+            Command::Scheduler(args) => serve::run(serve::Services::Scheduler, args.config).await,
+            Command::Worker(args) => serve::run(serve::Services::Worker, args.config).await,
+            Command::Run(args) => client::run(args).await,
+            Command::Tasks(command) => client::tasks(command).await,
+            Command::Status(args) => client::status(args).await,
+        }
+    })
+}

@@ -1,0 +1,110 @@
+//! Running services: one, or all three composed (`up`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use claudecluster_config::{ClusterConfig, FileLayout};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Services {
+    All,
+    Driver,
+    Scheduler,
+    Worker,
+}
+
+/// Prints where a service listens, on stdout, for people and for scripts that start it.
+fn announce(service: &str, address: std::net::SocketAddr) {
+    println!("claudecluster: {service} listening on {address}");
+}
+
+pub async fn run(services: Services, config_file: Option<PathBuf>) -> ExitCode {
+    claudecluster_telemetry::init();
+    let layout = match services {
+        Services::All => FileLayout::Cluster,
+        Services::Driver => FileLayout::Section("driver"),
+        Services::Scheduler => FileLayout::Section("scheduler"),
+        Services::Worker => FileLayout::Section("worker"),
+    };
+    let config = match claudecluster_config::load(config_file.as_deref(), layout, std::env::vars()) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("claudecluster: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    match start(services, config).await {
+        Ok(running) => {
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            running.shutdown().await;
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("claudecluster: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(Default)]
+struct Running {
+    scheduler: Option<claudecluster_scheduler::Handle>,
+    driver: Option<claudecluster_driver::Handle>,
+    worker: Option<claudecluster_worker::Handle>,
+}
+
+impl Running {
+    /// Stops the worker first (its tasks end and are recorded), then the driver, then the
+    /// scheduler.
+    async fn shutdown(self) {
+        if let Some(worker) = self.worker {
+            let _ = worker.shutdown().await;
+        }
+        if let Some(driver) = self.driver {
+            let _ = driver.shutdown().await;
+        }
+        if let Some(scheduler) = self.scheduler {
+            let _ = scheduler.shutdown().await;
+        }
+    }
+}
+
+async fn start(services: Services, mut config: ClusterConfig) -> Result<Running, Box<dyn std::error::Error>> {
+    let mut running = Running::default();
+    let all = services == Services::All;
+    if all || services == Services::Scheduler {
+        let listener = claudecluster_grpc::bind(&config.scheduler.listen, "scheduler.listen").await?;
+        let scheduler = claudecluster_scheduler::spawn(config.scheduler.clone(), listener).await?;
+        announce("scheduler", scheduler.local_addr);
+        if all {
+            // Composed in one process, the others use the address actually bound.
+            let address = claudecluster_grpc::reachable_address(scheduler.local_addr);
+            config.driver.scheduler_address = address.clone();
+            config.worker.scheduler_address = address;
+        }
+        running.scheduler = Some(scheduler);
+    }
+    if all || services == Services::Driver {
+        let listener = claudecluster_grpc::bind(&config.driver.listen, "driver.listen").await?;
+        let driver = claudecluster_driver::spawn(config.driver.clone(), listener).await?;
+        announce("driver", driver.local_addr);
+        running.driver = Some(driver);
+    }
+    if all || services == Services::Worker {
+        let listener = claudecluster_grpc::bind(&config.worker.listen, "worker.listen").await?;
+        let worker = claudecluster_worker::spawn(config.worker.clone(), listener).await?;
+        announce("worker", worker.local_addr);
+        running.worker = Some(worker);
+    }
+    Ok(running)
+}
+
+async fn wait_for_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("cannot listen for SIGTERM");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}

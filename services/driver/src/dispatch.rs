@@ -1,0 +1,246 @@
+//! Between the scheduler and the workers: enqueues pending tasks, follows the scheduler's
+//! placements, runs each placed task on its worker and records everything the worker streams.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use claudecluster_proto::v1::event::Kind;
+use claudecluster_proto::v1::scheduler_service_client::SchedulerServiceClient;
+use claudecluster_proto::v1::worker_service_client::WorkerServiceClient;
+use claudecluster_proto::v1::{
+    CancelExecutionRequest, DequeueTaskRequest, EnqueueTaskRequest, ExecuteTaskRequest,
+    ReleaseTaskRequest, StreamPlacementsRequest, StreamPlacementsResponse, TaskStatus,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::store::{TaskEntry, TaskStore};
+
+/// Attempts a task gets when workers refuse it or cannot be reached before it starts.
+const MAX_START_ATTEMPTS: u32 = 3;
+/// After asking a worker to cancel, how long its stream may take to end before the driver
+/// ends the task itself (dropping the stream also stops the agent on the worker).
+const CANCEL_DEADLINE: Duration = Duration::from_secs(30);
+
+pub struct Dispatcher {
+    store: Arc<TaskStore>,
+    scheduler: SchedulerServiceClient<Channel>,
+    pub scheduler_address: String,
+    workers: Mutex<HashMap<String, WorkerServiceClient<Channel>>>,
+}
+
+impl Dispatcher {
+    pub fn new(store: Arc<TaskStore>, scheduler_address: String) -> Result<Self, tonic::transport::Error> {
+        let channel = claudecluster_grpc::channel(&scheduler_address)?;
+        Ok(Dispatcher {
+            store,
+            scheduler: SchedulerServiceClient::new(channel),
+            scheduler_address,
+            workers: Mutex::default(),
+        })
+    }
+
+    pub fn scheduler(&self) -> SchedulerServiceClient<Channel> {
+        self.scheduler.clone()
+    }
+
+    fn worker(&self, address: &str) -> Result<WorkerServiceClient<Channel>, tonic::transport::Error> {
+        let mut workers = self.workers.lock().expect("worker client lock poisoned");
+        if let Some(client) = workers.get(address) {
+            return Ok(client.clone());
+        }
+        let client = WorkerServiceClient::new(claudecluster_grpc::channel(address)?);
+        workers.insert(address.to_owned(), client.clone());
+        Ok(client)
+    }
+
+    /// Hands a pending task to the scheduler. When the scheduler is unreachable the task stays
+    /// pending; it is enqueued again when the placement stream reconnects.
+    pub async fn enqueue(&self, entry: &TaskEntry) {
+        let spec = entry.spec();
+        let request = EnqueueTaskRequest {
+            task_id: entry.id.clone(),
+            attempt: entry.snapshot().attempt,
+            execution_mode: spec.execution_mode,
+            worker_selector: spec.worker_selector,
+            priority: spec.priority,
+        };
+        match self.scheduler.clone().enqueue_task(request).await {
+            Ok(response) => entry.set_waiting_reason(response.into_inner().waiting_reason),
+            Err(status) => {
+                tracing::warn!(task = %entry.id, error = %status.message(), "cannot reach the scheduler; the task waits");
+                entry.set_waiting_reason(format!(
+                    "waiting for the scheduler at {}",
+                    self.scheduler_address
+                ));
+            }
+        }
+    }
+
+    pub async fn dequeue(&self, task_id: &str) {
+        let request = DequeueTaskRequest {
+            task_id: task_id.to_owned(),
+        };
+        if let Err(status) = self.scheduler.clone().dequeue_task(request).await {
+            tracing::warn!(task = task_id, error = %status.message(), "cannot dequeue");
+        }
+    }
+
+    async fn release(&self, task_id: &str) {
+        let request = ReleaseTaskRequest {
+            task_id: task_id.to_owned(),
+        };
+        if let Err(status) = self.scheduler.clone().release_task(request).await {
+            tracing::warn!(task = task_id, error = %status.message(), "cannot release");
+        }
+    }
+
+    /// Follows the scheduler's placements until `stop`, reconnecting when the stream breaks.
+    pub async fn follow_placements(self: Arc<Self>, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        let mut warned = false;
+        loop {
+            let mut scheduler = self.scheduler.clone();
+            let stream = tokio::select! {
+                _ = stop.cancelled() => return,
+                stream = scheduler.stream_placements(StreamPlacementsRequest {}) => stream,
+            };
+            match stream {
+                Ok(response) => {
+                    tracing::info!(scheduler = %self.scheduler_address, "following placements");
+                    backoff = Duration::from_millis(100);
+                    warned = false;
+                    // Whatever the scheduler knew may be gone: it learns every pending task again.
+                    for entry in self.store.pending() {
+                        self.enqueue(&entry).await;
+                    }
+                    let mut placements = response.into_inner();
+                    loop {
+                        let placement = tokio::select! {
+                            _ = stop.cancelled() => return,
+                            placement = placements.message() => placement,
+                        };
+                        match placement {
+                            Ok(Some(placement)) => {
+                                tokio::spawn(self.clone().run(placement));
+                            }
+                            Ok(None) => break,
+                            Err(status) => {
+                                tracing::warn!(error = %status.message(), "placement stream broke");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(status) => {
+                    if !warned {
+                        tracing::warn!(scheduler = %self.scheduler_address, error = %status.message(), "cannot reach the scheduler; retrying");
+                        warned = true;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Runs one placed task on its worker and records its events until it ends.
+    async fn run(self: Arc<Self>, placement: StreamPlacementsResponse) {
+        let StreamPlacementsResponse {
+            task_id,
+            attempt,
+            worker_id,
+            worker_address,
+        } = placement;
+        let Some(entry) = self.store.get(&task_id) else {
+            self.release(&task_id).await;
+            return;
+        };
+        if !entry.assign(attempt, &worker_id) {
+            // Cancelled (or placed twice) meanwhile.
+            self.release(&task_id).await;
+            return;
+        }
+        let ended = self.execute(&entry, attempt, &worker_id, &worker_address).await;
+        self.release(&task_id).await;
+        if let Err(reason) = ended {
+            if attempt < MAX_START_ATTEMPTS && entry.requeue(attempt + 1, reason.clone()) {
+                tracing::warn!(task = %task_id, worker = %worker_id, %reason, "task not started; queued again");
+                self.enqueue(&entry).await;
+            } else {
+                entry.set_status(attempt, TaskStatus::Failed, reason, &worker_id);
+            }
+        }
+    }
+
+    /// `Err` when the task never started on the worker, with the reason; such a task may be
+    /// tried elsewhere. Otherwise the task has ended.
+    async fn execute(
+        &self,
+        entry: &Arc<TaskEntry>,
+        attempt: u32,
+        worker_id: &str,
+        worker_address: &str,
+    ) -> Result<(), String> {
+        let mut worker = self
+            .worker(worker_address)
+            .map_err(|err| format!("bad address {worker_address} of worker {worker_id}: {err}"))?;
+        let request = ExecuteTaskRequest {
+            task_id: entry.id.clone(),
+            attempt,
+            spec: Some(entry.spec()),
+        };
+        let cancel = entry.cancel_requested().clone();
+        let response = tokio::select! {
+            response = worker.execute_task(request) => response,
+            _ = cancel.cancelled() => {
+                entry.set_status(attempt, TaskStatus::Cancelled, entry.cancel_reason(), worker_id);
+                return Ok(());
+            }
+        };
+        let mut events = match response {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                return Err(format!("worker {worker_id} did not start the task: {}", status.message()));
+            }
+        };
+        let mut cancel_deadline = None;
+        loop {
+            tokio::select! {
+                message = events.message() => match message {
+                    Ok(Some(response)) => {
+                        let Some(kind) = response.event.and_then(|event| event.kind) else { continue };
+                        let terminal = matches!(&kind, Kind::StatusChange(change) if change.status().is_terminal());
+                        entry.append(attempt, kind);
+                        if terminal {
+                            return Ok(());
+                        }
+                    }
+                    Ok(None) => {
+                        entry.set_status(attempt, TaskStatus::Failed, format!("worker {worker_id} ended the task's stream without an outcome"), worker_id);
+                        return Ok(());
+                    }
+                    Err(status) => {
+                        entry.set_status(attempt, TaskStatus::Failed, format!("lost worker {worker_id}: {}", status.message()), worker_id);
+                        return Ok(());
+                    }
+                },
+                _ = cancel.cancelled(), if cancel_deadline.is_none() => {
+                    cancel_deadline = Some(tokio::time::Instant::now() + CANCEL_DEADLINE);
+                    let request = CancelExecutionRequest { task_id: entry.id.clone(), reason: entry.cancel_reason() };
+                    if let Err(status) = worker.cancel_execution(request).await {
+                        tracing::warn!(task = %entry.id, error = %status.message(), "cannot ask the worker to cancel");
+                    }
+                }
+                _ = tokio::time::sleep_until(cancel_deadline.unwrap_or_else(tokio::time::Instant::now)), if cancel_deadline.is_some() => {
+                    entry.set_status(attempt, TaskStatus::Cancelled, entry.cancel_reason(), worker_id);
+                    return Ok(());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,181 @@
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use claudecluster_proto::v1::driver_service_server::DriverService as DriverApi;
+use claudecluster_proto::v1::*;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use crate::dispatch::Dispatcher;
+use crate::error::DriverError;
+use crate::store::{CancelAction, TaskEntry, TaskStore};
+use crate::validate;
+
+const DEFAULT_PAGE_SIZE: usize = 100;
+const MAX_PAGE_SIZE: usize = 1000;
+/// How long CancelTask waits for a running task to end before answering.
+const CANCEL_WAIT: Duration = Duration::from_secs(15);
+
+/// The DriverService: thin RPC methods over the [`TaskStore`] and the [`Dispatcher`].
+pub struct DriverService {
+    store: Arc<TaskStore>,
+    dispatcher: Arc<Dispatcher>,
+}
+
+impl DriverService {
+    pub fn new(store: Arc<TaskStore>, dispatcher: Arc<Dispatcher>) -> Self {
+        DriverService { store, dispatcher }
+    }
+
+    fn task(&self, task_id: &str) -> Result<Arc<TaskEntry>, DriverError> {
+        if task_id.is_empty() {
+            return Err(DriverError::invalid("task_id", "must not be empty"));
+        }
+        self.store
+            .get(task_id)
+            .ok_or_else(|| DriverError::TaskNotFound(task_id.to_owned()))
+    }
+
+    fn scheduler_unavailable(&self, status: Status) -> DriverError {
+        DriverError::SchedulerUnavailable {
+            address: self.dispatcher.scheduler_address.clone(),
+            message: status.message().to_owned(),
+        }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<StreamTaskEventsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl DriverApi for DriverService {
+    async fn submit_task(
+        &self,
+        request: Request<SubmitTaskRequest>,
+    ) -> Result<Response<SubmitTaskResponse>, Status> {
+        let request = request.into_inner();
+        let spec = validate::task_spec(request.spec.as_ref())?.clone();
+        let (entry, created) = self.store.insert(spec);
+        if created {
+            tracing::info!(task = %entry.id, "task submitted");
+            self.dispatcher.enqueue(&entry).await;
+        }
+        Ok(Response::new(SubmitTaskResponse {
+            task: Some(entry.snapshot()),
+        }))
+    }
+
+    async fn get_task(
+        &self,
+        request: Request<GetTaskRequest>,
+    ) -> Result<Response<GetTaskResponse>, Status> {
+        let entry = self.task(&request.into_inner().task_id)?;
+        Ok(Response::new(GetTaskResponse {
+            task: Some(entry.snapshot()),
+        }))
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<ListTasksRequest>,
+    ) -> Result<Response<ListTasksResponse>, Status> {
+        let request = request.into_inner();
+        let mut statuses = Vec::new();
+        for value in &request.statuses {
+            match TaskStatus::try_from(*value) {
+                Ok(status) if status != TaskStatus::Unspecified => statuses.push(status),
+                _ => {
+                    return Err(DriverError::invalid("statuses", format!("{value} is not a task status")).into());
+                }
+            }
+        }
+        let start = if request.page_token.is_empty() {
+            0
+        } else {
+            request
+                .page_token
+                .parse::<u64>()
+                .map_err(|_| DriverError::invalid("page_token", "is not a token this server returned"))?
+        };
+        let limit = match request.page_size as usize {
+            0 => DEFAULT_PAGE_SIZE,
+            size => size.min(MAX_PAGE_SIZE),
+        };
+        let (tasks, next) = self
+            .store
+            .page(start, limit, |status| statuses.is_empty() || statuses.contains(&status));
+        Ok(Response::new(ListTasksResponse {
+            tasks,
+            next_page_token: next.map(|order| order.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn cancel_task(
+        &self,
+        request: Request<CancelTaskRequest>,
+    ) -> Result<Response<CancelTaskResponse>, Status> {
+        let request = request.into_inner();
+        let entry = self.task(&request.task_id)?;
+        let reason = if request.reason.trim().is_empty() {
+            "cancelled by a client".to_owned()
+        } else {
+            request.reason
+        };
+        match entry.cancel(&reason) {
+            CancelAction::AlreadyEnded => {}
+            CancelAction::Dequeue => self.dispatcher.dequeue(&entry.id).await,
+            CancelAction::StopOnWorker => {
+                // The answer is more useful once the task has actually stopped.
+                let _ = tokio::time::timeout(CANCEL_WAIT, entry.ended()).await;
+            }
+        }
+        tracing::info!(task = %entry.id, %reason, "cancel requested");
+        Ok(Response::new(CancelTaskResponse {
+            task: Some(entry.snapshot()),
+        }))
+    }
+
+    type StreamTaskEventsStream = EventStream;
+
+    async fn stream_task_events(
+        &self,
+        request: Request<StreamTaskEventsRequest>,
+    ) -> Result<Response<Self::StreamTaskEventsStream>, Status> {
+        let request = request.into_inner();
+        let entry = self.task(&request.task_id)?;
+        let (sender, receiver) = mpsc::channel(128);
+        tokio::spawn(entry.follow(request.after_sequence, sender));
+        let stream = ReceiverStream::new(receiver).map(|event| {
+            Ok(StreamTaskEventsResponse {
+                event: Some(event),
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_cluster_status(
+        &self,
+        _request: Request<GetClusterStatusRequest>,
+    ) -> Result<Response<GetClusterStatusResponse>, Status> {
+        let mut scheduler = self.dispatcher.scheduler();
+        let workers = scheduler
+            .list_workers(ListWorkersRequest {})
+            .await
+            .map_err(|status| self.scheduler_unavailable(status))?
+            .into_inner()
+            .workers;
+        let queue = scheduler
+            .get_queue_stats(GetQueueStatsRequest {})
+            .await
+            .map_err(|status| self.scheduler_unavailable(status))?
+            .into_inner();
+        Ok(Response::new(GetClusterStatusResponse {
+            workers,
+            tasks_by_status: self.store.count_by_status(),
+            queued_tasks: queue.queued_tasks,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }))
+    }
+}

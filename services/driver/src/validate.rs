@@ -1,0 +1,199 @@
+//! Checks on what clients submit, each error naming the field.
+
+use claudecluster_proto::v1::{AgentOptions, ExecutionMode, Priority, ResourceLimits, TaskSpec};
+
+use crate::error::DriverError;
+
+/// Prompts past this size are refused rather than passed on a command line.
+const MAX_PROMPT_BYTES: usize = 512 * 1024;
+
+/// The CLI's permission modes (2.1.328), plus `default`.
+const PERMISSION_MODES: &[&str] = &[
+    "default",
+    "acceptEdits",
+    "auto",
+    "bypassPermissions",
+    "manual",
+    "dontAsk",
+    "plan",
+];
+
+pub fn task_spec(spec: Option<&TaskSpec>) -> Result<&TaskSpec, DriverError> {
+    let spec = spec.ok_or_else(|| DriverError::invalid("spec", "is required"))?;
+    if spec.prompt.trim().is_empty() {
+        return Err(DriverError::invalid("spec.prompt", "must not be empty"));
+    }
+    if spec.prompt.len() > MAX_PROMPT_BYTES {
+        return Err(DriverError::invalid(
+            "spec.prompt",
+            format!("is {} bytes; at most {MAX_PROMPT_BYTES} are accepted", spec.prompt.len()),
+        ));
+    }
+    if spec.prompt.contains('\0') {
+        return Err(DriverError::invalid("spec.prompt", "must not contain NUL characters"));
+    }
+    if !spec.repo_url.is_empty() {
+        repo_url(&spec.repo_url).map_err(|message| DriverError::invalid("spec.repo_url", message))?;
+    }
+    if ExecutionMode::try_from(spec.execution_mode).is_err() {
+        return Err(DriverError::invalid(
+            "spec.execution_mode",
+            format!("{} is not an execution mode", spec.execution_mode),
+        ));
+    }
+    if Priority::try_from(spec.priority).is_err() {
+        return Err(DriverError::invalid(
+            "spec.priority",
+            format!("{} is not a priority", spec.priority),
+        ));
+    }
+    for key in spec.worker_selector.keys() {
+        if key.trim().is_empty() {
+            return Err(DriverError::invalid("spec.worker_selector", "label names must not be empty"));
+        }
+    }
+    if let Some(limits) = &spec.limits {
+        resource_limits(limits)?;
+    }
+    if let Some(agent) = &spec.agent {
+        agent_options(agent)?;
+    }
+    Ok(spec)
+}
+
+fn resource_limits(limits: &ResourceLimits) -> Result<(), DriverError> {
+    if !(limits.cpus >= 0.0 && limits.cpus.is_finite()) {
+        return Err(DriverError::invalid("spec.limits.cpus", "must be a number of cores, zero or more"));
+    }
+    Ok(())
+}
+
+fn agent_options(agent: &AgentOptions) -> Result<(), DriverError> {
+    if !agent.permission_mode.is_empty() && !PERMISSION_MODES.contains(&agent.permission_mode.as_str()) {
+        return Err(DriverError::invalid(
+            "spec.agent.permission_mode",
+            format!(
+                "`{}` is not one of {}",
+                agent.permission_mode,
+                PERMISSION_MODES.join(", ")
+            ),
+        ));
+    }
+    if !(agent.max_budget_usd >= 0.0 && agent.max_budget_usd.is_finite()) {
+        return Err(DriverError::invalid("spec.agent.max_budget_usd", "must be zero or more"));
+    }
+    for (field, tools) in [
+        ("spec.agent.allowed_tools", &agent.allowed_tools),
+        ("spec.agent.disallowed_tools", &agent.disallowed_tools),
+    ] {
+        if tools.iter().any(|tool| tool.trim().is_empty() || tool.contains(',')) {
+            return Err(DriverError::invalid(field, "each entry must be one tool name"));
+        }
+    }
+    Ok(())
+}
+
+/// Accepts what `git clone` should get from a client: https, http, ssh, git and file URLs,
+/// scp-like `user@host:path`, and absolute paths. Refuses anything git could read as an option.
+pub fn repo_url(url: &str) -> Result<(), String> {
+    if url.trim() != url || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("`{url}` contains whitespace or control characters"));
+    }
+    if url.starts_with('-') {
+        return Err(format!("`{url}` must not start with '-'"));
+    }
+    if url.starts_with('/') {
+        return Ok(());
+    }
+    if let Some((scheme, rest)) = url.split_once("://") {
+        return match scheme {
+            "https" | "http" | "ssh" | "git" => {
+                let host = rest.split(['/', ':']).next().unwrap_or("");
+                let host = host.rsplit('@').next().unwrap_or("");
+                if host.is_empty() {
+                    Err(format!("`{url}` has no host"))
+                } else if rest.len() <= host.len() + 1 {
+                    Err(format!("`{url}` names no repository"))
+                } else {
+                    Ok(())
+                }
+            }
+            "file" if rest.starts_with('/') => Ok(()),
+            "file" => Err(format!("`{url}` must be file:// followed by an absolute path")),
+            other => Err(format!(
+                "scheme `{other}` is not supported; use https, http, ssh, git or file"
+            )),
+        };
+    }
+    // scp-like syntax: [user@]host:path
+    if let Some((host, path)) = url.split_once(':') {
+        let host = host.rsplit('@').next().unwrap_or("");
+        if !host.is_empty() && !path.is_empty() && !host.contains('/') {
+            return Ok(());
+        }
+    }
+    Err(format!(
+        "`{url}` is not a repository URL (https://, ssh://, git://, file://, user@host:path or an absolute path)"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repository_urls_users_write_are_accepted() {
+        for url in [
+            "https://github.com/org/repo.git",
+            "http://localhost:8080/repo",
+            "ssh://git@host/org/repo",
+            "git://host/repo",
+            "file:///srv/repos/app.git",
+            "/srv/repos/app.git",
+            "git@github.com:org/repo.git",
+        ] {
+            assert_eq!(repo_url(url), Ok(()), "{url}");
+        }
+    }
+
+    #[test]
+    fn malformed_repository_urls_are_refused_with_a_reason() {
+        for (url, expected) in [
+            ("not a url", "whitespace"),
+            ("--upload-pack=evil", "must not start with '-'"),
+            ("ftp://host/repo", "scheme `ftp`"),
+            ("https://", "no host"),
+            ("https://github.com", "names no repository"),
+            ("file://relative/path", "absolute path"),
+            ("relative/path", "is not a repository URL"),
+        ] {
+            let err = repo_url(url).unwrap_err();
+            assert!(err.contains(expected), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_empty_prompt_names_the_field() {
+        let spec = TaskSpec {
+            prompt: "  \n".into(),
+            ..Default::default()
+        };
+        let err = task_spec(Some(&spec)).unwrap_err();
+        assert_eq!(err.to_string(), "spec.prompt: must not be empty");
+        assert_eq!(task_spec(None).unwrap_err().to_string(), "spec: is required");
+    }
+
+    #[test]
+    fn unknown_permission_modes_are_refused() {
+        let spec = TaskSpec {
+            prompt: "hi".into(),
+            agent: Some(AgentOptions {
+                permission_mode: "yolo".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let err = task_spec(Some(&spec)).unwrap_err().to_string();
+        assert!(err.starts_with("spec.agent.permission_mode: `yolo` is not one of"), "{err}");
+    }
+}
