@@ -333,10 +333,10 @@ pub async fn collect_events(driver: &mut DriverServiceClient<Channel>, task_id: 
     events
 }
 
-/// A task whose prompt is `prompt`, with the options most tests want.
-pub fn task(prompt: &str) -> TaskSpec {
+/// A task spec that is just `text` as the prompt.
+pub fn prompt(text: &str) -> TaskSpec {
     TaskSpec {
-        prompt: prompt.to_owned(),
+        prompt: text.to_owned(),
         ..TaskSpec::default()
     }
 }
