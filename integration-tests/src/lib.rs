@@ -29,7 +29,9 @@ fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| {
             let base = std::env::var_os("XDG_CACHE_HOME")
                 .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"));
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+                });
             base.join("claudecluster")
         })
 }
@@ -50,15 +52,27 @@ pub fn claudecluster_bin() -> PathBuf {
     }
     // target/<profile>/deps/<test> -> target/<profile>/claudecluster
     let exe = std::env::current_exe().expect("the test's own path");
-    let dir = exe.parent().and_then(Path::parent).expect("test binaries live in target/<profile>/deps");
-    required(dir.join("claudecluster"), "the claudecluster binary (cargo build --bins)")
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/<profile>/deps");
+    required(
+        dir.join("claudecluster"),
+        "the claudecluster binary (cargo build --bins)",
+    )
 }
 
 /// A binary of this crate (`standin-api`, `scripted-agent`), built alongside the tests.
 pub fn test_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test's own path");
-    let dir = exe.parent().and_then(Path::parent).expect("test binaries live in target/<profile>/deps");
-    required(dir.join(name), &format!("the {name} binary (cargo build --bins)"))
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/<profile>/deps");
+    required(
+        dir.join(name),
+        &format!("the {name} binary (cargo build --bins)"),
+    )
 }
 
 /// The pinned Claude Code CLI.
@@ -67,7 +81,9 @@ pub fn claude_bin() -> PathBuf {
         return required(PathBuf::from(path), "the Claude Code CLI");
     }
     required(
-        cache_dir().join(format!("claude-code-{CLAUDE_CODE_VERSION}/node_modules/.bin/claude")),
+        cache_dir().join(format!(
+            "claude-code-{CLAUDE_CODE_VERSION}/node_modules/.bin/claude"
+        )),
         "the Claude Code CLI",
     )
 }
@@ -92,7 +108,10 @@ impl ServiceProcess {
             .arg("--config")
             .arg(config)
             .envs(env.iter().cloned())
-            .env("CLAUDECLUSTER_LOG", std::env::var("CLAUDECLUSTER_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "CLAUDECLUSTER_LOG",
+                std::env::var("CLAUDECLUSTER_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -190,7 +209,10 @@ impl TestCluster {
         let api = StandinApi::start().await.unwrap();
         let env = vec![
             ("ANTHROPIC_BASE_URL".to_owned(), api.base_url()),
-            ("ANTHROPIC_API_KEY".to_owned(), "sk-ant-standin-secret".to_owned()),
+            (
+                "ANTHROPIC_API_KEY".to_owned(),
+                "sk-ant-standin-secret".to_owned(),
+            ),
             // A failing API must fail the run at once, not after minutes of retries.
             ("CLAUDE_CODE_MAX_RETRIES".to_owned(), "0".to_owned()),
         ];
@@ -204,7 +226,10 @@ impl TestCluster {
         let driver_config = dir.path().join("driver.yaml");
         std::fs::write(
             &driver_config,
-            format!("listen: 127.0.0.1:0\nschedulerAddress: {}\n", scheduler.address),
+            format!(
+                "listen: 127.0.0.1:0\nschedulerAddress: {}\n",
+                scheduler.address
+            ),
         )
         .unwrap();
         let driver = ServiceProcess::start("driver", &driver_config, &env).await;
@@ -245,7 +270,11 @@ impl TestCluster {
              {extra}",
             scheduler = self.scheduler.address,
             workspaces = root.join("workspaces").display(),
-            labels = if labels.is_empty() { "  {}\n".to_owned() } else { labels },
+            labels = if labels.is_empty() {
+                "  {}\n".to_owned()
+            } else {
+                labels
+            },
             capacity = spec.capacity,
             claude = claude.display(),
             idle = spec.idle_timeout.as_millis(),
@@ -299,7 +328,9 @@ impl TestCluster {
         let task = self
             .driver()
             .await
-            .get_task(GetTaskRequest { task_id: task_id.to_owned() })
+            .get_task(GetTaskRequest {
+                task_id: task_id.to_owned(),
+            })
             .await
             .unwrap()
             .into_inner()
@@ -315,12 +346,20 @@ impl TestCluster {
 }
 
 /// All events of a task after `after`, until the stream ends (after the terminal status).
-pub async fn collect_events(driver: &mut DriverServiceClient<Channel>, task_id: &str, after: u64) -> Vec<Event> {
+pub async fn collect_events(
+    driver: &mut DriverServiceClient<Channel>,
+    task_id: &str,
+    after: u64,
+) -> Vec<Event> {
     let request = StreamTaskEventsRequest {
         task_id: task_id.to_owned(),
         after_sequence: after,
     };
-    let mut stream = driver.stream_task_events(request).await.unwrap().into_inner();
+    let mut stream = driver
+        .stream_task_events(request)
+        .await
+        .unwrap()
+        .into_inner();
     let mut events = Vec::new();
     let collecting = async {
         while let Some(response) = stream.message().await.unwrap() {

@@ -113,7 +113,11 @@ impl Drop for StandinApi {
 
 async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let Ok(body) = serde_json::from_slice::<Value>(&body) else {
-        return error(StatusCode::BAD_REQUEST, "invalid_request_error", "body is not JSON");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "body is not JSON",
+        );
     };
     let api_key = headers
         .get("x-api-key")
@@ -134,7 +138,11 @@ async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
                 _ => "api_error",
             };
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            error(status, kind, &format!("stand-in {kind} ({}) requested by prompt", status.as_u16()))
+            error(
+                status,
+                kind,
+                &format!("stand-in {kind} ({}) requested by prompt", status.as_u16()),
+            )
         }
         Script::Hang => {
             let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(1);
@@ -178,7 +186,10 @@ fn sse_response(body: Body) -> Response {
 enum Block {
     /// Text, sent in chunks.
     Text(Vec<String>),
-    ToolUse { name: String, input: Value },
+    ToolUse {
+        name: String,
+        input: Value,
+    },
 }
 
 impl Block {
@@ -250,15 +261,18 @@ fn last_tool_result(body: &Value) -> Option<String> {
         return None;
     }
     let blocks = last["content"].as_array()?;
-    blocks.iter().find(|b| b["type"] == "tool_result").map(|block| match &block["content"] {
-        Value::String(text) => text.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| p["text"].as_str())
-            .collect::<Vec<_>>()
-            .join("\n"),
-        _ => String::new(),
-    })
+    blocks
+        .iter()
+        .find(|b| b["type"] == "tool_result")
+        .map(|block| match &block["content"] {
+            Value::String(text) => text.clone(),
+            Value::Array(parts) => parts
+                .iter()
+                .filter_map(|p| p["text"].as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
+            _ => String::new(),
+        })
 }
 
 /// The agent's working directory, from the environment description the CLI sends.
@@ -285,14 +299,18 @@ fn script(body: &Value) -> Script {
         return text("MOCK_REPLY turn=0: (no prompt)");
     };
     let prompt = prompt.trim().to_owned();
-    let (command, rest) = prompt.split_once(char::is_whitespace).unwrap_or((&prompt, ""));
+    let (command, rest) = prompt
+        .split_once(char::is_whitespace)
+        .unwrap_or((&prompt, ""));
     let rest = rest.trim();
     let tool_result = last_tool_result(body);
     match command {
         "ERROR" => Script::Error(rest.parse().unwrap_or(500)),
         "HANG" => Script::Hang,
         "SLOW" => {
-            let mut numbers = rest.split_whitespace().map(|n| n.parse::<u64>().unwrap_or(1));
+            let mut numbers = rest
+                .split_whitespace()
+                .map(|n| n.parse::<u64>().unwrap_or(1));
             let chunks = numbers.next().unwrap_or(5);
             let delay = numbers.next().unwrap_or(100);
             let pieces = (1..=chunks).map(|i| format!("chunk {i} ")).collect();
@@ -300,7 +318,11 @@ fn script(body: &Value) -> Script {
         }
         "RECALL" => {
             let earlier = &texts[..texts.len() - 1];
-            text(format!("MOCK_RECALL n={}: {}", earlier.len(), earlier.join(" | ")))
+            text(format!(
+                "MOCK_RECALL n={}: {}",
+                earlier.len(),
+                earlier.join(" | ")
+            ))
         }
         "WRITE" | "BASH" | "TOOL" if tool_result.is_some() => {
             let result = tool_result.unwrap_or_default();
@@ -320,9 +342,17 @@ fn script(body: &Value) -> Script {
                 let cwd = working_directory(body).unwrap_or_else(|| "/workspace".into());
                 format!("{}/{path}", cwd.trim_end_matches('/'))
             };
-            tool_call("I'll write the file.", "Write", json!({"file_path": path, "content": format!("{content}\n")}))
+            tool_call(
+                "I'll write the file.",
+                "Write",
+                json!({"file_path": path, "content": format!("{content}\n")}),
+            )
         }
-        "BASH" => tool_call("I'll run it.", "Bash", json!({"command": rest, "description": "run the requested command"})),
+        "BASH" => tool_call(
+            "I'll run it.",
+            "Bash",
+            json!({"command": rest, "description": "run the requested command"}),
+        ),
         "TOOL" => {
             let (name, input) = rest.split_once(char::is_whitespace).unwrap_or((rest, "{}"));
             let input = serde_json::from_str(input).unwrap_or_else(|_| json!({}));
@@ -394,7 +424,11 @@ fn stream_blocks(blocks: Vec<Block>, delay: Duration) -> Body {
                     output_tokens += 10;
                 }
             }
-            let _ = send(sse("content_block_stop", json!({"type": "content_block_stop", "index": index}))).await;
+            let _ = send(sse(
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": index}),
+            ))
+            .await;
         }
         let delta = json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": output_tokens}});
         let _ = send(sse("message_delta", delta)).await;
@@ -419,7 +453,9 @@ mod tests {
                 {"type": "text", "text": "hello there"}]},
         ]));
         assert_eq!(user_texts(&body), vec!["hello there"]);
-        assert!(matches!(script(&body), Script::Reply(blocks, _) if matches!(&blocks[0], Block::Text(t) if t.concat() == "MOCK_REPLY turn=1: hello there")));
+        assert!(
+            matches!(script(&body), Script::Reply(blocks, _) if matches!(&blocks[0], Block::Text(t) if t.concat() == "MOCK_REPLY turn=1: hello there"))
+        );
     }
 
     #[test]
@@ -428,8 +464,12 @@ mod tests {
             {"role": "user", "content": [{"type": "text", "text": "WRITE out.txt hello world"}]},
             {"role": "system", "content": "Primary working directory: /work/t1\nPlatform: linux"},
         ]));
-        let Script::Reply(blocks, _) = script(&first) else { panic!() };
-        let Block::ToolUse { name, input } = &blocks[1] else { panic!() };
+        let Script::Reply(blocks, _) = script(&first) else {
+            panic!()
+        };
+        let Block::ToolUse { name, input } = &blocks[1] else {
+            panic!()
+        };
         assert_eq!(name, "Write");
         assert_eq!(input["file_path"], "/work/t1/out.txt");
         assert_eq!(input["content"], "hello world\n");
@@ -438,6 +478,8 @@ mod tests {
             {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "Write", "input": {}}]},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "File created"}]},
         ]));
-        assert!(matches!(script(&second), Script::Reply(blocks, _) if matches!(&blocks[0], Block::Text(t) if t.concat() == "MOCK_DONE wrote out.txt")));
+        assert!(
+            matches!(script(&second), Script::Reply(blocks, _) if matches!(&blocks[0], Block::Text(t) if t.concat() == "MOCK_DONE wrote out.txt"))
+        );
     }
 }

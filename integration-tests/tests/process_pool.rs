@@ -26,13 +26,27 @@ async fn a_plain_prompt_streams_its_events_and_completes() {
     assert_eq!(submitted.status(), TaskStatus::Pending);
     let (task, events) = cluster.finish(&submitted.task_id).await;
 
-    assert_eq!(task.status(), TaskStatus::Completed, "{}", task.status_reason);
+    assert_eq!(
+        task.status(),
+        TaskStatus::Completed,
+        "{}",
+        task.status_reason
+    );
     assert_eq!(
         statuses(&events),
-        vec![TaskStatus::Pending, TaskStatus::Assigned, TaskStatus::Running, TaskStatus::Completed]
+        vec![
+            TaskStatus::Pending,
+            TaskStatus::Assigned,
+            TaskStatus::Running,
+            TaskStatus::Completed
+        ]
     );
     let sequences: Vec<u64> = events.iter().map(|e| e.sequence).collect();
-    assert_eq!(sequences, (1..=events.len() as u64).collect::<Vec<_>>(), "no gaps, no repeats");
+    assert_eq!(
+        sequences,
+        (1..=events.len() as u64).collect::<Vec<_>>(),
+        "no gaps, no repeats"
+    );
     assert!(events.iter().any(|e| matches!(&e.kind, Some(Kind::Init(init)) if init.claude_code_version == CLAUDE_CODE_VERSION)));
     assert!(events.iter().any(|e| matches!(&e.kind, Some(Kind::Text(t)) if t.text == "MOCK_REPLY turn=1: hello from the test")));
     let result = task.result.expect("the result is recorded on the task");
@@ -45,20 +59,36 @@ async fn a_plain_prompt_streams_its_events_and_completes() {
     assert!(task.start_time.is_some() && task.end_time.is_some());
     // The agent got the worker's API key and the prompt went to the stand-in.
     let requests = cluster.api.requests();
-    assert!(requests.iter().any(|r| r.prompt().as_deref() == Some("hello from the test")));
-    assert!(requests.iter().all(|r| r.api_key.as_deref() == Some("sk-ant-standin-secret")));
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.prompt().as_deref() == Some("hello from the test"))
+    );
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.api_key.as_deref() == Some("sk-ant-standin-secret"))
+    );
 }
 
 #[tokio::test]
 async fn a_tool_call_writes_a_file_into_the_task_workspace() {
     let cluster = TestCluster::start(vec![WorkerSpec::default()]).await;
-    let submitted = cluster.submit(with_tools("WRITE notes/out.txt hello world", &["Write"])).await;
+    let submitted = cluster
+        .submit(with_tools("WRITE notes/out.txt hello world", &["Write"]))
+        .await;
     let (task, events) = cluster.finish(&submitted.task_id).await;
 
-    assert_eq!(task.status(), TaskStatus::Completed, "{}", task.status_reason);
+    assert_eq!(
+        task.status(),
+        TaskStatus::Completed,
+        "{}",
+        task.status_reason
+    );
     let workspace = cluster.workspaces("worker-0").join(&task.task_id);
     assert_eq!(task.workspace, workspace.display().to_string());
-    let written = std::fs::read_to_string(workspace.join("notes/out.txt")).expect("the agent wrote the file");
+    let written =
+        std::fs::read_to_string(workspace.join("notes/out.txt")).expect("the agent wrote the file");
     assert_eq!(written, "hello world\n");
     let tool_use = events.iter().find_map(|e| match &e.kind {
         Some(Kind::ToolUse(tool)) => Some(tool.clone()),
@@ -77,9 +107,19 @@ async fn an_api_error_fails_the_task_with_the_reason() {
     let submitted = cluster.submit(prompt("ERROR 529")).await;
     let (task, events) = cluster.finish(&submitted.task_id).await;
     assert_eq!(task.status(), TaskStatus::Failed);
-    assert!(task.status_reason.contains("api error (status 529)"), "{}", task.status_reason);
-    assert!(task.status_reason.contains("overloaded_error"), "{}", task.status_reason);
-    assert!(events.iter().any(|e| matches!(&e.kind, Some(Kind::Result(r)) if r.is_error && r.api_error_status == 529)));
+    assert!(
+        task.status_reason.contains("api error (status 529)"),
+        "{}",
+        task.status_reason
+    );
+    assert!(
+        task.status_reason.contains("overloaded_error"),
+        "{}",
+        task.status_reason
+    );
+    assert!(events.iter().any(
+        |e| matches!(&e.kind, Some(Kind::Result(r)) if r.is_error && r.api_error_status == 529)
+    ));
 }
 
 #[tokio::test]
@@ -94,7 +134,8 @@ async fn a_hanging_agent_is_stopped_by_the_idle_watchdog() {
     let (task, events) = cluster.finish(&submitted.task_id).await;
     assert_eq!(task.status(), TaskStatus::Failed);
     assert!(
-        task.status_reason.contains("printed nothing for 2 s") && task.status_reason.contains("idle watchdog"),
+        task.status_reason.contains("printed nothing for 2 s")
+            && task.status_reason.contains("idle watchdog"),
         "{}",
         task.status_reason
     );
@@ -124,7 +165,10 @@ async fn a_running_task_is_cancelled() {
     let mut driver = cluster.driver().await;
     // Wait for the agent's init event: the CLI is up and waiting on the API.
     let mut stream = driver
-        .stream_task_events(StreamTaskEventsRequest { task_id: submitted.task_id.clone(), after_sequence: 0 })
+        .stream_task_events(StreamTaskEventsRequest {
+            task_id: submitted.task_id.clone(),
+            after_sequence: 0,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -134,7 +178,10 @@ async fn a_running_task_is_cancelled() {
         }
     }
     let cancelled = driver
-        .cancel_task(CancelTaskRequest { task_id: submitted.task_id.clone(), reason: "no longer needed".into() })
+        .cancel_task(CancelTaskRequest {
+            task_id: submitted.task_id.clone(),
+            reason: "no longer needed".into(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -147,7 +194,10 @@ async fn a_running_task_is_cancelled() {
     assert_eq!(statuses(&events).last(), Some(&TaskStatus::Cancelled));
     // The worker's slot is free again: a new task runs.
     let next = cluster.submit(prompt("after the cancel")).await;
-    assert_eq!(cluster.finish(&next.task_id).await.0.status(), TaskStatus::Completed);
+    assert_eq!(
+        cluster.finish(&next.task_id).await.0.status(),
+        TaskStatus::Completed
+    );
 }
 
 #[tokio::test]
@@ -157,23 +207,34 @@ async fn a_pending_task_is_cancelled_without_running() {
     let submitted = cluster.submit(prompt("never runs")).await;
     let mut driver = cluster.driver().await;
     let waiting = driver
-        .get_task(GetTaskRequest { task_id: submitted.task_id.clone() })
+        .get_task(GetTaskRequest {
+            task_id: submitted.task_id.clone(),
+        })
         .await
         .unwrap()
         .into_inner()
         .task
         .unwrap();
     assert_eq!(waiting.status(), TaskStatus::Pending);
-    assert_eq!(waiting.status_reason, "waiting for a worker: none is registered");
+    assert_eq!(
+        waiting.status_reason,
+        "waiting for a worker: none is registered"
+    );
     let cancelled = driver
-        .cancel_task(CancelTaskRequest { task_id: submitted.task_id.clone(), reason: String::new() })
+        .cancel_task(CancelTaskRequest {
+            task_id: submitted.task_id.clone(),
+            reason: String::new(),
+        })
         .await
         .unwrap()
         .into_inner()
         .task
         .unwrap();
     assert_eq!(cancelled.status(), TaskStatus::Cancelled);
-    assert_eq!(statuses(&cluster.finish(&submitted.task_id).await.1), vec![TaskStatus::Pending, TaskStatus::Cancelled]);
+    assert_eq!(
+        statuses(&cluster.finish(&submitted.task_id).await.1),
+        vec![TaskStatus::Pending, TaskStatus::Cancelled]
+    );
 }
 
 #[tokio::test]
@@ -185,12 +246,22 @@ async fn tasks_beyond_capacity_wait_and_all_finish() {
     let cluster = TestCluster::start(vec![worker]).await;
     let mut ids = Vec::new();
     for i in 0..5 {
-        ids.push(cluster.submit(prompt(&format!("SLOW 3 150 #{i}"))).await.task_id);
+        ids.push(
+            cluster
+                .submit(prompt(&format!("SLOW 3 150 #{i}")))
+                .await
+                .task_id,
+        );
     }
     let mut intervals = Vec::new();
     for id in &ids {
         let (task, events) = cluster.finish(id).await;
-        assert_eq!(task.status(), TaskStatus::Completed, "{}", task.status_reason);
+        assert_eq!(
+            task.status(),
+            TaskStatus::Completed,
+            "{}",
+            task.status_reason
+        );
         let at = |status: TaskStatus| {
             events
                 .iter()
@@ -203,8 +274,14 @@ async fn tasks_beyond_capacity_wait_and_all_finish() {
     }
     // At no moment were more than two tasks on the worker.
     for (start, _) in &intervals {
-        let overlapping = intervals.iter().filter(|(s, e)| s <= start && start < e).count();
-        assert!(overlapping <= 2, "{overlapping} tasks ran at once: {intervals:?}");
+        let overlapping = intervals
+            .iter()
+            .filter(|(s, e)| s <= start && start < e)
+            .count();
+        assert!(
+            overlapping <= 2,
+            "{overlapping} tasks ran at once: {intervals:?}"
+        );
     }
 }
 
@@ -212,7 +289,9 @@ async fn tasks_beyond_capacity_wait_and_all_finish() {
 async fn an_agent_that_exits_without_a_result_fails_with_the_exit() {
     let cluster = TestCluster::start(vec![WorkerSpec::default()]).await;
     // The agent's own Bash tool sends SIGTERM to the CLI, which then exits 143 without a result.
-    let submitted = cluster.submit(with_tools("BASH kill -TERM $PPID", &["Bash"])).await;
+    let submitted = cluster
+        .submit(with_tools("BASH kill -TERM $PPID", &["Bash"]))
+        .await;
     let (task, _) = cluster.finish(&submitted.task_id).await;
     assert_eq!(task.status(), TaskStatus::Failed);
     assert_eq!(task.status_reason, "the agent exited 143 without a result");
@@ -234,8 +313,20 @@ async fn a_missing_or_unexecutable_claude_binary_fails_the_task_with_the_setting
     ])
     .await;
     for (kind, expected) in [
-        ("missing", format!("the claude CLI was not found at `{}`", dir.path().join("no-such-claude").display())),
-        ("not-executable", format!("the claude CLI at `{}` is not executable", not_executable.display())),
+        (
+            "missing",
+            format!(
+                "the claude CLI was not found at `{}`",
+                dir.path().join("no-such-claude").display()
+            ),
+        ),
+        (
+            "not-executable",
+            format!(
+                "the claude CLI at `{}` is not executable",
+                not_executable.display()
+            ),
+        ),
     ] {
         let spec = TaskSpec {
             worker_selector: [("kind".to_owned(), kind.to_owned())].into(),
@@ -244,8 +335,17 @@ async fn a_missing_or_unexecutable_claude_binary_fails_the_task_with_the_setting
         let submitted = cluster.submit(spec).await;
         let (task, _) = cluster.finish(&submitted.task_id).await;
         assert_eq!(task.status(), TaskStatus::Failed, "{kind}");
-        assert!(task.status_reason.starts_with(&expected), "{kind}: {}", task.status_reason);
-        assert!(task.status_reason.contains("worker.processPool.claudeCodePath"), "{}", task.status_reason);
+        assert!(
+            task.status_reason.starts_with(&expected),
+            "{kind}: {}",
+            task.status_reason
+        );
+        assert!(
+            task.status_reason
+                .contains("worker.processPool.claudeCodePath"),
+            "{}",
+            task.status_reason
+        );
     }
 }
 
@@ -272,7 +372,16 @@ async fn a_repository_is_cloned_into_the_workspace_and_a_bad_one_fails_the_task(
     git(&["add", "README.md"], &source);
     git(&["commit", "-q", "-m", "first"], &source);
     let bare = repos.path().join("app.git");
-    git(&["clone", "-q", "--bare", source.to_str().unwrap(), bare.to_str().unwrap()], repos.path());
+    git(
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            source.to_str().unwrap(),
+            bare.to_str().unwrap(),
+        ],
+        repos.path(),
+    );
 
     let cluster = TestCluster::start(vec![WorkerSpec::default()]).await;
     let spec = TaskSpec {
@@ -281,7 +390,12 @@ async fn a_repository_is_cloned_into_the_workspace_and_a_bad_one_fails_the_task(
     };
     let submitted = cluster.submit(spec).await;
     let (task, _) = cluster.finish(&submitted.task_id).await;
-    assert_eq!(task.status(), TaskStatus::Completed, "{}", task.status_reason);
+    assert_eq!(
+        task.status(),
+        TaskStatus::Completed,
+        "{}",
+        task.status_reason
+    );
     assert_eq!(task.result.unwrap().text, "MOCK_DONE the repository readme");
 
     let spec = TaskSpec {
@@ -291,9 +405,21 @@ async fn a_repository_is_cloned_into_the_workspace_and_a_bad_one_fails_the_task(
     let submitted = cluster.submit(spec).await;
     let (task, events) = cluster.finish(&submitted.task_id).await;
     assert_eq!(task.status(), TaskStatus::Failed);
-    assert!(task.status_reason.starts_with("cannot clone file://"), "{}", task.status_reason);
-    assert!(task.status_reason.contains("does not appear to be a git repository"), "{}", task.status_reason);
-    assert!(!statuses(&events).contains(&TaskStatus::Running), "no agent started");
+    assert!(
+        task.status_reason.starts_with("cannot clone file://"),
+        "{}",
+        task.status_reason
+    );
+    assert!(
+        task.status_reason
+            .contains("does not appear to be a git repository"),
+        "{}",
+        task.status_reason
+    );
+    assert!(
+        !statuses(&events).contains(&TaskStatus::Running),
+        "no agent started"
+    );
 }
 
 #[tokio::test]
@@ -302,24 +428,48 @@ async fn bad_requests_get_the_right_status_and_name_the_field() {
     let mut driver = cluster.driver().await;
     let submit = |spec: TaskSpec| {
         let mut driver = driver.clone();
-        async move { driver.submit_task(SubmitTaskRequest { spec: Some(spec) }).await.unwrap_err() }
+        async move {
+            driver
+                .submit_task(SubmitTaskRequest { spec: Some(spec) })
+                .await
+                .unwrap_err()
+        }
     };
     let empty = submit(prompt("   ")).await;
     assert_eq!(empty.code(), Code::InvalidArgument);
     assert_eq!(empty.message(), "spec.prompt: must not be empty");
-    let bad_repo = submit(TaskSpec { repo_url: "ftp://example.invalid/repo".into(), ..prompt("hi") }).await;
+    let bad_repo = submit(TaskSpec {
+        repo_url: "ftp://example.invalid/repo".into(),
+        ..prompt("hi")
+    })
+    .await;
     assert_eq!(bad_repo.code(), Code::InvalidArgument);
-    assert!(bad_repo.message().starts_with("spec.repo_url: "), "{}", bad_repo.message());
-    let missing = driver.get_task(GetTaskRequest { task_id: "no-such-task".into() }).await.unwrap_err();
+    assert!(
+        bad_repo.message().starts_with("spec.repo_url: "),
+        "{}",
+        bad_repo.message()
+    );
+    let missing = driver
+        .get_task(GetTaskRequest {
+            task_id: "no-such-task".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
     assert_eq!(missing.message(), "task no-such-task not found");
     let missing = driver
-        .stream_task_events(StreamTaskEventsRequest { task_id: "no-such-task".into(), after_sequence: 0 })
+        .stream_task_events(StreamTaskEventsRequest {
+            task_id: "no-such-task".into(),
+            after_sequence: 0,
+        })
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
     let token = driver
-        .list_tasks(ListTasksRequest { page_token: "garbage".into(), ..Default::default() })
+        .list_tasks(ListTasksRequest {
+            page_token: "garbage".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(token.code(), Code::InvalidArgument);
@@ -347,7 +497,11 @@ async fn two_watchers_get_every_event_once_in_order_and_a_late_one_gets_the_rest
     let sequences: Vec<u64> = first.iter().map(|e| e.sequence).collect();
     assert_eq!(sequences, (1..=first.len() as u64).collect::<Vec<_>>());
     let late = collect_events(&mut cluster.driver().await, &id, 3).await;
-    assert_eq!(late, first[3..].to_vec(), "a late watcher gets exactly what it missed");
+    assert_eq!(
+        late,
+        first[3..].to_vec(),
+        "a late watcher gets exactly what it missed"
+    );
 }
 
 #[tokio::test]
@@ -364,7 +518,11 @@ async fn tasks_are_listed_by_status_in_pages() {
         let mut driver = driver.clone();
         async move {
             driver
-                .list_tasks(ListTasksRequest { statuses: statuses.into_iter().map(|s| s as i32).collect(), page_size: size, page_token: token })
+                .list_tasks(ListTasksRequest {
+                    statuses: statuses.into_iter().map(|s| s as i32).collect(),
+                    page_size: size,
+                    page_token: token,
+                })
                 .await
                 .unwrap()
                 .into_inner()
@@ -377,8 +535,19 @@ async fn tasks_are_listed_by_status_in_pages() {
     let second = page(vec![TaskStatus::Completed], 1, first.next_page_token).await;
     assert_eq!(second.tasks[0].task_id, done_too.task_id);
     let failures = page(vec![TaskStatus::Failed], 10, String::new()).await;
-    assert_eq!(failures.tasks.iter().map(|t| t.task_id.clone()).collect::<Vec<_>>(), vec![failed.task_id]);
-    let all = driver.list_tasks(ListTasksRequest::default()).await.unwrap().into_inner();
+    assert_eq!(
+        failures
+            .tasks
+            .iter()
+            .map(|t| t.task_id.clone())
+            .collect::<Vec<_>>(),
+        vec![failed.task_id]
+    );
+    let all = driver
+        .list_tasks(ListTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(all.tasks.len(), 3);
     assert!(all.next_page_token.is_empty());
 }
@@ -393,19 +562,42 @@ async fn a_worker_that_stops_its_heartbeat_gets_no_work_until_it_returns() {
     wait_until(Duration::from_secs(10), || {
         let mut driver = driver.clone();
         async move {
-            let status = driver.get_cluster_status(GetClusterStatusRequest {}).await.unwrap().into_inner();
-            status.workers.iter().all(|w| !w.healthy && w.health_reason == "missed its heartbeats")
+            let status = driver
+                .get_cluster_status(GetClusterStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            status
+                .workers
+                .iter()
+                .all(|w| !w.healthy && w.health_reason == "missed its heartbeats")
         }
     })
     .await
     .expect("the silent worker is marked unhealthy");
     let submitted = cluster.submit(prompt("while the worker is silent")).await;
-    let waiting = driver.get_task(GetTaskRequest { task_id: submitted.task_id.clone() }).await.unwrap().into_inner().task.unwrap();
+    let waiting = driver
+        .get_task(GetTaskRequest {
+            task_id: submitted.task_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
     assert_eq!(waiting.status(), TaskStatus::Pending);
-    assert_eq!(waiting.status_reason, "waiting for a worker: none is healthy");
+    assert_eq!(
+        waiting.status_reason,
+        "waiting for a worker: none is healthy"
+    );
     send(pid, libc::SIGCONT);
     let (task, _) = cluster.finish(&submitted.task_id).await;
-    assert_eq!(task.status(), TaskStatus::Completed, "{}", task.status_reason);
+    assert_eq!(
+        task.status(),
+        TaskStatus::Completed,
+        "{}",
+        task.status_reason
+    );
 }
 
 #[allow(unsafe_code)]

@@ -6,7 +6,7 @@
 use std::io::Write;
 
 fn main() {
-    let prompt = std::env::args().last().unwrap_or_default();
+    let prompt = std::env::args().next_back().unwrap_or_default();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let session = "00000000-0000-4000-8000-000000000000";

@@ -5,7 +5,10 @@ use claudecluster_integration_tests::StandinApi;
 
 #[tokio::main]
 async fn main() {
-    let port: u16 = std::env::args().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    let port: u16 = std::env::args()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
     let api = if port == 0 {
         StandinApi::start().await
     } else {

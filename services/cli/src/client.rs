@@ -15,7 +15,12 @@ use crate::render;
 #[derive(Args, Clone)]
 pub struct DriverArgs {
     /// The driver's address.
-    #[arg(long, env = "CLAUDECLUSTER_DRIVER", default_value = "127.0.0.1:50051", global = true)]
+    #[arg(
+        long,
+        env = "CLAUDECLUSTER_DRIVER",
+        default_value = "127.0.0.1:50051",
+        global = true
+    )]
     driver: String,
 }
 
@@ -119,11 +124,14 @@ fn key_values(pairs: &[String], flag: &str) -> Result<HashMap<String, String>, S
 
 fn task_spec(args: &RunArgs) -> Result<TaskSpec, String> {
     let execution_mode = match &args.mode {
-        Some(mode) => ExecutionMode::from_label(mode).ok_or_else(|| format!("--mode `{mode}` is not process_pool or container_agentic"))?,
+        Some(mode) => ExecutionMode::from_label(mode)
+            .ok_or_else(|| format!("--mode `{mode}` is not process_pool or container_agentic"))?,
         None => ExecutionMode::Unspecified,
     };
     let priority = match &args.priority {
-        Some(priority) => Priority::from_label(priority).ok_or_else(|| format!("--priority `{priority}` is not low, normal, high or critical"))?,
+        Some(priority) => Priority::from_label(priority).ok_or_else(|| {
+            format!("--priority `{priority}` is not low, normal, high or critical")
+        })?,
         None => Priority::Unspecified,
     };
     Ok(TaskSpec {
@@ -156,7 +164,10 @@ pub async fn run(args: RunArgs) -> ExitCode {
         Ok(client) => client,
         Err(message) => return fail(message),
     };
-    let task = match client.submit_task(SubmitTaskRequest { spec: Some(spec) }).await {
+    let task = match client
+        .submit_task(SubmitTaskRequest { spec: Some(spec) })
+        .await
+    {
         Ok(response) => response.into_inner().task.unwrap_or_default(),
         Err(status) => return fail(status_error(status)),
     };
@@ -207,23 +218,28 @@ async fn follow(
             };
             match message {
                 Ok(Some(response)) => {
-                    let Some(event) = response.event else { continue };
+                    let Some(event) = response.event else {
+                        continue;
+                    };
                     cursor = event.sequence;
                     render::event(&event);
-                    if let Some(Kind::StatusChange(change)) = &event.kind {
-                        if change.status().is_terminal() {
-                            return if change.status() == TaskStatus::Completed {
-                                ExitCode::SUCCESS
-                            } else {
-                                ExitCode::FAILURE
-                            };
-                        }
+                    if let Some(Kind::StatusChange(change)) = &event.kind
+                        && change.status().is_terminal()
+                    {
+                        return if change.status() == TaskStatus::Completed {
+                            ExitCode::SUCCESS
+                        } else {
+                            ExitCode::FAILURE
+                        };
                     }
                 }
                 Ok(None) => return fail("the event stream ended before the task did"),
                 Err(status) if reconnects < 10 => {
                     reconnects += 1;
-                    eprintln!("claudecluster: stream interrupted ({}); resuming after event {cursor}", status.message());
+                    eprintln!(
+                        "claudecluster: stream interrupted ({}); resuming after event {cursor}",
+                        status.message()
+                    );
                     break;
                 }
                 Err(status) => return fail(status_error(status)),
@@ -234,7 +250,11 @@ async fn follow(
 
 pub async fn tasks(command: TasksCommand) -> ExitCode {
     match command {
-        TasksCommand::List { statuses, limit, driver } => {
+        TasksCommand::List {
+            statuses,
+            limit,
+            driver,
+        } => {
             let mut parsed = Vec::new();
             for status in &statuses {
                 match TaskStatus::from_label(status) {
@@ -272,7 +292,11 @@ pub async fn tasks(command: TasksCommand) -> ExitCode {
                 Err(status) => fail(status_error(status)),
             }
         }
-        TasksCommand::Cancel { task_id, reason, driver } => {
+        TasksCommand::Cancel {
+            task_id,
+            reason,
+            driver,
+        } => {
             let mut client = match connect(&driver) {
                 Ok(client) => client,
                 Err(message) => return fail(message),
@@ -289,7 +313,11 @@ pub async fn tasks(command: TasksCommand) -> ExitCode {
                 Err(status) => fail(status_error(status)),
             }
         }
-        TasksCommand::Events { task_id, after, driver } => {
+        TasksCommand::Events {
+            task_id,
+            after,
+            driver,
+        } => {
             let mut client = match connect(&driver) {
                 Ok(client) => client,
                 Err(message) => return fail(message),

@@ -11,7 +11,11 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "claudecluster", version, about = "Run many Claude Code agents at once and drive them over gRPC")]
+#[command(
+    name = "claudecluster",
+    version,
+    about = "Run many Claude Code agents at once and drive them over gRPC"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -16,21 +16,30 @@ pub fn event(event: &Event) {
             }
             eprintln!("{line}");
         }
-        Kind::Init(init) => eprintln!("agent {} ({}) in {}", init.claude_code_version, init.model, init.cwd),
+        Kind::Init(init) => eprintln!(
+            "agent {} ({}) in {}",
+            init.claude_code_version, init.model, init.cwd
+        ),
         Kind::Text(text) if text.thinking => eprintln!("(thinking) {}", text.text),
         Kind::Text(text) => println!("{}", text.text),
         Kind::ToolUse(tool) => eprintln!("→ {} {}", tool.name, shorten(&tool.input_json, 160)),
         Kind::ToolResult(result) => {
             let mark = if result.is_error { "✗" } else { "←" };
-            eprintln!("{mark} {}", shorten(result.content.lines().next().unwrap_or(""), 160));
+            eprintln!(
+                "{mark} {}",
+                shorten(result.content.lines().next().unwrap_or(""), 160)
+            );
         }
         Kind::ApiRetry(retry) => eprintln!(
             "! api retry {}/{} after status {} ({}), in {} ms",
             retry.attempt, retry.max_retries, retry.error_status, retry.error, retry.retry_delay_ms
         ),
-        Kind::PermissionDenied(denied) => eprintln!("! permission denied for {}: {}", denied.tool_name, denied.message),
+        Kind::PermissionDenied(denied) => eprintln!(
+            "! permission denied for {}: {}",
+            denied.tool_name, denied.message
+        ),
         Kind::Result(result) => {
-            let usage = result.usage.clone().unwrap_or_default();
+            let usage = result.usage.unwrap_or_default();
             eprintln!(
                 "= {} in {} turn(s), ${:.4}, {} input / {} output tokens, {} ms",
                 if result.is_error { "error" } else { "done" },
@@ -56,7 +65,10 @@ fn shorten(text: &str, limit: usize) -> String {
 }
 
 pub fn task_table(tasks: &[Task]) {
-    println!("{:<36}  {:<9}  {:<20}  {:<20}  PROMPT", "TASK", "STATUS", "WORKER", "CREATED");
+    println!(
+        "{:<36}  {:<9}  {:<20}  {:<20}  PROMPT",
+        "TASK", "STATUS", "WORKER", "CREATED"
+    );
     for task in tasks {
         let prompt = task.spec.as_ref().map(|s| s.prompt.as_str()).unwrap_or("");
         println!(
@@ -77,7 +89,10 @@ pub fn task_detail(task: &Task) {
     if !task.status_reason.is_empty() {
         println!("reason:    {}", task.status_reason);
     }
-    println!("prompt:    {}", shorten(&spec.prompt.replace('\n', " "), 200));
+    println!(
+        "prompt:    {}",
+        shorten(&spec.prompt.replace('\n', " "), 200)
+    );
     if !spec.repo_url.is_empty() {
         println!("repo:      {}", spec.repo_url);
     }
@@ -95,7 +110,7 @@ pub fn task_detail(task: &Task) {
         println!("ended:     {}", time(task.end_time.as_ref()));
     }
     if let Some(result) = &task.result {
-        let usage = result.usage.clone().unwrap_or_default();
+        let usage = result.usage.unwrap_or_default();
         println!(
             "result:    {} turn(s), ${:.4}, {} input / {} output tokens",
             result.num_turns, result.total_cost_usd, usage.input_tokens, usage.output_tokens
@@ -105,11 +120,22 @@ pub fn task_detail(task: &Task) {
 }
 
 pub fn cluster_status(status: &GetClusterStatusResponse) {
-    println!("{:<20}  {:<18}  {:<7}  {:<8}  {:<22}  LABELS", "WORKER", "MODE", "HEALTHY", "LOAD", "ADDRESS");
+    println!(
+        "{:<20}  {:<18}  {:<7}  {:<8}  {:<22}  LABELS",
+        "WORKER", "MODE", "HEALTHY", "LOAD", "ADDRESS"
+    );
     for worker in &status.workers {
-        let mut labels: Vec<_> = worker.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut labels: Vec<_> = worker
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         labels.sort();
-        let healthy = if worker.healthy { "yes".to_owned() } else { format!("no ({})", worker.health_reason) };
+        let healthy = if worker.healthy {
+            "yes".to_owned()
+        } else {
+            format!("no ({})", worker.health_reason)
+        };
         println!(
             "{:<20}  {:<18}  {:<7}  {:<8}  {:<22}  {}",
             worker.worker_id,
@@ -123,7 +149,11 @@ pub fn cluster_status(status: &GetClusterStatusResponse) {
     let mut counts: Vec<_> = status.tasks_by_status.iter().collect();
     counts.sort();
     let counts: Vec<_> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
-    println!("queued: {}; tasks: {}", status.queued_tasks, counts.join(", "));
+    println!(
+        "queued: {}; tasks: {}",
+        status.queued_tasks,
+        counts.join(", ")
+    );
 }
 
 /// A timestamp as `YYYY-MM-DD HH:MM:SS` UTC.

@@ -26,7 +26,8 @@ pub async fn run(services: Services, config_file: Option<PathBuf>) -> ExitCode {
         Services::Scheduler => FileLayout::Section("scheduler"),
         Services::Worker => FileLayout::Section("worker"),
     };
-    let config = match claudecluster_config::load(config_file.as_deref(), layout, std::env::vars()) {
+    let config = match claudecluster_config::load(config_file.as_deref(), layout, std::env::vars())
+    {
         Ok(config) => config,
         Err(err) => {
             eprintln!("claudecluster: {err}");
@@ -70,11 +71,15 @@ impl Running {
     }
 }
 
-async fn start(services: Services, mut config: ClusterConfig) -> Result<Running, Box<dyn std::error::Error>> {
+async fn start(
+    services: Services,
+    mut config: ClusterConfig,
+) -> Result<Running, Box<dyn std::error::Error>> {
     let mut running = Running::default();
     let all = services == Services::All;
     if all || services == Services::Scheduler {
-        let listener = claudecluster_grpc::bind(&config.scheduler.listen, "scheduler.listen").await?;
+        let listener =
+            claudecluster_grpc::bind(&config.scheduler.listen, "scheduler.listen").await?;
         let scheduler = claudecluster_scheduler::spawn(config.scheduler.clone(), listener).await?;
         announce("scheduler", scheduler.local_addr);
         if all {

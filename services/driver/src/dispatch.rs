@@ -31,7 +31,10 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn new(store: Arc<TaskStore>, scheduler_address: String) -> Result<Self, tonic::transport::Error> {
+    pub fn new(
+        store: Arc<TaskStore>,
+        scheduler_address: String,
+    ) -> Result<Self, tonic::transport::Error> {
         let channel = claudecluster_grpc::channel(&scheduler_address)?;
         Ok(Dispatcher {
             store,
@@ -45,7 +48,10 @@ impl Dispatcher {
         self.scheduler.clone()
     }
 
-    fn worker(&self, address: &str) -> Result<WorkerServiceClient<Channel>, tonic::transport::Error> {
+    fn worker(
+        &self,
+        address: &str,
+    ) -> Result<WorkerServiceClient<Channel>, tonic::transport::Error> {
         let mut workers = self.workers.lock().expect("worker client lock poisoned");
         if let Some(client) = workers.get(address) {
             return Ok(client.clone());
@@ -165,7 +171,9 @@ impl Dispatcher {
             self.release(&task_id).await;
             return;
         }
-        let ended = self.execute(&entry, attempt, &worker_id, &worker_address).await;
+        let ended = self
+            .execute(&entry, attempt, &worker_id, &worker_address)
+            .await;
         self.release(&task_id).await;
         if let Err(reason) = ended {
             if attempt < MAX_START_ATTEMPTS && entry.requeue(attempt + 1, reason.clone()) {
@@ -205,7 +213,10 @@ impl Dispatcher {
         let mut events = match response {
             Ok(response) => response.into_inner(),
             Err(status) => {
-                return Err(format!("worker {worker_id} did not start the task: {}", status.message()));
+                return Err(format!(
+                    "worker {worker_id} did not start the task: {}",
+                    status.message()
+                ));
             }
         };
         let mut cancel_deadline = None;

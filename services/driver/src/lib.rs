@@ -29,7 +29,9 @@ pub struct Handle {
 impl Handle {
     pub async fn shutdown(self) -> Result<(), tonic::transport::Error> {
         self.stop.cancel();
-        self.server.await.expect("the driver's server task panicked")
+        self.server
+            .await
+            .expect("the driver's server task panicked")
     }
 
     /// Waits until the server stops by itself (it does only on error).
@@ -57,20 +59,25 @@ pub async fn spawn(config: DriverConfig, listener: TcpListener) -> Result<Handle
     let local_addr = listener.local_addr()?;
     let store = Arc::new(store::TaskStore::default());
     let dispatcher = Arc::new(
-        dispatch::Dispatcher::new(store.clone(), config.scheduler_address.clone()).map_err(|source| {
-            StartError::SchedulerAddress {
+        dispatch::Dispatcher::new(store.clone(), config.scheduler_address.clone()).map_err(
+            |source| StartError::SchedulerAddress {
                 address: config.scheduler_address.clone(),
                 source,
-            }
-        })?,
+            },
+        )?,
     );
     let stop = CancellationToken::new();
     tokio::spawn(dispatcher.clone().follow_placements(stop.clone()));
-    let (routes, _health) = claudecluster_grpc::standard_routes("claudecluster.v1.DriverService").await;
-    let routes = routes.add_service(DriverServiceServer::new(service::DriverService::new(store, dispatcher)));
+    let (routes, _health) =
+        claudecluster_grpc::standard_routes("claudecluster.v1.DriverService").await;
+    let routes = routes.add_service(DriverServiceServer::new(service::DriverService::new(
+        store, dispatcher,
+    )));
     let server = {
         let stop = stop.clone();
-        tokio::spawn(async move { claudecluster_grpc::serve(listener, routes, stop.cancelled_owned()).await })
+        tokio::spawn(async move {
+            claudecluster_grpc::serve(listener, routes, stop.cancelled_owned()).await
+        })
     };
     tracing::info!(address = %local_addr, scheduler = %config.scheduler_address, "driver listening");
     Ok(Handle {

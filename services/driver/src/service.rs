@@ -87,25 +87,28 @@ impl DriverApi for DriverService {
             match TaskStatus::try_from(*value) {
                 Ok(status) if status != TaskStatus::Unspecified => statuses.push(status),
                 _ => {
-                    return Err(DriverError::invalid("statuses", format!("{value} is not a task status")).into());
+                    return Err(DriverError::invalid(
+                        "statuses",
+                        format!("{value} is not a task status"),
+                    )
+                    .into());
                 }
             }
         }
         let start = if request.page_token.is_empty() {
             0
         } else {
-            request
-                .page_token
-                .parse::<u64>()
-                .map_err(|_| DriverError::invalid("page_token", "is not a token this server returned"))?
+            request.page_token.parse::<u64>().map_err(|_| {
+                DriverError::invalid("page_token", "is not a token this server returned")
+            })?
         };
         let limit = match request.page_size as usize {
             0 => DEFAULT_PAGE_SIZE,
             size => size.min(MAX_PAGE_SIZE),
         };
-        let (tasks, next) = self
-            .store
-            .page(start, limit, |status| statuses.is_empty() || statuses.contains(&status));
+        let (tasks, next) = self.store.page(start, limit, |status| {
+            statuses.is_empty() || statuses.contains(&status)
+        });
         Ok(Response::new(ListTasksResponse {
             tasks,
             next_page_token: next.map(|order| order.to_string()).unwrap_or_default(),
@@ -147,11 +150,8 @@ impl DriverApi for DriverService {
         let entry = self.task(&request.task_id)?;
         let (sender, receiver) = mpsc::channel(128);
         tokio::spawn(entry.follow(request.after_sequence, sender));
-        let stream = ReceiverStream::new(receiver).map(|event| {
-            Ok(StreamTaskEventsResponse {
-                event: Some(event),
-            })
-        });
+        let stream = ReceiverStream::new(receiver)
+            .map(|event| Ok(StreamTaskEventsResponse { event: Some(event) }));
         Ok(Response::new(Box::pin(stream)))
     }
 

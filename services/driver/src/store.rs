@@ -100,7 +100,13 @@ impl TaskEntry {
         Some(sequence)
     }
 
-    pub fn set_status(&self, attempt: u32, status: TaskStatus, reason: impl Into<String>, worker_id: &str) -> bool {
+    pub fn set_status(
+        &self,
+        attempt: u32,
+        status: TaskStatus,
+        reason: impl Into<String>,
+        worker_id: &str,
+    ) -> bool {
         self.append(
             attempt,
             Kind::StatusChange(StatusChange {
@@ -125,7 +131,12 @@ impl TaskEntry {
         if self.status() != TaskStatus::Pending {
             return false;
         }
-        self.set_status(attempt, TaskStatus::Assigned, format!("placed on worker {worker_id}"), worker_id)
+        self.set_status(
+            attempt,
+            TaskStatus::Assigned,
+            format!("placed on worker {worker_id}"),
+            worker_id,
+        )
     }
 
     /// Puts an ASSIGNED task back in the queue for another attempt.
@@ -169,8 +180,13 @@ impl TaskEntry {
     /// Events after `after`, and whether they reach the end of a finished log.
     fn events_after(&self, after: u64) -> (Vec<Event>, bool) {
         let state = self.state();
-        let start = usize::try_from(after).unwrap_or(usize::MAX).min(state.events.len());
-        (state.events[start..].to_vec(), state.task.status().is_terminal())
+        let start = usize::try_from(after)
+            .unwrap_or(usize::MAX)
+            .min(state.events.len());
+        (
+            state.events[start..].to_vec(),
+            state.task.status().is_terminal(),
+        )
     }
 
     /// Sends the events after `after` to `out`, then follows the log until the task has ended
@@ -226,10 +242,10 @@ impl TaskStore {
     /// idempotency key (and `false`).
     pub fn insert(&self, spec: TaskSpec) -> (Arc<TaskEntry>, bool) {
         let mut inner = self.inner.write().expect("task store lock poisoned");
-        if !spec.idempotency_key.is_empty() {
-            if let Some(existing) = inner.by_idempotency_key.get(&spec.idempotency_key) {
-                return (existing.clone(), false);
-            }
+        if let Some(existing) = inner.by_idempotency_key.get(&spec.idempotency_key)
+            && !spec.idempotency_key.is_empty()
+        {
+            return (existing.clone(), false);
         }
         inner.next_order += 1;
         let id = uuid::Uuid::new_v4().to_string();
@@ -256,13 +272,20 @@ impl TaskStore {
         inner.by_id.insert(id, entry.clone());
         inner.by_order.insert(entry.order, entry.clone());
         if !spec.idempotency_key.is_empty() {
-            inner.by_idempotency_key.insert(spec.idempotency_key, entry.clone());
+            inner
+                .by_idempotency_key
+                .insert(spec.idempotency_key, entry.clone());
         }
         (entry, true)
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<TaskEntry>> {
-        self.inner.read().expect("task store lock poisoned").by_id.get(id).cloned()
+        self.inner
+            .read()
+            .expect("task store lock poisoned")
+            .by_id
+            .get(id)
+            .cloned()
     }
 
     /// Tasks from `start` (an order number) on, matching `filter`, at most `limit`; and the
@@ -358,7 +381,10 @@ mod tests {
     fn a_pending_task_cancels_at_once_and_ended_tasks_stay_ended() {
         let store = TaskStore::default();
         let (entry, _) = store.insert(spec("hi"));
-        assert!(matches!(entry.cancel("no longer needed"), CancelAction::Dequeue));
+        assert!(matches!(
+            entry.cancel("no longer needed"),
+            CancelAction::Dequeue
+        ));
         let task = entry.snapshot();
         assert_eq!(task.status(), TaskStatus::Cancelled);
         assert_eq!(task.status_reason, "no longer needed");
@@ -384,7 +410,9 @@ mod tests {
     #[test]
     fn pages_follow_submission_order_and_filters() {
         let store = TaskStore::default();
-        let entries: Vec<_> = (0..5).map(|i| store.insert(spec(&i.to_string())).0).collect();
+        let entries: Vec<_> = (0..5)
+            .map(|i| store.insert(spec(&i.to_string())).0)
+            .collect();
         entries[1].cancel("x");
         entries[3].cancel("x");
         let (page, next) = store.page(0, 2, |s| s == TaskStatus::Pending);

@@ -26,14 +26,21 @@ pub fn task_spec(spec: Option<&TaskSpec>) -> Result<&TaskSpec, DriverError> {
     if spec.prompt.len() > MAX_PROMPT_BYTES {
         return Err(DriverError::invalid(
             "spec.prompt",
-            format!("is {} bytes; at most {MAX_PROMPT_BYTES} are accepted", spec.prompt.len()),
+            format!(
+                "is {} bytes; at most {MAX_PROMPT_BYTES} are accepted",
+                spec.prompt.len()
+            ),
         ));
     }
     if spec.prompt.contains('\0') {
-        return Err(DriverError::invalid("spec.prompt", "must not contain NUL characters"));
+        return Err(DriverError::invalid(
+            "spec.prompt",
+            "must not contain NUL characters",
+        ));
     }
     if !spec.repo_url.is_empty() {
-        repo_url(&spec.repo_url).map_err(|message| DriverError::invalid("spec.repo_url", message))?;
+        repo_url(&spec.repo_url)
+            .map_err(|message| DriverError::invalid("spec.repo_url", message))?;
     }
     if ExecutionMode::try_from(spec.execution_mode).is_err() {
         return Err(DriverError::invalid(
@@ -49,7 +56,10 @@ pub fn task_spec(spec: Option<&TaskSpec>) -> Result<&TaskSpec, DriverError> {
     }
     for key in spec.worker_selector.keys() {
         if key.trim().is_empty() {
-            return Err(DriverError::invalid("spec.worker_selector", "label names must not be empty"));
+            return Err(DriverError::invalid(
+                "spec.worker_selector",
+                "label names must not be empty",
+            ));
         }
     }
     if let Some(limits) = &spec.limits {
@@ -63,13 +73,18 @@ pub fn task_spec(spec: Option<&TaskSpec>) -> Result<&TaskSpec, DriverError> {
 
 fn resource_limits(limits: &ResourceLimits) -> Result<(), DriverError> {
     if !(limits.cpus >= 0.0 && limits.cpus.is_finite()) {
-        return Err(DriverError::invalid("spec.limits.cpus", "must be a number of cores, zero or more"));
+        return Err(DriverError::invalid(
+            "spec.limits.cpus",
+            "must be a number of cores, zero or more",
+        ));
     }
     Ok(())
 }
 
 fn agent_options(agent: &AgentOptions) -> Result<(), DriverError> {
-    if !agent.permission_mode.is_empty() && !PERMISSION_MODES.contains(&agent.permission_mode.as_str()) {
+    if !agent.permission_mode.is_empty()
+        && !PERMISSION_MODES.contains(&agent.permission_mode.as_str())
+    {
         return Err(DriverError::invalid(
             "spec.agent.permission_mode",
             format!(
@@ -80,14 +95,23 @@ fn agent_options(agent: &AgentOptions) -> Result<(), DriverError> {
         ));
     }
     if !(agent.max_budget_usd >= 0.0 && agent.max_budget_usd.is_finite()) {
-        return Err(DriverError::invalid("spec.agent.max_budget_usd", "must be zero or more"));
+        return Err(DriverError::invalid(
+            "spec.agent.max_budget_usd",
+            "must be zero or more",
+        ));
     }
     for (field, tools) in [
         ("spec.agent.allowed_tools", &agent.allowed_tools),
         ("spec.agent.disallowed_tools", &agent.disallowed_tools),
     ] {
-        if tools.iter().any(|tool| tool.trim().is_empty() || tool.contains(',')) {
-            return Err(DriverError::invalid(field, "each entry must be one tool name"));
+        if tools
+            .iter()
+            .any(|tool| tool.trim().is_empty() || tool.contains(','))
+        {
+            return Err(DriverError::invalid(
+                field,
+                "each entry must be one tool name",
+            ));
         }
     }
     Ok(())
@@ -119,7 +143,9 @@ pub fn repo_url(url: &str) -> Result<(), String> {
                 }
             }
             "file" if rest.starts_with('/') => Ok(()),
-            "file" => Err(format!("`{url}` must be file:// followed by an absolute path")),
+            "file" => Err(format!(
+                "`{url}` must be file:// followed by an absolute path"
+            )),
             other => Err(format!(
                 "scheme `{other}` is not supported; use https, http, ssh, git or file"
             )),
@@ -180,7 +206,10 @@ mod tests {
         };
         let err = task_spec(Some(&spec)).unwrap_err();
         assert_eq!(err.to_string(), "spec.prompt: must not be empty");
-        assert_eq!(task_spec(None).unwrap_err().to_string(), "spec: is required");
+        assert_eq!(
+            task_spec(None).unwrap_err().to_string(),
+            "spec: is required"
+        );
     }
 
     #[test]
@@ -194,6 +223,9 @@ mod tests {
             ..Default::default()
         };
         let err = task_spec(Some(&spec)).unwrap_err().to_string();
-        assert!(err.starts_with("spec.agent.permission_mode: `yolo` is not one of"), "{err}");
+        assert!(
+            err.starts_with("spec.agent.permission_mode: `yolo` is not one of"),
+            "{err}"
+        );
     }
 }

@@ -37,12 +37,18 @@ pub async fn run(
     let mut backoff = FIRST_BACKOFF;
     let mut failures = 0u32;
     loop {
-        match session(&runtime, &mut client, &advertised, &stop).await {
+        let mut registered = false;
+        match session(&runtime, &mut client, &advertised, &stop, &mut registered).await {
             Ok(()) => return,
             Err(reason) => {
+                if registered {
+                    // A link that worked breaks: reconnect quickly.
+                    failures = 0;
+                    backoff = FIRST_BACKOFF;
+                }
                 failures += 1;
                 // The first failure and every tenth are worth a line; the rest is noise.
-                if failures == 1 || failures % 10 == 0 {
+                if failures == 1 || failures.is_multiple_of(10) {
                     tracing::warn!(scheduler = %scheduler_address, %reason, "scheduler link down; retrying");
                 }
             }
@@ -52,9 +58,6 @@ pub async fn run(
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
-        if failures == 0 {
-            backoff = FIRST_BACKOFF;
-        }
     }
 }
 
@@ -64,6 +67,7 @@ async fn session(
     client: &mut SchedulerServiceClient<tonic::transport::Channel>,
     advertised: &str,
     stop: &CancellationToken,
+    registered: &mut bool,
 ) -> Result<(), String> {
     let (outbound, outbound_rx) = mpsc::channel(4);
     let register = RegisterWorker {
@@ -96,6 +100,7 @@ async fn session(
         Err(status) => return Err(status.message().to_owned()),
     };
     tracing::info!(worker = %runtime.worker_id, "registered with the scheduler");
+    *registered = true;
     let mut ticker = tokio::time::interval(interval);
     loop {
         tokio::select! {

@@ -247,7 +247,11 @@ impl Admission {
         runtime.running().remove(&execution.task_id);
         drop(permit);
         events
-            .emit(events::status_change(outcome.status, outcome.reason, &runtime.worker_id))
+            .emit(events::status_change(
+                outcome.status,
+                outcome.reason,
+                &runtime.worker_id,
+            ))
             .await;
     }
 }

@@ -248,11 +248,11 @@ fn decide(
 
 fn human(duration: Duration) -> String {
     let millis = duration.as_millis();
-    if millis % 1000 != 0 {
+    if !millis.is_multiple_of(1000) {
         format!("{millis} ms")
     } else {
         let seconds = duration.as_secs();
-        if seconds % 60 == 0 && seconds >= 60 {
+        if seconds.is_multiple_of(60) && seconds >= 60 {
             format!("{} min", seconds / 60)
         } else {
             format!("{seconds} s")
