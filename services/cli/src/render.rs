@@ -191,6 +191,6 @@ mod tests {
         let at = |seconds| time(Some(&Timestamp { seconds, nanos: 0 }));
         assert_eq!(at(0), "1970-01-01 00:00:00");
         assert_eq!(at(951_782_400), "2000-02-29 00:00:00");
-        assert_eq!(at(1_795_000_000), "2026-11-18 08:26:40");
+        assert_eq!(at(1_795_000_000), "2026-11-18 11:06:40");
     }
 }
