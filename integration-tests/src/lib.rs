@@ -50,29 +50,32 @@ pub fn claudecluster_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("CLAUDECLUSTER_BIN") {
         return required(PathBuf::from(path), "the claudecluster binary");
     }
-    // target/<profile>/deps/<test> -> target/<profile>/claudecluster
-    let exe = std::env::current_exe().expect("the test's own path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binaries live in target/<profile>/deps");
     required(
-        dir.join("claudecluster"),
+        build_dir().join("claudecluster"),
         "the claudecluster binary (cargo build --bins)",
     )
 }
 
 /// A binary of this crate (`standin-api`, `scripted-agent`), built alongside the tests.
 pub fn test_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binaries live in target/<profile>/deps");
     required(
-        dir.join(name),
+        build_dir().join(name),
         &format!("the {name} binary (cargo build --bins)"),
     )
+}
+
+/// `target/<profile>`: where cargo put the binaries built with the running test or benchmark
+/// (tests run from `target/<profile>/deps`).
+fn build_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the running executable's path");
+    let dir = exe.parent().expect("an executable lives in a directory");
+    if dir.ends_with("deps") {
+        dir.parent()
+            .expect("deps lies in target/<profile>")
+            .to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// The pinned Claude Code CLI.
