@@ -325,21 +325,24 @@ impl TestCluster {
             .unwrap()
     }
 
-    /// Streams the task's events until it ends; returns them and the final record.
-    pub async fn finish(&self, task_id: &str) -> (Task, Vec<Event>) {
-        let events = collect_events(&mut self.driver().await, task_id, 0).await;
-        let task = self
-            .driver()
+    /// The task's current record.
+    pub async fn task(&self, task_id: &str) -> Task {
+        self.driver()
             .await
             .get_task(GetTaskRequest {
                 task_id: task_id.to_owned(),
             })
             .await
-            .unwrap()
+            .expect("get task")
             .into_inner()
             .task
-            .unwrap();
-        (task, events)
+            .unwrap()
+    }
+
+    /// Streams the task's events until it ends; returns the final record and the events.
+    pub async fn finish(&self, task_id: &str) -> (Task, Vec<Event>) {
+        let events = collect_events(&mut self.driver().await, task_id, 0).await;
+        (self.task(task_id).await, events)
     }
 
     /// The workspace root of a worker started by this cluster.
@@ -392,6 +395,15 @@ pub fn statuses(events: &[Event]) -> Vec<TaskStatus> {
             _ => None,
         })
         .collect()
+}
+
+/// When the task first entered `status`, in seconds since the epoch, from its events.
+pub fn status_time(events: &[Event], status: TaskStatus) -> Option<f64> {
+    events
+        .iter()
+        .find(|event| matches!(&event.kind, Some(Kind::StatusChange(c)) if c.status() == status))
+        .and_then(|event| event.time)
+        .map(|time| time.seconds as f64 + f64::from(time.nanos) / 1e9)
 }
 
 /// Polls `condition` every 20 ms until it holds or `limit` passes.

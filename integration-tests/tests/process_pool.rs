@@ -206,15 +206,7 @@ async fn a_pending_task_is_cancelled_without_running() {
     let cluster = TestCluster::start(vec![]).await;
     let submitted = cluster.submit(prompt("never runs")).await;
     let mut driver = cluster.driver().await;
-    let waiting = driver
-        .get_task(GetTaskRequest {
-            task_id: submitted.task_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let waiting = cluster.task(&submitted.task_id).await;
     assert_eq!(waiting.status(), TaskStatus::Pending);
     assert_eq!(
         waiting.status_reason,
@@ -262,14 +254,7 @@ async fn tasks_beyond_capacity_wait_and_all_finish() {
             "{}",
             task.status_reason
         );
-        let at = |status: TaskStatus| {
-            events
-                .iter()
-                .find(|e| matches!(&e.kind, Some(Kind::StatusChange(c)) if c.status() == status))
-                .and_then(|e| e.time)
-                .map(|t| t.seconds as f64 + f64::from(t.nanos) / 1e9)
-                .unwrap()
-        };
+        let at = |status| status_time(&events, status).unwrap();
         intervals.push((at(TaskStatus::Assigned), at(TaskStatus::Completed)));
     }
     // At no moment were more than two tasks on the worker.
@@ -558,7 +543,7 @@ async fn a_worker_that_stops_its_heartbeat_gets_no_work_until_it_returns() {
     let pid = cluster.workers[0].pid();
     // A stopped process sends nothing: its heartbeats stop, as on a hung machine.
     send(pid, libc::SIGSTOP);
-    let mut driver = cluster.driver().await;
+    let driver = cluster.driver().await;
     wait_until(Duration::from_secs(10), || {
         let mut driver = driver.clone();
         async move {
@@ -576,15 +561,7 @@ async fn a_worker_that_stops_its_heartbeat_gets_no_work_until_it_returns() {
     .await
     .expect("the silent worker is marked unhealthy");
     let submitted = cluster.submit(prompt("while the worker is silent")).await;
-    let waiting = driver
-        .get_task(GetTaskRequest {
-            task_id: submitted.task_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let waiting = cluster.task(&submitted.task_id).await;
     assert_eq!(waiting.status(), TaskStatus::Pending);
     assert_eq!(
         waiting.status_reason,

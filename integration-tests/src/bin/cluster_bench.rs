@@ -147,14 +147,7 @@ async fn placement() -> (f64, f64, f64) {
     let mut latencies = Vec::new();
     for _ in 0..200 {
         let (_, events) = cluster_run(&cluster, prompt("hello")).await;
-        let time = |status: TaskStatus| {
-            events
-                .iter()
-                .find(|e| matches!(&e.kind, Some(Kind::StatusChange(c)) if c.status() == status))
-                .and_then(|e| e.time)
-                .map(|t| t.seconds as f64 + f64::from(t.nanos) / 1e9)
-                .unwrap()
-        };
+        let time = |status| status_time(&events, status).unwrap();
         latencies.push((time(TaskStatus::Running) - time(TaskStatus::Pending)) * 1000.0);
     }
     let mut scheduler = SchedulerServiceClient::new(

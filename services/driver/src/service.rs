@@ -58,13 +58,13 @@ impl DriverApi for DriverService {
         let request = request.into_inner();
         let spec = validate::task_spec(request.spec.as_ref())?.clone();
         let (entry, created) = self.store.insert(spec);
+        // The answer is the task as accepted; it may be placed before this call returns.
+        let task = entry.snapshot();
         if created {
             tracing::info!(task = %entry.id, "task submitted");
             self.dispatcher.enqueue(&entry).await;
         }
-        Ok(Response::new(SubmitTaskResponse {
-            task: Some(entry.snapshot()),
-        }))
+        Ok(Response::new(SubmitTaskResponse { task: Some(task) }))
     }
 
     async fn get_task(
