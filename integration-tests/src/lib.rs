@@ -4,6 +4,7 @@
 //! Every component a test needs is required: when one is missing the test fails with a
 //! message saying how to install it (`scripts/setup.sh`), it never passes by skipping.
 
+pub mod docker;
 pub mod standin;
 
 use std::collections::BTreeMap;
@@ -96,7 +97,8 @@ pub fn venv_tool(name: &str) -> PathBuf {
     required(cache_dir().join("venv/bin").join(name), name)
 }
 
-/// A `claudecluster` service process, stopped (SIGTERM) when dropped.
+/// A `claudecluster` service process, stopped with SIGTERM when dropped: a worker then stops
+/// its agents and removes its containers by itself, after the test has ended.
 pub struct ServiceProcess {
     pub name: String,
     pub address: String,
@@ -118,7 +120,6 @@ impl ServiceProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|err| panic!("cannot start claudecluster {subcommand}: {err}"));
         let stdout = child.stdout.take().unwrap();
@@ -170,9 +171,18 @@ fn send_signal(pid: u32, signal: i32) {
     }
 }
 
+/// How a test worker runs agents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    ProcessPool,
+    /// Containers on the host's network, so that agents reach the stand-in API on loopback.
+    Container,
+}
+
 /// How one worker of a test cluster is set up.
 #[derive(Clone)]
 pub struct WorkerSpec {
+    pub mode: Mode,
     pub capacity: u32,
     pub labels: BTreeMap<String, String>,
     pub idle_timeout: Duration,
@@ -181,17 +191,36 @@ pub struct WorkerSpec {
     pub claude_path: Option<PathBuf>,
     /// Extra YAML appended to the worker's configuration.
     pub extra_yaml: String,
+    /// Container mode: the image, the network, the Docker socket, the warm pool.
+    pub image: Option<String>,
+    pub network: String,
+    pub docker_socket: Option<PathBuf>,
+    pub warm_pool_size: u32,
 }
 
 impl Default for WorkerSpec {
     fn default() -> Self {
         WorkerSpec {
+            mode: Mode::ProcessPool,
             capacity: 2,
             labels: BTreeMap::new(),
             idle_timeout: Duration::from_secs(60),
             grace_period: Duration::from_secs(3),
             claude_path: None,
             extra_yaml: String::new(),
+            image: None,
+            network: "host".to_owned(),
+            docker_socket: None,
+            warm_pool_size: 0,
+        }
+    }
+}
+
+impl WorkerSpec {
+    pub fn in_mode(mode: Mode) -> Self {
+        WorkerSpec {
+            mode,
+            ..WorkerSpec::default()
         }
     }
 }
@@ -203,6 +232,8 @@ pub struct TestCluster {
     pub scheduler: ServiceProcess,
     pub driver: ServiceProcess,
     pub workers: Vec<ServiceProcess>,
+    /// The workers' ids, unique to this test (container labels name them).
+    pub worker_ids: Vec<String>,
     env: Vec<(String, String)>,
 }
 
@@ -242,34 +273,79 @@ impl TestCluster {
             scheduler,
             driver,
             workers: Vec::new(),
+            worker_ids: Vec::new(),
             env,
         };
         let count = workers.len();
-        for (index, spec) in workers.into_iter().enumerate() {
-            cluster.add_worker(&format!("worker-{index}"), spec).await;
+        for spec in workers {
+            cluster.add_worker(spec).await;
         }
         cluster.wait_for_healthy_workers(count).await;
         cluster
     }
 
+    /// Starts one more worker process; its id is added to `worker_ids`.
+    pub async fn add_worker(&mut self, spec: WorkerSpec) -> String {
+        let worker_id = format!(
+            "w{}-{}",
+            self.worker_ids.len(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        self.add_worker_named(&worker_id, spec).await;
+        worker_id
+    }
+
     /// Starts one more worker process with id `worker_id`.
-    pub async fn add_worker(&mut self, worker_id: &str, spec: WorkerSpec) {
+    pub async fn add_worker_named(&mut self, worker_id: &str, spec: WorkerSpec) {
         let root = self.dir.path().join(worker_id);
         std::fs::create_dir_all(root.join("claude-config")).unwrap();
-        let claude = spec.claude_path.clone().unwrap_or_else(claude_bin);
         let mut labels = String::new();
         for (key, value) in &spec.labels {
             labels.push_str(&format!("  {key}: \"{value}\"\n"));
         }
+        let mode = match spec.mode {
+            Mode::ProcessPool => format!(
+                "executionMode: process_pool\n\
+                 processPool:\n  maxProcesses: {capacity}\n  claudeCodePath: {claude}\n  warmPoolSize: {warm}\n",
+                capacity = spec.capacity,
+                claude = spec
+                    .claude_path
+                    .clone()
+                    .unwrap_or_else(claude_bin)
+                    .display(),
+                warm = spec.warm_pool_size,
+            ),
+            Mode::Container => format!(
+                "executionMode: container_agentic\n\
+                 container:\n  image: {image}\n  maxContainers: {capacity}\n  network: {network}\n  warmPoolSize: {warm}\n{socket}",
+                image = spec.image.clone().unwrap_or_else(docker::agent_image),
+                capacity = spec.capacity,
+                network = spec.network,
+                warm = spec.warm_pool_size,
+                socket = spec
+                    .docker_socket
+                    .as_ref()
+                    .map(|path| format!("  dockerHost: {}\n", path.display()))
+                    .unwrap_or_default(),
+            ),
+        };
+        // A process agent keeps its CLI state in the test's directory; a container agent has
+        // its own home in its container.
+        let config_dir = match spec.mode {
+            Mode::ProcessPool => format!(
+                "    CLAUDE_CONFIG_DIR: {}\n",
+                root.join("claude-config").display()
+            ),
+            Mode::Container => String::new(),
+        };
         let config = format!(
             "listen: 127.0.0.1:0\n\
              schedulerAddress: {scheduler}\n\
              workerId: {worker_id}\n\
              workspaceRoot: {workspaces}\n\
-             executionMode: process_pool\n\
              labels:\n{labels}\
-             processPool:\n  maxProcesses: {capacity}\n  claudeCodePath: {claude}\n\
-             agent:\n  idleTimeout: {idle}ms\n  cancelGracePeriod: {grace}ms\n  env:\n    CLAUDE_CONFIG_DIR: {config_dir}\n    DISABLE_TELEMETRY: \"1\"\n\
+             {mode}\
+             agent:\n  idleTimeout: {idle}ms\n  cancelGracePeriod: {grace}ms\n  env:\n{config_dir}    DISABLE_TELEMETRY: \"1\"\n\
              {extra}",
             scheduler = self.scheduler.address,
             workspaces = root.join("workspaces").display(),
@@ -278,17 +354,15 @@ impl TestCluster {
             } else {
                 labels
             },
-            capacity = spec.capacity,
-            claude = claude.display(),
             idle = spec.idle_timeout.as_millis(),
             grace = spec.grace_period.as_millis(),
-            config_dir = root.join("claude-config").display(),
             extra = spec.extra_yaml,
         );
         let config_path = self.dir.path().join(format!("{worker_id}.yaml"));
         std::fs::write(&config_path, config).unwrap();
         let worker = ServiceProcess::start("worker", &config_path, &self.env).await;
         self.workers.push(worker);
+        self.worker_ids.push(worker_id.to_owned());
     }
 
     pub async fn driver(&self) -> DriverServiceClient<Channel> {

@@ -110,18 +110,47 @@ impl Default for WorkerConfig {
 }
 
 impl WorkerConfig {
+    /// The mode of tasks that ask for none: `featureFlags.defaultExecutionMode` when set,
+    /// otherwise `executionMode`.
+    pub fn default_mode(&self) -> ExecutionModeSetting {
+        self.feature_flags
+            .default_execution_mode
+            .unwrap_or(self.execution_mode)
+    }
+
+    /// Every mode this worker runs, the default first. With `featureFlags.allowModeOverride`
+    /// a task may pick the other mode too: process pool always, container mode only with
+    /// `featureFlags.enableContainerMode`.
+    pub fn modes(&self) -> Vec<ExecutionModeSetting> {
+        let default = self.default_mode();
+        let mut modes = vec![default];
+        let flags = &self.feature_flags;
+        if flags.allow_mode_override {
+            match default {
+                ExecutionModeSetting::ContainerAgentic => {
+                    modes.push(ExecutionModeSetting::ProcessPool)
+                }
+                ExecutionModeSetting::ProcessPool if flags.enable_container_mode => {
+                    modes.push(ExecutionModeSetting::ContainerAgentic)
+                }
+                ExecutionModeSetting::ProcessPool => {}
+            }
+        }
+        modes
+    }
+
     /// Tasks this worker runs at once.
     pub fn capacity(&self) -> u32 {
         self.max_concurrent_tasks
-            .unwrap_or(match self.execution_mode {
+            .unwrap_or(match self.default_mode() {
                 ExecutionModeSetting::ProcessPool => self.process_pool.max_processes,
                 ExecutionModeSetting::ContainerAgentic => self.container.max_containers,
             })
     }
 
-    /// The task wall-clock limit when the task sets none.
-    pub fn default_task_timeout(&self) -> Duration {
-        match self.execution_mode {
+    /// The wall-clock limit of a task in `mode` that sets none.
+    pub fn default_task_timeout(&self, mode: ExecutionModeSetting) -> Duration {
+        match mode {
             ExecutionModeSetting::ProcessPool => self.process_pool.process_timeout.get(),
             ExecutionModeSetting::ContainerAgentic => self.container.resource_limits.timeout.get(),
         }
@@ -134,7 +163,7 @@ impl WorkerConfig {
 pub struct FeatureFlags {
     pub enable_container_mode: bool,
     pub default_execution_mode: Option<ExecutionModeSetting>,
-    /// Whether tasks may ask for an execution mode.
+    /// Whether tasks may ask for the worker's other execution mode (see [`WorkerConfig::modes`]).
     pub allow_mode_override: bool,
     pub container_providers: StringList,
 }
@@ -144,7 +173,7 @@ impl Default for FeatureFlags {
         FeatureFlags {
             enable_container_mode: false,
             default_execution_mode: None,
-            allow_mode_override: true,
+            allow_mode_override: false,
             container_providers: StringList(vec!["docker".into()]),
         }
     }
@@ -159,6 +188,8 @@ pub struct ProcessPoolConfig {
     pub process_timeout: Millis,
     /// The `claude` executable: a path, or a name looked up on PATH.
     pub claude_code_path: String,
+    /// Agents kept started and waiting for a task (0: none).
+    pub warm_pool_size: u32,
 }
 
 impl Default for ProcessPoolConfig {
@@ -167,6 +198,7 @@ impl Default for ProcessPoolConfig {
             max_processes: 4,
             process_timeout: Millis(Duration::from_secs(3600)),
             claude_code_path: "claude".into(),
+            warm_pool_size: 0,
         }
     }
 }
@@ -181,6 +213,16 @@ pub struct ContainerConfig {
     /// Concurrent containers.
     pub max_containers: u32,
     pub resource_limits: ContainerLimits,
+    /// `bridge` (Docker's default), `host`, `none`, `per_task` (a network of its own for each
+    /// task, removed with it), or the name of an existing network.
+    pub network: String,
+    /// The user agents run as in the container (never root).
+    pub user: String,
+    /// The Docker socket: a path or `unix://` URL; defaults to `DOCKER_HOST` or
+    /// `/var/run/docker.sock`.
+    pub docker_host: Option<String>,
+    /// Containers kept started, with their agent booted and waiting for a task (0: none).
+    pub warm_pool_size: u32,
 }
 
 impl Default for ContainerConfig {
@@ -191,6 +233,10 @@ impl Default for ContainerConfig {
             registry: None,
             max_containers: 4,
             resource_limits: ContainerLimits::default(),
+            network: "bridge".into(),
+            user: "1000:1000".into(),
+            docker_host: None,
+            warm_pool_size: 0,
         }
     }
 }
@@ -314,6 +360,24 @@ impl ClusterConfig {
                 "`{}` is not supported; the only orchestrator is `docker`",
                 worker.container.orchestrator
             ),
+        );
+        check(
+            !worker.container.image.trim().is_empty(),
+            "worker.container.image",
+            "must name the agent image",
+        );
+        check(
+            !matches!(
+                worker.container.user.trim(),
+                "" | "0" | "root" | "0:0" | "root:root"
+            ),
+            "worker.container.user",
+            "must be a non-root user, such as 1000:1000",
+        );
+        check(
+            !worker.container.network.trim().is_empty(),
+            "worker.container.network",
+            "must be bridge, host, none, per_task or a network name",
         );
         check(
             worker.container.resource_limits.cpu >= 0.0,

@@ -89,6 +89,45 @@ fn seed_dual_mode_example_defaults_and_follows_its_variable() {
         switched.worker.execution_mode,
         ExecutionModeSetting::ContainerAgentic
     );
+    // Dual mode: the default first, and the other one because the flags allow it.
+    assert_eq!(
+        default.worker.modes(),
+        vec![
+            ExecutionModeSetting::ProcessPool,
+            ExecutionModeSetting::ContainerAgentic
+        ]
+    );
+    assert_eq!(
+        switched.worker.modes(),
+        vec![
+            ExecutionModeSetting::ContainerAgentic,
+            ExecutionModeSetting::ProcessPool
+        ]
+    );
+}
+
+#[test]
+fn a_single_mode_worker_runs_its_mode_only() {
+    let config = load(
+        Some(&example("worker-container-agentic.yaml")),
+        FileLayout::Section("worker"),
+        vars(&[]),
+    )
+    .unwrap();
+    assert_eq!(
+        config.worker.modes(),
+        vec![ExecutionModeSetting::ContainerAgentic]
+    );
+    assert_eq!(config.worker.container.network, "bridge");
+}
+
+#[test]
+fn a_root_container_user_is_refused() {
+    let file = write("container:\n  user: root\n");
+    let (key, _, message) =
+        invalid(load(Some(file.path()), FileLayout::Section("worker"), vars(&[])).unwrap_err());
+    assert_eq!(key, "container.user");
+    assert!(message.contains("non-root"), "{message}");
 }
 
 #[test]

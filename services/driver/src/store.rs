@@ -75,6 +75,9 @@ impl TaskEntry {
                 if !change.worker_id.is_empty() {
                     task.worker_id = change.worker_id.clone();
                 }
+                if !change.workspace.is_empty() {
+                    task.workspace = change.workspace.clone();
+                }
                 if status == TaskStatus::Running && task.start_time.is_none() {
                     task.start_time = now;
                 } else if status.is_terminal() {
@@ -82,7 +85,6 @@ impl TaskEntry {
                 }
             }
             Kind::Result(result) => task.result = Some(result.clone()),
-            Kind::Init(init) if task.workspace.is_empty() => task.workspace = init.cwd.clone(),
             _ => {}
         }
         task.attempt = task.attempt.max(attempt);
@@ -113,6 +115,7 @@ impl TaskEntry {
                 status: status as i32,
                 reason: reason.into(),
                 worker_id: worker_id.to_owned(),
+                workspace: String::new(),
             }),
         )
         .is_some()

@@ -1,7 +1,7 @@
 //! The placement policy, as a pure function.
 //!
-//! A task goes only to a healthy worker of the requested execution mode (any mode when none is
-//! requested) that carries every label of the task's selector and has a free slot. Among
+//! A task goes only to a healthy worker that runs the requested execution mode (any worker
+//! when none is requested) that carries every label of the task's selector and has a free slot. Among
 //! those, the least loaded by fraction of capacity wins; ties go to the worker that was
 //! given work least recently, so that equal workers take turns.
 
@@ -21,7 +21,8 @@ pub struct TaskRequirements {
 pub struct Candidate<'a> {
     pub worker_id: &'a str,
     pub healthy: bool,
-    pub execution_mode: ExecutionMode,
+    /// The modes the worker runs tasks in.
+    pub execution_modes: &'a [ExecutionMode],
     pub labels: &'a HashMap<String, String>,
     pub capacity: u32,
     pub load: u32,
@@ -30,15 +31,22 @@ pub struct Candidate<'a> {
 }
 
 impl Candidate<'_> {
+    fn runs_mode_of(&self, task: &TaskRequirements) -> bool {
+        task.execution_mode == ExecutionMode::Unspecified
+            || self.execution_modes.contains(&task.execution_mode)
+    }
+
+    fn has_labels_of(&self, task: &TaskRequirements) -> bool {
+        task.worker_selector
+            .iter()
+            .all(|(key, value)| self.labels.get(key) == Some(value))
+    }
+
     fn can_run(&self, task: &TaskRequirements) -> bool {
         self.healthy
             && self.load < self.capacity
-            && (task.execution_mode == ExecutionMode::Unspecified
-                || task.execution_mode == self.execution_mode)
-            && task
-                .worker_selector
-                .iter()
-                .all(|(key, value)| self.labels.get(key) == Some(value))
+            && self.runs_mode_of(task)
+            && self.has_labels_of(task)
     }
 }
 
@@ -66,18 +74,9 @@ pub fn explain_unplaceable<'a>(
     task: &TaskRequirements,
     candidates: impl IntoIterator<Item = Candidate<'a>>,
 ) -> String {
-    let candidates: Vec<_> = candidates.into_iter().collect();
-    let mode_ok = |c: &&Candidate| {
-        task.execution_mode == ExecutionMode::Unspecified || task.execution_mode == c.execution_mode
-    };
     let matching: Vec<_> = candidates
-        .iter()
-        .filter(mode_ok)
-        .filter(|c| {
-            task.worker_selector
-                .iter()
-                .all(|(key, value)| c.labels.get(key) == Some(value))
-        })
+        .into_iter()
+        .filter(|c| c.runs_mode_of(task) && c.has_labels_of(task))
         .collect();
     let mode = if task.execution_mode == ExecutionMode::Unspecified {
         String::new()
@@ -111,9 +110,13 @@ mod tests {
             .collect()
     }
 
+    const PROCESS: &[ExecutionMode] = &[ExecutionMode::ProcessPool];
+    const CONTAINER: &[ExecutionMode] = &[ExecutionMode::ContainerAgentic];
+    const DUAL: &[ExecutionMode] = &[ExecutionMode::ProcessPool, ExecutionMode::ContainerAgentic];
+
     fn candidate<'a>(
         id: &'a str,
-        mode: ExecutionMode,
+        modes: &'a [ExecutionMode],
         labels: &'a HashMap<String, String>,
         capacity: u32,
         load: u32,
@@ -121,7 +124,7 @@ mod tests {
         Candidate {
             worker_id: id,
             healthy: true,
-            execution_mode: mode,
+            execution_modes: modes,
             labels,
             capacity,
             load,
@@ -142,8 +145,8 @@ mod tests {
         let chosen = choose_worker(
             &any_task(),
             [
-                candidate("big", ExecutionMode::ProcessPool, &none, 10, 4),
-                candidate("small", ExecutionMode::ProcessPool, &none, 2, 1),
+                candidate("big", PROCESS, &none, 10, 4),
+                candidate("small", PROCESS, &none, 2, 1),
             ],
         );
         assert_eq!(chosen, Some("big"), "4/10 is less loaded than 1/2");
@@ -152,7 +155,7 @@ mod tests {
     #[test]
     fn full_unhealthy_and_wrong_mode_workers_are_skipped() {
         let none = labels(&[]);
-        let mut sick = candidate("sick", ExecutionMode::ContainerAgentic, &none, 4, 0);
+        let mut sick = candidate("sick", CONTAINER, &none, 4, 0);
         sick.healthy = false;
         let task = TaskRequirements {
             execution_mode: ExecutionMode::ContainerAgentic,
@@ -162,11 +165,24 @@ mod tests {
             &task,
             [
                 sick,
-                candidate("full", ExecutionMode::ContainerAgentic, &none, 2, 2),
-                candidate("process", ExecutionMode::ProcessPool, &none, 4, 0),
+                candidate("full", CONTAINER, &none, 2, 2),
+                candidate("process", PROCESS, &none, 4, 0),
             ],
         );
         assert_eq!(chosen, None);
+    }
+
+    #[test]
+    fn a_dual_mode_worker_takes_tasks_of_either_mode() {
+        let none = labels(&[]);
+        for mode in [ExecutionMode::ProcessPool, ExecutionMode::ContainerAgentic] {
+            let task = TaskRequirements {
+                execution_mode: mode,
+                worker_selector: HashMap::new(),
+            };
+            let chosen = choose_worker(&task, [candidate("dual", DUAL, &none, 2, 0)]);
+            assert_eq!(chosen, Some("dual"), "{mode:?}");
+        }
     }
 
     #[test]
@@ -180,8 +196,8 @@ mod tests {
         let chosen = choose_worker(
             &task,
             [
-                candidate("plain", ExecutionMode::ProcessPool, &plain, 4, 0),
-                candidate("gpu", ExecutionMode::ProcessPool, &gpu, 4, 3),
+                candidate("plain", PROCESS, &plain, 4, 0),
+                candidate("gpu", PROCESS, &gpu, 4, 3),
             ],
         );
         assert_eq!(chosen, Some("gpu"));
@@ -190,9 +206,9 @@ mod tests {
     #[test]
     fn equal_workers_take_turns() {
         let none = labels(&[]);
-        let mut first = candidate("a", ExecutionMode::ProcessPool, &none, 4, 0);
+        let mut first = candidate("a", PROCESS, &none, 4, 0);
         first.last_placed = 7;
-        let second = candidate("b", ExecutionMode::ProcessPool, &none, 4, 0);
+        let second = candidate("b", PROCESS, &none, 4, 0);
         assert_eq!(choose_worker(&any_task(), [first, second]), Some("b"));
     }
 
@@ -203,18 +219,12 @@ mod tests {
             execution_mode: ExecutionMode::ContainerAgentic,
             worker_selector: HashMap::new(),
         };
-        let reason = explain_unplaceable(
-            &task,
-            [candidate("p", ExecutionMode::ProcessPool, &none, 1, 0)],
-        );
+        let reason = explain_unplaceable(&task, [candidate("p", PROCESS, &none, 1, 0)]);
         assert_eq!(
             reason,
             "waiting for a container_agentic worker: none is registered"
         );
-        let reason = explain_unplaceable(
-            &any_task(),
-            [candidate("p", ExecutionMode::ProcessPool, &none, 1, 1)],
-        );
+        let reason = explain_unplaceable(&any_task(), [candidate("p", PROCESS, &none, 1, 1)]);
         assert_eq!(reason, "waiting for a free slot on a worker");
     }
 }

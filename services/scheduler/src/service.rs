@@ -117,7 +117,7 @@ impl SchedulerApi for SchedulerService {
                         let current = state
                             .lock()
                             .expect("scheduler state lock poisoned")
-                            .heartbeat(&worker_id, link, beat.healthy, beat.health_reason);
+                            .heartbeat(&worker_id, link, beat);
                         if !current {
                             break "replaced by a newer registration".to_owned();
                         }

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant, SystemTime};
 
 use claudecluster_proto::v1::{
-    ExecutionMode, Priority, RegisterWorker, StreamPlacementsResponse, WorkerInfo,
+    ExecutionMode, Priority, RegisterWorker, StreamPlacementsResponse, WorkerHeartbeat, WorkerInfo,
 };
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -27,6 +27,8 @@ struct QueuedTask {
 #[derive(Debug)]
 struct WorkerEntry {
     registration: RegisterWorker,
+    /// The modes the worker runs, its default first.
+    modes: Vec<ExecutionMode>,
     labels: HashMap<String, String>,
     /// Identifies the link the worker registered on; a re-registration makes a new one.
     link: u64,
@@ -39,6 +41,7 @@ struct WorkerEntry {
     stale: bool,
     /// Placements not yet released.
     load: u32,
+    idle_warm_agents: u32,
     last_placed: u64,
 }
 
@@ -51,7 +54,7 @@ impl WorkerEntry {
         Candidate {
             worker_id: &self.registration.worker_id,
             healthy: self.healthy(),
-            execution_mode: self.registration.execution_mode(),
+            execution_modes: &self.modes,
             labels: &self.labels,
             capacity: self.registration.capacity,
             load: self.load,
@@ -78,6 +81,8 @@ impl WorkerEntry {
             healthy: self.healthy(),
             health_reason,
             last_heartbeat_time: Some(self.last_heartbeat_time.into()),
+            execution_modes: self.modes.iter().map(|mode| *mode as i32).collect(),
+            idle_warm_agents: self.idle_warm_agents,
         }
     }
 }
@@ -109,6 +114,12 @@ impl State {
         let link = self.next_link;
         let labels = registration.labels.clone();
         let worker_id = registration.worker_id.clone();
+        let mut modes = vec![registration.execution_mode()];
+        for mode in registration.execution_modes() {
+            if mode != ExecutionMode::Unspecified && !modes.contains(&mode) {
+                modes.push(mode);
+            }
+        }
         // A worker that registers again keeps the placements the driver has not released.
         let load = self.workers.get(&worker_id).map_or(0, |w| w.load);
         let last_placed = self.workers.get(&worker_id).map_or(0, |w| w.last_placed);
@@ -116,6 +127,7 @@ impl State {
             worker_id,
             WorkerEntry {
                 registration,
+                modes,
                 labels,
                 link,
                 connected: true,
@@ -125,6 +137,7 @@ impl State {
                 last_heartbeat_time: SystemTime::now(),
                 stale: false,
                 load,
+                idle_warm_agents: 0,
                 last_placed,
             },
         );
@@ -133,7 +146,7 @@ impl State {
     }
 
     /// Records a heartbeat; false when the link has been replaced by a newer registration.
-    pub fn heartbeat(&mut self, worker_id: &str, link: u64, healthy: bool, reason: String) -> bool {
+    pub fn heartbeat(&mut self, worker_id: &str, link: u64, beat: WorkerHeartbeat) -> bool {
         let Some(worker) = self.workers.get_mut(worker_id).filter(|w| w.link == link) else {
             return false;
         };
@@ -141,8 +154,9 @@ impl State {
         worker.last_heartbeat = Instant::now();
         worker.last_heartbeat_time = SystemTime::now();
         worker.stale = false;
-        worker.reported_healthy = healthy;
-        worker.health_reason = reason;
+        worker.reported_healthy = beat.healthy;
+        worker.health_reason = beat.health_reason;
+        worker.idle_warm_agents = beat.idle_warm_agents;
         if !was_healthy && worker.healthy() {
             tracing::info!(worker = worker_id, "worker is healthy");
             self.place();

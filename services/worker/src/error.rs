@@ -16,6 +16,11 @@ pub enum WorkerError {
     Unavailable { worker_id: String, reason: String },
     #[error("worker {0} is shutting down")]
     ShuttingDown(String),
+    #[error("worker {worker_id} does not run {mode} tasks")]
+    ModeNotRun {
+        worker_id: String,
+        mode: &'static str,
+    },
 }
 
 impl From<WorkerError> for Status {
@@ -24,6 +29,7 @@ impl From<WorkerError> for Status {
         match error {
             WorkerError::InvalidArgument { .. } => Status::invalid_argument(message),
             WorkerError::AlreadyRunning(_) => Status::already_exists(message),
+            WorkerError::ModeNotRun { .. } => Status::failed_precondition(message),
             WorkerError::AtCapacity { .. } => Status::resource_exhausted(message),
             WorkerError::Unavailable { .. } | WorkerError::ShuttingDown(_) => {
                 Status::unavailable(message)

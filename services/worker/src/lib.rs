@@ -1,5 +1,5 @@
 //! The worker: registers with the scheduler, runs the tasks the driver sends it through its
-//! [`execution::ExecutionProvider`], and streams every agent event back.
+//! [`execution::ExecutionProvider`]s, and streams every agent event back.
 
 mod error;
 mod events;
@@ -22,7 +22,9 @@ pub use error::WorkerError;
 pub use runtime::Runtime;
 pub use workspace::Workspaces;
 
-use execution::{ExecutionProvider, ProcessPoolProvider};
+use execution::{
+    ContainerProvider, ContainerSettings, ExecutionProvider, ProcessPoolProvider, Providers,
+};
 
 /// A running worker.
 pub struct Handle {
@@ -36,10 +38,10 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// Stops running tasks (they end CANCELLED), says going-away to the scheduler, then stops
-    /// serving once their streams have ended.
+    /// Stops running tasks (they end CANCELLED) and idle agents, says going-away to the
+    /// scheduler, then stops serving once the tasks' streams have ended.
     pub async fn shutdown(self) -> Result<(), tonic::transport::Error> {
-        self.runtime.shut_down();
+        self.runtime.shut_down().await;
         self.stop_link.cancel();
         let _ = self.link.await;
         self.stop_server.cancel();
@@ -61,19 +63,32 @@ impl Handle {
 pub enum StartError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    #[error("`executionMode: {0}` is not available in this build")]
-    ModeUnavailable(&'static str),
+    #[error("container mode: {0}")]
+    Container(String),
 }
 
-fn provider(config: &WorkerConfig) -> Result<Arc<dyn ExecutionProvider>, StartError> {
-    match config.execution_mode {
-        ExecutionModeSetting::ProcessPool => Ok(Arc::new(ProcessPoolProvider::new(
-            config.process_pool.claude_code_path.clone(),
-        ))),
-        ExecutionModeSetting::ContainerAgentic => {
-            Err(StartError::ModeUnavailable("container_agentic"))
+/// The providers of every mode the configuration asks for, the default first.
+async fn providers(config: &WorkerConfig, worker_id: &str) -> Result<Providers, StartError> {
+    let mut providers: Vec<Arc<dyn ExecutionProvider>> = Vec::new();
+    for mode in config.modes() {
+        match mode {
+            ExecutionModeSetting::ProcessPool => providers.push(Arc::new(
+                ProcessPoolProvider::new(config.process_pool.claude_code_path.clone()),
+            )),
+            ExecutionModeSetting::ContainerAgentic => {
+                let settings = ContainerSettings::from_config(config, worker_id);
+                let provider =
+                    ContainerProvider::new(settings).map_err(|err| StartError::Container(err.0))?;
+                // A worker owns its containers: what an earlier run left goes first. Without
+                // Docker the worker still starts, unhealthy until Docker answers.
+                if let Err(reason) = provider.remove_previous_runs().await {
+                    tracing::warn!(%reason, "cannot clean up earlier containers now");
+                }
+                providers.push(Arc::new(provider));
+            }
         }
     }
+    Ok(Providers::new(providers))
 }
 
 /// Starts a worker serving on `listener` and registering with its scheduler.
@@ -87,11 +102,11 @@ pub async fn spawn(config: WorkerConfig, listener: TcpListener) -> Result<Handle
         .worker_id
         .clone()
         .unwrap_or_else(|| format!("worker-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
-    let provider = provider(&config)?;
+    let providers = providers(&config, &worker_id).await?;
     let scheduler_address = config.scheduler_address.clone();
-    let runtime = Arc::new(Runtime::new(worker_id.clone(), config, provider));
+    let runtime = Arc::new(Runtime::new(worker_id.clone(), config, providers));
 
-    let (routes, _health) =
+    let (routes, health) =
         claudecluster_grpc::standard_routes("claudecluster.v1.WorkerService").await;
     let routes = routes.add_service(WorkerServiceServer::new(service::WorkerService::new(
         runtime.clone(),
@@ -107,6 +122,7 @@ pub async fn spawn(config: WorkerConfig, listener: TcpListener) -> Result<Handle
     let stop_link = CancellationToken::new();
     let link = tokio::spawn(link::run(
         runtime.clone(),
+        health,
         scheduler_address,
         advertised.clone(),
         stop_link.clone(),
@@ -115,7 +131,7 @@ pub async fn spawn(config: WorkerConfig, listener: TcpListener) -> Result<Handle
         worker = %worker_id,
         address = %local_addr,
         advertised = %advertised,
-        mode = runtime.mode().label(),
+        modes = ?runtime.modes().iter().map(|mode| mode.label()).collect::<Vec<_>>(),
         capacity = runtime.capacity(),
         "worker listening"
     );

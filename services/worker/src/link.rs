@@ -22,6 +22,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 pub async fn run(
     runtime: Arc<Runtime>,
+    health: claudecluster_grpc::Health,
     scheduler_address: String,
     advertised: String,
     stop: CancellationToken,
@@ -38,7 +39,16 @@ pub async fn run(
     let mut failures = 0u32;
     loop {
         let mut registered = false;
-        match session(&runtime, &mut client, &advertised, &stop, &mut registered).await {
+        match session(
+            &runtime,
+            &health,
+            &mut client,
+            &advertised,
+            &stop,
+            &mut registered,
+        )
+        .await
+        {
             Ok(()) => return,
             Err(reason) => {
                 if registered {
@@ -64,6 +74,7 @@ pub async fn run(
 /// One link, from registration to its end. `Ok` only when `stop` ended it.
 async fn session(
     runtime: &Runtime,
+    health: &claudecluster_grpc::Health,
     client: &mut SchedulerServiceClient<tonic::transport::Channel>,
     advertised: &str,
     stop: &CancellationToken,
@@ -74,6 +85,11 @@ async fn session(
         worker_id: runtime.worker_id.clone(),
         address: advertised.to_owned(),
         execution_mode: runtime.mode() as i32,
+        execution_modes: runtime
+            .modes()
+            .into_iter()
+            .map(|mode| mode as i32)
+            .collect(),
         capacity: runtime.capacity(),
         labels: runtime.config().labels.clone().into_iter().collect(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -102,6 +118,7 @@ async fn session(
     tracing::info!(worker = %runtime.worker_id, "registered with the scheduler");
     *registered = true;
     let mut ticker = tokio::time::interval(interval);
+    let mut was_healthy = true;
     loop {
         tokio::select! {
             _ = stop.cancelled() => {
@@ -115,10 +132,21 @@ async fn session(
                     ProviderHealth::Ready => (true, String::new()),
                     ProviderHealth::Unavailable(reason) => (false, reason),
                 };
+                if healthy != was_healthy {
+                    // The worker's own health service says what the scheduler hears.
+                    health.set_serving(healthy).await;
+                    if healthy {
+                        tracing::info!("the worker can run tasks again");
+                    } else {
+                        tracing::warn!(reason = %health_reason, "the worker cannot run tasks");
+                    }
+                    was_healthy = healthy;
+                }
                 let beat = WorkerHeartbeat {
                     running_tasks: runtime.running_task_ids().len() as u32,
                     healthy,
                     health_reason,
+                    idle_warm_agents: runtime.idle_warm_agents(),
                 };
                 if outbound.send(WorkerLinkRequest { message: Some(Message::Heartbeat(beat)) }).await.is_err() {
                     return Err("link closed".into());

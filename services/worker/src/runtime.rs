@@ -1,10 +1,12 @@
-//! The worker's core: accepts tasks, runs them through its provider, keeps count.
+//! The worker's core: accepts tasks, runs them through its providers, keeps count.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use claudecluster_config::WorkerConfig;
+use claudecluster_agent_protocol::user_message_line;
+use claudecluster_config::{ExecutionModeSetting, WorkerConfig};
 use claudecluster_proto::v1::event::Kind;
 use claudecluster_proto::v1::{Event, ExecutionMode, TaskSpec, TaskStatus};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -13,7 +15,8 @@ use crate::error::WorkerError;
 use crate::events;
 use crate::execution::supervisor::{self, Cancellation, Outcome, Supervision};
 use crate::execution::{
-    AgentLaunch, AgentOptions, ExecutionProvider, ProviderHealth, agent_args, agent_env,
+    AgentHandle, AgentInput, AgentLaunch, AgentOptions, ExecutionProvider, Limits, ProviderHealth,
+    Providers, WarmPool, WarmTemplate, agent_args, agent_env, warm_agent_args,
 };
 use crate::workspace::Workspaces;
 
@@ -24,10 +27,18 @@ pub struct Execution {
     pub spec: TaskSpec,
 }
 
+pub fn mode_setting(mode: ExecutionMode) -> ExecutionModeSetting {
+    match mode {
+        ExecutionMode::ContainerAgentic => ExecutionModeSetting::ContainerAgentic,
+        _ => ExecutionModeSetting::ProcessPool,
+    }
+}
+
 pub struct Runtime {
     pub worker_id: String,
     config: WorkerConfig,
-    provider: Arc<dyn ExecutionProvider>,
+    providers: Providers,
+    warm_pools: HashMap<ExecutionMode, Arc<WarmPool>>,
     workspaces: Workspaces,
     slots: Arc<Semaphore>,
     running: Mutex<HashMap<String, Cancellation>>,
@@ -35,25 +46,53 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    pub fn new(
-        worker_id: String,
-        config: WorkerConfig,
-        provider: Arc<dyn ExecutionProvider>,
-    ) -> Self {
+    pub fn new(worker_id: String, config: WorkerConfig, providers: Providers) -> Self {
         let workspaces = Workspaces::new(
             config
                 .workspace_root
                 .clone()
                 .unwrap_or_else(Workspaces::default_root),
         );
-        Runtime {
+        let mut runtime = Runtime {
             worker_id,
             slots: Arc::new(Semaphore::new(config.capacity() as usize)),
             config,
-            provider,
+            providers,
+            warm_pools: HashMap::new(),
             workspaces,
             running: Mutex::default(),
             shutting_down: Cancellation::default(),
+        };
+        runtime.start_warm_pools();
+        runtime
+    }
+
+    /// Starts the warm pools the configuration asks for, one per provider.
+    fn start_warm_pools(&mut self) {
+        let options = AgentOptions::resolve(None, &self.config.agent);
+        let template = WarmTemplate {
+            args: warm_agent_args(&options),
+            env: agent_env(&self.config.agent, std::env::vars()),
+            options,
+        };
+        for mode in self.providers.modes() {
+            let size = match mode_setting(mode) {
+                ExecutionModeSetting::ProcessPool => self.config.process_pool.warm_pool_size,
+                ExecutionModeSetting::ContainerAgentic => self.config.container.warm_pool_size,
+            };
+            let Some(provider) = self.providers.get(mode) else {
+                continue;
+            };
+            if size > 0 {
+                tracing::info!(mode = mode.label(), size, "keeping warm agents");
+                let pool = WarmPool::start(
+                    provider.clone(),
+                    template.clone(),
+                    self.workspaces.clone(),
+                    size as usize,
+                );
+                self.warm_pools.insert(mode, pool);
+            }
         }
     }
 
@@ -62,11 +101,22 @@ impl Runtime {
     }
 
     pub fn mode(&self) -> ExecutionMode {
-        self.provider.mode()
+        self.providers.default_mode()
+    }
+
+    pub fn modes(&self) -> Vec<ExecutionMode> {
+        self.providers.modes()
     }
 
     pub fn capacity(&self) -> u32 {
         self.config.capacity()
+    }
+
+    pub fn idle_warm_agents(&self) -> u32 {
+        self.warm_pools
+            .values()
+            .map(|pool| pool.idle_count() as u32)
+            .sum()
     }
 
     pub fn running_task_ids(&self) -> Vec<String> {
@@ -83,7 +133,7 @@ impl Runtime {
         if self.shutting_down.is_cancelled() {
             return ProviderHealth::Unavailable("shutting down".into());
         }
-        self.provider.health().await
+        self.providers.health().await
     }
 
     /// Asks a running task to stop. False when it is not running here.
@@ -97,11 +147,14 @@ impl Runtime {
         }
     }
 
-    /// Stops every running task; new ones are refused.
-    pub fn shut_down(&self) {
+    /// Stops every running task and idle agent; new tasks are refused.
+    pub async fn shut_down(&self) {
         self.shutting_down.cancel("the worker is shutting down");
         for cancel in self.running().values() {
             cancel.cancel("the worker is shutting down");
+        }
+        for pool in self.warm_pools.values() {
+            pool.shutdown().await;
         }
     }
 
@@ -124,10 +177,17 @@ impl Runtime {
                 message: "must not be empty".into(),
             });
         }
+        let mode = execution.spec.execution_mode();
+        if self.providers.get(mode).is_none() {
+            return Err(WorkerError::ModeNotRun {
+                worker_id: self.worker_id.clone(),
+                mode: mode.label(),
+            });
+        }
         if self.shutting_down.is_cancelled() {
             return Err(WorkerError::ShuttingDown(self.worker_id.clone()));
         }
-        if let ProviderHealth::Unavailable(reason) = self.provider.health().await {
+        if let ProviderHealth::Unavailable(reason) = self.health().await {
             return Err(WorkerError::Unavailable {
                 worker_id: self.worker_id.clone(),
                 reason,
@@ -157,6 +217,20 @@ impl Runtime {
         })
     }
 
+    /// A warm agent for a task of `mode` with `options` and `limits`, if one fits and is ready.
+    fn warm_agent(
+        &self,
+        mode: ExecutionMode,
+        options: &AgentOptions,
+        limits: Limits,
+    ) -> Option<crate::execution::WarmAgent> {
+        let pool = self.warm_pools.get(&mode)?;
+        if pool.options() != options || limits != Limits::default() {
+            return None;
+        }
+        pool.take()
+    }
+
     async fn execute(
         &self,
         execution: &Execution,
@@ -164,37 +238,39 @@ impl Runtime {
         events: &EventSink,
     ) -> Outcome {
         let spec = &execution.spec;
-        let workspace = tokio::select! {
-            prepared = self.workspaces.prepare(&execution.task_id, execution.attempt, &spec.repo_url) => {
-                match prepared {
-                    Ok(dir) => dir,
-                    Err(reason) => return Outcome::failed(reason),
-                }
-            }
+        let provider = self
+            .providers
+            .get(spec.execution_mode())
+            .expect("admission checked the mode");
+        let mode = provider.mode();
+        let options = AgentOptions::resolve(spec.agent.as_ref(), &self.config.agent);
+        let limits = spec
+            .limits
+            .as_ref()
+            .map(|l| Limits {
+                memory_bytes: l.memory_bytes,
+                cpus: l.cpus,
+                pids: l.pids,
+            })
+            .unwrap_or_default();
+        let started = tokio::select! {
+            started = self.start_agent(provider, execution, &options, limits) => started,
             reason = cancel.cancelled() => return Outcome {
                 status: TaskStatus::Cancelled,
                 reason,
                 result: None,
             },
         };
-        let options = AgentOptions::resolve(spec.agent.as_ref(), &self.config.agent);
-        let launch = AgentLaunch {
-            task_id: execution.task_id.clone(),
-            attempt: execution.attempt,
-            args: agent_args(&spec.prompt, &options),
-            env: agent_env(&self.config.agent, std::env::vars()),
-            workspace: workspace.clone(),
+        let (agent, workspace, how) = match started {
+            Ok(started) => started,
+            Err(reason) => return Outcome::failed(reason),
         };
-        tracing::info!(task = %execution.task_id, attempt = execution.attempt, workspace = %workspace.display(), "starting agent");
-        let agent = match self.provider.launch(launch).await {
-            Ok(agent) => agent,
-            Err(err) => return Outcome::failed(err.0),
-        };
+        tracing::info!(task = %execution.task_id, attempt = execution.attempt, mode = mode.label(), workspace = %workspace.display(), "{how}");
         events
-            .emit(events::status_change(
-                TaskStatus::Running,
-                format!("agent started in {}", workspace.display()),
+            .emit(events::running(
+                format!("{how} in {}: {}", workspace.display(), agent.description),
                 &self.worker_id,
+                &workspace,
             ))
             .await;
         let timeout = spec
@@ -203,13 +279,64 @@ impl Runtime {
             .map(|limits| limits.timeout_seconds)
             .filter(|seconds| *seconds > 0)
             .map(|seconds| Duration::from_secs(seconds.into()))
-            .unwrap_or_else(|| self.config.default_task_timeout());
+            .unwrap_or_else(|| self.config.default_task_timeout(mode_setting(mode)));
         let supervision = Supervision {
             timeout,
             idle_timeout: self.config.agent.idle_timeout.get(),
             grace_period: self.config.agent.cancel_grace_period.get(),
         };
         supervisor::supervise(agent, supervision, cancel, |kind| events.emit(kind)).await
+    }
+
+    /// Starts the task's agent: a warm one when one fits, otherwise a new one. Returns the
+    /// agent, its workspace and how it was started.
+    async fn start_agent(
+        &self,
+        provider: &Arc<dyn ExecutionProvider>,
+        execution: &Execution,
+        options: &AgentOptions,
+        limits: Limits,
+    ) -> Result<(AgentHandle, PathBuf, String), String> {
+        let spec = &execution.spec;
+        if let Some(warm) = self.warm_agent(provider.mode(), options, limits) {
+            let handed_out = Instant::now();
+            if !spec.repo_url.is_empty() {
+                crate::workspace::clone(&spec.repo_url, &warm.workspace).await?;
+                provider
+                    .adopt_workspace(&warm.workspace)
+                    .await
+                    .map_err(|err| err.0)?;
+            }
+            let input = warm.handle.input.as_ref().expect("warm agents read stdin");
+            input
+                .send(user_message_line(&spec.prompt))
+                .await
+                .map_err(|_| "the warm agent went away before its task".to_owned())?;
+            let how = format!(
+                "warm agent handed out in {:.1} ms",
+                handed_out.elapsed().as_secs_f64() * 1000.0
+            );
+            return Ok((warm.handle, warm.workspace, how));
+        }
+        let workspace = self
+            .workspaces
+            .prepare(&execution.task_id, execution.attempt, &spec.repo_url)
+            .await?;
+        provider
+            .adopt_workspace(&workspace)
+            .await
+            .map_err(|err| err.0)?;
+        let launch = AgentLaunch {
+            task_id: execution.task_id.clone(),
+            attempt: execution.attempt,
+            args: agent_args(&spec.prompt, options),
+            env: agent_env(&self.config.agent, std::env::vars()),
+            workspace: workspace.clone(),
+            input: AgentInput::None,
+            limits,
+        };
+        let agent = provider.launch(launch).await.map_err(|err| err.0)?;
+        Ok((agent, workspace, "agent started".to_owned()))
     }
 }
 

@@ -84,6 +84,12 @@ impl WorkerApi for WorkerService {
                 healthy,
                 health_reason,
                 last_heartbeat_time: None,
+                execution_modes: runtime
+                    .modes()
+                    .into_iter()
+                    .map(|mode| mode as i32)
+                    .collect(),
+                idle_warm_agents: runtime.idle_warm_agents(),
             }),
             running_task_ids,
         }))

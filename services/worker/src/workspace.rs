@@ -60,7 +60,8 @@ impl Workspaces {
     }
 }
 
-async fn clone(repo_url: &str, dir: &Path) -> Result<(), String> {
+/// Clones `repo_url` into `dir`, which must be empty.
+pub async fn clone(repo_url: &str, dir: &Path) -> Result<(), String> {
     let output = Command::new("git")
         .args(["clone", "--quiet", "--"])
         .arg(repo_url)

@@ -81,6 +81,19 @@ pub fn agent_args(prompt: &str, options: &AgentOptions) -> Vec<String> {
     args
 }
 
+/// The arguments of an agent started ahead of its task: it waits for stream-json messages on
+/// stdin, the first of which is the task's prompt.
+pub fn warm_agent_args(options: &AgentOptions) -> Vec<String> {
+    let mut args = agent_args("", options);
+    // Drop `-- PROMPT`: the prompt comes on stdin.
+    args.truncate(args.len() - 2);
+    args.splice(
+        1..1,
+        ["--input-format".to_owned(), "stream-json".to_owned()],
+    );
+    args
+}
+
 /// Variables every agent gets, whatever the worker's own environment says.
 const FIXED_ENV: &[(&str, &str)] = &[
     // The only setting that stops all traffic besides the API itself.
@@ -153,6 +166,13 @@ mod tests {
         assert!(joined.contains("--max-turns 3"), "{joined}");
         assert!(joined.contains("--permission-mode acceptEdits"), "{joined}");
         assert_eq!(&args[args.len() - 2..], ["--", "-starts with a dash"]);
+        let warm = warm_agent_args(&options).join(" ");
+        assert!(
+            warm.starts_with("-p --input-format stream-json --output-format stream-json --verbose"),
+            "{warm}"
+        );
+        assert!(warm.ends_with("--max-turns 3"), "{warm}");
+        assert!(!warm.contains(" -- "), "the prompt comes on stdin: {warm}");
     }
 
     #[test]

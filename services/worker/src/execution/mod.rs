@@ -7,10 +7,13 @@
 //! and deciding the outcome from the result event) is shared, in [`supervisor`].
 
 mod command;
+mod container;
 mod output;
 mod process;
 mod signal;
 pub mod supervisor;
+mod unified;
+mod warm;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -19,21 +22,46 @@ use async_trait::async_trait;
 use claudecluster_proto::v1::ExecutionMode;
 use tokio::sync::{mpsc, oneshot};
 
-pub use command::{AgentOptions, agent_args, agent_env};
-pub use output::{OutputLine, OutputStream, forward_lines};
+pub use command::{AgentOptions, agent_args, agent_env, warm_agent_args};
+pub use container::{ContainerProvider, ContainerSettings};
+pub use output::{LineSplitter, OutputLine, OutputStream, forward_lines};
 pub use process::ProcessPoolProvider;
+pub use unified::Providers;
+pub use warm::{WarmAgent, WarmPool, WarmTemplate};
 
 /// Everything needed to start one agent, whatever runs it.
 ///
 /// `env` holds secrets (API keys): never log its values.
 #[derive(Clone)]
 pub struct AgentLaunch {
+    /// The task's id, or a name for an agent started ahead of any task.
     pub task_id: String,
     pub attempt: u32,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
     /// The task's workspace on this host.
     pub workspace: PathBuf,
+    /// Whether the agent reads stream-json messages on stdin (a warm or long-lived agent)
+    /// or gets its prompt as an argument and `/dev/null` as stdin.
+    pub input: AgentInput,
+    /// Limits for providers that enforce them (containers).
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentInput {
+    /// The prompt is an argument; stdin is `/dev/null`.
+    None,
+    /// Stream-json user messages are written to stdin through [`AgentHandle::input`].
+    StreamJson,
+}
+
+/// Resource limits of one agent; zero means none.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Limits {
+    pub memory_bytes: u64,
+    pub cpus: f64,
+    pub pids: u32,
 }
 
 impl fmt::Debug for AgentLaunch {
@@ -45,6 +73,8 @@ impl fmt::Debug for AgentLaunch {
             .field("args", &self.args)
             .field("env", &env_names)
             .field("workspace", &self.workspace)
+            .field("input", &self.input)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -56,6 +86,10 @@ pub struct AgentHandle {
     /// The agent's exit, once it happened.
     pub exit: oneshot::Receiver<AgentExit>,
     pub control: Box<dyn AgentControl>,
+    /// Lines for the agent's stdin, for [`AgentInput::StreamJson`]; dropping it closes stdin.
+    pub input: Option<mpsc::Sender<String>>,
+    /// What runs the agent, for people: `process 1234`, `container … on network …`.
+    pub description: String,
 }
 
 /// Stopping an agent and releasing what it held.
@@ -114,5 +148,11 @@ pub trait ExecutionProvider: Send + Sync + 'static {
 
     async fn health(&self) -> ProviderHealth {
         ProviderHealth::Ready
+    }
+
+    /// Prepares `workspace` for an agent of this provider (e.g. hands it to the container's
+    /// user).
+    async fn adopt_workspace(&self, _workspace: &std::path::Path) -> Result<(), LaunchError> {
+        Ok(())
     }
 }

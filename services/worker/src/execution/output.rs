@@ -14,6 +14,39 @@ pub struct OutputLine {
     pub text: String,
 }
 
+/// Splits chunks of output (as Docker's attach stream delivers them) into lines.
+#[derive(Debug, Default)]
+pub struct LineSplitter {
+    pending: Vec<u8>,
+}
+
+impl LineSplitter {
+    /// The complete lines in `pending` plus `chunk`; a partial last line waits for more.
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<String> {
+        self.pending.extend_from_slice(chunk);
+        let mut lines = Vec::new();
+        while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=end).collect();
+            lines.push(decode(&line));
+        }
+        lines
+    }
+
+    /// What is left once the output has ended.
+    pub fn finish(&mut self) -> Option<String> {
+        (!self.pending.is_empty()).then(|| decode(&std::mem::take(&mut self.pending)))
+    }
+}
+
+/// A line without its ending, decoded leniently: a tool may print anything.
+fn decode(line: &[u8]) -> String {
+    let mut end = line.len();
+    while end > 0 && matches!(line[end - 1], b'\n' | b'\r') {
+        end -= 1;
+    }
+    String::from_utf8_lossy(&line[..end]).into_owned()
+}
+
 /// Sends every line of `reader` to `lines` until the reader ends or nobody listens.
 ///
 /// Lines are split on `\n` and decoded leniently: a tool may print anything.
@@ -29,10 +62,7 @@ pub async fn forward_lines(
         match reader.read_until(b'\n', &mut buffer).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {
-                while matches!(buffer.last(), Some(b'\n' | b'\r')) {
-                    buffer.pop();
-                }
-                let text = String::from_utf8_lossy(&buffer).into_owned();
+                let text = decode(&buffer);
                 if lines.send(OutputLine { stream, text }).await.is_err() {
                     return;
                 }
@@ -55,5 +85,15 @@ mod tests {
             got.push(line.text);
         }
         assert_eq!(got, vec!["one", "two \u{fffd}", "last without newline"]);
+    }
+
+    #[test]
+    fn chunks_split_anywhere_become_whole_lines() {
+        let mut splitter = LineSplitter::default();
+        assert_eq!(splitter.push(b"{\"a\":"), Vec::<String>::new());
+        assert_eq!(splitter.push(b"1}\r\n{\"b\""), vec!["{\"a\":1}"]);
+        assert_eq!(splitter.push(b":2}\nrest"), vec!["{\"b\":2}"]);
+        assert_eq!(splitter.finish().as_deref(), Some("rest"));
+        assert_eq!(splitter.finish(), None);
     }
 }

@@ -7,9 +7,13 @@ use claudecluster_proto::v1::ExecutionMode;
 use tokio::process::Command;
 use tokio::sync::{mpsc, oneshot};
 
+use tokio::io::AsyncWriteExt;
+
 use super::output::{OutputStream, forward_lines};
 use super::signal;
-use super::{AgentControl, AgentExit, AgentHandle, AgentLaunch, ExecutionProvider, LaunchError};
+use super::{
+    AgentControl, AgentExit, AgentHandle, AgentInput, AgentLaunch, ExecutionProvider, LaunchError,
+};
 
 /// Variables of the worker's own environment a local agent needs to run at all.
 const HOST_ENV: &[&str] = &[
@@ -61,7 +65,10 @@ impl ExecutionProvider for ProcessPoolProvider {
             .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&launch.workspace)
             // A silent open stdin makes the CLI wait 3 s for input; /dev/null does not.
-            .stdin(Stdio::null())
+            .stdin(match launch.input {
+                AgentInput::None => Stdio::null(),
+                AgentInput::StreamJson => Stdio::piped(),
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             // Its own process group, so that tools the agent started die with it.
@@ -76,6 +83,19 @@ impl ExecutionProvider for ProcessPoolProvider {
         let stderr = child.stderr.take().expect("stderr is piped");
         tokio::spawn(forward_lines(stdout, OutputStream::Stdout, lines.clone()));
         tokio::spawn(forward_lines(stderr, OutputStream::Stderr, lines));
+
+        let input = child.stdin.take().map(|mut stdin| {
+            let (input, mut lines) = mpsc::channel::<String>(8);
+            tokio::spawn(async move {
+                while let Some(line) = lines.recv().await {
+                    if stdin.write_all(line.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+                // Every sender is gone: closing stdin ends the agent's session.
+            });
+            input
+        });
 
         let (exit_tx, exit) = oneshot::channel();
         tokio::spawn(async move {
@@ -102,6 +122,8 @@ impl ExecutionProvider for ProcessPoolProvider {
             output,
             exit,
             control: Box::new(LocalProcess { pid }),
+            input,
+            description: format!("process {pid}"),
         })
     }
 }

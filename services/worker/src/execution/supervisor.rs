@@ -101,6 +101,8 @@ where
         mut output,
         exit: mut exit_rx,
         control,
+        mut input,
+        description: _,
     } = agent;
     let started = Instant::now();
     let deadline = started + supervision.timeout;
@@ -119,6 +121,11 @@ where
                 Some(line) => {
                     idle_deadline = Instant::now() + supervision.idle_timeout;
                     handle_line(line, &mut result, &mut stderr_tail, &mut emit).await;
+                    if result.is_some() {
+                        // One turn per task: closing its stdin ends an agent that reads
+                        // messages there.
+                        input.take();
+                    }
                 }
                 None => break,
             },
@@ -329,6 +336,8 @@ mod tests {
             output,
             exit,
             control: Box::new(control.clone()),
+            input: None,
+            description: "a fake agent".into(),
         };
         (FakeAgent { lines, control }, handle)
     }

@@ -1,0 +1,567 @@
+//! Container agentic mode against a real Docker engine: what a task's container is given,
+//! mixed clusters, warm agents, and everything that can go wrong with Docker. Every test
+//! checks that no container is left behind.
+
+use std::time::Duration;
+
+use claudecluster_integration_tests::docker::{
+    DockerProxy, agent_image, containers_with_label, docker, inspect,
+};
+use claudecluster_integration_tests::*;
+use claudecluster_proto::v1::event::Kind;
+use claudecluster_proto::v1::*;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+fn container_worker() -> WorkerSpec {
+    WorkerSpec::in_mode(Mode::Container)
+}
+
+async fn no_containers_left(worker_id: &str) {
+    let left = containers_with_label(&format!("claudecluster.worker={worker_id}")).await;
+    assert!(left.is_empty(), "containers left behind: {left:?}");
+}
+
+/// Waits for the task's agent to print its init event, i.e. to be up and running.
+async fn wait_for_agent(cluster: &TestCluster, task_id: &str) {
+    let mut stream = cluster
+        .driver()
+        .await
+        .stream_task_events(StreamTaskEventsRequest {
+            task_id: task_id.to_owned(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(response) = stream.message().await.unwrap() {
+        if matches!(response.event.unwrap().kind, Some(Kind::Init(_))) {
+            return;
+        }
+    }
+    panic!("the task ended before its agent started");
+}
+
+async fn task_container(task_id: &str) -> String {
+    let ids = containers_with_label(&format!("claudecluster.task={task_id}")).await;
+    assert_eq!(ids.len(), 1, "one container per task: {ids:?}");
+    ids[0].clone()
+}
+
+#[tokio::test]
+async fn a_running_container_has_the_user_limits_capabilities_labels_and_network_it_was_given() {
+    let cluster = TestCluster::start(vec![container_worker()]).await;
+    let worker_id = cluster.worker_ids[0].clone();
+    let spec = TaskSpec {
+        limits: Some(ResourceLimits {
+            memory_bytes: 768 << 20,
+            cpus: 0.5,
+            pids: 200,
+            ..Default::default()
+        }),
+        ..prompt("HANG")
+    };
+    let task = cluster.submit(spec).await;
+    wait_for_agent(&cluster, &task.task_id).await;
+    let id = task_container(&task.task_id).await;
+    let container = inspect(&id).await;
+
+    assert_eq!(container["Config"]["User"], "1000:1000");
+    assert_eq!(container["Config"]["WorkingDir"], "/workspace");
+    assert_eq!(container["Config"]["Image"], agent_image());
+    let host = &container["HostConfig"];
+    assert_eq!(host["Memory"], 768i64 << 20);
+    assert_eq!(host["MemorySwap"], 768i64 << 20, "no swap beyond the limit");
+    assert_eq!(host["NanoCpus"], 500_000_000i64);
+    assert_eq!(host["PidsLimit"], 200);
+    assert_eq!(host["CapDrop"], serde_json::json!(["ALL"]));
+    assert_eq!(
+        host["SecurityOpt"],
+        serde_json::json!(["no-new-privileges"])
+    );
+    assert_eq!(host["NetworkMode"], "host");
+    let workspace = cluster.workspaces(&worker_id).join(&task.task_id);
+    assert_eq!(
+        host["Binds"],
+        serde_json::json!([format!("{}:/workspace:rw", workspace.display())])
+    );
+    let labels = &container["Config"]["Labels"];
+    assert_eq!(labels["claudecluster.task"], task.task_id.as_str());
+    assert_eq!(labels["claudecluster.worker"], worker_id.as_str());
+    assert_eq!(labels["claudecluster.attempt"], "1");
+    // The agent got its API key, but nothing Docker shows about the container holds it.
+    wait_until(Duration::from_secs(10), || async {
+        cluster
+            .api
+            .requests()
+            .iter()
+            .any(|r| r.api_key.as_deref() == Some("sk-ant-standin-secret"))
+    })
+    .await
+    .expect("the agent calls the API with the worker's key");
+    assert!(
+        !container.to_string().contains("sk-ant-standin-secret"),
+        "the key is visible in docker inspect"
+    );
+
+    let running = cluster.task(&task.task_id).await;
+    assert!(
+        running.status_reason.contains(&format!(
+            "container claudecluster-{}-1 on network host",
+            task.task_id
+        )),
+        "{}",
+        running.status_reason
+    );
+    cluster
+        .driver()
+        .await
+        .cancel_task(CancelTaskRequest {
+            task_id: task.task_id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    let (ended, events) = cluster.finish(&task.task_id).await;
+    assert_eq!(ended.status(), TaskStatus::Cancelled);
+    // Nothing the cluster recorded holds the key either.
+    assert!(!format!("{events:?}").contains("sk-ant-standin-secret"));
+    no_containers_left(&worker_id).await;
+}
+
+#[tokio::test]
+async fn a_per_task_network_is_made_for_the_task_and_removed_with_it() {
+    let worker = WorkerSpec {
+        network: "per_task".to_owned(),
+        ..container_worker()
+    };
+    let cluster = TestCluster::start(vec![worker]).await;
+    let worker_id = cluster.worker_ids[0].clone();
+    let task = cluster.submit(prompt("hello")).await;
+    let (ended, events) = cluster.finish(&task.task_id).await;
+    // Alone on its own network, the agent cannot reach the stand-in API on the host's loopback.
+    assert_eq!(
+        ended.status(),
+        TaskStatus::Failed,
+        "{}",
+        ended.status_reason
+    );
+    let running = events
+        .iter()
+        .find_map(|e| match &e.kind {
+            Some(Kind::StatusChange(c)) if c.status() == TaskStatus::Running => {
+                Some(c.reason.clone())
+            }
+            _ => None,
+        })
+        .expect("the agent started");
+    let network = format!("claudecluster-{}-1-net", task.task_id);
+    assert!(
+        running.ends_with(&format!("on network {network}")),
+        "{running}"
+    );
+    let networks = docker(&[
+        "network",
+        "ls",
+        "-q",
+        "--filter",
+        &format!("label=claudecluster.worker={worker_id}"),
+    ])
+    .await;
+    assert!(
+        networks.trim().is_empty(),
+        "networks left behind: {networks}"
+    );
+    no_containers_left(&worker_id).await;
+}
+
+#[tokio::test]
+async fn tasks_that_ask_for_a_mode_land_on_a_worker_of_that_mode() {
+    let cluster = TestCluster::start(vec![WorkerSpec::default(), container_worker()]).await;
+    let (process_worker, container_worker) =
+        (cluster.worker_ids[0].clone(), cluster.worker_ids[1].clone());
+    for (mode, worker, runs_in) in [
+        (ExecutionMode::ProcessPool, &process_worker, "process"),
+        (
+            ExecutionMode::ContainerAgentic,
+            &container_worker,
+            "container",
+        ),
+        (
+            ExecutionMode::ContainerAgentic,
+            &container_worker,
+            "container",
+        ),
+        (ExecutionMode::ProcessPool, &process_worker, "process"),
+    ] {
+        let spec = TaskSpec {
+            execution_mode: mode as i32,
+            ..prompt("which mode")
+        };
+        let task = cluster.submit(spec).await;
+        let (ended, _) = cluster.finish(&task.task_id).await;
+        assert_eq!(
+            ended.status(),
+            TaskStatus::Completed,
+            "{}",
+            ended.status_reason
+        );
+        assert_eq!(&ended.worker_id, worker, "{mode:?}");
+        assert!(ended.status_reason.is_empty());
+        let running = cluster.finish(&task.task_id).await.1;
+        assert!(
+            format!("{running:?}").contains(&format!(": {runs_in} ")),
+            "{mode:?}"
+        );
+    }
+    let status = cluster
+        .driver()
+        .await
+        .get_cluster_status(GetClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let modes: Vec<Vec<i32>> = status
+        .workers
+        .iter()
+        .map(|w| w.execution_modes.clone())
+        .collect();
+    assert!(modes.contains(&vec![ExecutionMode::ProcessPool as i32]));
+    assert!(modes.contains(&vec![ExecutionMode::ContainerAgentic as i32]));
+    no_containers_left(&container_worker).await;
+}
+
+#[tokio::test]
+async fn a_task_for_a_mode_no_worker_runs_waits_and_says_why() {
+    let cluster = TestCluster::start(vec![WorkerSpec::default()]).await;
+    let spec = TaskSpec {
+        execution_mode: ExecutionMode::ContainerAgentic as i32,
+        ..prompt("in a container")
+    };
+    let task = cluster.submit(spec).await;
+    let waiting = cluster.task(&task.task_id).await;
+    assert_eq!(waiting.status(), TaskStatus::Pending);
+    assert_eq!(
+        waiting.status_reason,
+        "waiting for a container_agentic worker: none is registered"
+    );
+}
+
+#[tokio::test]
+async fn warm_agents_take_the_tasks_they_fit_in_both_modes() {
+    for mode in [Mode::ProcessPool, Mode::Container] {
+        let worker = WorkerSpec {
+            warm_pool_size: 1,
+            ..WorkerSpec::in_mode(mode)
+        };
+        let cluster = TestCluster::start(vec![worker]).await;
+        let mut driver = cluster.driver().await;
+        let warm_ready = |driver: DriverServiceClient| async move {
+            let mut driver = driver;
+            driver
+                .get_cluster_status(GetClusterStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .workers[0]
+                .idle_warm_agents
+                == 1
+        };
+        wait_until(Duration::from_secs(30), || warm_ready(driver.clone()))
+            .await
+            .expect("a warm agent is ready");
+        let task = cluster
+            .submit(with_tools("WRITE warm.txt from a warm agent", &[]))
+            .await;
+        let (ended, _) = cluster.finish(&task.task_id).await;
+        assert_eq!(
+            ended.status(),
+            TaskStatus::Completed,
+            "{mode:?}: {}",
+            ended.status_reason
+        );
+        let events = cluster.finish(&task.task_id).await.1;
+        let running = format!("{events:?}");
+        assert!(
+            running.contains("warm agent handed out in"),
+            "{mode:?}: {running}"
+        );
+        // The warm agent had no permission to write: the denial shows it ran with the
+        // worker's default options, which is what makes the task fit.
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(&e.kind, Some(Kind::PermissionDenied(_)))),
+            "{mode:?}"
+        );
+        // The pool refills, and a task whose options differ starts an agent of its own.
+        wait_until(Duration::from_secs(30), || warm_ready(driver.clone()))
+            .await
+            .expect("the pool refills");
+        let cold = cluster
+            .submit(with_tools("WRITE cold.txt from a new agent", &["Write"]))
+            .await;
+        let (ended, events) = cluster.finish(&cold.task_id).await;
+        assert_eq!(
+            ended.status(),
+            TaskStatus::Completed,
+            "{mode:?}: {}",
+            ended.status_reason
+        );
+        assert!(
+            format!("{events:?}").contains("agent started in"),
+            "{mode:?}"
+        );
+        assert!(
+            std::path::Path::new(&ended.workspace)
+                .join("cold.txt")
+                .exists(),
+            "{mode:?}"
+        );
+        let _ = &mut driver;
+        drop(cluster);
+    }
+}
+
+type DriverServiceClient =
+    claudecluster_proto::v1::driver_service_client::DriverServiceClient<tonic::transport::Channel>;
+
+fn with_tools(text: &str, tools: &[&str]) -> TaskSpec {
+    TaskSpec {
+        agent: Some(AgentOptions {
+            allowed_tools: tools.iter().map(|t| t.to_string()).collect(),
+            ..Default::default()
+        }),
+        ..prompt(text)
+    }
+}
+
+#[tokio::test]
+async fn an_image_that_does_not_exist_fails_the_task_and_names_the_setting() {
+    let worker = WorkerSpec {
+        image: Some("claudecluster/no-such-image:0".to_owned()),
+        ..container_worker()
+    };
+    let cluster = TestCluster::start(vec![worker]).await;
+    let task = cluster.submit(prompt("hello")).await;
+    let (ended, _) = cluster.finish(&task.task_id).await;
+    assert_eq!(ended.status(), TaskStatus::Failed);
+    assert!(
+        ended.status_reason.starts_with("the agent image `claudecluster/no-such-image:0` does not exist (`worker.container.image`)"),
+        "{}",
+        ended.status_reason
+    );
+    no_containers_left(&cluster.worker_ids[0]).await;
+}
+
+#[tokio::test]
+async fn a_limit_docker_rejects_fails_the_task_with_dockers_reason() {
+    let cluster = TestCluster::start(vec![container_worker()]).await;
+    let spec = TaskSpec {
+        limits: Some(ResourceLimits {
+            cpus: 512.0,
+            ..Default::default()
+        }),
+        ..prompt("hello")
+    };
+    let task = cluster.submit(spec).await;
+    let (ended, _) = cluster.finish(&task.task_id).await;
+    assert_eq!(ended.status(), TaskStatus::Failed);
+    assert!(
+        ended
+            .status_reason
+            .starts_with("Docker refused the agent's container: "),
+        "{}",
+        ended.status_reason
+    );
+    assert!(
+        ended.status_reason.contains("CPU"),
+        "{}",
+        ended.status_reason
+    );
+    no_containers_left(&cluster.worker_ids[0]).await;
+}
+
+#[tokio::test]
+async fn an_agent_out_of_memory_fails_and_says_so() {
+    let cluster = TestCluster::start(vec![container_worker()]).await;
+    let spec = TaskSpec {
+        limits: Some(ResourceLimits {
+            memory_bytes: 24 << 20,
+            ..Default::default()
+        }),
+        ..prompt("hello")
+    };
+    let task = cluster.submit(spec).await;
+    let (ended, _) = cluster.finish(&task.task_id).await;
+    assert_eq!(ended.status(), TaskStatus::Failed);
+    assert!(
+        ended.status_reason.contains("exited 137"),
+        "{}",
+        ended.status_reason
+    );
+    assert!(
+        ended
+            .status_reason
+            .contains("out of memory (the container's limit is 24 MiB)"),
+        "{}",
+        ended.status_reason
+    );
+    no_containers_left(&cluster.worker_ids[0]).await;
+}
+
+#[tokio::test]
+async fn a_container_killed_from_outside_fails_the_task_and_says_so() {
+    let cluster = TestCluster::start(vec![container_worker()]).await;
+    let task = cluster.submit(prompt("HANG")).await;
+    wait_for_agent(&cluster, &task.task_id).await;
+    docker(&["kill", &task_container(&task.task_id).await]).await;
+    let (ended, _) = cluster.finish(&task.task_id).await;
+    assert_eq!(ended.status(), TaskStatus::Failed);
+    assert!(
+        ended.status_reason.contains("exited 137"),
+        "{}",
+        ended.status_reason
+    );
+    assert!(
+        ended
+            .status_reason
+            .contains("killed from outside the worker"),
+        "{}",
+        ended.status_reason
+    );
+    no_containers_left(&cluster.worker_ids[0]).await;
+}
+
+async fn worker_health(address: &str) -> i32 {
+    let mut client = HealthClient::new(claudecluster_grpc::channel(address).unwrap());
+    let request = HealthCheckRequest {
+        service: "claudecluster.v1.WorkerService".into(),
+    };
+    client.check(request).await.unwrap().into_inner().status
+}
+
+const SERVING: i32 = 1;
+const NOT_SERVING: i32 = 2;
+
+#[tokio::test]
+async fn without_docker_a_container_worker_is_unhealthy_and_gets_no_work_until_docker_returns() {
+    let scratch = tempfile::tempdir().unwrap();
+    let proxy = DockerProxy::start(scratch.path());
+    let worker = WorkerSpec {
+        docker_socket: Some(proxy.path().to_path_buf()),
+        ..container_worker()
+    };
+    let cluster = TestCluster::start(vec![worker]).await;
+    let worker_address = cluster.workers[0].address.clone();
+    assert_eq!(worker_health(&worker_address).await, SERVING);
+
+    proxy.cut();
+    let driver = cluster.driver().await;
+    wait_until(Duration::from_secs(15), || {
+        let mut driver = driver.clone();
+        async move {
+            let status = driver
+                .get_cluster_status(GetClusterStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            !status.workers[0].healthy
+                && status.workers[0]
+                    .health_reason
+                    .starts_with("Docker is not reachable at")
+        }
+    })
+    .await
+    .expect("the worker reports Docker gone");
+    assert_eq!(worker_health(&worker_address).await, NOT_SERVING);
+    let task = cluster.submit(prompt("while Docker is away")).await;
+    let waiting = cluster.task(&task.task_id).await;
+    assert_eq!(waiting.status(), TaskStatus::Pending);
+    assert_eq!(
+        waiting.status_reason,
+        "waiting for a worker: none is healthy"
+    );
+
+    proxy.restore();
+    let (ended, _) = cluster.finish(&task.task_id).await;
+    assert_eq!(
+        ended.status(),
+        TaskStatus::Completed,
+        "{}",
+        ended.status_reason
+    );
+    assert_eq!(worker_health(&worker_address).await, SERVING);
+    no_containers_left(&cluster.worker_ids[0]).await;
+}
+
+#[tokio::test]
+async fn docker_going_away_mid_task_fails_it_and_the_container_is_removed_when_docker_returns() {
+    let scratch = tempfile::tempdir().unwrap();
+    let proxy = DockerProxy::start(scratch.path());
+    let worker = WorkerSpec {
+        docker_socket: Some(proxy.path().to_path_buf()),
+        ..container_worker()
+    };
+    let cluster = TestCluster::start(vec![worker]).await;
+    let task = cluster.submit(prompt("HANG")).await;
+    wait_for_agent(&cluster, &task.task_id).await;
+    proxy.cut();
+    let (ended, _) = cluster.finish(&task.task_id).await;
+    assert_eq!(ended.status(), TaskStatus::Failed);
+    assert!(
+        ended.status_reason.contains("lost the Docker daemon"),
+        "{}",
+        ended.status_reason
+    );
+    // The container still runs in the real daemon; once the worker can reach Docker again it
+    // removes it.
+    assert_eq!(
+        containers_with_label(&format!("claudecluster.task={}", task.task_id))
+            .await
+            .len(),
+        1
+    );
+    proxy.restore();
+    let label = format!("claudecluster.task={}", task.task_id);
+    wait_until(Duration::from_secs(15), || {
+        let label = label.clone();
+        async move { containers_with_label(&label).await.is_empty() }
+    })
+    .await
+    .expect("the worker removes the container once Docker is back");
+}
+
+#[tokio::test]
+async fn a_worker_removes_the_containers_its_previous_run_left() {
+    let mut cluster = TestCluster::start(vec![]).await;
+    let worker_id = format!("restarted-{}", &uuid_like());
+    let left = docker(&[
+        "create",
+        "--label",
+        "claudecluster.managed=true",
+        "--label",
+        &format!("claudecluster.worker={worker_id}"),
+        &agent_image(),
+        "true",
+    ])
+    .await;
+    assert_eq!(
+        containers_with_label(&format!("claudecluster.worker={worker_id}")).await,
+        vec![left.trim()[..12].to_owned()]
+    );
+    cluster
+        .add_worker_named(&worker_id, container_worker())
+        .await;
+    no_containers_left(&worker_id).await;
+}
+
+fn uuid_like() -> String {
+    format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}

@@ -1,0 +1,601 @@
+//! Container agentic mode: each agent in a Docker container of its own, through bollard.
+//!
+//! The container gets the task's workspace at `/workspace`, runs as a non-root user with
+//! every capability dropped and `no-new-privileges`, under memory, CPU and process limits, on
+//! the configured network, and carries labels naming its task and worker. The agent's
+//! environment (API keys among it) goes in through the container's stdin, never into its
+//! configuration, so `docker inspect` shows no secret. Containers are owned: a worker removes
+//! what an earlier run of it left, and whatever it could not remove while Docker was away.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bollard::container::LogOutput;
+use bollard::errors::Error as DockerError;
+use bollard::models::{ContainerCreateBody, HostConfig, NetworkCreateRequest};
+use bollard::query_parameters::{
+    AttachContainerOptions, CreateContainerOptions, KillContainerOptions, ListContainersOptions,
+    ListNetworksOptions, RemoveContainerOptions,
+};
+use bollard::{ClientVersion, Docker};
+use claudecluster_config::WorkerConfig;
+use claudecluster_proto::v1::ExecutionMode;
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, oneshot};
+
+use super::output::{LineSplitter, OutputLine, OutputStream};
+use super::{
+    AgentControl, AgentExit, AgentHandle, AgentInput, AgentLaunch, ExecutionProvider, LaunchError,
+    Limits, ProviderHealth,
+};
+
+/// The oldest Docker API this speaks (Docker 20.10); newer daemons accept it too.
+const DOCKER_API: ClientVersion = ClientVersion {
+    major_version: 1,
+    minor_version: 41,
+};
+const LABEL_MANAGED: &str = "claudecluster.managed";
+const LABEL_WORKER: &str = "claudecluster.worker";
+const LABEL_TASK: &str = "claudecluster.task";
+const LABEL_ATTEMPT: &str = "claudecluster.attempt";
+/// Reads `NAME=value` lines from stdin until an empty line, exports them, then becomes the
+/// agent (`$1` says whether the agent keeps stdin).
+const ENTRYPOINT: &str = r#"mode=$1; shift
+while IFS= read -r line && [ -n "$line" ]; do export "$line"; done
+if [ "$mode" = stdin ]; then exec "$@"; fi
+exec "$@" </dev/null"#;
+
+/// What container mode needs from the worker's configuration.
+#[derive(Debug, Clone)]
+pub struct ContainerSettings {
+    pub worker_id: String,
+    pub image: String,
+    pub user: String,
+    pub network: String,
+    /// Path of the Docker socket.
+    pub socket: String,
+    /// Limits of a task that sets none.
+    pub limits: Limits,
+}
+
+impl ContainerSettings {
+    pub fn from_config(config: &WorkerConfig, worker_id: &str) -> Self {
+        let container = &config.container;
+        let socket = container
+            .docker_host
+            .clone()
+            .or_else(|| std::env::var("DOCKER_HOST").ok())
+            .unwrap_or_else(|| "/var/run/docker.sock".to_owned());
+        ContainerSettings {
+            worker_id: worker_id.to_owned(),
+            image: container.image.clone(),
+            user: container.user.clone(),
+            network: container.network.clone(),
+            socket: socket.trim_start_matches("unix://").to_owned(),
+            limits: Limits {
+                memory_bytes: container.resource_limits.memory.0,
+                cpus: container.resource_limits.cpu,
+                pids: container.resource_limits.pids,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Leftover {
+    Container(String),
+    Network(String),
+}
+
+pub struct ContainerProvider {
+    docker: Docker,
+    settings: ContainerSettings,
+    /// What could not be removed while Docker was away; removed once it answers again.
+    leftovers: Arc<Mutex<Vec<Leftover>>>,
+}
+
+impl ContainerProvider {
+    /// A provider talking to the Docker socket of `settings`. It does not wait for Docker:
+    /// while Docker is away the provider reports itself unavailable.
+    pub fn new(settings: ContainerSettings) -> Result<Self, LaunchError> {
+        let docker =
+            Docker::connect_with_socket(&settings.socket, 120, &DOCKER_API).map_err(|err| {
+                LaunchError(format!(
+                    "cannot use the Docker socket {}: {err}",
+                    settings.socket
+                ))
+            })?;
+        Ok(ContainerProvider {
+            docker,
+            settings,
+            leftovers: Arc::default(),
+        })
+    }
+
+    /// Removes every container and network an earlier run of this worker left behind.
+    pub async fn remove_previous_runs(&self) -> Result<usize, String> {
+        let filter = HashMap::from([(
+            "label".to_owned(),
+            vec![format!("{LABEL_WORKER}={}", self.settings.worker_id)],
+        )]);
+        let containers = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filter.clone()),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|err| self.unreachable(&err))?;
+        let networks = self
+            .docker
+            .list_networks(Some(ListNetworksOptions {
+                filters: Some(filter),
+            }))
+            .await
+            .map_err(|err| self.unreachable(&err))?;
+        let mut removed = 0;
+        for id in containers.into_iter().filter_map(|c| c.id) {
+            remove_container(&self.docker, &id)
+                .await
+                .map_err(|err| self.unreachable(&err))?;
+            removed += 1;
+        }
+        for name in networks.into_iter().filter_map(|n| n.name) {
+            let _ = self.docker.remove_network(&name).await;
+        }
+        if removed > 0 {
+            tracing::info!(
+                containers = removed,
+                "removed containers an earlier run left"
+            );
+        }
+        Ok(removed)
+    }
+
+    fn unreachable(&self, err: &DockerError) -> String {
+        format!("Docker is not reachable at {}: {err}", self.settings.socket)
+    }
+
+    fn launch_error(&self, err: DockerError) -> LaunchError {
+        LaunchError(match err {
+            DockerError::DockerResponseServerError {
+                status_code: 404,
+                message,
+            } if message.contains("image") => format!(
+                "the agent image `{}` does not exist (`worker.container.image`); build it with deploy/agent-image/build-offline.sh",
+                self.settings.image
+            ),
+            DockerError::DockerResponseServerError { message, .. } => {
+                format!("Docker refused the agent's container: {message}")
+            }
+            other => self.unreachable(&other),
+        })
+    }
+
+    /// The network mode for a container named `name`, creating its own network if so set.
+    async fn network_for(&self, name: &str) -> Result<(String, Option<String>), LaunchError> {
+        if self.settings.network != "per_task" {
+            return Ok((self.settings.network.clone(), None));
+        }
+        let network = format!("{name}-net");
+        let request = NetworkCreateRequest {
+            name: network.clone(),
+            driver: Some("bridge".to_owned()),
+            labels: Some(HashMap::from([
+                (LABEL_MANAGED.to_owned(), "true".to_owned()),
+                (LABEL_WORKER.to_owned(), self.settings.worker_id.clone()),
+            ])),
+            ..Default::default()
+        };
+        self.docker
+            .create_network(request)
+            .await
+            .map_err(|err| self.launch_error(err))?;
+        Ok((network.clone(), Some(network)))
+    }
+
+    async fn discard(&self, container: Option<&str>, network: Option<&str>) {
+        release(&self.docker, container, network, &self.leftovers).await;
+    }
+
+    async fn remove_leftovers(&self) {
+        let pending: Vec<Leftover> = std::mem::take(&mut *self.leftovers.lock().unwrap());
+        for leftover in pending {
+            let removed = match &leftover {
+                Leftover::Container(id) => remove_container(&self.docker, id).await,
+                Leftover::Network(name) => self.docker.remove_network(name).await,
+            };
+            if removed.is_err() {
+                self.leftovers.lock().unwrap().push(leftover);
+            }
+        }
+    }
+
+    /// The container's user as numeric ids, for handing it the workspace.
+    fn user_ids(&self) -> Option<(u32, u32)> {
+        let (uid, gid) = self
+            .settings
+            .user
+            .split_once(':')
+            .unwrap_or((&self.settings.user, &self.settings.user));
+        Some((uid.parse().ok()?, gid.parse().ok()?))
+    }
+}
+
+async fn remove_container(docker: &Docker, id: &str) -> Result<(), DockerError> {
+    let options = RemoveContainerOptions {
+        force: true,
+        v: true,
+        ..Default::default()
+    };
+    match docker.remove_container(id, Some(options)).await {
+        Ok(()) => Ok(()),
+        // Already gone.
+        Err(DockerError::DockerResponseServerError {
+            status_code: 404, ..
+        }) => Ok(()),
+        Err(err) => Err(err),
+    }
+}
+
+async fn release(
+    docker: &Docker,
+    container: Option<&str>,
+    network: Option<&str>,
+    leftovers: &Mutex<Vec<Leftover>>,
+) {
+    if let Some(id) = container
+        && let Err(err) = remove_container(docker, id).await
+    {
+        tracing::warn!(container = id, error = %err, "cannot remove container; will retry");
+        leftovers
+            .lock()
+            .unwrap()
+            .push(Leftover::Container(id.to_owned()));
+    }
+    if let Some(name) = network
+        && docker.remove_network(name).await.is_err()
+    {
+        leftovers
+            .lock()
+            .unwrap()
+            .push(Leftover::Network(name.to_owned()));
+    }
+}
+
+fn limit_or(task: f64, default: f64) -> f64 {
+    if task > 0.0 { task } else { default }
+}
+
+#[async_trait]
+impl ExecutionProvider for ContainerProvider {
+    fn mode(&self) -> ExecutionMode {
+        ExecutionMode::ContainerAgentic
+    }
+
+    async fn health(&self) -> ProviderHealth {
+        match tokio::time::timeout(Duration::from_secs(3), self.docker.ping()).await {
+            Ok(Ok(_)) => {
+                self.remove_leftovers().await;
+                ProviderHealth::Ready
+            }
+            Ok(Err(err)) => ProviderHealth::Unavailable(self.unreachable(&err)),
+            Err(_) => ProviderHealth::Unavailable(format!(
+                "Docker at {} did not answer within 3 s",
+                self.settings.socket
+            )),
+        }
+    }
+
+    async fn adopt_workspace(&self, workspace: &Path) -> Result<(), LaunchError> {
+        let Some((uid, gid)) = self.user_ids() else {
+            return Ok(());
+        };
+        let workspace = workspace.to_path_buf();
+        tokio::task::spawn_blocking(move || chown_tree(&workspace, uid, gid))
+            .await
+            .expect("chown task panicked")
+            .map_err(|err| {
+                LaunchError(format!(
+                    "cannot hand the workspace to the container's user {uid}:{gid}: {err}"
+                ))
+            })
+    }
+
+    async fn launch(&self, launch: AgentLaunch) -> Result<AgentHandle, LaunchError> {
+        let name = format!("claudecluster-{}-{}", launch.task_id, launch.attempt);
+        let (network_mode, own_network) = self.network_for(&name).await?;
+        let description = format!("container {name} on network {network_mode}");
+        let defaults = self.settings.limits;
+        let memory = if launch.limits.memory_bytes > 0 {
+            launch.limits.memory_bytes
+        } else {
+            defaults.memory_bytes
+        };
+        let cpus = limit_or(launch.limits.cpus, defaults.cpus);
+        let pids = if launch.limits.pids > 0 {
+            launch.limits.pids
+        } else {
+            defaults.pids
+        };
+        let stdin_mode = match launch.input {
+            AgentInput::None => "none",
+            AgentInput::StreamJson => "stdin",
+        };
+        let mut cmd = vec![
+            "/bin/sh".to_owned(),
+            "-c".to_owned(),
+            ENTRYPOINT.to_owned(),
+            "claudecluster-agent".to_owned(),
+            stdin_mode.to_owned(),
+            "claude".to_owned(),
+        ];
+        cmd.extend(launch.args.iter().cloned());
+        let body = ContainerCreateBody {
+            image: Some(self.settings.image.clone()),
+            cmd: Some(cmd),
+            user: Some(self.settings.user.clone()),
+            working_dir: Some("/workspace".to_owned()),
+            labels: Some(HashMap::from([
+                (LABEL_MANAGED.to_owned(), "true".to_owned()),
+                (LABEL_WORKER.to_owned(), self.settings.worker_id.clone()),
+                (LABEL_TASK.to_owned(), launch.task_id.clone()),
+                (LABEL_ATTEMPT.to_owned(), launch.attempt.to_string()),
+            ])),
+            attach_stdin: Some(true),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            open_stdin: Some(true),
+            stdin_once: Some(true),
+            tty: Some(false),
+            host_config: Some(HostConfig {
+                binds: Some(vec![format!(
+                    "{}:/workspace:rw",
+                    launch.workspace.display()
+                )]),
+                memory: (memory > 0).then_some(memory as i64),
+                memory_swap: (memory > 0).then_some(memory as i64),
+                nano_cpus: (cpus > 0.0).then_some((cpus * 1e9) as i64),
+                pids_limit: (pids > 0).then_some(i64::from(pids)),
+                security_opt: Some(vec!["no-new-privileges".to_owned()]),
+                cap_drop: Some(vec!["ALL".to_owned()]),
+                network_mode: Some(network_mode),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let options = CreateContainerOptions {
+            name: Some(name.clone()),
+            ..Default::default()
+        };
+        let id = match self.docker.create_container(Some(options), body).await {
+            Ok(created) => created.id,
+            Err(err) => {
+                self.discard(None, own_network.as_deref()).await;
+                return Err(self.launch_error(err));
+            }
+        };
+        // Attached before it starts, so that no output is missed.
+        let attach = AttachContainerOptions {
+            stdin: true,
+            stdout: true,
+            stderr: true,
+            stream: true,
+            logs: false,
+            detach_keys: None,
+        };
+        let attached = match self.docker.attach_container(&id, Some(attach)).await {
+            Ok(attached) => attached,
+            Err(err) => {
+                self.discard(Some(&id), own_network.as_deref()).await;
+                return Err(self.launch_error(err));
+            }
+        };
+        if let Err(err) = self.docker.start_container(&id, None).await {
+            self.discard(Some(&id), own_network.as_deref()).await;
+            return Err(self.launch_error(err));
+        }
+        tracing::debug!(task = %launch.task_id, container = %id, "agent container started");
+
+        let mut writer = attached.input;
+        let mut preamble = String::new();
+        for (key, value) in &launch.env {
+            if value.contains('\n') {
+                tracing::warn!(variable = %key, "a variable with a newline cannot be passed to a container agent");
+                continue;
+            }
+            preamble.push_str(&format!("{key}={value}\n"));
+        }
+        preamble.push('\n');
+        if let Err(err) = writer.write_all(preamble.as_bytes()).await {
+            self.discard(Some(&id), own_network.as_deref()).await;
+            return Err(LaunchError(format!(
+                "cannot pass the environment to the agent's container: {err}"
+            )));
+        }
+        let input = match launch.input {
+            AgentInput::None => {
+                let _ = writer.shutdown().await;
+                None
+            }
+            AgentInput::StreamJson => {
+                let (input, mut lines) = mpsc::channel::<String>(8);
+                tokio::spawn(async move {
+                    while let Some(line) = lines.recv().await {
+                        if writer.write_all(line.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = writer.shutdown().await;
+                });
+                Some(input)
+            }
+        };
+
+        let (lines, output) = mpsc::channel(256);
+        let mut stream = attached.output;
+        tokio::spawn(async move {
+            let mut stdout = LineSplitter::default();
+            let mut stderr = LineSplitter::default();
+            while let Some(Ok(chunk)) = stream.next().await {
+                let (splitter, kind, bytes) = match chunk {
+                    LogOutput::StdOut { message } | LogOutput::Console { message } => {
+                        (&mut stdout, OutputStream::Stdout, message)
+                    }
+                    LogOutput::StdErr { message } => (&mut stderr, OutputStream::Stderr, message),
+                    LogOutput::StdIn { .. } => continue,
+                };
+                for text in splitter.push(&bytes) {
+                    if lines.send(OutputLine { stream: kind, text }).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            for (splitter, kind) in [
+                (&mut stdout, OutputStream::Stdout),
+                (&mut stderr, OutputStream::Stderr),
+            ] {
+                if let Some(text) = splitter.finish() {
+                    let _ = lines.send(OutputLine { stream: kind, text }).await;
+                }
+            }
+        });
+
+        let killed_by_worker = Arc::new(AtomicBool::new(false));
+        let (exit_tx, exit) = oneshot::channel();
+        {
+            let docker = self.docker.clone();
+            let id = id.clone();
+            let killed_by_worker = killed_by_worker.clone();
+            tokio::spawn(async move {
+                let exit = wait_for_exit(&docker, &id, memory, &killed_by_worker).await;
+                let _ = exit_tx.send(exit);
+            });
+        }
+        Ok(AgentHandle {
+            output,
+            exit,
+            control: Box::new(ContainerControl {
+                docker: self.docker.clone(),
+                id,
+                network: own_network,
+                killed_by_worker,
+                leftovers: self.leftovers.clone(),
+            }),
+            input,
+            description,
+        })
+    }
+}
+
+/// Waits for the container to stop and says how it ended, naming the cause when Docker knows
+/// it (out of memory, killed from outside, the daemon gone).
+async fn wait_for_exit(
+    docker: &Docker,
+    id: &str,
+    memory: u64,
+    killed_by_worker: &AtomicBool,
+) -> AgentExit {
+    let mut waits = docker.wait_container(id, None);
+    let code = match waits.next().await {
+        Some(Ok(response)) => response.status_code,
+        Some(Err(DockerError::DockerContainerWaitError { code, .. })) => code,
+        Some(Err(err)) => {
+            return AgentExit {
+                detail: Some(format!("lost the Docker daemon: {err}")),
+                ..AgentExit::default()
+            };
+        }
+        None => {
+            return AgentExit {
+                detail: Some("lost the Docker daemon".to_owned()),
+                ..AgentExit::default()
+            };
+        }
+    };
+    let oom_killed = docker
+        .inspect_container(id, None)
+        .await
+        .ok()
+        .and_then(|inspect| inspect.state)
+        .and_then(|state| state.oom_killed)
+        .unwrap_or(false);
+    let detail = if oom_killed {
+        Some(format!(
+            "out of memory (the container's limit is {} MiB)",
+            memory / (1 << 20)
+        ))
+    } else if code == 137 && !killed_by_worker.load(Ordering::SeqCst) {
+        Some("the container was killed from outside the worker".to_owned())
+    } else {
+        None
+    };
+    AgentExit {
+        code: Some(code as i32),
+        signal: None,
+        detail,
+    }
+}
+
+struct ContainerControl {
+    docker: Docker,
+    id: String,
+    network: Option<String>,
+    killed_by_worker: Arc<AtomicBool>,
+    leftovers: Arc<Mutex<Vec<Leftover>>>,
+}
+
+impl ContainerControl {
+    async fn signal(&self, signal: &str) -> std::io::Result<()> {
+        let options = KillContainerOptions {
+            signal: signal.to_owned(),
+        };
+        match self.docker.kill_container(&self.id, Some(options)).await {
+            Ok(()) => Ok(()),
+            // 409: the container is no longer running.
+            Err(DockerError::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Ok(()),
+            Err(err) => Err(std::io::Error::other(err)),
+        }
+    }
+}
+
+#[async_trait]
+impl AgentControl for ContainerControl {
+    async fn interrupt(&self) -> std::io::Result<()> {
+        self.signal("SIGINT").await
+    }
+
+    async fn kill(&self) -> std::io::Result<()> {
+        self.killed_by_worker.store(true, Ordering::SeqCst);
+        self.signal("SIGKILL").await
+    }
+
+    async fn release(&self) {
+        release(
+            &self.docker,
+            Some(&self.id),
+            self.network.as_deref(),
+            &self.leftovers,
+        )
+        .await;
+    }
+}
+
+/// Gives `root` and everything below it to `uid:gid`.
+fn chown_tree(root: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(root, Some(uid), Some(gid))?;
+    if root.is_dir() && !root.is_symlink() {
+        for entry in std::fs::read_dir(root)? {
+            chown_tree(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
