@@ -164,10 +164,198 @@ async fn placement() -> (f64, f64, f64) {
     (decision_us, p50, p99)
 }
 
+/// Wall time of `docker run` of the agent image with the same command the worker runs.
+async fn bare_docker_run(api: &StandinApi) -> f64 {
+    let started = Instant::now();
+    let output = tokio::process::Command::new("docker")
+        .args(["run", "--rm", "--network", "host", "--user", "1000:1000"])
+        .args(["-e", &format!("ANTHROPIC_BASE_URL={}", api.base_url())])
+        .args(["-e", "ANTHROPIC_API_KEY=sk-ant-standin-secret"])
+        .args([
+            "-e",
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",
+            "-e",
+            "DISABLE_AUTOUPDATER=1",
+        ])
+        .arg(claudecluster_integration_tests::docker::agent_image())
+        .args([
+            "claude",
+            "-p",
+            "--output-format",
+            "stream-json",
+            "--verbose",
+            "--",
+            "hello bench",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("run docker");
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains(r#""subtype":"success""#),
+        "bare docker run failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    elapsed
+}
+
+fn running_reason(events: &[Event]) -> String {
+    events
+        .iter()
+        .find_map(|e| match &e.kind {
+            Some(Kind::StatusChange(c)) if c.status() == TaskStatus::Running => {
+                Some(c.reason.clone())
+            }
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// The hand-out time a warm task's RUNNING event reports, in ms.
+fn hand_out_ms(events: &[Event]) -> Option<f64> {
+    let reason = running_reason(events);
+    let rest = reason.strip_prefix("warm agent handed out in ")?;
+    rest.split(' ').next()?.parse().ok()
+}
+
+async fn container_mode() {
+    let cold_worker = WorkerSpec {
+        mode: Mode::Container,
+        capacity: 1,
+        ..WorkerSpec::default()
+    };
+    let cluster = TestCluster::start(vec![cold_worker]).await;
+    bare_docker_run(&cluster.api).await;
+    cluster_run(&cluster, prompt("hello bench")).await;
+    let (mut bare, mut cold, mut starts) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        bare.push(bare_docker_run(&cluster.api).await);
+        let (elapsed, events) = cluster_run(&cluster, prompt("hello bench")).await;
+        cold.push(elapsed);
+        let start = status_time(&events, TaskStatus::Running).unwrap()
+            - status_time(&events, TaskStatus::Assigned).unwrap();
+        starts.push(start * 1000.0);
+    }
+    drop(cluster);
+    let warm_worker = WorkerSpec {
+        mode: Mode::Container,
+        capacity: 1,
+        warm_pool_size: 1,
+        ..WorkerSpec::default()
+    };
+    let cluster = TestCluster::start(vec![warm_worker]).await;
+    let (mut warm, mut hand_outs) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        wait_for_warm_agent(&cluster).await;
+        let (elapsed, events) = cluster_run(&cluster, prompt("hello bench")).await;
+        warm.push(elapsed);
+        hand_outs.push(hand_out_ms(&events).expect("a warm agent took the task"));
+    }
+    let bare = median(&mut bare);
+    let cold = median(&mut cold);
+    let warm = median(&mut warm);
+    println!(
+        "| container task, cold (median of {RUNS}) | bare `docker run`: {:.0} ms | {:.0} ms, ratio {:.3} |",
+        bare * 1000.0,
+        cold * 1000.0,
+        cold / bare
+    );
+    println!(
+        "| container task from the warm pool (median of {RUNS}) | bare `docker run`: {:.0} ms | {:.0} ms, ratio {:.3} |",
+        bare * 1000.0,
+        warm * 1000.0,
+        warm / bare
+    );
+    println!(
+        "| cold container start: ASSIGNED to RUNNING (median) | | {:.0} ms |",
+        median(&mut starts)
+    );
+    println!(
+        "| warm-pool hand-out (median, max of {RUNS}) | | {:.3} ms, max {:.3} ms |",
+        median(&mut hand_outs),
+        hand_outs.iter().cloned().fold(0.0, f64::max)
+    );
+}
+
+async fn wait_for_warm_agent(cluster: &TestCluster) {
+    let driver = cluster.driver().await;
+    wait_until(std::time::Duration::from_secs(60), || {
+        let mut driver = driver.clone();
+        async move {
+            driver
+                .get_cluster_status(GetClusterStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .workers
+                .iter()
+                .any(|w| w.idle_warm_agents > 0)
+        }
+    })
+    .await
+    .expect("a warm agent is ready");
+}
+
+/// Resident memory of a process, from /proc, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+async fn worker_memory() {
+    let mut single = Vec::new();
+    let mut dual = Vec::new();
+    for _ in 0..5 {
+        let cluster = TestCluster::start(vec![WorkerSpec::default()]).await;
+        single.push(rss_kib(cluster.workers[0].pid()) as f64);
+        drop(cluster);
+        let both = WorkerSpec {
+            mode: Mode::Container,
+            extra_yaml: "featureFlags:\n  enableContainerMode: true\n  allowModeOverride: true\n"
+                .to_owned(),
+            ..WorkerSpec::default()
+        };
+        let cluster = TestCluster::start(vec![both]).await;
+        let status = cluster
+            .driver()
+            .await
+            .get_cluster_status(GetClusterStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            status.workers[0].execution_modes.len(),
+            2,
+            "both providers configured"
+        );
+        dual.push(rss_kib(cluster.workers[0].pid()) as f64);
+    }
+    let single = median(&mut single);
+    let dual = median(&mut dual);
+    println!(
+        "| idle worker memory (RSS), both providers | one provider: {single:.0} KiB | {dual:.0} KiB, ratio {:.3} |",
+        dual / single
+    );
+}
+
 #[tokio::main]
 async fn main() {
+    let only: Option<String> = std::env::args().nth(1);
+    let wants = |section: &str| only.as_deref().is_none_or(|only| only == section);
     println!("| figure | baseline | value |");
     println!("|---|---|---|");
+    if wants("container") {
+        container_mode().await;
+        worker_memory().await;
+    }
+    if !wants("process") {
+        return;
+    }
     let (direct, through_cluster, ratio) = overhead().await;
     println!(
         "| one-turn task through the cluster (median of {RUNS}) | direct `claude -p`: {:.0} ms | {:.0} ms, ratio {ratio:.3} |",

@@ -313,7 +313,7 @@ impl Runtime {
                 .await
                 .map_err(|_| "the warm agent went away before its task".to_owned())?;
             let how = format!(
-                "warm agent handed out in {:.1} ms",
+                "warm agent handed out in {:.3} ms",
                 handed_out.elapsed().as_secs_f64() * 1000.0
             );
             return Ok((warm.handle, warm.workspace, how));

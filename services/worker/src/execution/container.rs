@@ -28,7 +28,7 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 
-use super::output::{LineSplitter, OutputLine, OutputStream};
+use super::output::{LineSplitter, OutputLine, OutputStream, input_writer};
 use super::{
     AgentControl, AgentExit, AgentHandle, AgentInput, AgentLaunch, ExecutionProvider, LaunchError,
     Limits, ProviderHealth,
@@ -424,18 +424,7 @@ impl ExecutionProvider for ContainerProvider {
                 let _ = writer.shutdown().await;
                 None
             }
-            AgentInput::StreamJson => {
-                let (input, mut lines) = mpsc::channel::<String>(8);
-                tokio::spawn(async move {
-                    while let Some(line) = lines.recv().await {
-                        if writer.write_all(line.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                    let _ = writer.shutdown().await;
-                });
-                Some(input)
-            }
+            AgentInput::StreamJson => Some(input_writer(writer)),
         };
 
         let (lines, output) = mpsc::channel(256);

@@ -1,4 +1,4 @@
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +45,21 @@ fn decode(line: &[u8]) -> String {
         end -= 1;
     }
     String::from_utf8_lossy(&line[..end]).into_owned()
+}
+
+/// A channel whose lines are written to `writer` (an agent's stdin) in order; when every
+/// sender is gone, `writer` is shut down, which closes the agent's input.
+pub fn input_writer(mut writer: impl AsyncWrite + Unpin + Send + 'static) -> mpsc::Sender<String> {
+    let (input, mut lines) = mpsc::channel::<String>(8);
+    tokio::spawn(async move {
+        while let Some(line) = lines.recv().await {
+            if writer.write_all(line.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+        let _ = writer.shutdown().await;
+    });
+    input
 }
 
 /// Sends every line of `reader` to `lines` until the reader ends or nobody listens.

@@ -7,9 +7,7 @@ use claudecluster_proto::v1::ExecutionMode;
 use tokio::process::Command;
 use tokio::sync::{mpsc, oneshot};
 
-use tokio::io::AsyncWriteExt;
-
-use super::output::{OutputStream, forward_lines};
+use super::output::{OutputStream, forward_lines, input_writer};
 use super::signal;
 use super::{
     AgentControl, AgentExit, AgentHandle, AgentInput, AgentLaunch, ExecutionProvider, LaunchError,
@@ -84,18 +82,7 @@ impl ExecutionProvider for ProcessPoolProvider {
         tokio::spawn(forward_lines(stdout, OutputStream::Stdout, lines.clone()));
         tokio::spawn(forward_lines(stderr, OutputStream::Stderr, lines));
 
-        let input = child.stdin.take().map(|mut stdin| {
-            let (input, mut lines) = mpsc::channel::<String>(8);
-            tokio::spawn(async move {
-                while let Some(line) = lines.recv().await {
-                    if stdin.write_all(line.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-                // Every sender is gone: closing stdin ends the agent's session.
-            });
-            input
-        });
+        let input = child.stdin.take().map(input_writer);
 
         let (exit_tx, exit) = oneshot::channel();
         tokio::spawn(async move {
