@@ -239,6 +239,11 @@ pub struct TestCluster {
 
 impl TestCluster {
     pub async fn start(workers: Vec<WorkerSpec>) -> Self {
+        Self::start_with_driver("", workers).await
+    }
+
+    /// A cluster whose driver gets `driver_yaml` added to its configuration.
+    pub async fn start_with_driver(driver_yaml: &str, workers: Vec<WorkerSpec>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let api = StandinApi::start().await.unwrap();
         let env = vec![
@@ -261,7 +266,7 @@ impl TestCluster {
         std::fs::write(
             &driver_config,
             format!(
-                "listen: 127.0.0.1:0\nschedulerAddress: {}\n",
+                "listen: 127.0.0.1:0\nschedulerAddress: {}\n{driver_yaml}",
                 scheduler.address
             ),
         )

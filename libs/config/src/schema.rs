@@ -25,6 +25,8 @@ pub struct DriverConfig {
     pub listen: String,
     /// The scheduler, as host:port.
     pub scheduler_address: String,
+    /// Messages a session holds while it answers another; more are refused.
+    pub session_queue_limit: u32,
 }
 
 impl Default for DriverConfig {
@@ -32,6 +34,7 @@ impl Default for DriverConfig {
         DriverConfig {
             listen: "127.0.0.1:50051".into(),
             scheduler_address: "127.0.0.1:50052".into(),
+            session_queue_limit: 16,
         }
     }
 }
@@ -272,6 +275,9 @@ pub struct AgentConfig {
     pub idle_timeout: Seconds,
     /// After SIGINT, how long an agent has to stop before it is killed.
     pub cancel_grace_period: Seconds,
+    /// A session without a message for this long has its container stopped (its workspace
+    /// and conversation are kept) unless the session sets its own.
+    pub session_idle_timeout: Seconds,
     /// Defaults for tasks that set no agent options.
     pub model: Option<String>,
     pub permission_mode: Option<String>,
@@ -289,6 +295,7 @@ impl Default for AgentConfig {
         AgentConfig {
             idle_timeout: Seconds(Duration::from_secs(600)),
             cancel_grace_period: Seconds(Duration::from_secs(5)),
+            session_idle_timeout: Seconds(Duration::from_secs(600)),
             model: None,
             permission_mode: None,
             allowed_tools: StringList::default(),

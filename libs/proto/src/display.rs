@@ -1,6 +1,46 @@
 //! Short lowercase names for enums, as used in logs, CLI output and configuration.
 
-use crate::v1::{ExecutionMode, Priority, TaskStatus};
+use crate::v1::{ExecutionMode, Priority, SessionState, TaskStatus};
+
+impl SessionState {
+    /// The state as a user reads it: `ready`, `busy`, `stopped`, ...
+    pub fn label(self) -> &'static str {
+        match self {
+            SessionState::Unspecified => "unspecified",
+            SessionState::Creating => "creating",
+            SessionState::Ready => "ready",
+            SessionState::Busy => "busy",
+            SessionState::Idle => "idle",
+            SessionState::Stopped => "stopped",
+            SessionState::Closed => "closed",
+            SessionState::Failed => "failed",
+            SessionState::Lost => "lost",
+        }
+    }
+
+    /// No more messages: the session is closed, failed or lost.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            SessionState::Closed | SessionState::Failed | SessionState::Lost
+        )
+    }
+
+    pub fn from_label(label: &str) -> Option<Self> {
+        [
+            SessionState::Creating,
+            SessionState::Ready,
+            SessionState::Busy,
+            SessionState::Idle,
+            SessionState::Stopped,
+            SessionState::Closed,
+            SessionState::Failed,
+            SessionState::Lost,
+        ]
+        .into_iter()
+        .find(|state| state.label() == label.to_ascii_lowercase())
+    }
+}
 
 impl TaskStatus {
     /// The status as a user reads it: `pending`, `running`, `completed`, ...

@@ -327,6 +327,209 @@ pub async fn tasks(command: TasksCommand) -> ExitCode {
     }
 }
 
+#[derive(Subcommand)]
+pub enum SessionCommand {
+    /// Open a session; prints its id.
+    New {
+        /// A git repository to clone into the session's workspace.
+        #[arg(long)]
+        repo: Option<String>,
+        /// Stop the container after this many seconds without a message.
+        #[arg(long)]
+        idle_timeout: Option<u32>,
+        /// Tools the agent may use without asking, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        allowed_tools: Vec<String>,
+        #[arg(long)]
+        model: Option<String>,
+        #[command(flatten)]
+        driver: DriverArgs,
+    },
+    /// Send a message and print the reply as it streams.
+    Send {
+        session_id: String,
+        text: String,
+        #[command(flatten)]
+        driver: DriverArgs,
+    },
+    /// Follow everything a session does (from the start, or after a sequence number).
+    Attach {
+        session_id: String,
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[command(flatten)]
+        driver: DriverArgs,
+    },
+    /// Sessions in creation order.
+    List {
+        #[command(flatten)]
+        driver: DriverArgs,
+    },
+    /// One session in full.
+    Get {
+        session_id: String,
+        #[command(flatten)]
+        driver: DriverArgs,
+    },
+    /// Close a session: its container and volumes are removed.
+    Close {
+        session_id: String,
+        #[command(flatten)]
+        driver: DriverArgs,
+    },
+}
+
+pub async fn session(command: SessionCommand) -> ExitCode {
+    match command {
+        SessionCommand::New {
+            repo,
+            idle_timeout,
+            allowed_tools,
+            model,
+            driver,
+        } => {
+            let mut client = match connect(&driver) {
+                Ok(client) => client,
+                Err(message) => return fail(message),
+            };
+            let spec = SessionSpec {
+                repo_url: repo.unwrap_or_default(),
+                idle_timeout_seconds: idle_timeout.unwrap_or_default(),
+                agent: Some(AgentOptions {
+                    allowed_tools,
+                    model: model.unwrap_or_default(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            match client
+                .create_session(CreateSessionRequest { spec: Some(spec) })
+                .await
+            {
+                Ok(response) => {
+                    println!(
+                        "{}",
+                        response.into_inner().session.unwrap_or_default().session_id
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(status) => fail(status_error(status)),
+            }
+        }
+        SessionCommand::Send {
+            session_id,
+            text,
+            driver,
+        } => {
+            let mut client = match connect(&driver) {
+                Ok(client) => client,
+                Err(message) => return fail(message),
+            };
+            let request = SendSessionMessageRequest { session_id, text };
+            let mut stream = match client.send_session_message(request).await {
+                Ok(response) => response.into_inner(),
+                Err(status) => return fail(status_error(status)),
+            };
+            let mut succeeded = false;
+            loop {
+                match stream.message().await {
+                    Ok(Some(response)) => {
+                        let Some(event) = response.event else {
+                            continue;
+                        };
+                        render::event(&event);
+                        match &event.kind {
+                            Some(Kind::Result(result)) => succeeded = !result.is_error,
+                            Some(Kind::SessionState(change)) if change.state().is_final() => {
+                                succeeded = false
+                            }
+                            _ => {}
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => return fail(status_error(status)),
+                }
+            }
+            if succeeded {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        SessionCommand::Attach {
+            session_id,
+            after,
+            driver,
+        } => {
+            let mut client = match connect(&driver) {
+                Ok(client) => client,
+                Err(message) => return fail(message),
+            };
+            let request = StreamSessionEventsRequest {
+                session_id,
+                after_sequence: after,
+            };
+            let mut stream = match client.stream_session_events(request).await {
+                Ok(response) => response.into_inner(),
+                Err(status) => return fail(status_error(status)),
+            };
+            loop {
+                match stream.message().await {
+                    Ok(Some(response)) => {
+                        if let Some(event) = response.event {
+                            render::event(&event);
+                        }
+                    }
+                    Ok(None) => return ExitCode::SUCCESS,
+                    Err(status) => return fail(status_error(status)),
+                }
+            }
+        }
+        SessionCommand::List { driver } => {
+            let mut client = match connect(&driver) {
+                Ok(client) => client,
+                Err(message) => return fail(message),
+            };
+            match client.list_sessions(ListSessionsRequest::default()).await {
+                Ok(response) => {
+                    render::session_table(&response.into_inner().sessions);
+                    ExitCode::SUCCESS
+                }
+                Err(status) => fail(status_error(status)),
+            }
+        }
+        SessionCommand::Get { session_id, driver } => {
+            let mut client = match connect(&driver) {
+                Ok(client) => client,
+                Err(message) => return fail(message),
+            };
+            match client.get_session(GetSessionRequest { session_id }).await {
+                Ok(response) => {
+                    render::session_detail(&response.into_inner().session.unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(status) => fail(status_error(status)),
+            }
+        }
+        SessionCommand::Close { session_id, driver } => {
+            let mut client = match connect(&driver) {
+                Ok(client) => client,
+                Err(message) => return fail(message),
+            };
+            match client
+                .close_session(CloseSessionRequest { session_id })
+                .await
+            {
+                Ok(response) => {
+                    render::session_detail(&response.into_inner().session.unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(status) => fail(status_error(status)),
+            }
+        }
+    }
+}
+
 pub async fn status(args: DriverArgs) -> ExitCode {
     let mut client = match connect(&args) {
         Ok(client) => client,

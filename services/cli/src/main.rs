@@ -38,6 +38,9 @@ enum Command {
     Tasks(client::TasksCommand),
     /// Show workers and queues.
     Status(client::DriverArgs),
+    /// Open long-lived agents and talk to them.
+    #[command(subcommand)]
+    Session(client::SessionCommand),
 }
 
 #[derive(Args)]
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
             Command::Run(args) => client::run(args).await,
             Command::Tasks(command) => client::tasks(command).await,
             Command::Status(args) => client::status(args).await,
+            Command::Session(command) => client::session(command).await,
         }
     })
 }

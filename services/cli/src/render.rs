@@ -51,6 +51,14 @@ pub fn event(event: &Event) {
             );
         }
         Kind::Output(line) => eprintln!("  | {}", line.line),
+        Kind::SessionState(change) => {
+            let mut line = format!("[{}]", change.state().label());
+            if !change.reason.is_empty() {
+                line.push(' ');
+                line.push_str(&change.reason);
+            }
+            eprintln!("{line}");
+        }
         Kind::Other(_) => {}
     }
 }
@@ -154,6 +162,46 @@ pub fn cluster_status(status: &GetClusterStatusResponse) {
         status.queued_tasks,
         counts.join(", ")
     );
+}
+
+pub fn session_table(sessions: &[Session]) {
+    println!(
+        "{:<36}  {:<8}  {:<20}  {:>5}  {:>9}  LAST ACTIVITY",
+        "SESSION", "STATE", "WORKER", "TURNS", "COST"
+    );
+    for session in sessions {
+        println!(
+            "{:<36}  {:<8}  {:<20}  {:>5}  {:>9}  {}",
+            session.session_id,
+            session.state().label(),
+            session.worker_id,
+            session.turns,
+            format!("${:.4}", session.total_cost_usd),
+            time(session.last_activity_time.as_ref()),
+        );
+    }
+}
+
+pub fn session_detail(session: &Session) {
+    println!("session:   {}", session.session_id);
+    println!("state:     {}", session.state().label());
+    if !session.state_reason.is_empty() {
+        println!("reason:    {}", session.state_reason);
+    }
+    if !session.worker_id.is_empty() {
+        println!("worker:    {}", session.worker_id);
+    }
+    if !session.workspace.is_empty() {
+        println!("workspace: {}", session.workspace);
+    }
+    let usage = session.usage.unwrap_or_default();
+    println!(
+        "turns:     {} (${:.4}, {} input / {} output tokens)",
+        session.turns, session.total_cost_usd, usage.input_tokens, usage.output_tokens
+    );
+    if session.queued_messages > 0 {
+        println!("waiting:   {} message(s)", session.queued_messages);
+    }
 }
 
 /// A timestamp as `YYYY-MM-DD HH:MM:SS` UTC.

@@ -9,12 +9,15 @@ use claudecluster_proto::v1::event::Kind;
 use claudecluster_proto::v1::scheduler_service_client::SchedulerServiceClient;
 use claudecluster_proto::v1::worker_service_client::WorkerServiceClient;
 use claudecluster_proto::v1::{
-    CancelExecutionRequest, DequeueTaskRequest, EnqueueTaskRequest, ExecuteTaskRequest,
-    ReleaseTaskRequest, StreamPlacementsRequest, StreamPlacementsResponse, TaskStatus,
+    CancelExecutionRequest, CloseWorkerSessionRequest, DequeueTaskRequest, EnqueueTaskRequest,
+    ExecuteTaskRequest, ExecutionMode, Priority, ReleaseTaskRequest, RunSessionRequest,
+    SessionState, SessionTurnRequest, StreamPlacementsRequest, StreamPlacementsResponse,
+    TaskStatus,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use crate::sessions::{SessionEntry, SessionStore};
 use crate::store::{TaskEntry, TaskStore};
 
 /// Attempts a task gets when workers refuse it or cannot be reached before it starts.
@@ -25,6 +28,7 @@ const CANCEL_DEADLINE: Duration = Duration::from_secs(30);
 
 pub struct Dispatcher {
     store: Arc<TaskStore>,
+    sessions: Arc<SessionStore>,
     scheduler: SchedulerServiceClient<Channel>,
     pub scheduler_address: String,
     workers: Mutex<HashMap<String, WorkerServiceClient<Channel>>>,
@@ -33,11 +37,13 @@ pub struct Dispatcher {
 impl Dispatcher {
     pub fn new(
         store: Arc<TaskStore>,
+        sessions: Arc<SessionStore>,
         scheduler_address: String,
     ) -> Result<Self, tonic::transport::Error> {
         let channel = claudecluster_grpc::channel(&scheduler_address)?;
         Ok(Dispatcher {
             store,
+            sessions,
             scheduler: SchedulerServiceClient::new(channel),
             scheduler_address,
             workers: Mutex::default(),
@@ -121,6 +127,9 @@ impl Dispatcher {
                     for entry in self.store.pending() {
                         self.enqueue(&entry).await;
                     }
+                    for session in self.sessions.waiting() {
+                        self.enqueue_session(&session).await;
+                    }
                     let mut placements = response.into_inner();
                     loop {
                         let placement = tokio::select! {
@@ -163,7 +172,10 @@ impl Dispatcher {
             worker_address,
         } = placement;
         let Some(entry) = self.store.get(&task_id) else {
-            self.release(&task_id).await;
+            match self.sessions.get(&task_id) {
+                Some(session) => self.run_session(session, &worker_id, &worker_address).await,
+                None => self.release(&task_id).await,
+            }
             return;
         };
         if !entry.assign(attempt, &worker_id) {
@@ -252,6 +264,130 @@ impl Dispatcher {
                     return Ok(());
                 }
             }
+        }
+    }
+
+    /// Hands a session to the scheduler: it holds a slot of a container worker while it lives.
+    pub async fn enqueue_session(&self, session: &SessionEntry) {
+        let spec = session.spec();
+        let request = EnqueueTaskRequest {
+            task_id: session.id.clone(),
+            attempt: 1,
+            execution_mode: ExecutionMode::ContainerAgentic as i32,
+            worker_selector: spec.worker_selector,
+            priority: Priority::Normal as i32,
+        };
+        match self.scheduler.clone().enqueue_task(request).await {
+            Ok(response) => {
+                let reason = response.into_inner().waiting_reason;
+                if !reason.is_empty() {
+                    session.set_state(SessionState::Creating, reason, "", 0);
+                }
+            }
+            Err(status) => {
+                tracing::warn!(session = %session.id, error = %status.message(), "cannot reach the scheduler; the session waits");
+            }
+        }
+    }
+
+    /// Runs a placed session on its worker: records everything the worker streams about it and
+    /// sends it its messages one at a time, until the session ends.
+    async fn run_session(&self, session: Arc<SessionEntry>, worker_id: &str, worker_address: &str) {
+        if !session.assign(worker_id, worker_address) {
+            self.release(&session.id).await;
+            return;
+        }
+        let mut worker = match self.worker(worker_address) {
+            Ok(worker) => worker,
+            Err(err) => {
+                session.set_state(
+                    SessionState::Failed,
+                    format!("bad address {worker_address} of worker {worker_id}: {err}"),
+                    worker_id,
+                    0,
+                );
+                self.release(&session.id).await;
+                return;
+            }
+        };
+        let request = RunSessionRequest {
+            session_id: session.id.clone(),
+            spec: Some(session.spec()),
+        };
+        let mut events = match worker.run_session(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                session.set_state(
+                    SessionState::Failed,
+                    format!(
+                        "worker {worker_id} did not start the session: {}",
+                        status.message()
+                    ),
+                    worker_id,
+                    0,
+                );
+                self.release(&session.id).await;
+                return;
+            }
+        };
+        let pump = tokio::spawn(send_messages(session.clone(), worker.clone()));
+        let lost = loop {
+            match events.message().await {
+                Ok(Some(response)) => {
+                    if let Some(event) = response.event {
+                        session.journal.append(event);
+                    }
+                }
+                Ok(None) => break format!("worker {worker_id} ended the session's stream"),
+                Err(status) => break format!("lost worker {worker_id}: {}", status.message()),
+            }
+        };
+        pump.abort();
+        // A stream that ends before the session did means the worker is gone.
+        session.set_state(SessionState::Lost, lost, worker_id, 0);
+        self.release(&session.id).await;
+    }
+
+    /// Closes a session: on its worker when it has one (container and volumes go), otherwise
+    /// here. Waits a bounded time for the worker to confirm.
+    pub async fn close_session(&self, session: &SessionEntry) {
+        let Some(address) = session.worker_address() else {
+            self.dequeue(&session.id).await;
+            session.set_state(SessionState::Closed, "closed by a client", "", 0);
+            return;
+        };
+        let confirmed = match self.worker(&address) {
+            Ok(mut worker) => worker
+                .close_worker_session(CloseWorkerSessionRequest {
+                    session_id: session.id.clone(),
+                })
+                .await
+                .map(|response| response.into_inner().found)
+                .unwrap_or(false),
+            Err(_) => false,
+        };
+        if confirmed {
+            let closed = session.journal.wait_for(|record| record.is_closed());
+            let _ = tokio::time::timeout(CANCEL_DEADLINE, closed).await;
+        }
+        session.set_state(SessionState::Closed, "closed by a client", "", 0);
+    }
+}
+
+/// Sends a session's queued messages to its worker, one at a time, each once the previous one
+/// has been answered.
+async fn send_messages(session: Arc<SessionEntry>, mut worker: WorkerServiceClient<Channel>) {
+    while let Some((turn, text)) = session.next_message().await {
+        let request = SessionTurnRequest {
+            session_id: session.id.clone(),
+            turn,
+            text,
+        };
+        if let Err(status) = worker.session_turn(request).await {
+            session.turn_refused(
+                turn,
+                format!("the worker did not take the message: {}", status.message()),
+            );
         }
     }
 }

@@ -9,6 +9,22 @@ pub enum DriverError {
     TaskNotFound(String),
     #[error("the scheduler at {address} is unreachable: {message}")]
     SchedulerUnavailable { address: String, message: String },
+    #[error("session {0} not found")]
+    SessionNotFound(String),
+    #[error("session {session_id} is {state}: {reason}")]
+    SessionEnded {
+        session_id: String,
+        state: &'static str,
+        reason: String,
+    },
+    #[error(
+        "session {session_id} already has {limit} messages waiting (`driver.sessionQueueLimit`)"
+    )]
+    SessionQueueFull { session_id: String, limit: usize },
+    #[error(
+        "sessions need a container_agentic worker and the cluster has none; start a worker with `executionMode: container_agentic`"
+    )]
+    NoContainerWorker,
 }
 
 impl DriverError {
@@ -25,7 +41,13 @@ impl From<DriverError> for Status {
         let message = error.to_string();
         match error {
             DriverError::InvalidArgument { .. } => Status::invalid_argument(message),
-            DriverError::TaskNotFound(_) => Status::not_found(message),
+            DriverError::TaskNotFound(_) | DriverError::SessionNotFound(_) => {
+                Status::not_found(message)
+            }
+            DriverError::SessionEnded { .. } | DriverError::NoContainerWorker => {
+                Status::failed_precondition(message)
+            }
+            DriverError::SessionQueueFull { .. } => Status::resource_exhausted(message),
             DriverError::SchedulerUnavailable { .. } => Status::unavailable(message),
         }
     }

@@ -1,9 +1,12 @@
 //! The driver: the public API. It owns the record of every task and its event log, hands
 //! pending tasks to the scheduler, and runs each placed task on its worker.
 
+mod catalog;
 mod dispatch;
 mod error;
+mod journal;
 mod service;
+mod sessions;
 mod store;
 mod validate;
 
@@ -58,20 +61,27 @@ pub enum StartError {
 pub async fn spawn(config: DriverConfig, listener: TcpListener) -> Result<Handle, StartError> {
     let local_addr = listener.local_addr()?;
     let store = Arc::new(store::TaskStore::default());
+    let sessions = Arc::new(sessions::SessionStore::default());
     let dispatcher = Arc::new(
-        dispatch::Dispatcher::new(store.clone(), config.scheduler_address.clone()).map_err(
-            |source| StartError::SchedulerAddress {
-                address: config.scheduler_address.clone(),
-                source,
-            },
-        )?,
+        dispatch::Dispatcher::new(
+            store.clone(),
+            sessions.clone(),
+            config.scheduler_address.clone(),
+        )
+        .map_err(|source| StartError::SchedulerAddress {
+            address: config.scheduler_address.clone(),
+            source,
+        })?,
     );
     let stop = CancellationToken::new();
     tokio::spawn(dispatcher.clone().follow_placements(stop.clone()));
     let (routes, _health) =
         claudecluster_grpc::standard_routes("claudecluster.v1.DriverService").await;
     let routes = routes.add_service(DriverServiceServer::new(service::DriverService::new(
-        store, dispatcher,
+        store,
+        sessions,
+        dispatcher,
+        config.session_queue_limit as usize,
     )));
     let server = {
         let stop = stop.clone();

@@ -9,8 +9,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use crate::catalog::page_start;
 use crate::dispatch::Dispatcher;
 use crate::error::DriverError;
+use crate::sessions::{SessionEntry, SessionStore};
 use crate::store::{CancelAction, TaskEntry, TaskStore};
 use crate::validate;
 
@@ -22,12 +24,50 @@ const CANCEL_WAIT: Duration = Duration::from_secs(15);
 /// The DriverService: thin RPC methods over the [`TaskStore`] and the [`Dispatcher`].
 pub struct DriverService {
     store: Arc<TaskStore>,
+    sessions: Arc<SessionStore>,
     dispatcher: Arc<Dispatcher>,
+    session_queue_limit: usize,
 }
 
 impl DriverService {
-    pub fn new(store: Arc<TaskStore>, dispatcher: Arc<Dispatcher>) -> Self {
-        DriverService { store, dispatcher }
+    pub fn new(
+        store: Arc<TaskStore>,
+        sessions: Arc<SessionStore>,
+        dispatcher: Arc<Dispatcher>,
+        session_queue_limit: usize,
+    ) -> Self {
+        DriverService {
+            store,
+            sessions,
+            dispatcher,
+            session_queue_limit,
+        }
+    }
+
+    fn session(&self, session_id: &str) -> Result<Arc<SessionEntry>, DriverError> {
+        if session_id.is_empty() {
+            return Err(DriverError::invalid("session_id", "must not be empty"));
+        }
+        self.sessions
+            .get(session_id)
+            .ok_or_else(|| DriverError::SessionNotFound(session_id.to_owned()))
+    }
+
+    /// Whether any registered worker runs container mode; sessions need one.
+    async fn has_container_worker(&self) -> Result<bool, DriverError> {
+        let workers = self
+            .dispatcher
+            .scheduler()
+            .list_workers(ListWorkersRequest {})
+            .await
+            .map_err(|status| self.scheduler_unavailable(status))?
+            .into_inner()
+            .workers;
+        Ok(workers.iter().any(|worker| {
+            worker
+                .execution_modes()
+                .any(|mode| mode == ExecutionMode::ContainerAgentic)
+        }))
     }
 
     fn task(&self, task_id: &str) -> Result<Arc<TaskEntry>, DriverError> {
@@ -95,13 +135,9 @@ impl DriverApi for DriverService {
                 }
             }
         }
-        let start = if request.page_token.is_empty() {
-            0
-        } else {
-            request.page_token.parse::<u64>().map_err(|_| {
-                DriverError::invalid("page_token", "is not a token this server returned")
-            })?
-        };
+        let start = page_start(&request.page_token).ok_or_else(|| {
+            DriverError::invalid("page_token", "is not a token this server returned")
+        })?;
         let limit = match request.page_size as usize {
             0 => DEFAULT_PAGE_SIZE,
             size => size.min(MAX_PAGE_SIZE),
@@ -176,6 +212,117 @@ impl DriverApi for DriverService {
             tasks_by_status: self.store.count_by_status(),
             queued_tasks: queue.queued_tasks,
             version: env!("CARGO_PKG_VERSION").to_owned(),
+        }))
+    }
+
+    async fn create_session(
+        &self,
+        request: Request<CreateSessionRequest>,
+    ) -> Result<Response<CreateSessionResponse>, Status> {
+        let spec = validate::session_spec(request.into_inner().spec.unwrap_or_default())?;
+        if !self.has_container_worker().await? {
+            return Err(DriverError::NoContainerWorker.into());
+        }
+        let session = self.sessions.insert(spec);
+        tracing::info!(session = %session.id, "session created");
+        let snapshot = session.snapshot();
+        self.dispatcher.enqueue_session(&session).await;
+        Ok(Response::new(CreateSessionResponse {
+            session: Some(snapshot),
+        }))
+    }
+
+    async fn get_session(
+        &self,
+        request: Request<GetSessionRequest>,
+    ) -> Result<Response<GetSessionResponse>, Status> {
+        let session = self.session(&request.into_inner().session_id)?;
+        Ok(Response::new(GetSessionResponse {
+            session: Some(session.snapshot()),
+        }))
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<ListSessionsRequest>,
+    ) -> Result<Response<ListSessionsResponse>, Status> {
+        let request = request.into_inner();
+        let mut states = Vec::new();
+        for value in &request.states {
+            match SessionState::try_from(*value) {
+                Ok(state) if state != SessionState::Unspecified => states.push(state),
+                _ => {
+                    return Err(DriverError::invalid(
+                        "states",
+                        format!("{value} is not a session state"),
+                    )
+                    .into());
+                }
+            }
+        }
+        let start = page_start(&request.page_token).ok_or_else(|| {
+            DriverError::invalid("page_token", "is not a token this server returned")
+        })?;
+        let limit = match request.page_size as usize {
+            0 => DEFAULT_PAGE_SIZE,
+            size => size.min(MAX_PAGE_SIZE),
+        };
+        let (sessions, next) = self.sessions.page(start, limit, |state| {
+            states.is_empty() || states.contains(&state)
+        });
+        Ok(Response::new(ListSessionsResponse {
+            sessions,
+            next_page_token: next.map(|order| order.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    type SendSessionMessageStream =
+        Pin<Box<dyn Stream<Item = Result<SendSessionMessageResponse, Status>> + Send>>;
+
+    async fn send_session_message(
+        &self,
+        request: Request<SendSessionMessageRequest>,
+    ) -> Result<Response<Self::SendSessionMessageStream>, Status> {
+        let request = request.into_inner();
+        let session = self.session(&request.session_id)?;
+        if request.text.trim().is_empty() {
+            return Err(DriverError::invalid("text", "must not be empty").into());
+        }
+        let (turn, after) = session.queue_message(request.text, self.session_queue_limit)?;
+        let (sender, receiver) = mpsc::channel(128);
+        tokio::spawn(session.follow_turn(turn, after, sender));
+        let stream = ReceiverStream::new(receiver)
+            .map(|event| Ok(SendSessionMessageResponse { event: Some(event) }));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type StreamSessionEventsStream =
+        Pin<Box<dyn Stream<Item = Result<StreamSessionEventsResponse, Status>> + Send>>;
+
+    async fn stream_session_events(
+        &self,
+        request: Request<StreamSessionEventsRequest>,
+    ) -> Result<Response<Self::StreamSessionEventsStream>, Status> {
+        let request = request.into_inner();
+        let session = self.session(&request.session_id)?;
+        let (sender, receiver) = mpsc::channel(128);
+        tokio::spawn(session.follow(request.after_sequence, sender));
+        let stream = ReceiverStream::new(receiver)
+            .map(|event| Ok(StreamSessionEventsResponse { event: Some(event) }));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn close_session(
+        &self,
+        request: Request<CloseSessionRequest>,
+    ) -> Result<Response<CloseSessionResponse>, Status> {
+        let session = self.session(&request.into_inner().session_id)?;
+        if session.state() != SessionState::Closed {
+            self.dispatcher.close_session(&session).await;
+            tracing::info!(session = %session.id, "session closed");
+        }
+        Ok(Response::new(CloseSessionResponse {
+            session: Some(session.snapshot()),
         }))
     }
 }

@@ -1,73 +1,34 @@
 //! The driver's record of every task and its event log.
-//!
-//! Each task's log is append-only with sequence numbers from 1 and no gaps. Readers follow it
-//! through a watch channel on the last sequence number, so a reader never misses an event and
-//! never sees one twice, however slow it is.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use claudecluster_proto::v1::event::Kind;
 use claudecluster_proto::v1::{Event, StatusChange, Task, TaskSpec, TaskStatus};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// One task: its record, its log, and the signal that asks it to stop.
-pub struct TaskEntry {
-    pub id: String,
-    order: u64,
-    state: Mutex<TaskState>,
-    last_sequence: watch::Sender<u64>,
-    cancel: CancellationToken,
-}
+use crate::catalog::Catalog;
+use crate::journal::{Journal, Record};
 
-struct TaskState {
+/// A task's record as its log builds it.
+pub struct TaskRecord {
     task: Task,
-    events: Vec<Event>,
     cancel_reason: Option<String>,
 }
 
-/// What a cancel request found.
-pub enum CancelAction {
-    /// The task had already ended.
-    AlreadyEnded,
-    /// The task was waiting; it is now CANCELLED.
-    Dequeue,
-    /// The task is on a worker; its dispatcher has been told to stop it.
-    StopOnWorker,
-}
-
-impl TaskEntry {
-    fn state(&self) -> std::sync::MutexGuard<'_, TaskState> {
-        self.state.lock().expect("task lock poisoned")
-    }
-
-    pub fn snapshot(&self) -> Task {
-        self.state().task.clone()
-    }
-
-    pub fn status(&self) -> TaskStatus {
-        self.state().task.status()
-    }
-
-    pub fn spec(&self) -> TaskSpec {
-        self.state().task.spec.clone().unwrap_or_default()
-    }
-
-    /// Appends an event, applying it to the task record. Nothing is appended once the task has
-    /// ended, and a status change that does not change the status is dropped.
-    pub fn append(&self, attempt: u32, kind: Kind) -> Option<u64> {
-        let mut state = self.state();
-        let task = &mut state.task;
+impl Record for TaskRecord {
+    fn apply(&mut self, event: &Event) -> bool {
+        let task = &mut self.task;
         if task.status().is_terminal() {
-            return None;
+            return false;
         }
-        match &kind {
-            Kind::StatusChange(change) => {
+        match &event.kind {
+            Some(Kind::StatusChange(change)) => {
                 let status = change.status();
                 if status == task.status() {
-                    return None;
+                    return false;
                 }
                 let now = Some(SystemTime::now().into());
                 task.set_status(status);
@@ -84,22 +45,62 @@ impl TaskEntry {
                     task.end_time = now;
                 }
             }
-            Kind::Result(result) => task.result = Some(result.clone()),
+            Some(Kind::Result(result)) => task.result = Some(result.clone()),
             _ => {}
         }
-        task.attempt = task.attempt.max(attempt);
-        task.last_sequence += 1;
-        let sequence = task.last_sequence;
-        state.events.push(Event {
-            sequence,
-            time: Some(SystemTime::now().into()),
-            task_id: self.id.clone(),
+        task.attempt = task.attempt.max(event.attempt);
+        true
+    }
+
+    fn ended(&self) -> bool {
+        self.task.status().is_terminal()
+    }
+
+    fn stamp(&mut self, event: &mut Event) {
+        event.task_id = self.task.task_id.clone();
+        self.task.last_sequence = event.sequence;
+    }
+}
+
+/// One task: its journal, and the signal that asks it to stop.
+pub struct TaskEntry {
+    pub id: String,
+    journal: Arc<Journal<TaskRecord>>,
+    cancel: CancellationToken,
+}
+
+/// What a cancel request found.
+pub enum CancelAction {
+    /// The task had already ended.
+    AlreadyEnded,
+    /// The task was waiting; it is now CANCELLED.
+    Dequeue,
+    /// The task is on a worker; its dispatcher has been told to stop it.
+    StopOnWorker,
+}
+
+impl TaskEntry {
+    pub fn snapshot(&self) -> Task {
+        self.journal.with(|record| record.task.clone())
+    }
+
+    pub fn status(&self) -> TaskStatus {
+        self.journal.with(|record| record.task.status())
+    }
+
+    pub fn spec(&self) -> TaskSpec {
+        self.journal
+            .with(|record| record.task.spec.clone().unwrap_or_default())
+    }
+
+    /// Appends an event, applying it to the task record. Nothing is appended once the task has
+    /// ended, and a status change that does not change the status is dropped.
+    pub fn append(&self, attempt: u32, kind: Kind) -> Option<u64> {
+        self.journal.append(Event {
             attempt,
             kind: Some(kind),
-        });
-        drop(state);
-        self.last_sequence.send_replace(sequence);
-        Some(sequence)
+            ..Event::default()
+        })
     }
 
     pub fn set_status(
@@ -123,10 +124,11 @@ impl TaskEntry {
 
     /// Updates why a pending task waits, without an event: it is a description, not a change.
     pub fn set_waiting_reason(&self, reason: String) {
-        let mut state = self.state();
-        if state.task.status() == TaskStatus::Pending && !reason.is_empty() {
-            state.task.status_reason = reason;
-        }
+        self.journal.with(|record| {
+            if record.task.status() == TaskStatus::Pending && !reason.is_empty() {
+                record.task.status_reason = reason;
+            }
+        })
     }
 
     /// Moves a PENDING task of `attempt` to ASSIGNED on `worker_id`; false if it is not pending.
@@ -148,23 +150,25 @@ impl TaskEntry {
     }
 
     pub fn cancel(&self, reason: &str) -> CancelAction {
-        let action = {
-            let mut state = self.state();
-            match state.task.status() {
-                status if status.is_terminal() => return CancelAction::AlreadyEnded,
+        let (action, attempt) = self.journal.with(|record| {
+            let action = match record.task.status() {
+                status if status.is_terminal() => CancelAction::AlreadyEnded,
                 TaskStatus::Pending | TaskStatus::Unspecified => CancelAction::Dequeue,
                 _ => {
-                    state.cancel_reason.get_or_insert_with(|| reason.to_owned());
+                    record
+                        .cancel_reason
+                        .get_or_insert_with(|| reason.to_owned());
                     CancelAction::StopOnWorker
                 }
-            }
-        };
+            };
+            (action, record.task.attempt)
+        });
         match action {
             CancelAction::Dequeue => {
-                let attempt = self.state().task.attempt;
                 self.set_status(attempt, TaskStatus::Cancelled, reason, "");
             }
-            _ => self.cancel.cancel(),
+            CancelAction::StopOnWorker => self.cancel.cancel(),
+            CancelAction::AlreadyEnded => {}
         }
         action
     }
@@ -174,55 +178,23 @@ impl TaskEntry {
     }
 
     pub fn cancel_reason(&self) -> String {
-        self.state()
-            .cancel_reason
-            .clone()
-            .unwrap_or_else(|| "cancelled".to_owned())
-    }
-
-    /// Events after `after`, and whether they reach the end of a finished log.
-    fn events_after(&self, after: u64) -> (Vec<Event>, bool) {
-        let state = self.state();
-        let start = usize::try_from(after)
-            .unwrap_or(usize::MAX)
-            .min(state.events.len());
-        (
-            state.events[start..].to_vec(),
-            state.task.status().is_terminal(),
-        )
+        self.journal.with(|record| {
+            record
+                .cancel_reason
+                .clone()
+                .unwrap_or_else(|| "cancelled".to_owned())
+        })
     }
 
     /// Sends the events after `after` to `out`, then follows the log until the task has ended
     /// and every event was sent, or `out` closes.
     pub async fn follow(self: Arc<Self>, after: u64, out: mpsc::Sender<Event>) {
-        let mut changes = self.last_sequence.subscribe();
-        let mut cursor = after;
-        loop {
-            let (batch, ended) = self.events_after(cursor);
-            for event in batch {
-                cursor = event.sequence;
-                if out.send(event).await.is_err() {
-                    return;
-                }
-            }
-            if ended {
-                return;
-            }
-            tokio::select! {
-                changed = changes.changed() => if changed.is_err() { return },
-                _ = out.closed() => return,
-            }
-        }
+        self.journal.clone().follow(after, out).await
     }
 
     /// Waits until the task has ended.
     pub async fn ended(&self) {
-        let mut changes = self.last_sequence.subscribe();
-        while !self.status().is_terminal() {
-            if changes.changed().await.is_err() {
-                return;
-            }
-        }
+        self.journal.wait_for(|record| record.ended()).await
     }
 }
 
@@ -234,10 +206,8 @@ pub struct TaskStore {
 
 #[derive(Default)]
 struct StoreInner {
-    by_id: HashMap<String, Arc<TaskEntry>>,
-    by_order: BTreeMap<u64, Arc<TaskEntry>>,
+    tasks: Catalog<TaskEntry>,
     by_idempotency_key: HashMap<String, Arc<TaskEntry>>,
-    next_order: u64,
 }
 
 impl TaskStore {
@@ -250,7 +220,6 @@ impl TaskStore {
         {
             return (existing.clone(), false);
         }
-        inner.next_order += 1;
         let id = uuid::Uuid::new_v4().to_string();
         let task = Task {
             task_id: id.clone(),
@@ -262,18 +231,14 @@ impl TaskStore {
         };
         let entry = Arc::new(TaskEntry {
             id: id.clone(),
-            order: inner.next_order,
-            state: Mutex::new(TaskState {
+            journal: Arc::new(Journal::new(TaskRecord {
                 task,
-                events: Vec::new(),
                 cancel_reason: None,
-            }),
-            last_sequence: watch::Sender::new(0),
+            })),
             cancel: CancellationToken::new(),
         });
         entry.set_status(1, TaskStatus::Pending, "queued", "");
-        inner.by_id.insert(id, entry.clone());
-        inner.by_order.insert(entry.order, entry.clone());
+        inner.tasks.insert(id, entry.clone());
         if !spec.idempotency_key.is_empty() {
             inner
                 .by_idempotency_key
@@ -286,13 +251,12 @@ impl TaskStore {
         self.inner
             .read()
             .expect("task store lock poisoned")
-            .by_id
+            .tasks
             .get(id)
-            .cloned()
     }
 
-    /// Tasks from `start` (an order number) on, matching `filter`, at most `limit`; and the
-    /// order number where the next page starts.
+    /// Tasks from position `start` on, matching `filter`, at most `limit`; and the position
+    /// where the next page starts.
     pub fn page(
         &self,
         start: u64,
@@ -300,25 +264,17 @@ impl TaskStore {
         filter: impl Fn(TaskStatus) -> bool,
     ) -> (Vec<Task>, Option<u64>) {
         let inner = self.inner.read().expect("task store lock poisoned");
-        let mut tasks = Vec::new();
-        for (order, entry) in inner.by_order.range(start..) {
+        inner.tasks.page(start, limit, |entry| {
             let task = entry.snapshot();
-            if !filter(task.status()) {
-                continue;
-            }
-            if tasks.len() == limit {
-                return (tasks, Some(*order));
-            }
-            tasks.push(task);
-        }
-        (tasks, None)
+            filter(task.status()).then_some(task)
+        })
     }
 
     pub fn pending(&self) -> Vec<Arc<TaskEntry>> {
         let inner = self.inner.read().expect("task store lock poisoned");
         inner
-            .by_order
-            .values()
+            .tasks
+            .all()
             .filter(|entry| entry.status() == TaskStatus::Pending)
             .cloned()
             .collect()
@@ -327,7 +283,7 @@ impl TaskStore {
     pub fn count_by_status(&self) -> HashMap<String, u64> {
         let inner = self.inner.read().expect("task store lock poisoned");
         let mut counts = HashMap::new();
-        for entry in inner.by_order.values() {
+        for entry in inner.tasks.all() {
             *counts.entry(entry.status().label().to_owned()).or_default() += 1;
         }
         counts

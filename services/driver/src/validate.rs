@@ -1,6 +1,8 @@
 //! Checks on what clients submit, each error naming the field.
 
-use claudecluster_proto::v1::{AgentOptions, ExecutionMode, Priority, ResourceLimits, TaskSpec};
+use claudecluster_proto::v1::{
+    AgentOptions, ExecutionMode, Priority, ResourceLimits, SessionSpec, TaskSpec,
+};
 
 use crate::error::DriverError;
 
@@ -61,6 +63,26 @@ pub fn task_spec(spec: Option<&TaskSpec>) -> Result<&TaskSpec, DriverError> {
                 "label names must not be empty",
             ));
         }
+    }
+    if let Some(limits) = &spec.limits {
+        resource_limits(limits)?;
+    }
+    if let Some(agent) = &spec.agent {
+        agent_options(agent)?;
+    }
+    Ok(spec)
+}
+
+pub fn session_spec(spec: SessionSpec) -> Result<SessionSpec, DriverError> {
+    if !spec.repo_url.is_empty() {
+        repo_url(&spec.repo_url)
+            .map_err(|message| DriverError::invalid("spec.repo_url", message))?;
+    }
+    if spec.worker_selector.keys().any(|key| key.trim().is_empty()) {
+        return Err(DriverError::invalid(
+            "spec.worker_selector",
+            "label names must not be empty",
+        ));
     }
     if let Some(limits) = &spec.limits {
         resource_limits(limits)?;

@@ -16,6 +16,8 @@ pub enum WorkerError {
     Unavailable { worker_id: String, reason: String },
     #[error("worker {0} is shutting down")]
     ShuttingDown(String),
+    #[error("session {0} is not open on this worker")]
+    SessionNotHere(String),
     #[error("worker {worker_id} does not run {mode} tasks")]
     ModeNotRun {
         worker_id: String,
@@ -30,6 +32,7 @@ impl From<WorkerError> for Status {
             WorkerError::InvalidArgument { .. } => Status::invalid_argument(message),
             WorkerError::AlreadyRunning(_) => Status::already_exists(message),
             WorkerError::ModeNotRun { .. } => Status::failed_precondition(message),
+            WorkerError::SessionNotHere(_) => Status::not_found(message),
             WorkerError::AtCapacity { .. } => Status::resource_exhausted(message),
             WorkerError::Unavailable { .. } | WorkerError::ShuttingDown(_) => {
                 Status::unavailable(message)

@@ -7,6 +7,7 @@ pub mod execution;
 mod link;
 mod runtime;
 mod service;
+mod session;
 mod workspace;
 
 use std::net::SocketAddr;

@@ -42,6 +42,9 @@ pub struct Runtime {
     workspaces: Workspaces,
     slots: Arc<Semaphore>,
     running: Mutex<HashMap<String, Cancellation>>,
+    sessions: Mutex<HashMap<String, mpsc::Sender<crate::session::Command>>>,
+    /// Signalled whenever a session ends, for shutdown to wait on.
+    session_ended: tokio::sync::Notify,
     shutting_down: Cancellation,
 }
 
@@ -61,6 +64,8 @@ impl Runtime {
             warm_pools: HashMap::new(),
             workspaces,
             running: Mutex::default(),
+            sessions: Mutex::default(),
+            session_ended: tokio::sync::Notify::new(),
             shutting_down: Cancellation::default(),
         };
         runtime.start_warm_pools();
@@ -119,6 +124,84 @@ impl Runtime {
             .sum()
     }
 
+    pub fn provider(&self, mode: ExecutionMode) -> Option<Arc<dyn ExecutionProvider>> {
+        self.providers.get(mode).cloned()
+    }
+
+    pub fn workspaces(&self) -> &Workspaces {
+        &self.workspaces
+    }
+
+    /// A slot for a task or session, if the worker has one free and can work.
+    pub async fn take_slot(&self) -> Result<OwnedSemaphorePermit, WorkerError> {
+        if self.shutting_down.is_cancelled() {
+            return Err(WorkerError::ShuttingDown(self.worker_id.clone()));
+        }
+        if let ProviderHealth::Unavailable(reason) = self.health().await {
+            return Err(WorkerError::Unavailable {
+                worker_id: self.worker_id.clone(),
+                reason,
+            });
+        }
+        self.slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| WorkerError::AtCapacity {
+                worker_id: self.worker_id.clone(),
+                capacity: self.capacity(),
+            })
+    }
+
+    /// Records a session's command channel; false when the session is already open here.
+    pub fn register_session(
+        &self,
+        session_id: &str,
+        commands: mpsc::Sender<crate::session::Command>,
+    ) -> bool {
+        let mut sessions = self.sessions.lock().expect("session lock poisoned");
+        if sessions.contains_key(session_id) {
+            return false;
+        }
+        sessions.insert(session_id.to_owned(), commands);
+        true
+    }
+
+    pub fn unregister_session(&self, session_id: &str) {
+        self.sessions
+            .lock()
+            .expect("session lock poisoned")
+            .remove(session_id);
+        self.session_ended.notify_waiters();
+    }
+
+    fn open_sessions(&self) -> usize {
+        self.sessions.lock().expect("session lock poisoned").len()
+    }
+
+    /// Hands a command to an open session.
+    pub async fn session_command(
+        &self,
+        session_id: &str,
+        command: crate::session::Command,
+    ) -> Result<(), WorkerError> {
+        let commands = self
+            .sessions
+            .lock()
+            .expect("session lock poisoned")
+            .get(session_id)
+            .cloned()
+            .ok_or_else(|| WorkerError::SessionNotHere(session_id.to_owned()))?;
+        commands
+            .send(command)
+            .await
+            .map_err(|_| WorkerError::SessionNotHere(session_id.to_owned()))
+    }
+
+    /// Completes when the worker starts shutting down.
+    pub async fn shutting_down(&self) {
+        self.shutting_down.cancelled().await;
+    }
+
     pub fn running_task_ids(&self) -> Vec<String> {
         let mut ids: Vec<_> = self.running().keys().cloned().collect();
         ids.sort();
@@ -156,6 +239,23 @@ impl Runtime {
         for pool in self.warm_pools.values() {
             pool.shutdown().await;
         }
+        // Sessions stop their containers (keeping their volumes) before the worker goes.
+        let bound = self.config.agent.cancel_grace_period.get() + Duration::from_secs(10);
+        let all_ended = async {
+            loop {
+                let ended = self.session_ended.notified();
+                if self.open_sessions() == 0 {
+                    break;
+                }
+                ended.await;
+            }
+        };
+        if tokio::time::timeout(bound, all_ended).await.is_err() {
+            tracing::warn!(
+                sessions = self.open_sessions(),
+                "sessions still stopping at shutdown"
+            );
+        }
     }
 
     /// Accepts `execution`, or says why not. The returned [`Admission`] runs it.
@@ -184,23 +284,7 @@ impl Runtime {
                 mode: mode.label(),
             });
         }
-        if self.shutting_down.is_cancelled() {
-            return Err(WorkerError::ShuttingDown(self.worker_id.clone()));
-        }
-        if let ProviderHealth::Unavailable(reason) = self.health().await {
-            return Err(WorkerError::Unavailable {
-                worker_id: self.worker_id.clone(),
-                reason,
-            });
-        }
-        let permit =
-            self.slots
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| WorkerError::AtCapacity {
-                    worker_id: self.worker_id.clone(),
-                    capacity: self.capacity(),
-                })?;
+        let permit = self.take_slot().await?;
         let cancel = Cancellation::default();
         {
             let mut running = self.running();
@@ -334,6 +418,7 @@ impl Runtime {
             workspace: workspace.clone(),
             input: AgentInput::None,
             limits,
+            mounts: Vec::new(),
         };
         let agent = provider.launch(launch).await.map_err(|err| err.0)?;
         Ok((agent, workspace, "agent started".to_owned()))

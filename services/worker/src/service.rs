@@ -9,6 +9,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use crate::runtime::{EventSink, Execution, Runtime};
+use crate::session::Command;
 
 /// The WorkerService: thin RPC methods over the [`Runtime`].
 pub struct WorkerService {
@@ -93,5 +94,53 @@ impl WorkerApi for WorkerService {
             }),
             running_task_ids,
         }))
+    }
+
+    type RunSessionStream = Pin<Box<dyn Stream<Item = Result<RunSessionResponse, Status>> + Send>>;
+
+    async fn run_session(
+        &self,
+        request: Request<RunSessionRequest>,
+    ) -> Result<Response<Self::RunSessionStream>, Status> {
+        let request = request.into_inner();
+        let (sender, receiver) = mpsc::channel(256);
+        self.runtime
+            .open_session(request.session_id, request.spec.unwrap_or_default(), sender)
+            .await?;
+        let stream = ReceiverStream::new(receiver)
+            .map(|event| Ok(RunSessionResponse { event: Some(event) }));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn session_turn(
+        &self,
+        request: Request<SessionTurnRequest>,
+    ) -> Result<Response<SessionTurnResponse>, Status> {
+        let request = request.into_inner();
+        let command = Command::Turn {
+            turn: request.turn,
+            text: request.text,
+        };
+        self.runtime
+            .session_command(&request.session_id, command)
+            .await?;
+        Ok(Response::new(SessionTurnResponse {}))
+    }
+
+    async fn close_worker_session(
+        &self,
+        request: Request<CloseWorkerSessionRequest>,
+    ) -> Result<Response<CloseWorkerSessionResponse>, Status> {
+        let session_id = request.into_inner().session_id;
+        let (done, closed) = tokio::sync::oneshot::channel();
+        let found = self
+            .runtime
+            .session_command(&session_id, Command::Close { done })
+            .await
+            .is_ok();
+        if found {
+            let _ = closed.await;
+        }
+        Ok(Response::new(CloseWorkerSessionResponse { found }))
     }
 }

@@ -355,10 +355,12 @@ impl ExecutionProvider for ContainerProvider {
             stdin_once: Some(true),
             tty: Some(false),
             host_config: Some(HostConfig {
-                binds: Some(vec![format!(
-                    "{}:/workspace:rw",
-                    launch.workspace.display()
-                )]),
+                binds: Some(
+                    std::iter::once((launch.workspace.clone(), "/workspace".to_owned()))
+                        .chain(launch.mounts.iter().cloned())
+                        .map(|(host, inside)| format!("{}:{inside}:rw", host.display()))
+                        .collect(),
+                ),
                 memory: (memory > 0).then_some(memory as i64),
                 memory_swap: (memory > 0).then_some(memory as i64),
                 nano_cpus: (cpus > 0.0).then_some((cpus * 1e9) as i64),

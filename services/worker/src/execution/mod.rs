@@ -46,6 +46,8 @@ pub struct AgentLaunch {
     pub input: AgentInput,
     /// Limits for providers that enforce them (containers).
     pub limits: Limits,
+    /// Host directories mounted into the agent's container, with where they appear there.
+    pub mounts: Vec<(PathBuf, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

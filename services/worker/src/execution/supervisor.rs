@@ -83,7 +83,7 @@ impl Outcome {
 /// How long output may still arrive after the agent exited (buffered lines, tools' leftovers).
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// Stderr lines kept to explain a failure.
-const STDERR_TAIL: usize = 5;
+pub(crate) const STDERR_TAIL: usize = 5;
 
 /// Streams the agent's events to `emit` until it ends, enforcing `supervision` and `cancel`,
 /// then releases the agent and decides the outcome.
@@ -168,7 +168,9 @@ where
     decide(stop, result, &exit, &stderr_tail)
 }
 
-async fn handle_line<F, Fut>(
+/// Turns one output line into events: parsed stream-json events, or the line itself. Keeps the
+/// result and the last stderr lines.
+pub(crate) async fn handle_line<F, Fut>(
     line: OutputLine,
     result: &mut Option<ResultEvent>,
     stderr_tail: &mut VecDeque<String>,

@@ -150,6 +150,7 @@ impl WarmPool {
             workspace: workspace.clone(),
             input: AgentInput::StreamJson,
             limits: Limits::default(),
+            mounts: Vec::new(),
         };
         let handle = self.provider.launch(launch).await.map_err(|err| err.0)?;
         Ok(WarmAgent { handle, workspace })
