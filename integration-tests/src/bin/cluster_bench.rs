@@ -343,6 +343,122 @@ async fn worker_memory() {
     );
 }
 
+async fn send_message(cluster: &TestCluster, session_id: &str, text: &str) -> f64 {
+    let started = Instant::now();
+    let request = SendSessionMessageRequest {
+        session_id: session_id.to_owned(),
+        text: text.to_owned(),
+    };
+    let mut stream = cluster
+        .driver()
+        .await
+        .send_session_message(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answered = false;
+    while let Some(response) = stream.message().await.unwrap() {
+        if let Some(Kind::Result(result)) = response.event.and_then(|e| e.kind) {
+            answered = !result.is_error;
+        }
+    }
+    assert!(answered, "the session answered");
+    started.elapsed().as_secs_f64()
+}
+
+async fn create_session(cluster: &TestCluster) -> String {
+    cluster
+        .driver()
+        .await
+        .create_session(CreateSessionRequest {
+            spec: Some(SessionSpec::default()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap()
+        .session_id
+}
+
+/// Memory a container uses now, from `docker stats`, in MiB.
+async fn container_memory_mib(id: &str) -> f64 {
+    let text = claudecluster_integration_tests::docker::docker(&[
+        "stats",
+        "--no-stream",
+        "--format",
+        "{{.MemUsage}}",
+        id,
+    ])
+    .await;
+    let used = text.split('/').next().unwrap().trim();
+    let (number, unit) = used.split_at(used.find(|c: char| c.is_alphabetic()).unwrap());
+    let number: f64 = number.parse().unwrap();
+    match unit {
+        "GiB" => number * 1024.0,
+        "MiB" => number,
+        "KiB" => number / 1024.0,
+        _ => number / (1024.0 * 1024.0),
+    }
+}
+
+async fn sessions() {
+    let worker = WorkerSpec {
+        mode: Mode::Container,
+        capacity: 12,
+        ..WorkerSpec::default()
+    };
+    let cluster = TestCluster::start(vec![worker]).await;
+    let session = create_session(&cluster).await;
+    send_message(&cluster, &session, "hello bench").await;
+    cluster_run(&cluster, prompt("hello bench")).await;
+    let (mut in_session, mut one_shot) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        in_session.push(send_message(&cluster, &session, "hello bench").await);
+        one_shot.push(cluster_run(&cluster, prompt("hello bench")).await.0);
+    }
+    let in_session = median(&mut in_session);
+    let one_shot = median(&mut one_shot);
+    println!(
+        "| message in a warm session (median of {RUNS}) | fresh one-shot container task: {:.0} ms | {:.0} ms, ratio {:.3} |",
+        one_shot * 1000.0,
+        in_session * 1000.0,
+        in_session / one_shot
+    );
+    // Ten more idle sessions with their agents running: what one costs.
+    let worker_before = rss_kib(cluster.workers[0].pid());
+    let mut ids = vec![session];
+    for _ in 0..10 {
+        let id = create_session(&cluster).await;
+        send_message(&cluster, &id, "hello bench").await;
+        ids.push(id);
+    }
+    let mut memory = Vec::new();
+    for id in &ids {
+        let containers = claudecluster_integration_tests::docker::containers_with_label(&format!(
+            "claudecluster.task=session-{id}"
+        ))
+        .await;
+        memory.push(container_memory_mib(&containers[0]).await);
+    }
+    let worker_growth =
+        (rss_kib(cluster.workers[0].pid()) as f64 - worker_before as f64) / 1024.0 / 10.0;
+    let per_session = median(&mut memory);
+    let total_mib = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
+        .unwrap()
+        / 1024.0;
+    println!(
+        "| idle session with its agent running (median of {}) | | {per_session:.0} MiB in its container, {worker_growth:.2} MiB in the worker; about {:.0} fit in this machine's {:.0} GiB |",
+        ids.len(),
+        total_mib / (per_session + worker_growth),
+        total_mib / 1024.0
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let only: Option<String> = std::env::args().nth(1);
@@ -352,6 +468,9 @@ async fn main() {
     if wants("container") {
         container_mode().await;
         worker_memory().await;
+    }
+    if wants("sessions") {
+        sessions().await;
     }
     if !wants("process") {
         return;
