@@ -198,7 +198,11 @@ async fn tasks_are_listed_by_status_in_pages() {
     let cluster = TestCluster::start(vec![WorkerSpec::default()]).await;
     let done = cluster.submit(prompt("one")).await;
     cluster.finish(&done.task_id).await;
-    let failed = cluster.submit(prompt("ERROR 500")).await;
+    let labelled = TaskSpec {
+        labels: [("team".to_owned(), "blue".to_owned())].into(),
+        ..prompt("ERROR 500")
+    };
+    let failed = cluster.submit(labelled).await;
     cluster.finish(&failed.task_id).await;
     let done_too = cluster.submit(prompt("three")).await;
     cluster.finish(&done_too.task_id).await;
@@ -211,6 +215,7 @@ async fn tasks_are_listed_by_status_in_pages() {
                     statuses: statuses.into_iter().map(|s| s as i32).collect(),
                     page_size: size,
                     page_token: token,
+                    ..Default::default()
                 })
                 .await
                 .unwrap()
@@ -232,6 +237,16 @@ async fn tasks_are_listed_by_status_in_pages() {
             .collect::<Vec<_>>(),
         vec![failed.task_id]
     );
+    let blue = driver
+        .list_tasks(ListTasksRequest {
+            label_selector: [("team".to_owned(), "blue".to_owned())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(blue.tasks.len(), 1);
+    assert_eq!(blue.tasks[0].task_id, failed.task_id);
     let all = driver
         .list_tasks(ListTasksRequest::default())
         .await

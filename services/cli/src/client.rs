@@ -270,6 +270,7 @@ pub async fn tasks(command: TasksCommand) -> ExitCode {
                 statuses: parsed,
                 page_size: limit,
                 page_token: String::new(),
+                label_selector: Default::default(),
             };
             match client.list_tasks(request).await {
                 Ok(response) => {

@@ -142,8 +142,13 @@ impl DriverApi for DriverService {
             0 => DEFAULT_PAGE_SIZE,
             size => size.min(MAX_PAGE_SIZE),
         };
-        let (tasks, next) = self.store.page(start, limit, |status| {
-            statuses.is_empty() || statuses.contains(&status)
+        let selector = request.label_selector;
+        let (tasks, next) = self.store.page(start, limit, |task| {
+            let labels = task.spec.as_ref().map(|spec| &spec.labels);
+            (statuses.is_empty() || statuses.contains(&task.status()))
+                && selector
+                    .iter()
+                    .all(|(key, value)| labels.and_then(|l| l.get(key)) == Some(value))
         });
         Ok(Response::new(ListTasksResponse {
             tasks,

@@ -39,6 +39,9 @@ impl Record for TaskRecord {
                 if !change.workspace.is_empty() {
                     task.workspace = change.workspace.clone();
                 }
+                if !change.runner.is_empty() {
+                    task.runner = change.runner.clone();
+                }
                 if status == TaskStatus::Running && task.start_time.is_none() {
                     task.start_time = now;
                 } else if status.is_terminal() {
@@ -117,6 +120,7 @@ impl TaskEntry {
                 reason: reason.into(),
                 worker_id: worker_id.to_owned(),
                 workspace: String::new(),
+                runner: String::new(),
             }),
         )
         .is_some()
@@ -261,12 +265,12 @@ impl TaskStore {
         &self,
         start: u64,
         limit: usize,
-        filter: impl Fn(TaskStatus) -> bool,
+        filter: impl Fn(&Task) -> bool,
     ) -> (Vec<Task>, Option<u64>) {
         let inner = self.inner.read().expect("task store lock poisoned");
         inner.tasks.page(start, limit, |entry| {
             let task = entry.snapshot();
-            filter(task.status()).then_some(task)
+            filter(&task).then_some(task)
         })
     }
 
@@ -374,10 +378,10 @@ mod tests {
             .collect();
         entries[1].cancel("x");
         entries[3].cancel("x");
-        let (page, next) = store.page(0, 2, |s| s == TaskStatus::Pending);
+        let (page, next) = store.page(0, 2, |t| t.status() == TaskStatus::Pending);
         let ids: Vec<_> = page.iter().map(|t| t.task_id.clone()).collect();
         assert_eq!(ids, vec![entries[0].id.clone(), entries[2].id.clone()]);
-        let (rest, after) = store.page(next.unwrap(), 2, |s| s == TaskStatus::Pending);
+        let (rest, after) = store.page(next.unwrap(), 2, |t| t.status() == TaskStatus::Pending);
         assert_eq!(rest.len(), 1);
         assert_eq!(rest[0].task_id, entries[4].id);
         assert_eq!(after, None);

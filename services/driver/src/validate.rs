@@ -70,7 +70,43 @@ pub fn task_spec(spec: Option<&TaskSpec>) -> Result<&TaskSpec, DriverError> {
     if let Some(agent) = &spec.agent {
         agent_options(agent)?;
     }
+    for (name, value) in &spec.environment {
+        environment_variable(name, value)?;
+    }
     Ok(spec)
+}
+
+/// The worker's own variables stay the worker's: a task that could set `ANTHROPIC_BASE_URL`
+/// could send the worker's key anywhere.
+fn environment_variable(name: &str, value: &str) -> Result<(), DriverError> {
+    let field = "spec.environment";
+    let valid_name = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid_name {
+        return Err(DriverError::invalid(
+            field,
+            format!("`{name}` is not a variable name"),
+        ));
+    }
+    if name.starts_with("ANTHROPIC_")
+        || name.starts_with("CLAUDE_CODE_")
+        || name == "CLAUDE_CONFIG_DIR"
+    {
+        return Err(DriverError::invalid(
+            field,
+            format!("`{name}` is set by the worker and cannot be set by a task"),
+        ));
+    }
+    if value.contains('\n') || value.contains('\0') {
+        return Err(DriverError::invalid(
+            field,
+            format!("the value of `{name}` must be one line"),
+        ));
+    }
+    Ok(())
 }
 
 pub fn session_spec(spec: SessionSpec) -> Result<SessionSpec, DriverError> {

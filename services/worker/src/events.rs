@@ -112,14 +112,16 @@ pub fn status_change(status: v1::TaskStatus, reason: impl Into<String>, worker_i
         reason: reason.into(),
         worker_id: worker_id.to_owned(),
         workspace: String::new(),
+        runner: String::new(),
     })
 }
 
-pub fn running(reason: String, worker_id: &str, workspace: &std::path::Path) -> Kind {
+pub fn running(reason: String, worker_id: &str, workspace: &std::path::Path, runner: &str) -> Kind {
     Kind::StatusChange(v1::StatusChange {
         status: v1::TaskStatus::Running as i32,
         reason,
         worker_id: worker_id.to_owned(),
         workspace: workspace.display().to_string(),
+        runner: runner.to_owned(),
     })
 }

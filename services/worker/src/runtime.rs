@@ -77,7 +77,7 @@ impl Runtime {
         let options = AgentOptions::resolve(None, &self.config.agent);
         let template = WarmTemplate {
             args: warm_agent_args(&options),
-            env: agent_env(&self.config.agent, std::env::vars()),
+            env: agent_env(&self.config.agent, std::env::vars(), []),
             options,
         };
         for mode in self.providers.modes() {
@@ -307,9 +307,12 @@ impl Runtime {
         mode: ExecutionMode,
         options: &AgentOptions,
         limits: Limits,
+        spec: &TaskSpec,
     ) -> Option<crate::execution::WarmAgent> {
         let pool = self.warm_pools.get(&mode)?;
-        if pool.options() != options || limits != Limits::default() {
+        // A warm agent was started with the worker's defaults: options, limits, environment.
+        if pool.options() != options || limits != Limits::default() || !spec.environment.is_empty()
+        {
             return None;
         }
         pool.take()
@@ -355,6 +358,7 @@ impl Runtime {
                 format!("{how} in {}: {}", workspace.display(), agent.description),
                 &self.worker_id,
                 &workspace,
+                &agent.description,
             ))
             .await;
         let timeout = spec
@@ -382,7 +386,7 @@ impl Runtime {
         limits: Limits,
     ) -> Result<(AgentHandle, PathBuf, String), String> {
         let spec = &execution.spec;
-        if let Some(warm) = self.warm_agent(provider.mode(), options, limits) {
+        if let Some(warm) = self.warm_agent(provider.mode(), options, limits, spec) {
             let handed_out = Instant::now();
             if !spec.repo_url.is_empty() {
                 crate::workspace::clone(&spec.repo_url, &warm.workspace).await?;
@@ -414,7 +418,11 @@ impl Runtime {
             task_id: execution.task_id.clone(),
             attempt: execution.attempt,
             args: agent_args(&spec.prompt, options),
-            env: agent_env(&self.config.agent, std::env::vars()),
+            env: agent_env(
+                &self.config.agent,
+                std::env::vars(),
+                spec.environment.clone(),
+            ),
             workspace: workspace.clone(),
             input: AgentInput::None,
             limits,

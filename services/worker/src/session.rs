@@ -340,7 +340,7 @@ impl Actor {
             args.push("--resume".to_owned());
             args.push(id.clone());
         }
-        let mut env = agent_env(&config.agent, std::env::vars());
+        let mut env = agent_env(&config.agent, std::env::vars(), []);
         env.push(("CLAUDE_CONFIG_DIR".to_owned(), CONFIG_MOUNT.to_owned()));
         let limits = self
             .spec

@@ -102,10 +102,11 @@ const FIXED_ENV: &[(&str, &str)] = &[
 ];
 
 /// The agent's environment: the worker's variables whose names start with one of
-/// `agent.passEnv`, then `agent.env`, then the fixed ones.
+/// `agent.passEnv`, then `agent.env`, then the task's own (`task_env`), then the fixed ones.
 pub fn agent_env(
     config: &AgentConfig,
     worker_env: impl IntoIterator<Item = (String, String)>,
+    task_env: impl IntoIterator<Item = (String, String)>,
 ) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = worker_env
         .into_iter()
@@ -118,6 +119,7 @@ pub fn agent_env(
         })
         .collect();
     env.extend(config.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.extend(task_env);
     env.extend(
         FIXED_ENV
             .iter()
@@ -191,13 +193,15 @@ mod tests {
                 "not for agents".to_owned(),
             ),
         ];
-        let env = agent_env(&config, worker_env);
+        let task_env = vec![("PROJECT".to_owned(), "demo".to_owned())];
+        let env = agent_env(&config, worker_env, task_env);
         let get = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
         assert_eq!(get("ANTHROPIC_API_KEY"), Some("sk-secret"));
         assert_eq!(get("CLAUDE_CODE_MAX_RETRIES"), Some("0"));
         assert_eq!(get("API_TIMEOUT_MS"), Some("5000"));
         assert_eq!(get("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"), Some("1"));
         assert_eq!(get("AWS_SECRET_ACCESS_KEY"), None);
+        assert_eq!(get("PROJECT"), Some("demo"));
         let names: Vec<_> = env.iter().map(|(k, _)| k).collect();
         let unique: std::collections::HashSet<_> = names.iter().collect();
         assert_eq!(names.len(), unique.len(), "one entry per name");
