@@ -235,7 +235,7 @@ async fn tasks_are_listed_by_status_in_pages() {
             .iter()
             .map(|t| t.task_id.clone())
             .collect::<Vec<_>>(),
-        vec![failed.task_id]
+        vec![failed.task_id.clone()]
     );
     let blue = driver
         .list_tasks(ListTasksRequest {
