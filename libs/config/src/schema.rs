@@ -16,6 +16,26 @@ pub struct ClusterConfig {
     pub driver: DriverConfig,
     pub scheduler: SchedulerConfig,
     pub worker: WorkerConfig,
+    pub mcp: McpConfig,
+}
+
+/// The MCP server: a client of the driver.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct McpConfig {
+    /// Where the streamable HTTP transport listens (path `/mcp`).
+    pub listen: String,
+    /// The driver, as host:port.
+    pub driver_address: String,
+}
+
+impl Default for McpConfig {
+    fn default() -> Self {
+        McpConfig {
+            listen: "127.0.0.1:50054".into(),
+            driver_address: "127.0.0.1:50051".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -331,6 +351,8 @@ impl ClusterConfig {
             ("scheduler.listen", &self.scheduler.listen),
             ("worker.listen", &self.worker.listen),
             ("worker.schedulerAddress", &self.worker.scheduler_address),
+            ("mcp.listen", &self.mcp.listen),
+            ("mcp.driverAddress", &self.mcp.driver_address),
         ];
         for (key, address) in addresses {
             check(

@@ -31,6 +31,8 @@ enum Command {
     Scheduler(ServeArgs),
     /// Run a worker.
     Worker(ServeArgs),
+    /// Serve the cluster as MCP tools, over stdio (for a Claude Code `--mcp-config`) or HTTP.
+    Mcp(McpArgs),
     /// Submit a task.
     Run(client::RunArgs),
     /// List, inspect and cancel tasks.
@@ -51,6 +53,22 @@ struct ServeArgs {
     config: Option<PathBuf>,
 }
 
+#[derive(Args)]
+struct McpArgs {
+    /// A YAML file with the MCP server's keys (`listen`, `driverAddress`).
+    #[arg(long, short, env = "CLAUDECLUSTER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Serve streamable HTTP at `/mcp` instead of stdio.
+    #[arg(long)]
+    http: bool,
+    /// The HTTP address (default `mcp.listen`, 127.0.0.1:50054).
+    #[arg(long)]
+    listen: Option<String>,
+    /// The driver (default `mcp.driverAddress`, 127.0.0.1:50051).
+    #[arg(long, env = "CLAUDECLUSTER_DRIVER")]
+    driver: Option<String>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -63,6 +81,9 @@ fn main() -> ExitCode {
             Command::Driver(args) => serve::run(serve::Services::Driver, args.config).await,
             Command::Scheduler(args) => serve::run(serve::Services::Scheduler, args.config).await,
             Command::Worker(args) => serve::run(serve::Services::Worker, args.config).await,
+            Command::Mcp(args) => {
+                serve::mcp(args.config, args.http, args.listen, args.driver).await
+            }
             Command::Run(args) => client::run(args).await,
             Command::Tasks(command) => client::tasks(command).await,
             Command::Status(args) => client::status(args).await,

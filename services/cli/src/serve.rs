@@ -113,3 +113,60 @@ async fn wait_for_signal() {
         _ = terminate.recv() => {}
     }
 }
+
+/// Runs the MCP server until its client leaves (stdio) or a signal (HTTP).
+pub async fn mcp(
+    config_file: Option<PathBuf>,
+    http: bool,
+    listen: Option<String>,
+    driver: Option<String>,
+) -> ExitCode {
+    claudecluster_telemetry::init();
+    let config = match claudecluster_config::load(
+        config_file.as_deref(),
+        FileLayout::Section("mcp"),
+        std::env::vars(),
+    ) {
+        Ok(config) => config.mcp,
+        Err(err) => {
+            eprintln!("claudecluster: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let driver = driver.unwrap_or(config.driver_address);
+    // Claude Code tells a stdio MCP server which of its sessions started it.
+    let parent = std::env::var("CLAUDE_CODE_SESSION_ID").ok();
+    let tools = match claudecluster_mcp::ClusterTools::new(&driver, parent) {
+        Ok(tools) => tools,
+        Err(message) => {
+            eprintln!("claudecluster: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    if !http {
+        return match claudecluster_mcp::serve_stdio(tools).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("claudecluster: {message}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let address = listen.unwrap_or(config.listen);
+    let started = async {
+        let listener = claudecluster_grpc::bind(&address, "mcp.listen").await?;
+        claudecluster_mcp::serve_http(tools, listener)
+    };
+    match started.await {
+        Ok(server) => {
+            announce("mcp", server.local_addr);
+            wait_for_signal().await;
+            let _ = server.shutdown().await;
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("claudecluster: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,533 @@
+//! `claudecluster mcp`: the cluster as MCP tools, so that a primary Claude Code can spawn
+//! containerized agents, give them work and collect their results.
+//!
+//! The server is a client of the driver and nothing more; it never talks to Docker. Tools
+//! return at once or within a bounded wait (Claude Code gives up on a tool call after 60 s),
+//! so long-running work is polled with `wait_for_task` and `wait_for_reply`. A task or session
+//! that failed is a tool result with `isError`; only a malformed call is a protocol error.
+
+mod params;
+mod summary;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use claudecluster_proto::v1::driver_service_client::DriverServiceClient;
+use claudecluster_proto::v1::event::Kind;
+use claudecluster_proto::v1::*;
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabilities, ServerConfig};
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::{ErrorData, ServerHandler, ServiceExt, tool, tool_handler, tool_router};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub use params::*;
+use summary::{session_json, task_json};
+
+/// The label that records which primary Claude Code session spawned a task.
+pub const PARENT_SESSION_LABEL: &str = "claudecluster.parent_session";
+/// The longest a tool call waits: under Claude Code's 60 s limit for a tool call.
+const MAX_WAIT: Duration = Duration::from_secs(50);
+const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+/// How long spawning waits for the container to be running, to report it.
+const SPAWN_WAIT: Duration = Duration::from_secs(15);
+
+type ToolResult = Result<CallToolResult, ErrorData>;
+
+fn ok(value: Value) -> ToolResult {
+    Ok(CallToolResult::structured(value))
+}
+
+fn failed(value: Value) -> ToolResult {
+    Ok(CallToolResult::structured_error(value))
+}
+
+fn wait_for(seconds: Option<u32>) -> Duration {
+    seconds
+        .map(|s| Duration::from_secs(s.into()))
+        .unwrap_or(DEFAULT_WAIT)
+        .min(MAX_WAIT)
+}
+
+#[derive(Clone)]
+pub struct ClusterTools {
+    driver: DriverServiceClient<Channel>,
+    driver_address: String,
+    /// The primary's session, from `CLAUDE_CODE_SESSION_ID`, recorded on what it spawns.
+    parent_session: Option<String>,
+    tool_router: ToolRouter<Self>,
+}
+
+impl ClusterTools {
+    pub fn new(driver_address: &str, parent_session: Option<String>) -> Result<Self, String> {
+        let channel = claudecluster_grpc::channel(driver_address)
+            .map_err(|err| format!("bad driver address `{driver_address}`: {err}"))?;
+        Ok(ClusterTools {
+            driver: DriverServiceClient::new(channel),
+            driver_address: driver_address.to_owned(),
+            parent_session: parent_session.filter(|id| !id.is_empty()),
+            tool_router: Self::tool_router(),
+        })
+    }
+
+    /// A driver error as a result the caller can read.
+    fn driver_error(&self, status: tonic::Status) -> ToolResult {
+        let message = if status.code() == tonic::Code::Unavailable {
+            format!(
+                "the ClaudeCluster driver at {} is unreachable: {}",
+                self.driver_address,
+                status.message()
+            )
+        } else {
+            status.message().to_owned()
+        };
+        Ok(CallToolResult::error(vec![ContentBlock::text(message)]))
+    }
+
+    async fn task(&self, task_id: &str) -> Result<Task, tonic::Status> {
+        let request = GetTaskRequest {
+            task_id: task_id.to_owned(),
+        };
+        Ok(self
+            .driver
+            .clone()
+            .get_task(request)
+            .await?
+            .into_inner()
+            .task
+            .unwrap_or_default())
+    }
+
+    /// Follows the task's events until `done` says so, the stream ends, or `limit` passes.
+    async fn follow_task(
+        &self,
+        task_id: &str,
+        limit: Duration,
+        done: impl Fn(&Event) -> bool,
+    ) -> Result<Vec<Event>, tonic::Status> {
+        let request = StreamTaskEventsRequest {
+            task_id: task_id.to_owned(),
+            after_sequence: 0,
+        };
+        let mut stream = self
+            .driver
+            .clone()
+            .stream_task_events(request)
+            .await?
+            .into_inner();
+        let mut events = Vec::new();
+        let _ = tokio::time::timeout(limit, async {
+            while let Ok(Some(response)) = stream.message().await {
+                let Some(event) = response.event else {
+                    continue;
+                };
+                let stop = done(&event);
+                events.push(event);
+                if stop {
+                    return;
+                }
+            }
+        })
+        .await;
+        Ok(events)
+    }
+}
+
+fn status_is(event: &Event, wanted: impl Fn(TaskStatus) -> bool) -> bool {
+    matches!(&event.kind, Some(Kind::StatusChange(change)) if wanted(change.status()))
+}
+
+/// Files the agent wrote or edited, from its tool calls.
+fn files_changed(events: &[Event]) -> Vec<String> {
+    let mut files = Vec::new();
+    for event in events {
+        let Some(Kind::ToolUse(tool)) = &event.kind else {
+            continue;
+        };
+        if !matches!(
+            tool.name.as_str(),
+            "Write" | "Edit" | "MultiEdit" | "NotebookEdit"
+        ) {
+            continue;
+        }
+        let input: Value = serde_json::from_str(&tool.input_json).unwrap_or_default();
+        for key in ["file_path", "notebook_path"] {
+            if let Some(path) = input[key].as_str()
+                && !files.iter().any(|f| f == path)
+            {
+                files.push(path.to_owned());
+            }
+        }
+    }
+    files
+}
+
+#[tool_router]
+impl ClusterTools {
+    #[tool(
+        description = "Start a Claude Code agent in a container of its own on the cluster, working on `task`. Returns at once (within seconds) with the task id, the worker and the container; the agent keeps working. Use wait_for_task to wait for it and get_task_result for its answer."
+    )]
+    async fn spawn_claude_container(
+        &self,
+        Parameters(params): Parameters<SpawnParams>,
+    ) -> ToolResult {
+        let mut labels = HashMap::new();
+        if let Some(parent) = &self.parent_session {
+            labels.insert(PARENT_SESSION_LABEL.to_owned(), parent.clone());
+        }
+        let spec = match params.into_spec(labels) {
+            Ok(spec) => spec,
+            Err(message) => return Err(ErrorData::invalid_params(message, None)),
+        };
+        let submitted = match self
+            .driver
+            .clone()
+            .submit_task(SubmitTaskRequest { spec: Some(spec) })
+            .await
+        {
+            Ok(response) => response.into_inner().task.unwrap_or_default(),
+            Err(status) => return self.driver_error(status),
+        };
+        // Report the container once it runs; a task still waiting for room is reported as is.
+        let started =
+            |event: &Event| status_is(event, |s| s == TaskStatus::Running || s.is_terminal());
+        if let Err(status) = self
+            .follow_task(&submitted.task_id, SPAWN_WAIT, started)
+            .await
+        {
+            return self.driver_error(status);
+        }
+        match self.task(&submitted.task_id).await {
+            Ok(task) => ok(task_json(&task)),
+            Err(status) => self.driver_error(status),
+        }
+    }
+
+    #[tool(
+        description = "Wait up to timeoutSeconds (default 30, at most 50) for a task to end, then return its state. Call again if it is still running."
+    )]
+    async fn wait_for_task(&self, Parameters(params): Parameters<WaitParams>) -> ToolResult {
+        let ended = |event: &Event| status_is(event, TaskStatus::is_terminal);
+        if let Err(status) = self
+            .follow_task(&params.task_id, wait_for(params.timeout_seconds), ended)
+            .await
+        {
+            return self.driver_error(status);
+        }
+        match self.task(&params.task_id).await {
+            Ok(task) => ok(task_json(&task)),
+            Err(status) => self.driver_error(status),
+        }
+    }
+
+    #[tool(description = "The current state of a task: status, reason, worker, container.")]
+    async fn get_task_status(&self, Parameters(params): Parameters<TaskParams>) -> ToolResult {
+        match self.task(&params.task_id).await {
+            Ok(task) => ok(task_json(&task)),
+            Err(status) => self.driver_error(status),
+        }
+    }
+
+    #[tool(
+        description = "The outcome of a finished task: the agent's final text, cost, tokens and the files it wrote. An error result while the task is still running, or when it failed."
+    )]
+    async fn get_task_result(&self, Parameters(params): Parameters<TaskParams>) -> ToolResult {
+        let task = match self.task(&params.task_id).await {
+            Ok(task) => task,
+            Err(status) => return self.driver_error(status),
+        };
+        if !task.status().is_terminal() {
+            let mut value = task_json(&task);
+            value["error"] = json!(format!(
+                "task {} is still {}; call wait_for_task",
+                task.task_id,
+                task.status().label()
+            ));
+            return failed(value);
+        }
+        let events = match self.follow_task(&params.task_id, MAX_WAIT, |_| false).await {
+            Ok(events) => events,
+            Err(status) => return self.driver_error(status),
+        };
+        let mut value = task_json(&task);
+        value["filesChanged"] = json!(files_changed(&events));
+        if task.status() == TaskStatus::Completed {
+            ok(value)
+        } else {
+            failed(value)
+        }
+    }
+
+    #[tool(description = "Cancel a task that has not finished.")]
+    async fn cancel_task(&self, Parameters(params): Parameters<CancelParams>) -> ToolResult {
+        let request = CancelTaskRequest {
+            task_id: params.task_id,
+            reason: params
+                .reason
+                .unwrap_or_else(|| "cancelled through MCP".to_owned()),
+        };
+        match self.driver.clone().cancel_task(request).await {
+            Ok(response) => ok(task_json(&response.into_inner().task.unwrap_or_default())),
+            Err(status) => self.driver_error(status),
+        }
+    }
+
+    #[tool(
+        description = "Tasks on the cluster, newest last: optionally only those in one status (pending, running, completed, failed, cancelled), or only those this primary spawned (mine: true)."
+    )]
+    async fn list_tasks(&self, Parameters(params): Parameters<ListParams>) -> ToolResult {
+        let mut statuses = Vec::new();
+        if let Some(status) = &params.status {
+            match TaskStatus::from_label(status) {
+                Some(status) => statuses.push(status as i32),
+                None => {
+                    return Err(ErrorData::invalid_params(
+                        format!(
+                            "status `{status}` is not pending, assigned, running, completed, failed or cancelled"
+                        ),
+                        None,
+                    ));
+                }
+            }
+        }
+        let mut label_selector = HashMap::new();
+        let parent = match (&params.parent_session_id, params.mine.unwrap_or(false)) {
+            (Some(parent), _) => Some(parent.clone()),
+            (None, true) => match &self.parent_session {
+                Some(parent) => Some(parent.clone()),
+                None => {
+                    return Ok(CallToolResult::error(vec![ContentBlock::text(
+                        "this MCP server does not know its client's Claude Code session (Claude Code passes CLAUDE_CODE_SESSION_ID to stdio servers); give parentSessionId instead",
+                    )]));
+                }
+            },
+            (None, false) => None,
+        };
+        if let Some(parent) = parent {
+            label_selector.insert(PARENT_SESSION_LABEL.to_owned(), parent);
+        }
+        let request = ListTasksRequest {
+            statuses,
+            page_size: params.limit.unwrap_or(50).min(1000),
+            page_token: String::new(),
+            label_selector,
+        };
+        match self.driver.clone().list_tasks(request).await {
+            Ok(response) => {
+                let tasks: Vec<Value> = response.into_inner().tasks.iter().map(task_json).collect();
+                ok(json!({ "tasks": tasks }))
+            }
+            Err(status) => self.driver_error(status),
+        }
+    }
+
+    #[tool(
+        description = "Open a session: a long-lived agent in a container that keeps its workspace and conversation between messages. Needs a container worker."
+    )]
+    async fn create_session(
+        &self,
+        Parameters(params): Parameters<CreateSessionParams>,
+    ) -> ToolResult {
+        let request = CreateSessionRequest {
+            spec: Some(params.into_spec()),
+        };
+        match self.driver.clone().create_session(request).await {
+            Ok(response) => ok(session_json(
+                &response.into_inner().session.unwrap_or_default(),
+            )),
+            Err(status) => self.driver_error(status),
+        }
+    }
+
+    #[tool(
+        description = "Send a message to a session and wait up to timeoutSeconds (default 30, at most 50) for the reply. If the reply takes longer, returns the message's turn: call wait_for_reply with it."
+    )]
+    async fn send_message(&self, Parameters(params): Parameters<SendParams>) -> ToolResult {
+        let request = SendSessionMessageRequest {
+            session_id: params.session_id.clone(),
+            text: params.text,
+        };
+        let stream = match self.driver.clone().send_session_message(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return self.driver_error(status),
+        };
+        self.reply(&params.session_id, stream, wait_for(params.timeout_seconds))
+            .await
+    }
+
+    #[tool(
+        description = "Wait up to timeoutSeconds (default 30, at most 50) for the reply to a session's message (its turn, as send_message returned it)."
+    )]
+    async fn wait_for_reply(&self, Parameters(params): Parameters<ReplyParams>) -> ToolResult {
+        let request = StreamSessionEventsRequest {
+            session_id: params.session_id.clone(),
+            after_sequence: 0,
+        };
+        let stream = match self.driver.clone().stream_session_events(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return self.driver_error(status),
+        };
+        self.reply_to_turn(
+            &params.session_id,
+            stream,
+            params.turn,
+            wait_for(params.timeout_seconds),
+        )
+        .await
+    }
+
+    #[tool(description = "Close a session: its container and volumes are removed.")]
+    async fn close_session(&self, Parameters(params): Parameters<SessionParams>) -> ToolResult {
+        let request = CloseSessionRequest {
+            session_id: params.session_id,
+        };
+        match self.driver.clone().close_session(request).await {
+            Ok(response) => ok(session_json(
+                &response.into_inner().session.unwrap_or_default(),
+            )),
+            Err(status) => self.driver_error(status),
+        }
+    }
+
+    #[tool(
+        description = "The cluster: workers with their execution modes, capacity, load and health; tasks by status; the queue."
+    )]
+    async fn cluster_status(&self) -> ToolResult {
+        match self
+            .driver
+            .clone()
+            .get_cluster_status(GetClusterStatusRequest {})
+            .await
+        {
+            Ok(response) => ok(summary::cluster_json(&response.into_inner())),
+            Err(status) => self.driver_error(status),
+        }
+    }
+}
+
+impl ClusterTools {
+    async fn reply(
+        &self,
+        session_id: &str,
+        stream: tonic::Streaming<SendSessionMessageResponse>,
+        limit: Duration,
+    ) -> ToolResult {
+        let mut stream = stream;
+        let mut events = Vec::new();
+        let complete = tokio::time::timeout(limit, async {
+            while let Ok(Some(response)) = stream.message().await {
+                if let Some(event) = response.event {
+                    events.push(event);
+                }
+            }
+        })
+        .await
+        .is_ok();
+        summary::reply_json(session_id, &events, complete)
+    }
+
+    async fn reply_to_turn(
+        &self,
+        session_id: &str,
+        stream: tonic::Streaming<StreamSessionEventsResponse>,
+        turn: u32,
+        limit: Duration,
+    ) -> ToolResult {
+        let mut stream = stream;
+        let mut events = Vec::new();
+        let complete = tokio::time::timeout(limit, async {
+            while let Ok(Some(response)) = stream.message().await {
+                let Some(event) = response.event else {
+                    continue;
+                };
+                let ends = match &event.kind {
+                    Some(Kind::SessionState(change)) => {
+                        change.state().is_final()
+                            || (event.turn == turn && change.state() != SessionState::Busy)
+                    }
+                    _ => false,
+                };
+                if event.turn == turn || ends {
+                    events.push(event);
+                }
+                if ends {
+                    return;
+                }
+            }
+        })
+        .await
+        .is_ok();
+        summary::reply_json(session_id, &events, complete)
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for ClusterTools {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(Implementation::new("claudecluster", env!("CARGO_PKG_VERSION")))
+            .with_instructions(
+                "ClaudeCluster runs Claude Code agents in containers. spawn_claude_container starts one on a task and returns at once; wait_for_task waits (bounded) for it to end; get_task_result returns its answer and the files it wrote. Sessions (create_session, send_message, close_session) keep one agent and its files across messages.",
+            )
+    }
+}
+
+/// Serves the tools on stdin and stdout until the client closes them.
+pub async fn serve_stdio(tools: ClusterTools) -> Result<(), String> {
+    let running = tools
+        .serve(rmcp::transport::stdio())
+        .await
+        .map_err(|err| format!("cannot start the MCP session: {err}"))?;
+    running
+        .waiting()
+        .await
+        .map_err(|err| format!("the MCP session failed: {err}"))?;
+    Ok(())
+}
+
+/// A running streamable HTTP MCP server.
+pub struct Handle {
+    pub local_addr: SocketAddr,
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Handle {
+    pub async fn shutdown(self) -> std::io::Result<()> {
+        self.stop.cancel();
+        self.server.await.expect("the MCP server task panicked")
+    }
+}
+
+/// Serves the tools over streamable HTTP at `/mcp` on `listener`.
+pub fn serve_http(tools: ClusterTools, listener: TcpListener) -> std::io::Result<Handle> {
+    let local_addr = listener.local_addr()?;
+    let stop = CancellationToken::new();
+    let mut config = StreamableHttpServerConfig::default();
+    config.cancellation_token = stop.child_token();
+    let service = StreamableHttpService::new(
+        move || Ok(tools.clone()),
+        Arc::new(LocalSessionManager::default()),
+        config,
+    );
+    let app = axum::Router::new().nest_service("/mcp", service);
+    let shutdown = stop.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+    });
+    tracing::info!(address = %local_addr, path = "/mcp", "mcp server listening");
+    Ok(Handle {
+        local_addr,
+        stop,
+        server,
+    })
+}
