@@ -12,6 +12,7 @@
 //! | `SLOW <chunks> <ms>`       | `chunk 1 chunk 2 …`, one chunk every `ms` milliseconds       |
 //! | `RECALL`                   | `MOCK_RECALL n=K: <earlier prompts joined by " \| ">`          |
 //! | `TOOL <name> <json input>` | a call of any tool, then `MOCK_DONE <first line of result>`  |
+//! | `PHASE0 <child task>`      | the primary's loop: `spawn_claude_container` of the child task through the `claudecluster` MCP server, `wait_for_task` on it, then `PRIMARY DONE: <child's result>` |
 //!
 //! Every request is recorded for assertions.
 
@@ -275,6 +276,67 @@ fn last_tool_result(body: &Value) -> Option<String> {
         })
 }
 
+/// The name of the last tool the assistant called in the conversation.
+fn last_tool_use(body: &Value) -> Option<String> {
+    body["messages"]
+        .as_array()?
+        .iter()
+        .rev()
+        .filter(|message| message["role"] == "assistant")
+        .find_map(|message| {
+            message["content"]
+                .as_array()?
+                .iter()
+                .rev()
+                .find(|block| block["type"] == "tool_use")
+                .and_then(|block| block["name"].as_str())
+                .map(str::to_owned)
+        })
+}
+
+/// The JSON object a tool result carries (MCP tools answer with one).
+fn tool_result_json(result: &str) -> Value {
+    let start = result.find('{').unwrap_or(0);
+    let end = result.rfind('}').map(|i| i + 1).unwrap_or(result.len());
+    serde_json::from_str(&result[start..end]).unwrap_or(Value::Null)
+}
+
+/// The primary of the seed's Phase 0: spawn a containerized agent, wait for it, report.
+fn phase_zero(body: &Value, child_task: &str, tool_result: Option<String>) -> Script {
+    const SPAWN: &str = "mcp__claudecluster__spawn_claude_container";
+    const WAIT: &str = "mcp__claudecluster__wait_for_task";
+    let Some(result) = tool_result else {
+        return tool_call(
+            "I'll hand this to a containerized agent.",
+            SPAWN,
+            json!({"task": child_task}),
+        );
+    };
+    let answer = tool_result_json(&result);
+    match last_tool_use(body).as_deref() {
+        Some(SPAWN) => {
+            let task_id = answer["taskId"].as_str().unwrap_or_default();
+            tool_call(
+                "Waiting for it.",
+                WAIT,
+                json!({"taskId": task_id, "timeoutSeconds": 45}),
+            )
+        }
+        Some(WAIT) if answer["status"] != "completed" => {
+            let task_id = answer["taskId"].as_str().unwrap_or_default();
+            tool_call(
+                "Still waiting.",
+                WAIT,
+                json!({"taskId": task_id, "timeoutSeconds": 45}),
+            )
+        }
+        _ => {
+            let child = answer["result"]["text"].as_str().unwrap_or("(no result)");
+            text(format!("PRIMARY DONE: {child}"))
+        }
+    }
+}
+
 /// The agent's working directory, from the environment description the CLI sends.
 fn working_directory(value: &Value) -> Option<String> {
     const MARKER: &str = "Primary working directory: ";
@@ -307,6 +369,7 @@ fn script(body: &Value) -> Script {
     match command {
         "ERROR" => Script::Error(rest.parse().unwrap_or(500)),
         "HANG" => Script::Hang,
+        "PHASE0" => phase_zero(body, rest, tool_result),
         "SLOW" => {
             let mut numbers = rest
                 .split_whitespace()
