@@ -459,6 +459,57 @@ async fn sessions() {
     );
 }
 
+async fn mcp() {
+    let cluster = TestCluster::start(vec![WorkerSpec {
+        mode: Mode::Container,
+        capacity: 2,
+        ..WorkerSpec::default()
+    }])
+    .await;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let stubs = tempfile::tempdir().unwrap();
+    let python = venv_tool("python");
+    let generated = tokio::process::Command::new(&python)
+        .args(["-m", "grpc_tools.protoc"])
+        .arg(format!("-I{}", root.join("proto").display()))
+        .arg(format!("--python_out={}", stubs.path().display()))
+        .arg(format!("--grpc_python_out={}", stubs.path().display()))
+        .args([
+            "claudecluster/v1/types.proto",
+            "claudecluster/v1/driver.proto",
+        ])
+        .status()
+        .await
+        .unwrap();
+    assert!(generated.success());
+    let output = tokio::process::Command::new(&python)
+        .arg(root.join("integration-tests/python/mcp_bench.py"))
+        .arg(claudecluster_bin())
+        .arg(&cluster.driver.address)
+        .arg(stubs.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let figures: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let (mcp_ms, direct_ms) = (
+        figures["mcp_call_ms"].as_f64().unwrap(),
+        figures["direct_call_ms"].as_f64().unwrap(),
+    );
+    println!(
+        "| spawn_claude_container until the child container runs (median of 10) | | {:.0} ms |",
+        figures["spawn_ms"].as_f64().unwrap()
+    );
+    println!(
+        "| get_task_status through MCP (median of 200) | GetTask on the driver: {direct_ms:.2} ms | {mcp_ms:.2} ms, {:.2} ms added |",
+        mcp_ms - direct_ms
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let only: Option<String> = std::env::args().nth(1);
@@ -471,6 +522,9 @@ async fn main() {
     }
     if wants("sessions") {
         sessions().await;
+    }
+    if wants("mcp") {
+        mcp().await;
     }
     if !wants("process") {
         return;
