@@ -15,6 +15,9 @@ SPECIFIC = {
     "execution/process.rs": "process pool",
     "execution/signal.rs": "process pool",
     "execution/container.rs": "container mode",
+    # Sessions run only in container mode; their code is written against the provider
+    # interface, but they are a feature of their own, so they count on neither side.
+    "session.rs": "sessions",
 }
 
 
@@ -39,17 +42,17 @@ for path in sorted(ROOT.rglob("*.rs")):
     rows.append((name, kind, lines))
     if kind == "shared":
         shared += lines
-    else:
+    elif kind != "sessions":
         specific += lines
 for name, kind, lines in rows:
     print(f"{lines:6}  {kind:14}  {name}")
 total = shared + specific
-print(f"worker: shared {shared} of {total} lines: {100 * shared / total:.1f} %")
+print(f"worker, without sessions: shared {shared} of {total} lines: {100 * shared / total:.1f} %")
 
 # Every other service and library serves both modes alike.
 others = sum(
     code_lines(path)
-    for folder in ("services/driver", "services/scheduler", "services/cli", "libs")
+    for folder in ("services/driver", "services/scheduler", "services/mcp", "services/cli", "libs")
     for path in (ROOT.parent.parent.parent / folder).rglob("src/**/*.rs")
 )
 everything = total + others
