@@ -47,6 +47,8 @@ pub struct DriverConfig {
     pub scheduler_address: String,
     /// Messages a session holds while it answers another; more are refused.
     pub session_queue_limit: u32,
+    /// Attempts a task gets when its worker refuses it or is lost while running it.
+    pub max_attempts: u32,
 }
 
 impl Default for DriverConfig {
@@ -55,6 +57,7 @@ impl Default for DriverConfig {
             listen: "127.0.0.1:50051".into(),
             scheduler_address: "127.0.0.1:50052".into(),
             session_queue_limit: 16,
+            max_attempts: 3,
         }
     }
 }
@@ -361,6 +364,11 @@ impl ClusterConfig {
                 &format!("`{address}` is not an address of the form host:port"),
             );
         }
+        check(
+            self.driver.max_attempts >= 1,
+            "driver.maxAttempts",
+            "must be at least 1",
+        );
         let worker = &self.worker;
         check(
             worker.process_pool.max_processes >= 1,

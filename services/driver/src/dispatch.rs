@@ -20,13 +20,13 @@ use tonic::transport::Channel;
 use crate::sessions::{SessionEntry, SessionStore};
 use crate::store::{TaskEntry, TaskStore};
 
-/// Attempts a task gets when workers refuse it or cannot be reached before it starts.
-const MAX_START_ATTEMPTS: u32 = 3;
 /// After asking a worker to cancel, how long its stream may take to end before the driver
 /// ends the task itself (dropping the stream also stops the agent on the worker).
 const CANCEL_DEADLINE: Duration = Duration::from_secs(30);
 
 pub struct Dispatcher {
+    /// Attempts a task gets when workers refuse it or are lost while running it.
+    max_attempts: u32,
     store: Arc<TaskStore>,
     sessions: Arc<SessionStore>,
     scheduler: SchedulerServiceClient<Channel>,
@@ -39,9 +39,11 @@ impl Dispatcher {
         store: Arc<TaskStore>,
         sessions: Arc<SessionStore>,
         scheduler_address: String,
+        max_attempts: u32,
     ) -> Result<Self, tonic::transport::Error> {
         let channel = claudecluster_grpc::channel(&scheduler_address)?;
         Ok(Dispatcher {
+            max_attempts,
             store,
             sessions,
             scheduler: SchedulerServiceClient::new(channel),
@@ -188,17 +190,28 @@ impl Dispatcher {
             .await;
         self.release(&task_id).await;
         if let Err(reason) = ended {
-            if attempt < MAX_START_ATTEMPTS && entry.requeue(attempt + 1, reason.clone()) {
-                tracing::warn!(task = %task_id, worker = %worker_id, %reason, "task not started; queued again");
+            let max = self.max_attempts;
+            if attempt < max
+                && entry.requeue(
+                    attempt + 1,
+                    format!("{reason}; queued again (attempt {} of {max})", attempt + 1),
+                )
+            {
+                tracing::warn!(task = %task_id, worker = %worker_id, %reason, attempt = attempt + 1, "queued again");
                 self.enqueue(&entry).await;
             } else {
-                entry.set_status(attempt, TaskStatus::Failed, reason, &worker_id);
+                entry.set_status(
+                    attempt,
+                    TaskStatus::Failed,
+                    format!("{reason} (attempt {attempt} of {max})"),
+                    &worker_id,
+                );
             }
         }
     }
 
-    /// `Err` when the task never started on the worker, with the reason; such a task may be
-    /// tried elsewhere. Otherwise the task has ended.
+    /// `Err` when the task did not end on the worker (refused, unreachable, or lost while
+    /// running), with the reason; such a task may be tried elsewhere. Otherwise it has ended.
     async fn execute(
         &self,
         entry: &Arc<TaskEntry>,
@@ -243,12 +256,16 @@ impl Dispatcher {
                             return Ok(());
                         }
                     }
-                    Ok(None) => {
-                        entry.set_status(attempt, TaskStatus::Failed, format!("worker {worker_id} ended the task's stream without an outcome"), worker_id);
-                        return Ok(());
+                    // The worker is gone mid-task: the task may run again elsewhere, unless it
+                    // was being cancelled anyway.
+                    Ok(None) if cancel_deadline.is_none() => {
+                        return Err(format!("worker {worker_id} ended the task's stream without an outcome"));
                     }
-                    Err(status) => {
-                        entry.set_status(attempt, TaskStatus::Failed, format!("lost worker {worker_id}: {}", status.message()), worker_id);
+                    Err(status) if cancel_deadline.is_none() => {
+                        return Err(format!("lost worker {worker_id}: {}", status.message()));
+                    }
+                    Ok(None) | Err(_) => {
+                        entry.set_status(attempt, TaskStatus::Cancelled, entry.cancel_reason(), worker_id);
                         return Ok(());
                     }
                 },

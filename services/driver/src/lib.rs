@@ -67,6 +67,7 @@ pub async fn spawn(config: DriverConfig, listener: TcpListener) -> Result<Handle
             store.clone(),
             sessions.clone(),
             config.scheduler_address.clone(),
+            config.max_attempts,
         )
         .map_err(|source| StartError::SchedulerAddress {
             address: config.scheduler_address.clone(),
