@@ -70,6 +70,9 @@ pub struct SchedulerConfig {
     pub heartbeat_interval: Millis,
     /// A worker silent this long is unhealthy and gets no new work.
     pub heartbeat_timeout: Millis,
+    /// A queued task rises one priority level for every interval it waits (a bare number is
+    /// milliseconds): a low-priority task is served as critical after three.
+    pub aging_interval: Millis,
 }
 
 impl Default for SchedulerConfig {
@@ -78,6 +81,7 @@ impl Default for SchedulerConfig {
             listen: "127.0.0.1:50052".into(),
             heartbeat_interval: Millis(Duration::from_secs(1)),
             heartbeat_timeout: Millis(Duration::from_secs(5)),
+            aging_interval: Millis(Duration::from_secs(60)),
         }
     }
 }

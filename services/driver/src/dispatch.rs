@@ -284,6 +284,36 @@ impl Dispatcher {
         }
     }
 
+    /// Hands a new task to the scheduler, or, when it depends on others, waits for them
+    /// first: it runs once all completed, and is cancelled when one did not.
+    pub async fn start(self: &Arc<Self>, entry: Arc<TaskEntry>, dependencies: Vec<Arc<TaskEntry>>) {
+        if dependencies.is_empty() {
+            self.enqueue(&entry).await;
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            for dependency in dependencies {
+                dependency.ended().await;
+                let done = dependency.snapshot();
+                if done.status() != TaskStatus::Completed {
+                    let reason = format!(
+                        "dependency {} {}: {}",
+                        done.task_id,
+                        done.status().label(),
+                        done.status_reason
+                    );
+                    entry.cancel(&reason);
+                    return;
+                }
+            }
+            entry.unblock();
+            if entry.status() == TaskStatus::Pending {
+                this.enqueue(&entry).await;
+            }
+        });
+    }
+
     /// Hands a session to the scheduler: it holds a slot of a container worker while it lives.
     pub async fn enqueue_session(&self, session: &SessionEntry) {
         let spec = session.spec();

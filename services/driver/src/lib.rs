@@ -1,6 +1,7 @@
 //! The driver: the public API. It owns the record of every task and its event log, hands
 //! pending tasks to the scheduler, and runs each placed task on its worker.
 
+mod batch;
 mod catalog;
 mod dispatch;
 mod error;

@@ -9,6 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use crate::batch;
 use crate::catalog::page_start;
 use crate::dispatch::Dispatcher;
 use crate::error::DriverError;
@@ -79,6 +80,17 @@ impl DriverService {
             .ok_or_else(|| DriverError::TaskNotFound(task_id.to_owned()))
     }
 
+    /// The tasks `ids` names, each of which must exist.
+    fn dependencies(&self, ids: &[String]) -> Result<Vec<Arc<TaskEntry>>, DriverError> {
+        ids.iter()
+            .map(|id| {
+                self.store.get(id).ok_or_else(|| {
+                    DriverError::invalid("spec.depends_on", format!("task {id} not found"))
+                })
+            })
+            .collect()
+    }
+
     fn scheduler_unavailable(&self, status: Status) -> DriverError {
         DriverError::SchedulerUnavailable {
             address: self.dispatcher.scheduler_address.clone(),
@@ -97,14 +109,31 @@ impl DriverApi for DriverService {
     ) -> Result<Response<SubmitTaskResponse>, Status> {
         let request = request.into_inner();
         let spec = validate::task_spec(request.spec.as_ref())?.clone();
+        let dependencies = self.dependencies(&spec.depends_on)?;
         let (entry, created) = self.store.insert(spec);
         // The answer is the task as accepted; it may be placed before this call returns.
         let task = entry.snapshot();
         if created {
             tracing::info!(task = %entry.id, "task submitted");
-            self.dispatcher.enqueue(&entry).await;
+            self.dispatcher.start(entry, dependencies).await;
         }
         Ok(Response::new(SubmitTaskResponse { task: Some(task) }))
+    }
+
+    async fn submit_tasks(
+        &self,
+        request: Request<SubmitTasksRequest>,
+    ) -> Result<Response<SubmitTasksResponse>, Status> {
+        let planned = batch::plan(request.into_inner().tasks, |id| {
+            self.store.get(id).is_some()
+        })?;
+        let entries = self.store.insert_all(planned);
+        let tasks = entries.iter().map(|entry| entry.snapshot()).collect();
+        for entry in entries {
+            let dependencies = self.dependencies(&entry.spec().depends_on)?;
+            self.dispatcher.start(entry, dependencies).await;
+        }
+        Ok(Response::new(SubmitTasksResponse { tasks }))
     }
 
     async fn get_task(
@@ -216,6 +245,7 @@ impl DriverApi for DriverService {
             workers,
             tasks_by_status: self.store.count_by_status(),
             queued_tasks: queue.queued_tasks,
+            queued_by_priority: queue.queued_by_priority,
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }))
     }

@@ -16,6 +16,12 @@ use crate::journal::{Journal, Record};
 pub struct TaskRecord {
     task: Task,
     cancel_reason: Option<String>,
+    /// Waiting for the tasks it depends on; not handed to the scheduler yet.
+    blocked: bool,
+}
+
+pub fn new_task_id() -> String {
+    uuid::Uuid::new_v4().to_string()
 }
 
 impl Record for TaskRecord {
@@ -196,6 +202,15 @@ impl TaskEntry {
         self.journal.clone().follow(after, out).await
     }
 
+    pub fn is_blocked(&self) -> bool {
+        self.journal.with(|record| record.blocked)
+    }
+
+    /// The tasks it depended on have all completed: it can be placed.
+    pub fn unblock(&self) {
+        self.journal.with(|record| record.blocked = false)
+    }
+
     /// Waits until the task has ended.
     pub async fn ended(&self) {
         self.journal.wait_for(|record| record.ended()).await
@@ -224,7 +239,20 @@ impl TaskStore {
         {
             return (existing.clone(), false);
         }
-        let id = uuid::Uuid::new_v4().to_string();
+        let entry = Self::record(&mut inner, new_task_id(), spec);
+        (entry, true)
+    }
+
+    /// Records tasks whose ids were chosen beforehand (a batch naming each other).
+    pub fn insert_all(&self, tasks: Vec<(String, TaskSpec)>) -> Vec<Arc<TaskEntry>> {
+        let mut inner = self.inner.write().expect("task store lock poisoned");
+        tasks
+            .into_iter()
+            .map(|(id, spec)| Self::record(&mut inner, id, spec))
+            .collect()
+    }
+
+    fn record(inner: &mut StoreInner, id: String, spec: TaskSpec) -> Arc<TaskEntry> {
         let task = Task {
             task_id: id.clone(),
             spec: Some(spec.clone()),
@@ -236,19 +264,25 @@ impl TaskStore {
         let entry = Arc::new(TaskEntry {
             id: id.clone(),
             journal: Arc::new(Journal::new(TaskRecord {
+                blocked: !spec.depends_on.is_empty(),
                 task,
                 cancel_reason: None,
             })),
             cancel: CancellationToken::new(),
         });
-        entry.set_status(1, TaskStatus::Pending, "queued", "");
+        let reason = if spec.depends_on.is_empty() {
+            "queued".to_owned()
+        } else {
+            format!("waiting for tasks {}", spec.depends_on.join(", "))
+        };
+        entry.set_status(1, TaskStatus::Pending, reason, "");
         inner.tasks.insert(id, entry.clone());
         if !spec.idempotency_key.is_empty() {
             inner
                 .by_idempotency_key
                 .insert(spec.idempotency_key, entry.clone());
         }
-        (entry, true)
+        entry
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<TaskEntry>> {
@@ -279,7 +313,7 @@ impl TaskStore {
         inner
             .tasks
             .all()
-            .filter(|entry| entry.status() == TaskStatus::Pending)
+            .filter(|entry| entry.status() == TaskStatus::Pending && !entry.is_blocked())
             .cloned()
             .collect()
     }

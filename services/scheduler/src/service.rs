@@ -37,12 +37,17 @@ impl SchedulerService {
         let this = self.clone();
         let period = self.config.heartbeat_interval.get() / 2;
         let timeout = self.config.heartbeat_timeout.get();
+        let aging = self.config.aging_interval.get();
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(period);
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = ticker.tick() => this.state().expire_heartbeats(timeout),
+                    _ = ticker.tick() => {
+                        let mut state = this.state();
+                        state.expire_heartbeats(timeout);
+                        state.age_queue(std::time::Instant::now(), aging);
+                    }
                 }
             }
         });
@@ -208,6 +213,7 @@ impl SchedulerApi for SchedulerService {
             placed_tasks: state.placed_tasks() as u64,
             placements: state.placements,
             placement_nanos_total: state.placement_nanos,
+            queued_by_priority: state.queued_by_priority(),
         }))
     }
 }

@@ -22,6 +22,9 @@ struct QueuedTask {
     task_id: String,
     attempt: u32,
     requirements: TaskRequirements,
+    /// The priority it was queued with; aging may have raised its rank since.
+    priority: i32,
+    queued_at: Instant,
 }
 
 #[derive(Debug)]
@@ -209,6 +212,8 @@ impl State {
                         task_id: task_id.clone(),
                         attempt,
                         requirements: requirements.clone(),
+                        priority: priority_rank(priority),
+                        queued_at: Instant::now(),
                     },
                 );
                 key
@@ -325,6 +330,65 @@ impl State {
     }
 }
 
+const CRITICAL: i32 = Priority::Critical as i32;
+
+impl State {
+    /// Raises a task one priority level for every `interval` it has waited, up to critical, so
+    /// that no task waits behind newer, higher-priority work for ever: a low-priority task is
+    /// served as critical after `3 × interval`, and critical tasks are served in the order they
+    /// were queued.
+    pub fn age_queue(&mut self, now: Instant, interval: std::time::Duration) {
+        if interval.is_zero() {
+            return;
+        }
+        let due: Vec<QueueKey> = self
+            .queue
+            .iter()
+            .filter(|((Reverse(rank), _), task)| {
+                let earned =
+                    now.saturating_duration_since(task.queued_at).as_nanos() / interval.as_nanos();
+                *rank < CRITICAL && i64::from(task.priority) + earned as i64 > i64::from(*rank)
+            })
+            .map(|(key, _)| *key)
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        for key in due {
+            let task = self.queue.remove(&key).expect("a key just read");
+            let earned = (now.saturating_duration_since(task.queued_at).as_nanos()
+                / interval.as_nanos()) as i32;
+            let rank = (task.priority + earned).min(CRITICAL);
+            // The sequence number stays: among equal ranks the older task goes first.
+            let aged = (Reverse(rank), key.1);
+            self.queued.insert(task.task_id.clone(), aged);
+            self.queue.insert(aged, task);
+        }
+        self.place();
+    }
+
+    /// Queued tasks by the priority they were queued with.
+    pub fn queued_by_priority(&self) -> std::collections::HashMap<String, u64> {
+        let mut counts = std::collections::HashMap::new();
+        for task in self.queue.values() {
+            let label = Priority::try_from(task.priority)
+                .unwrap_or(Priority::Normal)
+                .label();
+            *counts.entry(label.to_owned()).or_default() += 1;
+        }
+        counts
+    }
+
+    /// The ids of queued tasks in the order they would be placed.
+    #[cfg(test)]
+    fn queue_order(&self) -> Vec<String> {
+        self.queue
+            .values()
+            .map(|task| task.task_id.clone())
+            .collect()
+    }
+}
+
 fn priority_rank(priority: Priority) -> i32 {
     match priority {
         Priority::Unspecified => Priority::Normal as i32,
@@ -339,5 +403,58 @@ pub(crate) fn requirements(
     TaskRequirements {
         execution_mode: mode,
         worker_selector: selector,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use super::*;
+
+    fn any() -> TaskRequirements {
+        requirements(ExecutionMode::Unspecified, HashMap::new())
+    }
+
+    #[test]
+    fn higher_priorities_go_first_and_equal_ones_in_order() {
+        let mut state = State::default();
+        for (id, priority) in [
+            ("low", Priority::Low),
+            ("normal-1", Priority::Unspecified),
+            ("critical", Priority::Critical),
+            ("high", Priority::High),
+            ("normal-2", Priority::Normal),
+        ] {
+            state.enqueue(id.into(), 1, priority, any());
+        }
+        assert_eq!(
+            state.queue_order(),
+            vec!["critical", "high", "normal-1", "normal-2", "low"]
+        );
+    }
+
+    #[test]
+    fn a_low_priority_task_is_served_as_critical_after_three_intervals() {
+        let mut state = State::default();
+        let interval = Duration::from_secs(60);
+        state.enqueue("old-low".into(), 1, Priority::Low, any());
+        let start = Instant::now();
+        state.age_queue(start + interval * 2 + Duration::from_secs(1), interval);
+        state.enqueue("new-critical".into(), 1, Priority::Critical, any());
+        state.enqueue("new-high".into(), 1, Priority::High, any());
+        assert_eq!(
+            state.queue_order(),
+            vec!["new-critical", "old-low", "new-high"],
+            "two intervals: high"
+        );
+        state.age_queue(start + interval * 3 + Duration::from_secs(1), interval);
+        assert_eq!(
+            state.queue_order(),
+            vec!["old-low", "new-critical", "new-high"],
+            "three intervals: critical, and older"
+        );
+        assert_eq!(state.queued_by_priority().get("low"), Some(&1));
     }
 }
