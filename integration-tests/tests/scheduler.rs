@@ -316,3 +316,157 @@ async fn cycles_and_unknown_dependencies_are_refused_at_submission() {
         "nothing of a refused batch was kept"
     );
 }
+
+#[tokio::test]
+async fn a_drained_worker_gets_no_new_work_and_loses_none() {
+    let two = WorkerSpec {
+        capacity: 2,
+        ..WorkerSpec::default()
+    };
+    let cluster = TestCluster::start(vec![two.clone(), two]).await;
+    let (drained, other) = (cluster.worker_ids[0].clone(), cluster.worker_ids[1].clone());
+    // One long task on each worker (placement spreads by load).
+    let long: Vec<String> =
+        futures_util::future::join_all((0..2).map(|_| cluster.submit(prompt("SLOW 20 100"))))
+            .await
+            .into_iter()
+            .map(|t| t.task_id)
+            .collect();
+    for id in &long {
+        wait_for_agent(&cluster, id).await;
+    }
+    let on_drained = {
+        let mut found = None;
+        for id in &long {
+            if cluster.task(id).await.worker_id == drained {
+                found = Some(id.clone());
+            }
+        }
+        found.expect("one long task on each worker")
+    };
+    let mut scheduler =
+        claudecluster_proto::v1::scheduler_service_client::SchedulerServiceClient::new(
+            claudecluster_grpc::channel(&cluster.scheduler.address).unwrap(),
+        );
+    let answer = scheduler
+        .drain_worker(DrainWorkerRequest {
+            worker_id: drained.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let info = answer.worker.unwrap();
+    assert!(info.draining && !info.drained, "still running its task");
+    let missing = scheduler
+        .drain_worker(DrainWorkerRequest {
+            worker_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+
+    let mut quick = Vec::new();
+    for i in 0..4 {
+        quick.push(cluster.submit(prompt(&format!("quick {i}"))).await.task_id);
+    }
+    for id in &quick {
+        let (task, _) = cluster.finish(id).await;
+        assert_eq!(task.status(), TaskStatus::Completed);
+        assert_eq!(
+            task.worker_id, other,
+            "nothing new lands on a draining worker"
+        );
+    }
+    let (task, _) = cluster.finish(&on_drained).await;
+    assert_eq!(
+        task.status(),
+        TaskStatus::Completed,
+        "its running work finishes"
+    );
+    assert_eq!(task.worker_id, drained);
+    wait_until(std::time::Duration::from_secs(10), || {
+        let mut scheduler = scheduler.clone();
+        let drained = drained.clone();
+        async move {
+            let workers = scheduler
+                .list_workers(ListWorkersRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .workers;
+            workers
+                .iter()
+                .any(|w| w.worker_id == drained && w.draining && w.drained)
+        }
+    })
+    .await
+    .expect("the worker reports drained");
+}
+
+#[tokio::test]
+async fn placement_follows_labels_and_spreads_by_load_within_capacity() {
+    let worker = |capacity: u32, labels: &[(&str, &str)]| WorkerSpec {
+        capacity,
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..WorkerSpec::default()
+    };
+    let cluster = TestCluster::start(vec![
+        worker(1, &[("zone", "eu")]),
+        worker(2, &[("zone", "us")]),
+        worker(1, &[("zone", "eu"), ("gpu", "yes")]),
+    ])
+    .await;
+    let ids = &cluster.worker_ids;
+    let selected = |text: &str, labels: &[(&str, &str)]| TaskSpec {
+        worker_selector: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..prompt(text)
+    };
+    // Four slow tasks without a selector fill the four slots: two on the worker with two.
+    let mut spread = Vec::new();
+    for i in 0..4 {
+        spread.push(
+            cluster
+                .submit(prompt(&format!("SLOW 10 100 #{i}")))
+                .await
+                .task_id,
+        );
+    }
+    // Selected tasks wait for a slot on a matching worker only.
+    let gpu = cluster
+        .submit(selected("needs a gpu", &[("gpu", "yes")]))
+        .await
+        .task_id;
+    let eu = cluster
+        .submit(selected("in the eu", &[("zone", "eu")]))
+        .await
+        .task_id;
+    assert_eq!(
+        cluster.task(&gpu).await.status_reason,
+        "waiting for a free slot on a worker with labels gpu=yes"
+    );
+    let mut per_worker = std::collections::HashMap::new();
+    for id in &spread {
+        let (task, _) = cluster.finish(id).await;
+        *per_worker.entry(task.worker_id).or_insert(0) += 1;
+    }
+    assert_eq!(per_worker.get(&ids[0]), Some(&1));
+    assert_eq!(per_worker.get(&ids[1]), Some(&2));
+    assert_eq!(per_worker.get(&ids[2]), Some(&1));
+    assert_eq!(cluster.finish(&gpu).await.0.worker_id, ids[2]);
+    let eu_worker = cluster.finish(&eu).await.0.worker_id;
+    assert!(eu_worker == ids[0] || eu_worker == ids[2], "{eu_worker}");
+    let nowhere = cluster
+        .submit(selected("on mars", &[("zone", "mars")]))
+        .await
+        .task_id;
+    assert_eq!(
+        cluster.task(&nowhere).await.status_reason,
+        "waiting for a worker with labels zone=mars: none is registered"
+    );
+}

@@ -10,6 +10,8 @@ pub enum SchedulerError {
     },
     #[error("the first message on a worker link must register the worker")]
     NotRegistered,
+    #[error("worker {0} not found")]
+    WorkerNotFound(String),
 }
 
 impl From<SchedulerError> for Status {
@@ -17,6 +19,7 @@ impl From<SchedulerError> for Status {
         match error {
             SchedulerError::InvalidArgument { .. } => Status::invalid_argument(error.to_string()),
             SchedulerError::NotRegistered => Status::failed_precondition(error.to_string()),
+            SchedulerError::WorkerNotFound(_) => Status::not_found(error.to_string()),
         }
     }
 }

@@ -21,6 +21,8 @@ pub struct TaskRequirements {
 pub struct Candidate<'a> {
     pub worker_id: &'a str,
     pub healthy: bool,
+    /// Takes no new work.
+    pub draining: bool,
     /// The modes the worker runs tasks in.
     pub execution_modes: &'a [ExecutionMode],
     pub labels: &'a HashMap<String, String>,
@@ -44,6 +46,7 @@ impl Candidate<'_> {
 
     fn can_run(&self, task: &TaskRequirements) -> bool {
         self.healthy
+            && !self.draining
             && self.load < self.capacity
             && self.runs_mode_of(task)
             && self.has_labels_of(task)
@@ -94,6 +97,8 @@ pub fn explain_unplaceable<'a>(
         format!("waiting for a {mode}worker{selector}: none is registered")
     } else if !matching.iter().any(|c| c.healthy) {
         format!("waiting for a {mode}worker{selector}: none is healthy")
+    } else if matching.iter().all(|c| c.draining) {
+        format!("waiting for a {mode}worker{selector}: all are draining")
     } else {
         format!("waiting for a free slot on a {mode}worker{selector}")
     }
@@ -124,6 +129,7 @@ mod tests {
         Candidate {
             worker_id: id,
             healthy: true,
+            draining: false,
             execution_modes: modes,
             labels,
             capacity,

@@ -99,8 +99,8 @@ impl SchedulerApi for SchedulerService {
             capacity = registration.capacity,
             "worker registered"
         );
-        let link = self.state().register(registration);
         let (replies, replies_rx) = mpsc::channel(4);
+        let link = self.state().register(registration, replies.clone());
         let registered = WorkerLinkResponse {
             message: Some(LinkReply::Registered(WorkerRegistered {
                 heartbeat_interval_ms: self.config.heartbeat_interval.get().as_millis() as u64,
@@ -192,6 +192,20 @@ impl SchedulerApi for SchedulerService {
         self.state().set_placement_stream(sender);
         tracing::info!("driver connected for placements");
         Ok(Response::new(UnboundedReceiverStream::new(receiver)))
+    }
+
+    async fn drain_worker(
+        &self,
+        request: Request<DrainWorkerRequest>,
+    ) -> Result<Response<DrainWorkerResponse>, Status> {
+        let worker_id = request.into_inner().worker_id;
+        let worker = self
+            .state()
+            .drain(&worker_id)
+            .ok_or(SchedulerError::WorkerNotFound(worker_id))?;
+        Ok(Response::new(DrainWorkerResponse {
+            worker: Some(worker),
+        }))
     }
 
     async fn list_workers(

@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant, SystemTime};
 
 use claudecluster_proto::v1::{
-    ExecutionMode, Priority, RegisterWorker, StreamPlacementsResponse, WorkerHeartbeat, WorkerInfo,
+    DrainRequested, ExecutionMode, Priority, RegisterWorker, StreamPlacementsResponse,
+    WorkerHeartbeat, WorkerInfo, WorkerLinkResponse, worker_link_response,
 };
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -13,6 +14,8 @@ use tonic::Status;
 use crate::placement::{Candidate, TaskRequirements, choose_worker, explain_unplaceable};
 
 pub(crate) type PlacementSender = mpsc::UnboundedSender<Result<StreamPlacementsResponse, Status>>;
+/// Messages from the scheduler to one worker, over its link.
+pub(crate) type LinkReplies = mpsc::Sender<Result<WorkerLinkResponse, Status>>;
 
 /// Queue order: higher priority first, then first in first out.
 type QueueKey = (Reverse<i32>, u64);
@@ -45,6 +48,12 @@ struct WorkerEntry {
     /// Placements not yet released.
     load: u32,
     idle_warm_agents: u32,
+    /// Gets no new work.
+    draining: bool,
+    /// Draining, and the worker says nothing runs on it any more.
+    drained: bool,
+    /// Where messages to the worker go, over its link.
+    link_replies: Option<LinkReplies>,
     last_placed: u64,
 }
 
@@ -57,6 +66,7 @@ impl WorkerEntry {
         Candidate {
             worker_id: &self.registration.worker_id,
             healthy: self.healthy(),
+            draining: self.draining,
             execution_modes: &self.modes,
             labels: &self.labels,
             capacity: self.registration.capacity,
@@ -86,6 +96,8 @@ impl WorkerEntry {
             last_heartbeat_time: Some(self.last_heartbeat_time.into()),
             execution_modes: self.modes.iter().map(|mode| *mode as i32).collect(),
             idle_warm_agents: self.idle_warm_agents,
+            draining: self.draining,
+            drained: self.drained,
         }
     }
 }
@@ -112,7 +124,7 @@ pub(crate) struct Enqueued {
 }
 
 impl State {
-    pub fn register(&mut self, registration: RegisterWorker) -> u64 {
+    pub fn register(&mut self, registration: RegisterWorker, replies: LinkReplies) -> u64 {
         self.next_link += 1;
         let link = self.next_link;
         let labels = registration.labels.clone();
@@ -142,6 +154,10 @@ impl State {
                 load,
                 idle_warm_agents: 0,
                 last_placed,
+                // A worker that registers afresh has been restarted or switched: it takes work.
+                draining: false,
+                drained: false,
+                link_replies: Some(replies),
             },
         );
         self.place();
@@ -160,6 +176,7 @@ impl State {
         worker.reported_healthy = beat.healthy;
         worker.health_reason = beat.health_reason;
         worker.idle_warm_agents = beat.idle_warm_agents;
+        worker.drained = worker.draining && beat.drained;
         if !was_healthy && worker.healthy() {
             tracing::info!(worker = worker_id, "worker is healthy");
             self.place();
@@ -167,9 +184,26 @@ impl State {
         true
     }
 
+    /// Stops placing work on a worker and asks it to report when nothing runs on it.
+    pub fn drain(&mut self, worker_id: &str) -> Option<WorkerInfo> {
+        let worker = self.workers.get_mut(worker_id)?;
+        if !worker.draining {
+            worker.draining = true;
+            tracing::info!(worker = worker_id, "draining");
+            if let Some(replies) = &worker.link_replies {
+                let drain = WorkerLinkResponse {
+                    message: Some(worker_link_response::Message::Drain(DrainRequested {})),
+                };
+                let _ = replies.try_send(Ok(drain));
+            }
+        }
+        Some(worker.info())
+    }
+
     pub fn link_closed(&mut self, worker_id: &str, link: u64, reason: &str) {
         if let Some(worker) = self.workers.get_mut(worker_id).filter(|w| w.link == link) {
             worker.connected = false;
+            worker.link_replies = None;
             worker.health_reason = reason.to_owned();
             tracing::warn!(worker = worker_id, reason, "worker link closed");
         }

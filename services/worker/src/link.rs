@@ -110,7 +110,7 @@ async fn session(
             Some(Reply::Registered(registered)) => {
                 Duration::from_millis(registered.heartbeat_interval_ms.max(10))
             }
-            None => return Err("the scheduler did not confirm the registration".into()),
+            _ => return Err("the scheduler did not confirm the registration".into()),
         },
         Ok(None) => return Err("the scheduler closed the link".into()),
         Err(status) => return Err(status.message().to_owned()),
@@ -147,13 +147,18 @@ async fn session(
                     healthy,
                     health_reason,
                     idle_warm_agents: runtime.idle_warm_agents(),
+                    drained: runtime.is_drained(),
                 };
                 if outbound.send(WorkerLinkRequest { message: Some(Message::Heartbeat(beat)) }).await.is_err() {
                     return Err("link closed".into());
                 }
             }
             reply = inbound.message() => match reply {
-                Ok(Some(_)) => {}
+                Ok(Some(reply)) => {
+                    if let Some(Reply::Drain(_)) = reply.message {
+                        runtime.start_draining();
+                    }
+                }
                 Ok(None) => return Err("the scheduler closed the link".into()),
                 Err(status) => return Err(status.message().to_owned()),
             },

@@ -45,6 +45,8 @@ pub struct Runtime {
     sessions: Mutex<HashMap<String, mpsc::Sender<crate::session::Command>>>,
     /// Signalled whenever a session ends, for shutdown to wait on.
     session_ended: tokio::sync::Notify,
+    /// The scheduler places nothing more here; the worker reports when nothing runs.
+    draining: std::sync::atomic::AtomicBool,
     shutting_down: Cancellation,
 }
 
@@ -66,6 +68,7 @@ impl Runtime {
             running: Mutex::default(),
             sessions: Mutex::default(),
             session_ended: tokio::sync::Notify::new(),
+            draining: std::sync::atomic::AtomicBool::new(false),
             shutting_down: Cancellation::default(),
         };
         runtime.start_warm_pools();
@@ -172,6 +175,26 @@ impl Runtime {
             .expect("session lock poisoned")
             .remove(session_id);
         self.session_ended.notify_waiters();
+    }
+
+    /// The scheduler stopped placing work here. Work already placed still runs: the scheduler
+    /// is the gate, so nothing placed before the drain is lost.
+    pub fn start_draining(&self) {
+        if !self
+            .draining
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            tracing::info!(worker = %self.worker_id, "draining");
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Draining, and no task or session runs any more.
+    pub fn is_drained(&self) -> bool {
+        self.is_draining() && self.running().is_empty() && self.open_sessions() == 0
     }
 
     fn open_sessions(&self) -> usize {

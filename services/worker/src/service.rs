@@ -91,6 +91,8 @@ impl WorkerApi for WorkerService {
                     .map(|mode| mode as i32)
                     .collect(),
                 idle_warm_agents: runtime.idle_warm_agents(),
+                draining: runtime.is_draining(),
+                drained: runtime.is_drained(),
             }),
             running_task_ids,
         }))
