@@ -459,6 +459,22 @@ async fn sessions() {
     );
 }
 
+fn placement_at_scale() {
+    // A small round first: the baseline for the cost per decision as the cluster grows.
+    let small = claudecluster_scheduler::benchmark::placement_round(10, 100, 1_000);
+    let large = claudecluster_scheduler::benchmark::placement_round(1_000, 150, 100_000);
+    let rate = |round: &claudecluster_scheduler::benchmark::PlacementRound| {
+        round.placed as f64 / round.elapsed.as_secs_f64()
+    };
+    println!(
+        "| placement decisions, 1,000 workers and 100,000 queued tasks | 10 workers, 1,000 tasks: {:.0}/s | {:.0}/s ({} placed in {:.2} s) |",
+        rate(&small),
+        rate(&large),
+        large.placed,
+        large.elapsed.as_secs_f64()
+    );
+}
+
 async fn mcp() {
     let cluster = TestCluster::start(vec![WorkerSpec {
         mode: Mode::Container,
@@ -525,6 +541,9 @@ async fn main() {
     }
     if wants("mcp") {
         mcp().await;
+    }
+    if wants("scheduler") {
+        placement_at_scale();
     }
     if !wants("process") {
         return;

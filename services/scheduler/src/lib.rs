@@ -4,6 +4,7 @@
 //! Its state is soft: the driver owns the record of every task and enqueues its pending tasks
 //! again whenever its placement stream reconnects, so a restarted scheduler loses nothing.
 
+pub mod benchmark;
 mod error;
 mod placement;
 mod service;

@@ -234,26 +234,22 @@ impl State {
         // The driver enqueues only tasks it holds as pending, so a placement it never received
         // (its stream broke) is released and made again.
         self.release(&task_id);
-        let key = match self.queued.get(&task_id) {
-            Some(key) => *key,
-            None => {
-                self.next_queue_seq += 1;
-                let key = (Reverse(priority_rank(priority)), self.next_queue_seq);
-                self.queued.insert(task_id.clone(), key);
-                self.queue.insert(
-                    key,
-                    QueuedTask {
-                        task_id: task_id.clone(),
-                        attempt,
-                        requirements: requirements.clone(),
-                        priority: priority_rank(priority),
-                        queued_at: Instant::now(),
-                    },
-                );
-                key
-            }
-        };
-        let queue_position = self.queue.range(..key).count() as u64;
+        if !self.queued.contains_key(&task_id) {
+            self.next_queue_seq += 1;
+            let key = (Reverse(priority_rank(priority)), self.next_queue_seq);
+            self.queued.insert(task_id.clone(), key);
+            self.queue.insert(
+                key,
+                QueuedTask {
+                    task_id: task_id.clone(),
+                    attempt,
+                    requirements: requirements.clone(),
+                    priority: priority_rank(priority),
+                    queued_at: Instant::now(),
+                },
+            );
+        }
+        let queue_position = self.queue.len().saturating_sub(1) as u64;
         self.place();
         let waiting_reason = if self.queued.contains_key(&task_id) {
             if self.placements_tx.is_none() {
@@ -316,14 +312,18 @@ impl State {
         let Some(sender) = self.placements_tx.clone() else {
             return;
         };
+        // Counted once per round: with no slot free anywhere, no queued task is looked at.
+        let mut free_slots: u64 = self
+            .workers
+            .values()
+            .filter(|w| w.healthy() && !w.draining)
+            .map(|w| u64::from(w.registration.capacity.saturating_sub(w.load)))
+            .sum();
+        if free_slots == 0 || self.queue.is_empty() {
+            return;
+        }
         let keys: Vec<QueueKey> = self.queue.keys().copied().collect();
         for key in keys {
-            let free_slots: u32 = self
-                .workers
-                .values()
-                .filter(|w| w.healthy())
-                .map(|w| w.registration.capacity.saturating_sub(w.load))
-                .sum();
             if free_slots == 0 {
                 return;
             }
@@ -352,6 +352,7 @@ impl State {
                 return;
             }
             self.placement_counter += 1;
+            free_slots -= 1;
             worker.load += 1;
             worker.last_placed = self.placement_counter;
             let task = self.queue.remove(&key).expect("key taken from the queue");

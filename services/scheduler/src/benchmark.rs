@@ -1,0 +1,78 @@
+//! Placement on synthetic workers and tasks, for `cluster-bench`: no network, the scheduler's
+//! own decisions only.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use claudecluster_proto::v1::{ExecutionMode, Priority, RegisterWorker};
+use tokio::sync::mpsc;
+
+use crate::state::{State, requirements};
+
+/// What a placement round did.
+pub struct PlacementRound {
+    pub placed: usize,
+    pub elapsed: Duration,
+}
+
+/// Registers `workers` workers of `capacity` slots in four zones, queues `tasks` tasks of mixed
+/// priorities (half of them selecting a zone), then connects the driver's placement stream and
+/// times the round that places every task there is room for.
+pub fn placement_round(workers: usize, capacity: u32, tasks: usize) -> PlacementRound {
+    let mut state = State::default();
+    let mut links = Vec::with_capacity(workers);
+    for index in 0..workers {
+        let (replies, link) = mpsc::channel(1);
+        links.push(link);
+        let registration = RegisterWorker {
+            worker_id: format!("worker-{index}"),
+            address: format!("10.0.{}.{}:50053", index / 250, index % 250),
+            execution_mode: ExecutionMode::ProcessPool as i32,
+            capacity,
+            labels: HashMap::from([("zone".to_owned(), format!("z{}", index % 4))]),
+            version: String::new(),
+            execution_modes: vec![ExecutionMode::ProcessPool as i32],
+        };
+        state.register(registration, replies);
+    }
+    let priorities = [
+        Priority::Low,
+        Priority::Normal,
+        Priority::High,
+        Priority::Critical,
+    ];
+    for index in 0..tasks {
+        let selector = if index % 2 == 0 {
+            HashMap::from([("zone".to_owned(), format!("z{}", (index / 2) % 4))])
+        } else {
+            HashMap::new()
+        };
+        state.enqueue(
+            format!("task-{index}"),
+            1,
+            priorities[index % 4],
+            requirements(ExecutionMode::Unspecified, selector),
+        );
+    }
+    let (placements, mut received) = mpsc::unbounded_channel();
+    let started = Instant::now();
+    state.set_placement_stream(placements);
+    let elapsed = started.elapsed();
+    let mut placed = 0;
+    while received.try_recv().is_ok() {
+        placed += 1;
+    }
+    drop(links);
+    PlacementRound { placed, elapsed }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_round_places_what_fits() {
+        assert_eq!(placement_round(8, 2, 10).placed, 10);
+        assert_eq!(placement_round(4, 2, 100).placed, 8, "eight slots in all");
+    }
+}
