@@ -470,3 +470,92 @@ async fn placement_follows_labels_and_spreads_by_load_within_capacity() {
         "waiting for a worker with labels zone=mars: none is registered"
     );
 }
+
+#[tokio::test]
+async fn a_worker_switches_its_execution_mode_without_restarting() {
+    // Its containers, once it runs them, reach the stand-in API on the host's loopback.
+    let worker = WorkerSpec {
+        capacity: 1,
+        extra_yaml: "container:\n  network: host\n".to_owned(),
+        ..WorkerSpec::default()
+    };
+    let cluster = TestCluster::start(vec![worker]).await;
+    let worker_id = cluster.worker_ids[0].clone();
+    let pid = cluster.workers[0].pid();
+    let mut worker = claudecluster_proto::v1::worker_service_client::WorkerServiceClient::new(
+        claudecluster_grpc::channel(&cluster.workers[0].address).unwrap(),
+    );
+    let running = cluster.submit(prompt("SLOW 10 100")).await;
+    wait_for_agent(&cluster, &running.task_id).await;
+
+    let switched = worker
+        .switch_execution_mode(SwitchExecutionModeRequest {
+            execution_mode: ExecutionMode::ContainerAgentic as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        switched.execution_modes,
+        vec![ExecutionMode::ContainerAgentic as i32]
+    );
+    assert!(switched.drain_millis > 0, "it waited for the running task");
+    eprintln!(
+        "mode switch: drain {} ms, switch {} ms",
+        switched.drain_millis, switched.switch_millis
+    );
+    // The task that was running finished on the old provider.
+    let (before, _) = cluster.finish(&running.task_id).await;
+    assert_eq!(before.status(), TaskStatus::Completed);
+    assert!(before.runner.starts_with("process "), "{}", before.runner);
+
+    // The scheduler knows the new mode: a container task lands on the same worker.
+    let status = cluster
+        .driver()
+        .await
+        .get_cluster_status(GetClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.workers[0].execution_modes,
+        vec![ExecutionMode::ContainerAgentic as i32]
+    );
+    let spec = TaskSpec {
+        execution_mode: ExecutionMode::ContainerAgentic as i32,
+        ..prompt("in a container now")
+    };
+    let (after, _) = cluster.finish(&cluster.submit(spec).await.task_id).await;
+    assert_eq!(
+        after.status(),
+        TaskStatus::Completed,
+        "{}",
+        after.status_reason
+    );
+    assert_eq!(after.worker_id, worker_id);
+    assert!(after.runner.starts_with("container "), "{}", after.runner);
+    assert_eq!(cluster.workers[0].pid(), pid, "the same process");
+
+    let back = worker
+        .switch_execution_mode(SwitchExecutionModeRequest {
+            execution_mode: ExecutionMode::ProcessPool as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        back.execution_modes,
+        vec![ExecutionMode::ProcessPool as i32]
+    );
+    let (again, _) = cluster
+        .finish(&cluster.submit(prompt("back in a process")).await.task_id)
+        .await;
+    assert!(again.runner.starts_with("process "), "{}", again.runner);
+    let refused = worker
+        .switch_execution_mode(SwitchExecutionModeRequest {
+            execution_mode: ExecutionMode::Unspecified as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+}

@@ -459,6 +459,38 @@ async fn sessions() {
     );
 }
 
+async fn mode_switch() {
+    let worker = WorkerSpec {
+        extra_yaml: "container:\n  network: host\n".to_owned(),
+        ..WorkerSpec::default()
+    };
+    let cluster = TestCluster::start(vec![worker]).await;
+    let mut client = claudecluster_proto::v1::worker_service_client::WorkerServiceClient::new(
+        claudecluster_grpc::channel(&cluster.workers[0].address).unwrap(),
+    );
+    let mut switches = Vec::new();
+    for round in 0..10 {
+        let mode = if round % 2 == 0 {
+            ExecutionMode::ContainerAgentic
+        } else {
+            ExecutionMode::ProcessPool
+        };
+        let answer = client
+            .switch_execution_mode(SwitchExecutionModeRequest {
+                execution_mode: mode as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        switches.push(answer.switch_millis as f64);
+    }
+    let max = switches.iter().cloned().fold(0.0, f64::max);
+    println!(
+        "| execution mode switch, drain excluded (median of 10, both ways) | | {:.0} ms, max {max:.0} ms |",
+        median(&mut switches)
+    );
+}
+
 fn placement_at_scale() {
     // A small round first: the baseline for the cost per decision as the cluster grows.
     let small = claudecluster_scheduler::benchmark::placement_round(10, 100, 1_000);
@@ -544,6 +576,7 @@ async fn main() {
     }
     if wants("scheduler") {
         placement_at_scale();
+        mode_switch().await;
     }
     if !wants("process") {
         return;

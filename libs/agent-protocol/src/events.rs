@@ -124,7 +124,11 @@ impl ResultEvent {
             .filter(|errors| !errors.is_empty())
             .map(|errors| errors.join("; "))
             .or_else(|| self.result.clone().filter(|text| !text.is_empty()));
-        let mut reason = format!("agent reported {}", self.subtype.replace('_', " "));
+        // An error result may still carry the subtype `success` (an API error does).
+        let mut reason = match self.subtype.as_str() {
+            "" | "success" => "agent reported an error".to_owned(),
+            subtype => format!("agent reported {}", subtype.replace('_', " ")),
+        };
         if let Some(status) = self.api_error_status {
             reason = format!("agent stopped on an api error (status {status})");
         }
@@ -364,6 +368,20 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(result.failure_reason(), None);
+    }
+
+    #[test]
+    fn an_error_with_subtype_success_reads_as_an_error() {
+        let result = ResultEvent {
+            subtype: "success".into(),
+            is_error: true,
+            result: Some("API Error: Connection refused".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            result.failure_reason().as_deref(),
+            Some("agent reported an error: API Error: Connection refused")
+        );
     }
 
     #[test]

@@ -531,6 +531,127 @@ pub async fn session(command: SessionCommand) -> ExitCode {
     }
 }
 
+#[derive(Args, Clone)]
+pub struct SchedulerArgs {
+    /// The scheduler's address.
+    #[arg(
+        long,
+        env = "CLAUDECLUSTER_SCHEDULER",
+        default_value = "127.0.0.1:50052"
+    )]
+    scheduler: String,
+}
+
+#[derive(Subcommand)]
+pub enum WorkersCommand {
+    /// Every worker the scheduler knows.
+    List {
+        #[command(flatten)]
+        scheduler: SchedulerArgs,
+    },
+    /// Stop placing work on a worker; what runs there finishes.
+    Drain {
+        worker_id: String,
+        #[command(flatten)]
+        scheduler: SchedulerArgs,
+    },
+    /// Switch a worker's default execution mode without restarting it.
+    Switch {
+        /// The worker's address, as host:port.
+        worker_address: String,
+        /// process_pool or container_agentic.
+        mode: String,
+    },
+}
+
+pub async fn workers(command: WorkersCommand) -> ExitCode {
+    use claudecluster_proto::v1::scheduler_service_client::SchedulerServiceClient;
+    use claudecluster_proto::v1::worker_service_client::WorkerServiceClient;
+    let scheduler = |args: &SchedulerArgs| {
+        claudecluster_grpc::channel(&args.scheduler)
+            .map(SchedulerServiceClient::new)
+            .map_err(|err| format!("bad scheduler address `{}`: {err}", args.scheduler))
+    };
+    match command {
+        WorkersCommand::List { scheduler: args } => {
+            let mut client = match scheduler(&args) {
+                Ok(client) => client,
+                Err(message) => return fail(message),
+            };
+            match client.list_workers(ListWorkersRequest {}).await {
+                Ok(response) => {
+                    let status = GetClusterStatusResponse {
+                        workers: response.into_inner().workers,
+                        ..Default::default()
+                    };
+                    render::cluster_status(&status);
+                    ExitCode::SUCCESS
+                }
+                Err(status) => fail(status_error(status)),
+            }
+        }
+        WorkersCommand::Drain {
+            worker_id,
+            scheduler: args,
+        } => {
+            let mut client = match scheduler(&args) {
+                Ok(client) => client,
+                Err(message) => return fail(message),
+            };
+            match client.drain_worker(DrainWorkerRequest { worker_id }).await {
+                Ok(response) => {
+                    let worker = response.into_inner().worker.unwrap_or_default();
+                    println!(
+                        "{}: {}",
+                        worker.worker_id,
+                        if worker.drained {
+                            "drained"
+                        } else {
+                            "draining"
+                        }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(status) => fail(status_error(status)),
+            }
+        }
+        WorkersCommand::Switch {
+            worker_address,
+            mode,
+        } => {
+            let Some(mode) =
+                ExecutionMode::from_label(&mode).filter(|m| *m != ExecutionMode::Unspecified)
+            else {
+                return fail(format!("`{mode}` is not process_pool or container_agentic"));
+            };
+            let mut client = match claudecluster_grpc::channel(&worker_address) {
+                Ok(channel) => WorkerServiceClient::new(channel),
+                Err(err) => return fail(format!("bad worker address `{worker_address}`: {err}")),
+            };
+            match client
+                .switch_execution_mode(SwitchExecutionModeRequest {
+                    execution_mode: mode as i32,
+                })
+                .await
+            {
+                Ok(response) => {
+                    let answer = response.into_inner();
+                    let modes: Vec<&str> =
+                        answer.execution_modes().map(ExecutionMode::label).collect();
+                    println!(
+                        "now {} (drained in {} ms, switched in {} ms)",
+                        modes.join(", "),
+                        answer.drain_millis,
+                        answer.switch_millis
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(status) => fail(status_error(status)),
+            }
+        }
+    }
+}
+
 pub async fn status(args: DriverArgs) -> ExitCode {
     let mut client = match connect(&args) {
         Ok(client) => client,

@@ -43,6 +43,9 @@ enum Command {
     /// Open long-lived agents and talk to them.
     #[command(subcommand)]
     Session(client::SessionCommand),
+    /// List, drain and switch workers (through the scheduler and the worker itself).
+    #[command(subcommand)]
+    Workers(client::WorkersCommand),
 }
 
 #[derive(Args)]
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
             Command::Tasks(command) => client::tasks(command).await,
             Command::Status(args) => client::status(args).await,
             Command::Session(command) => client::session(command).await,
+            Command::Workers(command) => client::workers(command).await,
         }
     })
 }

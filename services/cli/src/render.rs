@@ -139,7 +139,11 @@ pub fn cluster_status(status: &GetClusterStatusResponse) {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         labels.sort();
-        let healthy = if worker.healthy {
+        let healthy = if worker.drained {
+            "drained".to_owned()
+        } else if worker.draining {
+            "draining".to_owned()
+        } else if worker.healthy {
             "yes".to_owned()
         } else {
             format!("no ({})", worker.health_reason)
@@ -147,7 +151,11 @@ pub fn cluster_status(status: &GetClusterStatusResponse) {
         println!(
             "{:<20}  {:<18}  {:<7}  {:<8}  {:<22}  {}",
             worker.worker_id,
-            worker.execution_mode().label(),
+            worker
+                .execution_modes()
+                .map(ExecutionMode::label)
+                .collect::<Vec<_>>()
+                .join(","),
             healthy,
             format!("{}/{}", worker.load, worker.capacity),
             worker.address,
@@ -157,9 +165,16 @@ pub fn cluster_status(status: &GetClusterStatusResponse) {
     let mut counts: Vec<_> = status.tasks_by_status.iter().collect();
     counts.sort();
     let counts: Vec<_> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let mut by_priority: Vec<_> = status.queued_by_priority.iter().collect();
+    by_priority.sort();
+    let by_priority: Vec<_> = by_priority
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
     println!(
-        "queued: {}; tasks: {}",
+        "queued: {} ({}); tasks: {}",
         status.queued_tasks,
+        by_priority.join(", "),
         counts.join(", ")
     );
 }

@@ -16,6 +16,8 @@ pub enum WorkerError {
     Unavailable { worker_id: String, reason: String },
     #[error("worker {0} is shutting down")]
     ShuttingDown(String),
+    #[error("worker {0} is already switching its execution mode")]
+    Switching(String),
     #[error("session {0} is not open on this worker")]
     SessionNotHere(String),
     #[error("worker {worker_id} does not run {mode} tasks")]
@@ -33,6 +35,7 @@ impl From<WorkerError> for Status {
             WorkerError::AlreadyRunning(_) => Status::already_exists(message),
             WorkerError::ModeNotRun { .. } => Status::failed_precondition(message),
             WorkerError::SessionNotHere(_) => Status::not_found(message),
+            WorkerError::Switching(_) => Status::failed_precondition(message),
             WorkerError::AtCapacity { .. } => Status::resource_exhausted(message),
             WorkerError::Unavailable { .. } | WorkerError::ShuttingDown(_) => {
                 Status::unavailable(message)

@@ -13,7 +13,7 @@ mod workspace;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use claudecluster_config::{ExecutionModeSetting, WorkerConfig};
+use claudecluster_config::WorkerConfig;
 use claudecluster_proto::v1::worker_service_server::WorkerServiceServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -23,9 +23,7 @@ pub use error::WorkerError;
 pub use runtime::Runtime;
 pub use workspace::Workspaces;
 
-use execution::{
-    ContainerProvider, ContainerSettings, ExecutionProvider, ProcessPoolProvider, Providers,
-};
+use execution::Providers;
 
 /// A running worker.
 pub struct Handle {
@@ -68,30 +66,6 @@ pub enum StartError {
     Container(String),
 }
 
-/// The providers of every mode the configuration asks for, the default first.
-async fn providers(config: &WorkerConfig, worker_id: &str) -> Result<Providers, StartError> {
-    let mut providers: Vec<Arc<dyn ExecutionProvider>> = Vec::new();
-    for mode in config.modes() {
-        match mode {
-            ExecutionModeSetting::ProcessPool => providers.push(Arc::new(
-                ProcessPoolProvider::new(config.process_pool.claude_code_path.clone()),
-            )),
-            ExecutionModeSetting::ContainerAgentic => {
-                let settings = ContainerSettings::from_config(config, worker_id);
-                let provider =
-                    ContainerProvider::new(settings).map_err(|err| StartError::Container(err.0))?;
-                // A worker owns its containers: what an earlier run left goes first. Without
-                // Docker the worker still starts, unhealthy until Docker answers.
-                if let Err(reason) = provider.remove_previous_runs().await {
-                    tracing::warn!(%reason, "cannot clean up earlier containers now");
-                }
-                providers.push(Arc::new(provider));
-            }
-        }
-    }
-    Ok(Providers::new(providers))
-}
-
 /// Starts a worker serving on `listener` and registering with its scheduler.
 pub async fn spawn(config: WorkerConfig, listener: TcpListener) -> Result<Handle, StartError> {
     let local_addr = listener.local_addr()?;
@@ -103,7 +77,9 @@ pub async fn spawn(config: WorkerConfig, listener: TcpListener) -> Result<Handle
         .worker_id
         .clone()
         .unwrap_or_else(|| format!("worker-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
-    let providers = providers(&config, &worker_id).await?;
+    let providers = Providers::for_config(&config, &worker_id)
+        .await
+        .map_err(StartError::Container)?;
     let scheduler_address = config.scheduler_address.clone();
     let runtime = Arc::new(Runtime::new(worker_id.clone(), config, providers));
 

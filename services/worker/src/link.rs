@@ -49,7 +49,12 @@ pub async fn run(
         )
         .await
         {
-            Ok(()) => return,
+            Ok(LinkEnd::Stopped) => return,
+            Ok(LinkEnd::Reregister) => {
+                failures = 0;
+                backoff = FIRST_BACKOFF;
+                continue;
+            }
             Err(reason) => {
                 if registered {
                     // A link that worked breaks: reconnect quickly.
@@ -71,7 +76,15 @@ pub async fn run(
     }
 }
 
-/// One link, from registration to its end. `Ok` only when `stop` ended it.
+/// How a link ended without failing.
+enum LinkEnd {
+    /// The worker is stopping.
+    Stopped,
+    /// The worker changed (its modes): it registers again at once.
+    Reregister,
+}
+
+/// One link, from registration to its end.
 async fn session(
     runtime: &Runtime,
     health: &claudecluster_grpc::Health,
@@ -79,7 +92,7 @@ async fn session(
     advertised: &str,
     stop: &CancellationToken,
     registered: &mut bool,
-) -> Result<(), String> {
+) -> Result<LinkEnd, String> {
     let (outbound, outbound_rx) = mpsc::channel(4);
     let register = RegisterWorker {
         worker_id: runtime.worker_id.clone(),
@@ -117,6 +130,7 @@ async fn session(
     };
     tracing::info!(worker = %runtime.worker_id, "registered with the scheduler");
     *registered = true;
+    runtime.registered();
     let mut ticker = tokio::time::interval(interval);
     let mut was_healthy = true;
     loop {
@@ -125,8 +139,9 @@ async fn session(
                 let _ = outbound.send(WorkerLinkRequest {
                     message: Some(Message::GoingAway(WorkerGoingAway { reason: "shutting down".into() })),
                 }).await;
-                return Ok(());
+                return Ok(LinkEnd::Stopped);
             }
+            _ = runtime.reregistration_requested() => return Ok(LinkEnd::Reregister),
             _ = ticker.tick() => {
                 let (healthy, health_reason) = match runtime.health().await {
                     ProviderHealth::Ready => (true, String::new()),

@@ -37,8 +37,15 @@ pub fn mode_setting(mode: ExecutionMode) -> ExecutionModeSetting {
 pub struct Runtime {
     pub worker_id: String,
     config: WorkerConfig,
-    providers: Providers,
-    warm_pools: HashMap<ExecutionMode, Arc<WarmPool>>,
+    /// Swapped whole when the worker switches modes.
+    providers: std::sync::RwLock<Arc<Providers>>,
+    warm_pools: Mutex<HashMap<ExecutionMode, Arc<WarmPool>>>,
+    /// Switching modes: the worker says it is unavailable so nothing new is placed.
+    switching: std::sync::atomic::AtomicBool,
+    /// Asks the scheduler link to register again (with new modes) at once.
+    reregister: tokio::sync::Notify,
+    /// Counts the scheduler's confirmations of this worker's registration.
+    registrations: tokio::sync::watch::Sender<u64>,
     workspaces: Workspaces,
     slots: Arc<Semaphore>,
     running: Mutex<HashMap<String, Cancellation>>,
@@ -58,12 +65,15 @@ impl Runtime {
                 .clone()
                 .unwrap_or_else(Workspaces::default_root),
         );
-        let mut runtime = Runtime {
+        let runtime = Runtime {
             worker_id,
             slots: Arc::new(Semaphore::new(config.capacity() as usize)),
             config,
-            providers,
-            warm_pools: HashMap::new(),
+            providers: std::sync::RwLock::new(Arc::new(providers)),
+            warm_pools: Mutex::default(),
+            switching: std::sync::atomic::AtomicBool::new(false),
+            reregister: tokio::sync::Notify::new(),
+            registrations: tokio::sync::watch::Sender::new(0),
             workspaces,
             running: Mutex::default(),
             sessions: Mutex::default(),
@@ -76,19 +86,21 @@ impl Runtime {
     }
 
     /// Starts the warm pools the configuration asks for, one per provider.
-    fn start_warm_pools(&mut self) {
+    fn start_warm_pools(&self) {
         let options = AgentOptions::resolve(None, &self.config.agent);
         let template = WarmTemplate {
             args: warm_agent_args(&options),
             env: agent_env(&self.config.agent, std::env::vars(), []),
             options,
         };
-        for mode in self.providers.modes() {
+        let providers = self.providers();
+        let mut pools = self.warm_pools.lock().expect("warm pool lock poisoned");
+        for mode in providers.modes() {
             let size = match mode_setting(mode) {
                 ExecutionModeSetting::ProcessPool => self.config.process_pool.warm_pool_size,
                 ExecutionModeSetting::ContainerAgentic => self.config.container.warm_pool_size,
             };
-            let Some(provider) = self.providers.get(mode) else {
+            let Some(provider) = providers.get(mode) else {
                 continue;
             };
             if size > 0 {
@@ -99,7 +111,7 @@ impl Runtime {
                     self.workspaces.clone(),
                     size as usize,
                 );
-                self.warm_pools.insert(mode, pool);
+                pools.insert(mode, pool);
             }
         }
     }
@@ -108,12 +120,19 @@ impl Runtime {
         &self.config
     }
 
+    fn providers(&self) -> Arc<Providers> {
+        self.providers
+            .read()
+            .expect("provider lock poisoned")
+            .clone()
+    }
+
     pub fn mode(&self) -> ExecutionMode {
-        self.providers.default_mode()
+        self.providers().default_mode()
     }
 
     pub fn modes(&self) -> Vec<ExecutionMode> {
-        self.providers.modes()
+        self.providers().modes()
     }
 
     pub fn capacity(&self) -> u32 {
@@ -122,13 +141,15 @@ impl Runtime {
 
     pub fn idle_warm_agents(&self) -> u32 {
         self.warm_pools
+            .lock()
+            .expect("warm pool lock poisoned")
             .values()
             .map(|pool| pool.idle_count() as u32)
             .sum()
     }
 
     pub fn provider(&self, mode: ExecutionMode) -> Option<Arc<dyn ExecutionProvider>> {
-        self.providers.get(mode).cloned()
+        self.providers().get(mode).cloned()
     }
 
     pub fn workspaces(&self) -> &Workspaces {
@@ -140,7 +161,8 @@ impl Runtime {
         if self.shutting_down.is_cancelled() {
             return Err(WorkerError::ShuttingDown(self.worker_id.clone()));
         }
-        if let ProviderHealth::Unavailable(reason) = self.health().await {
+        // Not `health()`: work placed just before a mode switch began still runs.
+        if let ProviderHealth::Unavailable(reason) = self.providers().health().await {
             return Err(WorkerError::Unavailable {
                 worker_id: self.worker_id.clone(),
                 reason,
@@ -175,6 +197,92 @@ impl Runtime {
             .expect("session lock poisoned")
             .remove(session_id);
         self.session_ended.notify_waiters();
+    }
+
+    async fn stop_warm_pools(&self) {
+        let pools: Vec<Arc<WarmPool>> = self
+            .warm_pools
+            .lock()
+            .expect("warm pool lock poisoned")
+            .drain()
+            .map(|(_, pool)| pool)
+            .collect();
+        for pool in pools {
+            pool.shutdown().await;
+        }
+    }
+
+    /// Completes when the worker should register with the scheduler again.
+    pub async fn reregistration_requested(&self) {
+        self.reregister.notified().await
+    }
+
+    /// The scheduler confirmed a registration of this worker.
+    pub fn registered(&self) {
+        self.registrations.send_modify(|count| *count += 1);
+    }
+
+    /// Makes `mode` the worker's default mode without restarting it: it reports itself
+    /// unavailable (nothing new is placed), waits for what runs to finish, starts the new
+    /// mode's providers and warm pools, and registers again. Returns the new modes, the drain
+    /// time and the switch time after the drain.
+    pub async fn switch_mode(
+        &self,
+        mode: ExecutionMode,
+    ) -> Result<(Vec<ExecutionMode>, Duration, Duration), WorkerError> {
+        if mode == ExecutionMode::Unspecified {
+            return Err(WorkerError::InvalidArgument {
+                field: "execution_mode",
+                message: "must be process_pool or container_agentic".into(),
+            });
+        }
+        if mode == self.mode() {
+            return Ok((self.modes(), Duration::ZERO, Duration::ZERO));
+        }
+        if self
+            .switching
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(WorkerError::Switching(self.worker_id.clone()));
+        }
+        tracing::info!(to = mode.label(), "switching execution mode");
+        let draining = Instant::now();
+        while !(self.running().is_empty() && self.open_sessions() == 0) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let drain = draining.elapsed();
+        let switching = Instant::now();
+        let mut config = self.config.clone();
+        config.execution_mode = mode_setting(mode);
+        config.feature_flags.default_execution_mode = None;
+        let built = Providers::for_config(&config, &self.worker_id).await;
+        let providers = match built {
+            Ok(providers) => providers,
+            Err(reason) => {
+                self.switching
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+                return Err(WorkerError::Unavailable {
+                    worker_id: self.worker_id.clone(),
+                    reason,
+                });
+            }
+        };
+        self.stop_warm_pools().await;
+        *self.providers.write().expect("provider lock poisoned") = Arc::new(providers);
+        self.start_warm_pools();
+        let mut confirmations = self.registrations.subscribe();
+        confirmations.mark_unchanged();
+        self.switching
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.reregister.notify_one();
+        let confirmed =
+            tokio::time::timeout(Duration::from_secs(10), confirmations.changed()).await;
+        if !matches!(confirmed, Ok(Ok(()))) {
+            tracing::warn!("the scheduler did not confirm the new registration within 10 s");
+        }
+        let switched = switching.elapsed();
+        tracing::info!(modes = ?self.modes().iter().map(|m| m.label()).collect::<Vec<_>>(), ?drain, ?switched, "execution mode switched");
+        Ok((self.modes(), drain, switched))
     }
 
     /// The scheduler stopped placing work here. Work already placed still runs: the scheduler
@@ -239,7 +347,10 @@ impl Runtime {
         if self.shutting_down.is_cancelled() {
             return ProviderHealth::Unavailable("shutting down".into());
         }
-        self.providers.health().await
+        if self.switching.load(std::sync::atomic::Ordering::SeqCst) {
+            return ProviderHealth::Unavailable("switching execution mode".into());
+        }
+        self.providers().health().await
     }
 
     /// Asks a running task to stop. False when it is not running here.
@@ -259,9 +370,7 @@ impl Runtime {
         for cancel in self.running().values() {
             cancel.cancel("the worker is shutting down");
         }
-        for pool in self.warm_pools.values() {
-            pool.shutdown().await;
-        }
+        self.stop_warm_pools().await;
         // Sessions stop their containers (keeping their volumes) before the worker goes.
         let bound = self.config.agent.cancel_grace_period.get() + Duration::from_secs(10);
         let all_ended = async {
@@ -301,7 +410,7 @@ impl Runtime {
             });
         }
         let mode = execution.spec.execution_mode();
-        if self.providers.get(mode).is_none() {
+        if self.providers().get(mode).is_none() {
             return Err(WorkerError::ModeNotRun {
                 worker_id: self.worker_id.clone(),
                 mode: mode.label(),
@@ -332,7 +441,12 @@ impl Runtime {
         limits: Limits,
         spec: &TaskSpec,
     ) -> Option<crate::execution::WarmAgent> {
-        let pool = self.warm_pools.get(&mode)?;
+        let pool = self
+            .warm_pools
+            .lock()
+            .expect("warm pool lock poisoned")
+            .get(&mode)?
+            .clone();
         // A warm agent was started with the worker's defaults: options, limits, environment.
         if pool.options() != options || limits != Limits::default() || !spec.environment.is_empty()
         {
@@ -349,8 +463,9 @@ impl Runtime {
     ) -> Outcome {
         let spec = &execution.spec;
         let provider = self
-            .providers
+            .providers()
             .get(spec.execution_mode())
+            .cloned()
             .expect("admission checked the mode");
         let mode = provider.mode();
         let options = AgentOptions::resolve(spec.agent.as_ref(), &self.config.agent);
@@ -364,7 +479,7 @@ impl Runtime {
             })
             .unwrap_or_default();
         let started = tokio::select! {
-            started = self.start_agent(provider, execution, &options, limits) => started,
+            started = self.start_agent(&provider, execution, &options, limits) => started,
             reason = cancel.cancelled() => return Outcome {
                 status: TaskStatus::Cancelled,
                 reason,

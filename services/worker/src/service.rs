@@ -145,4 +145,17 @@ impl WorkerApi for WorkerService {
         }
         Ok(Response::new(CloseWorkerSessionResponse { found }))
     }
+
+    async fn switch_execution_mode(
+        &self,
+        request: Request<SwitchExecutionModeRequest>,
+    ) -> Result<Response<SwitchExecutionModeResponse>, Status> {
+        let mode = request.into_inner().execution_mode();
+        let (modes, drain, switched) = self.runtime.switch_mode(mode).await?;
+        Ok(Response::new(SwitchExecutionModeResponse {
+            execution_modes: modes.into_iter().map(|mode| mode as i32).collect(),
+            drain_millis: drain.as_millis() as u64,
+            switch_millis: switched.as_millis() as u64,
+        }))
+    }
 }

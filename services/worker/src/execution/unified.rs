@@ -3,9 +3,12 @@
 
 use std::sync::Arc;
 
+use claudecluster_config::{ExecutionModeSetting, WorkerConfig};
 use claudecluster_proto::v1::ExecutionMode;
 
-use super::{ExecutionProvider, ProviderHealth};
+use super::{
+    ContainerProvider, ContainerSettings, ExecutionProvider, ProcessPoolProvider, ProviderHealth,
+};
 
 pub struct Providers {
     /// The default first.
@@ -13,6 +16,29 @@ pub struct Providers {
 }
 
 impl Providers {
+    /// The providers of every mode `config` asks for, the default first.
+    pub async fn for_config(config: &WorkerConfig, worker_id: &str) -> Result<Self, String> {
+        let mut providers: Vec<Arc<dyn ExecutionProvider>> = Vec::new();
+        for mode in config.modes() {
+            match mode {
+                ExecutionModeSetting::ProcessPool => providers.push(Arc::new(
+                    ProcessPoolProvider::new(config.process_pool.claude_code_path.clone()),
+                )),
+                ExecutionModeSetting::ContainerAgentic => {
+                    let settings = ContainerSettings::from_config(config, worker_id);
+                    let provider = ContainerProvider::new(settings).map_err(|err| err.0)?;
+                    // A worker owns its containers: what an earlier run left goes first.
+                    // Without Docker the worker still starts, unhealthy until Docker answers.
+                    if let Err(reason) = provider.remove_previous_runs().await {
+                        tracing::warn!(%reason, "cannot clean up earlier containers now");
+                    }
+                    providers.push(Arc::new(provider));
+                }
+            }
+        }
+        Ok(Providers::new(providers))
+    }
+
     /// `providers` with the default mode's first; at least one.
     pub fn new(providers: Vec<Arc<dyn ExecutionProvider>>) -> Self {
         assert!(!providers.is_empty(), "a worker needs a provider");
