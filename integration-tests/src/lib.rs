@@ -404,6 +404,27 @@ impl TestCluster {
             .unwrap()
     }
 
+    /// Waits until the task's agent has printed its init event: it is up and running.
+    pub async fn wait_for_agent(&self, task_id: &str) {
+        let request = StreamTaskEventsRequest {
+            task_id: task_id.to_owned(),
+            after_sequence: 0,
+        };
+        let mut stream = self
+            .driver()
+            .await
+            .stream_task_events(request)
+            .await
+            .expect("stream the task's events")
+            .into_inner();
+        while let Some(response) = stream.message().await.expect("the event stream") {
+            if matches!(response.event.and_then(|e| e.kind), Some(Kind::Init(_))) {
+                return;
+            }
+        }
+        panic!("task {task_id} ended before its agent started");
+    }
+
     /// The task's current record.
     pub async fn task(&self, task_id: &str) -> Task {
         self.driver()

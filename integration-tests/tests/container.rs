@@ -22,26 +22,6 @@ async fn no_containers_left(worker_id: &str) {
     assert!(left.is_empty(), "containers left behind: {left:?}");
 }
 
-/// Waits for the task's agent to print its init event, i.e. to be up and running.
-async fn wait_for_agent(cluster: &TestCluster, task_id: &str) {
-    let mut stream = cluster
-        .driver()
-        .await
-        .stream_task_events(StreamTaskEventsRequest {
-            task_id: task_id.to_owned(),
-            after_sequence: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    while let Some(response) = stream.message().await.unwrap() {
-        if matches!(response.event.unwrap().kind, Some(Kind::Init(_))) {
-            return;
-        }
-    }
-    panic!("the task ended before its agent started");
-}
-
 async fn task_container(task_id: &str) -> String {
     let ids = containers_with_label(&format!("claudecluster.task={task_id}")).await;
     assert_eq!(ids.len(), 1, "one container per task: {ids:?}");
@@ -62,7 +42,7 @@ async fn a_running_container_has_the_user_limits_capabilities_labels_and_network
         ..prompt("HANG")
     };
     let task = cluster.submit(spec).await;
-    wait_for_agent(&cluster, &task.task_id).await;
+    cluster.wait_for_agent(&task.task_id).await;
     let id = task_container(&task.task_id).await;
     let container = inspect(&id).await;
 
@@ -414,7 +394,7 @@ async fn an_agent_out_of_memory_fails_and_says_so() {
 async fn a_container_killed_from_outside_fails_the_task_and_says_so() {
     let cluster = TestCluster::start(vec![container_worker()]).await;
     let task = cluster.submit(prompt("HANG")).await;
-    wait_for_agent(&cluster, &task.task_id).await;
+    cluster.wait_for_agent(&task.task_id).await;
     docker(&["kill", &task_container(&task.task_id).await]).await;
     let (ended, _) = cluster.finish(&task.task_id).await;
     assert_eq!(ended.status(), TaskStatus::Failed);
@@ -505,7 +485,7 @@ async fn docker_going_away_mid_task_fails_it_and_the_container_is_removed_when_d
     };
     let cluster = TestCluster::start(vec![worker]).await;
     let task = cluster.submit(prompt("HANG")).await;
-    wait_for_agent(&cluster, &task.task_id).await;
+    cluster.wait_for_agent(&task.task_id).await;
     proxy.cut();
     let (ended, _) = cluster.finish(&task.task_id).await;
     assert_eq!(ended.status(), TaskStatus::Failed);

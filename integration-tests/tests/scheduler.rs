@@ -4,27 +4,6 @@ use claudecluster_integration_tests::*;
 use claudecluster_proto::v1::event::Kind;
 use claudecluster_proto::v1::*;
 
-/// Waits until the task's agent has printed its init event.
-async fn wait_for_agent(cluster: &TestCluster, task_id: &str) {
-    let request = StreamTaskEventsRequest {
-        task_id: task_id.to_owned(),
-        after_sequence: 0,
-    };
-    let mut stream = cluster
-        .driver()
-        .await
-        .stream_task_events(request)
-        .await
-        .unwrap()
-        .into_inner();
-    while let Some(response) = stream.message().await.unwrap() {
-        if matches!(response.event.unwrap().kind, Some(Kind::Init(_))) {
-            return;
-        }
-    }
-    panic!("the task ended before its agent started");
-}
-
 #[tokio::test]
 async fn a_task_whose_worker_is_killed_runs_again_on_another_worker() {
     let one = WorkerSpec {
@@ -33,7 +12,7 @@ async fn a_task_whose_worker_is_killed_runs_again_on_another_worker() {
     };
     let mut cluster = TestCluster::start(vec![one.clone()]).await;
     let task = cluster.submit(prompt("SLOW 20 100")).await;
-    wait_for_agent(&cluster, &task.task_id).await;
+    cluster.wait_for_agent(&task.task_id).await;
     let first = cluster.worker_ids[0].clone();
     let second = cluster.add_worker(one).await;
     cluster.wait_for_healthy_workers(2).await;
@@ -93,7 +72,7 @@ async fn with_its_attempts_used_up_a_task_whose_worker_is_killed_fails_and_says_
         TestCluster::start_with_driver("maxAttempts: 1\n", vec![WorkerSpec::default()]).await;
     let mut cluster = cluster;
     let task = cluster.submit(prompt("SLOW 20 100")).await;
-    wait_for_agent(&cluster, &task.task_id).await;
+    cluster.wait_for_agent(&task.task_id).await;
     let worker = cluster.worker_ids[0].clone();
     cluster.workers[0].kill().await;
     let (ended, _) = cluster.finish(&task.task_id).await;
@@ -127,7 +106,7 @@ async fn queued_tasks_start_by_priority_then_in_order() {
     };
     let cluster = TestCluster::start(vec![one]).await;
     let blocker = cluster.submit(prompt("SLOW 15 100")).await;
-    wait_for_agent(&cluster, &blocker.task_id).await;
+    cluster.wait_for_agent(&blocker.task_id).await;
     let mut ids = Vec::new();
     for (name, priority) in [
         ("low", Priority::Low),
@@ -333,7 +312,7 @@ async fn a_drained_worker_gets_no_new_work_and_loses_none() {
             .map(|t| t.task_id)
             .collect();
     for id in &long {
-        wait_for_agent(&cluster, id).await;
+        cluster.wait_for_agent(id).await;
     }
     let on_drained = {
         let mut found = None;
@@ -486,7 +465,7 @@ async fn a_worker_switches_its_execution_mode_without_restarting() {
         claudecluster_grpc::channel(&cluster.workers[0].address).unwrap(),
     );
     let running = cluster.submit(prompt("SLOW 10 100")).await;
-    wait_for_agent(&cluster, &running.task_id).await;
+    cluster.wait_for_agent(&running.task_id).await;
 
     let switched = worker
         .switch_execution_mode(SwitchExecutionModeRequest {

@@ -197,21 +197,9 @@ async fn a_task_past_its_timeout_fails(mode: Mode) {
 async fn a_running_task_is_cancelled(mode: Mode) {
     let cluster = TestCluster::start(vec![WorkerSpec::in_mode(mode)]).await;
     let submitted = cluster.submit(prompt("HANG")).await;
+    // The CLI is up and waiting on the API.
+    cluster.wait_for_agent(&submitted.task_id).await;
     let mut driver = cluster.driver().await;
-    // Wait for the agent's init event: the CLI is up and waiting on the API.
-    let mut stream = driver
-        .stream_task_events(StreamTaskEventsRequest {
-            task_id: submitted.task_id.clone(),
-            after_sequence: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    while let Some(response) = stream.message().await.unwrap() {
-        if matches!(response.event.unwrap().kind, Some(Kind::Init(_))) {
-            break;
-        }
-    }
     let cancelled = driver
         .cancel_task(CancelTaskRequest {
             task_id: submitted.task_id.clone(),

@@ -102,9 +102,12 @@ fn connect(args: &DriverArgs) -> Result<DriverServiceClient<Channel>, String> {
         .map_err(|err| format!("bad driver address `{}`: {err}", args.driver))
 }
 
-fn fail(message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("claudecluster: {message}");
-    ExitCode::FAILURE
+/// What a client command ends with, said once: an error is printed and exits 1.
+pub fn report(outcome: Result<ExitCode, String>) -> ExitCode {
+    outcome.unwrap_or_else(|message| {
+        eprintln!("claudecluster: {message}");
+        ExitCode::FAILURE
+    })
 }
 
 fn status_error(status: tonic::Status) -> String {
@@ -155,25 +158,19 @@ fn task_spec(args: &RunArgs) -> Result<TaskSpec, String> {
     })
 }
 
-pub async fn run(args: RunArgs) -> ExitCode {
-    let spec = match task_spec(&args) {
-        Ok(spec) => spec,
-        Err(message) => return fail(message),
-    };
-    let mut client = match connect(&args.driver) {
-        Ok(client) => client,
-        Err(message) => return fail(message),
-    };
+pub async fn run(args: RunArgs) -> Result<ExitCode, String> {
+    let spec = task_spec(&args)?;
+    let mut client = connect(&args.driver)?;
     let task = match client
         .submit_task(SubmitTaskRequest { spec: Some(spec) })
         .await
     {
         Ok(response) => response.into_inner().task.unwrap_or_default(),
-        Err(status) => return fail(status_error(status)),
+        Err(status) => return Err(status_error(status)),
     };
     if !args.follow {
         println!("{}", task.task_id);
-        return ExitCode::SUCCESS;
+        return Ok(ExitCode::SUCCESS);
     }
     eprintln!("task {}", task.task_id);
     follow(&mut client, &task.task_id, 0, true).await
@@ -186,7 +183,7 @@ async fn follow(
     task_id: &str,
     after: u64,
     cancel_on_interrupt: bool,
-) -> ExitCode {
+) -> Result<ExitCode, String> {
     let mut cursor = after;
     let mut reconnects = 0;
     let mut interrupted = false;
@@ -202,7 +199,7 @@ async fn follow(
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
-            Err(status) => return fail(status_error(status)),
+            Err(status) => return Err(status_error(status)),
         };
         loop {
             let message = tokio::select! {
@@ -227,13 +224,13 @@ async fn follow(
                         && change.status().is_terminal()
                     {
                         return if change.status() == TaskStatus::Completed {
-                            ExitCode::SUCCESS
+                            Ok(ExitCode::SUCCESS)
                         } else {
-                            ExitCode::FAILURE
+                            Ok(ExitCode::FAILURE)
                         };
                     }
                 }
-                Ok(None) => return fail("the event stream ended before the task did"),
+                Ok(None) => return Err("the event stream ended before the task did".into()),
                 Err(status) if reconnects < 10 => {
                     reconnects += 1;
                     eprintln!(
@@ -242,13 +239,13 @@ async fn follow(
                     );
                     break;
                 }
-                Err(status) => return fail(status_error(status)),
+                Err(status) => return Err(status_error(status)),
             }
         }
     }
 }
 
-pub async fn tasks(command: TasksCommand) -> ExitCode {
+pub async fn tasks(command: TasksCommand) -> Result<ExitCode, String> {
     match command {
         TasksCommand::List {
             statuses,
@@ -259,70 +256,49 @@ pub async fn tasks(command: TasksCommand) -> ExitCode {
             for status in &statuses {
                 match TaskStatus::from_label(status) {
                     Some(status) => parsed.push(status as i32),
-                    None => return fail(format!("--status `{status}` is not a task status")),
+                    None => return Err(format!("--status `{status}` is not a task status")),
                 }
             }
-            let mut client = match connect(&driver) {
-                Ok(client) => client,
-                Err(message) => return fail(message),
-            };
+            let mut client = connect(&driver)?;
             let request = ListTasksRequest {
                 statuses: parsed,
                 page_size: limit,
                 page_token: String::new(),
                 label_selector: Default::default(),
             };
-            match client.list_tasks(request).await {
-                Ok(response) => {
-                    render::task_table(&response.into_inner().tasks);
-                    ExitCode::SUCCESS
-                }
-                Err(status) => fail(status_error(status)),
-            }
+            let response = client.list_tasks(request).await.map_err(status_error)?;
+            render::task_table(&response.into_inner().tasks);
+            Ok(ExitCode::SUCCESS)
         }
         TasksCommand::Get { task_id, driver } => {
-            let mut client = match connect(&driver) {
-                Ok(client) => client,
-                Err(message) => return fail(message),
-            };
-            match client.get_task(GetTaskRequest { task_id }).await {
-                Ok(response) => {
-                    render::task_detail(&response.into_inner().task.unwrap_or_default());
-                    ExitCode::SUCCESS
-                }
-                Err(status) => fail(status_error(status)),
-            }
+            let mut client = connect(&driver)?;
+            let response = client
+                .get_task(GetTaskRequest { task_id })
+                .await
+                .map_err(status_error)?;
+            render::task_detail(&response.into_inner().task.unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
         }
         TasksCommand::Cancel {
             task_id,
             reason,
             driver,
         } => {
-            let mut client = match connect(&driver) {
-                Ok(client) => client,
-                Err(message) => return fail(message),
-            };
+            let mut client = connect(&driver)?;
             let request = CancelTaskRequest {
                 task_id,
                 reason: reason.unwrap_or_default(),
             };
-            match client.cancel_task(request).await {
-                Ok(response) => {
-                    render::task_detail(&response.into_inner().task.unwrap_or_default());
-                    ExitCode::SUCCESS
-                }
-                Err(status) => fail(status_error(status)),
-            }
+            let response = client.cancel_task(request).await.map_err(status_error)?;
+            render::task_detail(&response.into_inner().task.unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
         }
         TasksCommand::Events {
             task_id,
             after,
             driver,
         } => {
-            let mut client = match connect(&driver) {
-                Ok(client) => client,
-                Err(message) => return fail(message),
-            };
+            let mut client = connect(&driver)?;
             follow(&mut client, &task_id, after, false).await
         }
     }
@@ -380,7 +356,7 @@ pub enum SessionCommand {
     },
 }
 
-pub async fn session(command: SessionCommand) -> ExitCode {
+pub async fn session(command: SessionCommand) -> Result<ExitCode, String> {
     match command {
         SessionCommand::New {
             repo,
@@ -389,10 +365,7 @@ pub async fn session(command: SessionCommand) -> ExitCode {
             model,
             driver,
         } => {
-            let mut client = match connect(&driver) {
-                Ok(client) => client,
-                Err(message) => return fail(message),
-            };
+            let mut client = connect(&driver)?;
             let spec = SessionSpec {
                 repo_url: repo.unwrap_or_default(),
                 idle_timeout_seconds: idle_timeout.unwrap_or_default(),
@@ -412,9 +385,9 @@ pub async fn session(command: SessionCommand) -> ExitCode {
                         "{}",
                         response.into_inner().session.unwrap_or_default().session_id
                     );
-                    ExitCode::SUCCESS
+                    Ok(ExitCode::SUCCESS)
                 }
-                Err(status) => fail(status_error(status)),
+                Err(status) => Err(status_error(status)),
             }
         }
         SessionCommand::Send {
@@ -422,14 +395,11 @@ pub async fn session(command: SessionCommand) -> ExitCode {
             text,
             driver,
         } => {
-            let mut client = match connect(&driver) {
-                Ok(client) => client,
-                Err(message) => return fail(message),
-            };
+            let mut client = connect(&driver)?;
             let request = SendSessionMessageRequest { session_id, text };
             let mut stream = match client.send_session_message(request).await {
                 Ok(response) => response.into_inner(),
-                Err(status) => return fail(status_error(status)),
+                Err(status) => return Err(status_error(status)),
             };
             let mut succeeded = false;
             loop {
@@ -448,13 +418,13 @@ pub async fn session(command: SessionCommand) -> ExitCode {
                         }
                     }
                     Ok(None) => break,
-                    Err(status) => return fail(status_error(status)),
+                    Err(status) => return Err(status_error(status)),
                 }
             }
             if succeeded {
-                ExitCode::SUCCESS
+                Ok(ExitCode::SUCCESS)
             } else {
-                ExitCode::FAILURE
+                Ok(ExitCode::FAILURE)
             }
         }
         SessionCommand::Attach {
@@ -462,17 +432,14 @@ pub async fn session(command: SessionCommand) -> ExitCode {
             after,
             driver,
         } => {
-            let mut client = match connect(&driver) {
-                Ok(client) => client,
-                Err(message) => return fail(message),
-            };
+            let mut client = connect(&driver)?;
             let request = StreamSessionEventsRequest {
                 session_id,
                 after_sequence: after,
             };
             let mut stream = match client.stream_session_events(request).await {
                 Ok(response) => response.into_inner(),
-                Err(status) => return fail(status_error(status)),
+                Err(status) => return Err(status_error(status)),
             };
             loop {
                 match stream.message().await {
@@ -481,51 +448,40 @@ pub async fn session(command: SessionCommand) -> ExitCode {
                             render::event(&event);
                         }
                     }
-                    Ok(None) => return ExitCode::SUCCESS,
-                    Err(status) => return fail(status_error(status)),
+                    Ok(None) => return Ok(ExitCode::SUCCESS),
+                    Err(status) => return Err(status_error(status)),
                 }
             }
         }
         SessionCommand::List { driver } => {
-            let mut client = match connect(&driver) {
-                Ok(client) => client,
-                Err(message) => return fail(message),
-            };
-            match client.list_sessions(ListSessionsRequest::default()).await {
-                Ok(response) => {
-                    render::session_table(&response.into_inner().sessions);
-                    ExitCode::SUCCESS
-                }
-                Err(status) => fail(status_error(status)),
-            }
+            let mut client = connect(&driver)?;
+            let response = client
+                .list_sessions(ListSessionsRequest::default())
+                .await
+                .map_err(status_error)?;
+            render::session_table(&response.into_inner().sessions);
+            Ok(ExitCode::SUCCESS)
         }
         SessionCommand::Get { session_id, driver } => {
-            let mut client = match connect(&driver) {
-                Ok(client) => client,
-                Err(message) => return fail(message),
-            };
-            match client.get_session(GetSessionRequest { session_id }).await {
-                Ok(response) => {
-                    render::session_detail(&response.into_inner().session.unwrap_or_default());
-                    ExitCode::SUCCESS
-                }
-                Err(status) => fail(status_error(status)),
-            }
+            let mut client = connect(&driver)?;
+            let response = client
+                .get_session(GetSessionRequest { session_id })
+                .await
+                .map_err(status_error)?;
+            render::session_detail(&response.into_inner().session.unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
         }
         SessionCommand::Close { session_id, driver } => {
-            let mut client = match connect(&driver) {
-                Ok(client) => client,
-                Err(message) => return fail(message),
-            };
+            let mut client = connect(&driver)?;
             match client
                 .close_session(CloseSessionRequest { session_id })
                 .await
             {
                 Ok(response) => {
                     render::session_detail(&response.into_inner().session.unwrap_or_default());
-                    ExitCode::SUCCESS
+                    Ok(ExitCode::SUCCESS)
                 }
-                Err(status) => fail(status_error(status)),
+                Err(status) => Err(status_error(status)),
             }
         }
     }
@@ -564,7 +520,7 @@ pub enum WorkersCommand {
     },
 }
 
-pub async fn workers(command: WorkersCommand) -> ExitCode {
+pub async fn workers(command: WorkersCommand) -> Result<ExitCode, String> {
     use claudecluster_proto::v1::scheduler_service_client::SchedulerServiceClient;
     use claudecluster_proto::v1::worker_service_client::WorkerServiceClient;
     let scheduler = |args: &SchedulerArgs| {
@@ -574,46 +530,38 @@ pub async fn workers(command: WorkersCommand) -> ExitCode {
     };
     match command {
         WorkersCommand::List { scheduler: args } => {
-            let mut client = match scheduler(&args) {
-                Ok(client) => client,
-                Err(message) => return fail(message),
+            let mut client = scheduler(&args)?;
+            let response = client
+                .list_workers(ListWorkersRequest {})
+                .await
+                .map_err(status_error)?;
+            let status = GetClusterStatusResponse {
+                workers: response.into_inner().workers,
+                ..Default::default()
             };
-            match client.list_workers(ListWorkersRequest {}).await {
-                Ok(response) => {
-                    let status = GetClusterStatusResponse {
-                        workers: response.into_inner().workers,
-                        ..Default::default()
-                    };
-                    render::cluster_status(&status);
-                    ExitCode::SUCCESS
-                }
-                Err(status) => fail(status_error(status)),
-            }
+            render::cluster_status(&status);
+            Ok(ExitCode::SUCCESS)
         }
         WorkersCommand::Drain {
             worker_id,
             scheduler: args,
         } => {
-            let mut client = match scheduler(&args) {
-                Ok(client) => client,
-                Err(message) => return fail(message),
-            };
-            match client.drain_worker(DrainWorkerRequest { worker_id }).await {
-                Ok(response) => {
-                    let worker = response.into_inner().worker.unwrap_or_default();
-                    println!(
-                        "{}: {}",
-                        worker.worker_id,
-                        if worker.drained {
-                            "drained"
-                        } else {
-                            "draining"
-                        }
-                    );
-                    ExitCode::SUCCESS
+            let mut client = scheduler(&args)?;
+            let response = client
+                .drain_worker(DrainWorkerRequest { worker_id })
+                .await
+                .map_err(status_error)?;
+            let worker = response.into_inner().worker.unwrap_or_default();
+            println!(
+                "{}: {}",
+                worker.worker_id,
+                if worker.drained {
+                    "drained"
+                } else {
+                    "draining"
                 }
-                Err(status) => fail(status_error(status)),
-            }
+            );
+            Ok(ExitCode::SUCCESS)
         }
         WorkersCommand::Switch {
             worker_address,
@@ -622,11 +570,11 @@ pub async fn workers(command: WorkersCommand) -> ExitCode {
             let Some(mode) =
                 ExecutionMode::from_label(&mode).filter(|m| *m != ExecutionMode::Unspecified)
             else {
-                return fail(format!("`{mode}` is not process_pool or container_agentic"));
+                return Err(format!("`{mode}` is not process_pool or container_agentic"));
             };
             let mut client = match claudecluster_grpc::channel(&worker_address) {
                 Ok(channel) => WorkerServiceClient::new(channel),
-                Err(err) => return fail(format!("bad worker address `{worker_address}`: {err}")),
+                Err(err) => return Err(format!("bad worker address `{worker_address}`: {err}")),
             };
             match client
                 .switch_execution_mode(SwitchExecutionModeRequest {
@@ -644,24 +592,20 @@ pub async fn workers(command: WorkersCommand) -> ExitCode {
                         answer.drain_millis,
                         answer.switch_millis
                     );
-                    ExitCode::SUCCESS
+                    Ok(ExitCode::SUCCESS)
                 }
-                Err(status) => fail(status_error(status)),
+                Err(status) => Err(status_error(status)),
             }
         }
     }
 }
 
-pub async fn status(args: DriverArgs) -> ExitCode {
-    let mut client = match connect(&args) {
-        Ok(client) => client,
-        Err(message) => return fail(message),
-    };
-    match client.get_cluster_status(GetClusterStatusRequest {}).await {
-        Ok(response) => {
-            render::cluster_status(&response.into_inner());
-            ExitCode::SUCCESS
-        }
-        Err(status) => fail(status_error(status)),
-    }
+pub async fn status(args: DriverArgs) -> Result<ExitCode, String> {
+    let mut client = connect(&args)?;
+    let response = client
+        .get_cluster_status(GetClusterStatusRequest {})
+        .await
+        .map_err(status_error)?;
+    render::cluster_status(&response.into_inner());
+    Ok(ExitCode::SUCCESS)
 }

@@ -87,11 +87,11 @@ fn main() -> ExitCode {
             Command::Mcp(args) => {
                 serve::mcp(args.config, args.http, args.listen, args.driver).await
             }
-            Command::Run(args) => client::run(args).await,
-            Command::Tasks(command) => client::tasks(command).await,
-            Command::Status(args) => client::status(args).await,
-            Command::Session(command) => client::session(command).await,
-            Command::Workers(command) => client::workers(command).await,
+            Command::Run(args) => client::report(client::run(args).await),
+            Command::Tasks(command) => client::report(client::tasks(command).await),
+            Command::Status(args) => client::report(client::status(args).await),
+            Command::Session(command) => client::report(client::session(command).await),
+            Command::Workers(command) => client::report(client::workers(command).await),
         }
     })
 }

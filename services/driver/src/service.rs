@@ -99,6 +99,34 @@ impl DriverService {
     }
 }
 
+/// The page a list request asks for: where it starts and how many (default 100, at most 1000).
+fn page(token: &str, size: u32) -> Result<(u64, usize), DriverError> {
+    let start = page_start(token)
+        .ok_or_else(|| DriverError::invalid("page_token", "is not a token this server returned"))?;
+    let limit = match size as usize {
+        0 => DEFAULT_PAGE_SIZE,
+        size => size.min(MAX_PAGE_SIZE),
+    };
+    Ok((start, limit))
+}
+
+/// The enum values a list request filters by; an unknown or unspecified one names the field.
+fn filter_values<E>(values: &[i32], field: &str, what: &str) -> Result<Vec<E>, DriverError>
+where
+    E: TryFrom<i32> + Default + PartialEq,
+{
+    values
+        .iter()
+        .map(|value| match E::try_from(*value) {
+            Ok(known) if known != E::default() => Ok(known),
+            _ => Err(DriverError::invalid(
+                field,
+                format!("{value} is not a {what}"),
+            )),
+        })
+        .collect()
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<StreamTaskEventsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -151,26 +179,9 @@ impl DriverApi for DriverService {
         request: Request<ListTasksRequest>,
     ) -> Result<Response<ListTasksResponse>, Status> {
         let request = request.into_inner();
-        let mut statuses = Vec::new();
-        for value in &request.statuses {
-            match TaskStatus::try_from(*value) {
-                Ok(status) if status != TaskStatus::Unspecified => statuses.push(status),
-                _ => {
-                    return Err(DriverError::invalid(
-                        "statuses",
-                        format!("{value} is not a task status"),
-                    )
-                    .into());
-                }
-            }
-        }
-        let start = page_start(&request.page_token).ok_or_else(|| {
-            DriverError::invalid("page_token", "is not a token this server returned")
-        })?;
-        let limit = match request.page_size as usize {
-            0 => DEFAULT_PAGE_SIZE,
-            size => size.min(MAX_PAGE_SIZE),
-        };
+        let statuses: Vec<TaskStatus> =
+            filter_values(&request.statuses, "statuses", "task status")?;
+        let (start, limit) = page(&request.page_token, request.page_size)?;
         let selector = request.label_selector;
         let (tasks, next) = self.store.page(start, limit, |task| {
             let labels = task.spec.as_ref().map(|spec| &spec.labels);
@@ -282,26 +293,8 @@ impl DriverApi for DriverService {
         request: Request<ListSessionsRequest>,
     ) -> Result<Response<ListSessionsResponse>, Status> {
         let request = request.into_inner();
-        let mut states = Vec::new();
-        for value in &request.states {
-            match SessionState::try_from(*value) {
-                Ok(state) if state != SessionState::Unspecified => states.push(state),
-                _ => {
-                    return Err(DriverError::invalid(
-                        "states",
-                        format!("{value} is not a session state"),
-                    )
-                    .into());
-                }
-            }
-        }
-        let start = page_start(&request.page_token).ok_or_else(|| {
-            DriverError::invalid("page_token", "is not a token this server returned")
-        })?;
-        let limit = match request.page_size as usize {
-            0 => DEFAULT_PAGE_SIZE,
-            size => size.min(MAX_PAGE_SIZE),
-        };
+        let states: Vec<SessionState> = filter_values(&request.states, "states", "session state")?;
+        let (start, limit) = page(&request.page_token, request.page_size)?;
         let (sessions, next) = self.sessions.page(start, limit, |state| {
             states.is_empty() || states.contains(&state)
         });
