@@ -486,6 +486,17 @@ pub fn prompt(text: &str) -> TaskSpec {
     }
 }
 
+/// A task spec whose agent may use `tools` without asking.
+pub fn with_tools(text: &str, tools: &[&str]) -> TaskSpec {
+    TaskSpec {
+        agent: Some(AgentOptions {
+            allowed_tools: tools.iter().map(|tool| tool.to_string()).collect(),
+            ..Default::default()
+        }),
+        ..prompt(text)
+    }
+}
+
 /// The statuses a task went through, from its events.
 pub fn statuses(events: &[Event]) -> Vec<TaskStatus> {
     events

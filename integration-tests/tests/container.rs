@@ -306,16 +306,6 @@ async fn warm_agents_take_the_tasks_they_fit_in_both_modes() {
 type DriverServiceClient =
     claudecluster_proto::v1::driver_service_client::DriverServiceClient<tonic::transport::Channel>;
 
-fn with_tools(text: &str, tools: &[&str]) -> TaskSpec {
-    TaskSpec {
-        agent: Some(AgentOptions {
-            allowed_tools: tools.iter().map(|t| t.to_string()).collect(),
-            ..Default::default()
-        }),
-        ..prompt(text)
-    }
-}
-
 #[tokio::test]
 async fn an_image_that_does_not_exist_fails_the_task_and_names_the_setting() {
     let worker = WorkerSpec {

@@ -8,16 +8,6 @@ use claudecluster_integration_tests::*;
 use claudecluster_proto::v1::*;
 use tonic::Code;
 
-fn with_tools(text: &str, tools: &[&str]) -> TaskSpec {
-    TaskSpec {
-        agent: Some(AgentOptions {
-            allowed_tools: tools.iter().map(|t| t.to_string()).collect(),
-            ..Default::default()
-        }),
-        ..prompt(text)
-    }
-}
-
 #[tokio::test]
 async fn a_pending_task_is_cancelled_without_running() {
     // No worker at all: the task waits, with a reason.

@@ -9,16 +9,6 @@ use claudecluster_integration_tests::*;
 use claudecluster_proto::v1::event::Kind;
 use claudecluster_proto::v1::*;
 
-fn with_tools(text: &str, tools: &[&str]) -> TaskSpec {
-    TaskSpec {
-        agent: Some(AgentOptions {
-            allowed_tools: tools.iter().map(|t| t.to_string()).collect(),
-            ..Default::default()
-        }),
-        ..prompt(text)
-    }
-}
-
 /// In container mode, the worker removed every container it made.
 async fn assert_no_containers(cluster: &TestCluster, mode: Mode) {
     if mode == Mode::Container {
