@@ -171,10 +171,14 @@ pub fn cluster_status(status: &GetClusterStatusResponse) {
         .iter()
         .map(|(k, v)| format!("{k} {v}"))
         .collect();
+    let by_priority = if by_priority.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", by_priority.join(", "))
+    };
     println!(
-        "queued: {} ({}); tasks: {}",
+        "queued: {}{by_priority}; tasks: {}",
         status.queued_tasks,
-        by_priority.join(", "),
         counts.join(", ")
     );
 }
