@@ -131,6 +131,21 @@ fn a_root_container_user_is_refused() {
 }
 
 #[test]
+fn the_dual_mode_cluster_example_loads() {
+    let config = load(
+        Some(&example("cluster-dual-mode.yaml")),
+        FileLayout::Cluster,
+        vars(&[]),
+    )
+    .unwrap();
+    assert_eq!(
+        config.worker.modes(),
+        vec![ExecutionModeSetting::ProcessPool, ExecutionModeSetting::ContainerAgentic]
+    );
+    assert_eq!(config.worker.container.resource_limits.memory.0, 2 << 30);
+}
+
+#[test]
 fn defaults_alone_are_the_embedded_cluster() {
     let config = load(None, FileLayout::Cluster, vars(&[])).unwrap();
     assert_eq!(config.driver.listen, "127.0.0.1:50051");
