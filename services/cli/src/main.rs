@@ -72,7 +72,18 @@ struct McpArgs {
     driver: Option<String>,
 }
 
+/// A command piped into `head` should end quietly when the pipe closes, as other tools do,
+/// rather than fail writing to it: Rust ignores SIGPIPE unless told otherwise.
+#[allow(unsafe_code)]
+fn end_quietly_on_closed_pipes() {
+    // SAFETY: restoring a signal's default disposition at start-up, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
+    end_quietly_on_closed_pipes();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
