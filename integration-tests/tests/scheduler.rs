@@ -538,3 +538,72 @@ async fn a_worker_switches_its_execution_mode_without_restarting() {
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
 }
+
+#[tokio::test]
+async fn the_workers_commands_of_the_cli() {
+    let worker = WorkerSpec {
+        extra_yaml: "container:\n  network: host\n".to_owned(),
+        ..WorkerSpec::default()
+    };
+    let cluster = TestCluster::start(vec![worker]).await;
+    let run = |args: Vec<String>| async move {
+        let output = tokio::process::Command::new(claudecluster_bin())
+            .args(&args)
+            .output()
+            .await
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let scheduler = cluster.scheduler.address.clone();
+    let worker_id = cluster.worker_ids[0].clone();
+    let (ok, listed, _) = run(vec![
+        "workers".into(),
+        "list".into(),
+        "--scheduler".into(),
+        scheduler.clone(),
+    ])
+    .await;
+    assert!(ok);
+    assert!(
+        listed.lines().any(|l| l.starts_with(&worker_id)
+            && l.contains("process_pool")
+            && l.contains(" yes ")),
+        "{listed}"
+    );
+    let (ok, switched, err) = run(vec![
+        "workers".into(),
+        "switch".into(),
+        cluster.workers[0].address.clone(),
+        "container_agentic".into(),
+    ])
+    .await;
+    assert!(ok, "{err}");
+    assert!(
+        switched.starts_with("now container_agentic (drained in "),
+        "{switched}"
+    );
+    let (ok, drained, _) = run(vec![
+        "workers".into(),
+        "drain".into(),
+        worker_id.clone(),
+        "--scheduler".into(),
+        scheduler.clone(),
+    ])
+    .await;
+    assert!(ok);
+    assert_eq!(drained.trim(), format!("{worker_id}: draining"));
+    let (ok, _, err) = run(vec![
+        "workers".into(),
+        "drain".into(),
+        "nope".into(),
+        "--scheduler".into(),
+        scheduler,
+    ])
+    .await;
+    assert!(!ok);
+    assert!(err.contains("NotFound: worker nope not found"), "{err}");
+}

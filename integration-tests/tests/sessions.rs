@@ -525,3 +525,68 @@ async fn sessions_of_a_worker_that_disappears_are_lost_and_nothing_hangs() {
         docker(&["rm", "-f", &container]).await;
     }
 }
+
+async fn cli(driver: &str, args: &[&str]) -> (bool, String, String) {
+    let output = tokio::process::Command::new(claudecluster_bin())
+        .args(args)
+        .env("CLAUDECLUSTER_DRIVER", driver)
+        .output()
+        .await
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_session_commands_of_the_cli() {
+    let cluster = TestCluster::start(vec![container_worker()]).await;
+    let driver = cluster.driver.address.clone();
+    let (ok, id, err) = cli(
+        &driver,
+        &["session", "new", "--allowed-tools", "Write,Bash"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let id = id.trim().to_owned();
+    let (ok, out, err) = cli(
+        &driver,
+        &["session", "send", &id, "WRITE cli.txt from the cli"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.contains("MOCK_DONE wrote cli.txt"), "{out}");
+    assert!(
+        err.contains("→ Write") && err.contains("[idle] message 1 answered"),
+        "{err}"
+    );
+    let (ok, out, _) = cli(&driver, &["session", "send", &id, "BASH cat cli.txt"]).await;
+    assert!(ok);
+    assert!(out.contains("MOCK_DONE from the cli"), "{out}");
+    let (_, listed, _) = cli(&driver, &["session", "list"]).await;
+    assert!(
+        listed
+            .lines()
+            .any(|line| line.starts_with(&id) && line.contains("idle")),
+        "{listed}"
+    );
+    let (_, detail, _) = cli(&driver, &["session", "get", &id]).await;
+    assert!(detail.contains("turns:     2"), "{detail}");
+    let (ok, closed, _) = cli(&driver, &["session", "close", &id]).await;
+    assert!(ok && closed.contains("state:     closed"), "{closed}");
+    // Attaching to a closed session replays everything and ends.
+    let (ok, _, attached) = cli(&driver, &["session", "attach", &id]).await;
+    assert!(ok);
+    assert!(
+        attached.contains("[busy] answering message 2") && attached.contains("[closed]"),
+        "{attached}"
+    );
+    let (ok, _, err) = cli(&driver, &["session", "send", &id, "too late"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("FailedPrecondition: session") && err.contains("is closed"),
+        "{err}"
+    );
+}

@@ -140,7 +140,10 @@ fn the_dual_mode_cluster_example_loads() {
     .unwrap();
     assert_eq!(
         config.worker.modes(),
-        vec![ExecutionModeSetting::ProcessPool, ExecutionModeSetting::ContainerAgentic]
+        vec![
+            ExecutionModeSetting::ProcessPool,
+            ExecutionModeSetting::ContainerAgentic
+        ]
     );
     assert_eq!(config.worker.container.resource_limits.memory.0, 2 << 30);
 }
