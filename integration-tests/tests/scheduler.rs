@@ -500,6 +500,9 @@ async fn a_worker_switches_its_execution_mode_without_restarting() {
         status.workers[0].execution_modes,
         vec![ExecutionMode::ContainerAgentic as i32]
     );
+    // Its capacity is now container mode's (`container.maxContainers`, 4 by default), not the
+    // one process slot it started with.
+    assert_eq!(status.workers[0].capacity, 4);
     let spec = TaskSpec {
         execution_mode: ExecutionMode::ContainerAgentic as i32,
         ..prompt("in a container now")

@@ -46,6 +46,8 @@ pub struct Runtime {
     reregister: tokio::sync::Notify,
     /// Counts the scheduler's confirmations of this worker's registration.
     registrations: tokio::sync::watch::Sender<u64>,
+    /// Tasks and sessions at once: `maxConcurrentTasks`, or the default mode's pool size.
+    capacity: std::sync::atomic::AtomicU32,
     workspaces: Workspaces,
     slots: Arc<Semaphore>,
     running: Mutex<HashMap<String, Cancellation>>,
@@ -59,6 +61,7 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn new(worker_id: String, config: WorkerConfig, providers: Providers) -> Self {
+        let capacity = config.capacity();
         let workspaces = Workspaces::new(
             config
                 .workspace_root
@@ -67,13 +70,14 @@ impl Runtime {
         );
         let runtime = Runtime {
             worker_id,
-            slots: Arc::new(Semaphore::new(config.capacity() as usize)),
+            slots: Arc::new(Semaphore::new(capacity as usize)),
             config,
             providers: std::sync::RwLock::new(Arc::new(providers)),
             warm_pools: Mutex::default(),
             switching: std::sync::atomic::AtomicBool::new(false),
             reregister: tokio::sync::Notify::new(),
             registrations: tokio::sync::watch::Sender::new(0),
+            capacity: std::sync::atomic::AtomicU32::new(capacity),
             workspaces,
             running: Mutex::default(),
             sessions: Mutex::default(),
@@ -136,7 +140,19 @@ impl Runtime {
     }
 
     pub fn capacity(&self) -> u32 {
-        self.config.capacity()
+        self.capacity.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Takes `capacity` as the worker's number of slots. Called while nothing runs.
+    fn resize(&self, capacity: u32) {
+        let before = self
+            .capacity
+            .swap(capacity, std::sync::atomic::Ordering::SeqCst);
+        if capacity > before {
+            self.slots.add_permits((capacity - before) as usize);
+        } else if before > capacity {
+            self.slots.forget_permits((before - capacity) as usize);
+        }
     }
 
     pub fn idle_warm_agents(&self) -> u32 {
@@ -269,6 +285,7 @@ impl Runtime {
         };
         self.stop_warm_pools().await;
         *self.providers.write().expect("provider lock poisoned") = Arc::new(providers);
+        self.resize(config.capacity());
         self.start_warm_pools();
         let mut confirmations = self.registrations.subscribe();
         confirmations.mark_unchanged();
