@@ -291,3 +291,52 @@ fn send(pid: u32, signal: i32) {
     // SAFETY: kill(2) takes plain integers and touches no memory of ours.
     assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
 }
+
+#[tokio::test]
+async fn a_tasks_environment_reaches_its_agent_but_no_client_and_cannot_be_the_workers() {
+    let cluster = TestCluster::start(vec![WorkerSpec::default()]).await;
+    let spec = TaskSpec {
+        environment: [("DEPLOY_TOKEN".to_owned(), "s3cret-value".to_owned())].into(),
+        ..with_tools("BASH echo $DEPLOY_TOKEN", &["Bash"])
+    };
+    let submitted = cluster.submit(spec).await;
+    let hidden = |task: &Task| task.spec.as_ref().unwrap().environment["DEPLOY_TOKEN"].clone();
+    assert_eq!(hidden(&submitted), "(hidden)");
+    let (task, _) = cluster.finish(&submitted.task_id).await;
+    assert_eq!(
+        task.result.as_ref().unwrap().text,
+        "MOCK_DONE s3cret-value",
+        "the agent got the value"
+    );
+    assert_eq!(hidden(&task), "(hidden)");
+    let listed = cluster
+        .driver()
+        .await
+        .list_tasks(ListTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hidden(&listed.tasks[0]), "(hidden)");
+
+    let redirect = TaskSpec {
+        environment: [(
+            "ANTHROPIC_BASE_URL".to_owned(),
+            "http://127.0.0.1:9".to_owned(),
+        )]
+        .into(),
+        ..prompt("send the key elsewhere")
+    };
+    let refused = cluster
+        .driver()
+        .await
+        .submit_task(SubmitTaskRequest {
+            spec: Some(redirect),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert_eq!(
+        refused.message(),
+        "spec.environment: `ANTHROPIC_BASE_URL` is set by the worker and cannot be set by a task"
+    );
+}

@@ -140,7 +140,7 @@ impl DriverApi for DriverService {
         let dependencies = self.dependencies(&spec.depends_on)?;
         let (entry, created) = self.store.insert(spec);
         // The answer is the task as accepted; it may be placed before this call returns.
-        let task = entry.snapshot();
+        let task = entry.public();
         if created {
             tracing::info!(task = %entry.id, "task submitted");
             self.dispatcher.start(entry, dependencies).await;
@@ -156,7 +156,7 @@ impl DriverApi for DriverService {
             self.store.get(id).is_some()
         })?;
         let entries = self.store.insert_all(planned);
-        let tasks = entries.iter().map(|entry| entry.snapshot()).collect();
+        let tasks = entries.iter().map(|entry| entry.public()).collect();
         for entry in entries {
             let dependencies = self.dependencies(&entry.spec().depends_on)?;
             self.dispatcher.start(entry, dependencies).await;
@@ -170,7 +170,7 @@ impl DriverApi for DriverService {
     ) -> Result<Response<GetTaskResponse>, Status> {
         let entry = self.task(&request.into_inner().task_id)?;
         Ok(Response::new(GetTaskResponse {
-            task: Some(entry.snapshot()),
+            task: Some(entry.public()),
         }))
     }
 
@@ -217,7 +217,7 @@ impl DriverApi for DriverService {
         }
         tracing::info!(task = %entry.id, %reason, "cancel requested");
         Ok(Response::new(CancelTaskResponse {
-            task: Some(entry.snapshot()),
+            task: Some(entry.public()),
         }))
     }
 

@@ -88,9 +88,23 @@ pub enum CancelAction {
     StopOnWorker,
 }
 
+/// What clients see of an environment variable's value: they may hold tokens.
+pub const HIDDEN_VALUE: &str = "(hidden)";
+
 impl TaskEntry {
     pub fn snapshot(&self) -> Task {
         self.journal.with(|record| record.task.clone())
+    }
+
+    /// The record as clients get it: the values of its agent environment hidden.
+    pub fn public(&self) -> Task {
+        let mut task = self.snapshot();
+        if let Some(spec) = task.spec.as_mut() {
+            for value in spec.environment.values_mut() {
+                *value = HIDDEN_VALUE.to_owned();
+            }
+        }
+        task
     }
 
     pub fn status(&self) -> TaskStatus {
@@ -303,7 +317,7 @@ impl TaskStore {
     ) -> (Vec<Task>, Option<u64>) {
         let inner = self.inner.read().expect("task store lock poisoned");
         inner.tasks.page(start, limit, |entry| {
-            let task = entry.snapshot();
+            let task = entry.public();
             filter(&task).then_some(task)
         })
     }
