@@ -21,7 +21,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use error::DriverError;
-pub use validate::repo_url as validate_repo_url;
 
 /// A running driver.
 pub struct Handle {
@@ -34,13 +33,6 @@ impl Handle {
     pub async fn shutdown(self) -> Result<(), tonic::transport::Error> {
         self.stop.cancel();
         self.server
-            .await
-            .expect("the driver's server task panicked")
-    }
-
-    /// Waits until the server stops by itself (it does only on error).
-    pub async fn wait(&mut self) -> Result<(), tonic::transport::Error> {
-        (&mut self.server)
             .await
             .expect("the driver's server task panicked")
     }

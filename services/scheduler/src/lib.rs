@@ -36,13 +36,6 @@ impl Handle {
             .await
             .expect("the scheduler's server task panicked")
     }
-
-    /// Waits until the server stops by itself (it does only on error).
-    pub async fn wait(&mut self) -> Result<(), tonic::transport::Error> {
-        (&mut self.join)
-            .await
-            .expect("the scheduler's server task panicked")
-    }
 }
 
 /// Starts a scheduler serving on `listener`.

@@ -48,13 +48,6 @@ impl Handle {
             .await
             .expect("the worker's server task panicked")
     }
-
-    /// Waits until the server stops by itself (it does only on error).
-    pub async fn wait(&mut self) -> Result<(), tonic::transport::Error> {
-        (&mut self.server)
-            .await
-            .expect("the worker's server task panicked")
-    }
 }
 
 /// Why a worker cannot start.
