@@ -83,8 +83,19 @@ fn end_quietly_on_closed_pipes() {
 }
 
 fn main() -> ExitCode {
-    end_quietly_on_closed_pipes();
     let cli = Cli::parse();
+    // Only the client commands: a service must outlive a closed log pipe long enough to stop
+    // its agents and remove its containers.
+    if matches!(
+        cli.command,
+        Command::Run(_)
+            | Command::Tasks(_)
+            | Command::Status(_)
+            | Command::Session(_)
+            | Command::Workers(_)
+    ) {
+        end_quietly_on_closed_pipes();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
