@@ -38,28 +38,34 @@ async fn create(cluster: &TestCluster, spec: SessionSpec) -> Session {
 
 /// Sends a message and collects the events of its reply.
 async fn send(cluster: &TestCluster, session_id: &str, text: &str) -> Vec<Event> {
-    let request = SendSessionMessageRequest {
-        session_id: session_id.to_owned(),
-        text: text.to_owned(),
-    };
-    let mut stream = cluster
-        .driver()
+    let reply = reply_events(
+        cluster.driver().await,
+        session_id.to_owned(),
+        text.to_owned(),
+    );
+    tokio::time::timeout(Duration::from_secs(90), reply)
         .await
+        .expect("the reply ended")
+}
+
+/// Sends a message on its own client, so it can run in the background, and collects the events
+/// of its reply until the stream ends.
+async fn reply_events(mut driver: DriverClient, session_id: String, text: String) -> Vec<Event> {
+    let request = SendSessionMessageRequest { session_id, text };
+    let mut stream = driver
         .send_session_message(request)
         .await
         .expect("send")
         .into_inner();
     let mut events = Vec::new();
-    let reading = async {
-        while let Some(response) = stream.message().await.unwrap() {
-            events.push(response.event.unwrap());
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(90), reading)
-        .await
-        .expect("the reply ended");
+    while let Some(response) = stream.message().await.unwrap() {
+        events.push(response.event.unwrap());
+    }
     events
 }
+
+type DriverClient =
+    claudecluster_proto::v1::driver_service_client::DriverServiceClient<tonic::transport::Channel>;
 
 fn reply(events: &[Event]) -> String {
     events
@@ -386,23 +392,11 @@ async fn messages_beyond_the_queue_bound_are_refused() {
         TestCluster::start_with_driver("sessionQueueLimit: 1\n", vec![container_worker()]).await;
     let id = create(&cluster, session_spec(0)).await.session_id;
     wait_for_state(&cluster, &id, SessionState::Ready).await;
-    let slow = tokio::spawn({
-        let driver = cluster.driver().await;
-        let id = id.clone();
-        async move {
-            let mut driver = driver;
-            let request = SendSessionMessageRequest {
-                session_id: id,
-                text: "SLOW 20 100".into(),
-            };
-            let mut stream = driver
-                .send_session_message(request)
-                .await
-                .unwrap()
-                .into_inner();
-            while stream.message().await.unwrap().is_some() {}
-        }
-    });
+    let slow = tokio::spawn(reply_events(
+        cluster.driver().await,
+        id.clone(),
+        "SLOW 20 100".to_owned(),
+    ));
     wait_for_state(&cluster, &id, SessionState::Busy).await;
     let mut driver = cluster.driver().await;
     let queued = driver
@@ -484,27 +478,11 @@ async fn sessions_of_a_worker_that_disappears_are_lost_and_nothing_hangs() {
     let worker_id = cluster.worker_ids[0].clone();
     let id = create(&cluster, session_spec(0)).await.session_id;
     wait_for_state(&cluster, &id, SessionState::Ready).await;
-    let waiting = tokio::spawn({
-        let driver = cluster.driver().await;
-        let id = id.clone();
-        async move {
-            let mut driver = driver;
-            let request = SendSessionMessageRequest {
-                session_id: id,
-                text: "HANG".into(),
-            };
-            let mut stream = driver
-                .send_session_message(request)
-                .await
-                .unwrap()
-                .into_inner();
-            let mut events = Vec::new();
-            while let Some(response) = stream.message().await.unwrap() {
-                events.push(response.event.unwrap());
-            }
-            events
-        }
-    });
+    let waiting = tokio::spawn(reply_events(
+        cluster.driver().await,
+        id.clone(),
+        "HANG".to_owned(),
+    ));
     wait_for_state(&cluster, &id, SessionState::Busy).await;
     cluster.workers[0].kill().await;
     let events = tokio::time::timeout(Duration::from_secs(30), waiting)
