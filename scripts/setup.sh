@@ -40,6 +40,7 @@ command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 command -v git >/dev/null 2>&1 || missing+=(git)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 if [ "${#missing[@]}" -gt 0 ]; then
   log "installing ${missing[*]}"
   apt_install "${missing[@]}"
@@ -54,6 +55,27 @@ if ! docker info >/dev/null 2>&1; then
     sleep 0.5
   done
   docker info >/dev/null 2>&1 || { log "dockerd did not start; see $cache_dir/dockerd.log"; exit 1; }
+fi
+
+# A throwaway PostgreSQL for the store's tests: its own data directory under the cache, on a
+# loopback port, run as the `postgres` user (it refuses root). Started when none answers.
+PG_PORT="${CLAUDECLUSTER_TEST_POSTGRES_PORT:-55432}"
+pg_bin="$(dirname "$(ls -d /usr/lib/postgresql/*/bin/initdb | sort -V | tail -1)")"
+# Outside the cache: the `postgres` user cannot enter root's home.
+pg_data="${CLAUDECLUSTER_TEST_POSTGRES_DATA:-/var/tmp/claudecluster-postgres-$PG_PORT}"
+pg_run() {
+  if [ "$(id -un)" = postgres ]; then "$@"; elif [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else sudo -u postgres "$@"; fi
+}
+if ! "$pg_bin/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" 2>/dev/null; then
+  if [ ! -f "$pg_data/PG_VERSION" ]; then
+    log "creating a throwaway PostgreSQL cluster in $pg_data"
+    mkdir -p "$pg_data"
+    chown postgres "$pg_data" 2>/dev/null || true
+    pg_run "$pg_bin/initdb" -D "$pg_data" -A trust -U postgres >/dev/null
+  fi
+  log "starting PostgreSQL on 127.0.0.1:$PG_PORT"
+  pg_run "$pg_bin/pg_ctl" -D "$pg_data" -l "$pg_data/server.log" -w \
+    -o "-h 127.0.0.1 -p $PG_PORT -k /tmp -c max_connections=300 -c fsync=off" start >/dev/null
 fi
 
 # The pinned Claude Code CLI.
@@ -84,4 +106,6 @@ fi
 echo "export CLAUDECLUSTER_CACHE_DIR='$cache_dir'"
 echo "export CLAUDE_BIN='$claude_dir/node_modules/.bin/claude'"
 echo "export CLAUDECLUSTER_AGENT_IMAGE='$AGENT_IMAGE'"
+echo "export CLAUDECLUSTER_TEST_POSTGRES_URL='postgres://postgres@127.0.0.1:$PG_PORT/postgres'"
+echo "export PG_BIN='$pg_bin'"
 echo "export PATH='$venv/bin':\"\$PATH\""

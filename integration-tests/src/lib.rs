@@ -103,15 +103,35 @@ pub struct ServiceProcess {
     pub name: String,
     pub address: String,
     child: Child,
+    config: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl ServiceProcess {
-    /// Starts `claudecluster <subcommand> --config <config>` and waits for its address.
+    /// Starts `claudecluster <subcommand> --config <config>` and waits for its address. Its
+    /// data directory (the driver's store) is `data` beside the config file unless `env` sets
+    /// `XDG_DATA_HOME`.
     pub async fn start(subcommand: &str, config: &Path, env: &[(String, String)]) -> Self {
+        let (child, address) = Self::spawn(subcommand, config, env).await;
+        ServiceProcess {
+            name: subcommand.to_owned(),
+            address,
+            child,
+            config: config.to_owned(),
+            env: env.to_vec(),
+        }
+    }
+
+    async fn spawn(subcommand: &str, config: &Path, env: &[(String, String)]) -> (Child, String) {
+        let data = config
+            .parent()
+            .expect("a config file lies in a directory")
+            .join("data");
         let mut child = Command::new(claudecluster_bin())
             .arg(subcommand)
             .arg("--config")
             .arg(config)
+            .env("XDG_DATA_HOME", data)
             .envs(env.iter().cloned())
             .env(
                 "CLAUDECLUSTER_LOG",
@@ -124,8 +144,14 @@ impl ServiceProcess {
             .unwrap_or_else(|err| panic!("cannot start claudecluster {subcommand}: {err}"));
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
-        let marker = format!("claudecluster: {subcommand} listening on ");
-        let address = tokio::time::timeout(Duration::from_secs(30), async {
+        // `up` runs every service; its address is the driver's.
+        let service = if subcommand == "up" {
+            "driver"
+        } else {
+            subcommand
+        };
+        let marker = format!("claudecluster: {service} listening on ");
+        let address = tokio::time::timeout(Duration::from_secs(60), async {
             while let Some(line) = lines.next_line().await.unwrap() {
                 if let Some(address) = line.strip_prefix(&marker) {
                     return address.to_owned();
@@ -134,37 +160,68 @@ impl ServiceProcess {
             panic!("claudecluster {subcommand} exited before listening")
         })
         .await
-        .unwrap_or_else(|_| panic!("claudecluster {subcommand} did not listen within 30 s"));
+        .unwrap_or_else(|_| panic!("claudecluster {subcommand} did not listen within 60 s"));
         // Keep reading stdout so the process never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        ServiceProcess {
-            name: subcommand.to_owned(),
-            address,
-            child,
-        }
+        (child, address)
+    }
+
+    /// Starts `claudecluster up --config <config>`; its address is the driver's.
+    pub async fn start_up(config: &Path, env: &[(String, String)]) -> Self {
+        Self::start("up", config, env).await
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id().expect("the service is running")
     }
 
-    /// Kills the process at once (SIGKILL), as a crash would.
+    /// Kills the process at once (SIGKILL), as a crash would, and waits until it is gone.
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
+    }
+
+    /// Sends `signal` (libc::SIGSTOP, SIGCONT, SIGTERM, …) to the process.
+    pub fn signal(&self, signal: i32) {
+        send_signal(self.pid(), signal);
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit status, or `None` if it still runs.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .ok()
+            .map(|status| status.expect("wait for the service"))
+    }
+
+    /// Starts the service again, after it was killed, on the same address and with the same
+    /// configuration and data.
+    pub async fn restart(&mut self) {
+        let config = std::fs::read_to_string(&self.config).unwrap();
+        let pinned = config.replacen(
+            "listen: 127.0.0.1:0",
+            &format!("listen: {}", self.address),
+            1,
+        );
+        std::fs::write(&self.config, pinned).unwrap();
+        let (child, address) = Self::spawn(&self.name, &self.config, &self.env).await;
+        assert_eq!(address, self.address, "restarted on the same address");
+        self.child = child;
     }
 }
 
 impl Drop for ServiceProcess {
     fn drop(&mut self) {
         // SIGTERM lets a worker stop its agents; the process finishes that on its own.
-        if let Some(pid) = self.child.id() {
+        if let Ok(None) = self.child.try_wait()
+            && let Some(pid) = self.child.id()
+        {
             send_signal(pid, libc::SIGTERM);
         }
     }
 }
 
 #[allow(unsafe_code)]
-fn send_signal(pid: u32, signal: i32) {
+pub fn send_signal(pid: u32, signal: i32) {
     // SAFETY: kill(2) takes plain integers and touches no memory of ours.
     unsafe {
         libc::kill(pid as i32, signal);
@@ -348,6 +405,7 @@ impl TestCluster {
              schedulerAddress: {scheduler}\n\
              workerId: {worker_id}\n\
              workspaceRoot: {workspaces}\n\
+             shutdownGrace: 1\n\
              labels:\n{labels}\
              {mode}\
              agent:\n  idleTimeout: {idle}ms\n  cancelGracePeriod: {grace}ms\n  env:\n{config_dir}    DISABLE_TELEMETRY: \"1\"\n\

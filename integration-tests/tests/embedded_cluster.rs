@@ -32,6 +32,7 @@ async fn up(dir: &std::path::Path, api: &StandinApi) -> Up {
         .env("ANTHROPIC_BASE_URL", api.base_url())
         .env("ANTHROPIC_API_KEY", "sk-ant-standin-secret")
         .env("CLAUDE_CODE_MAX_RETRIES", "0")
+        .env("XDG_DATA_HOME", dir.join("data"))
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()

@@ -100,13 +100,18 @@ async fn overhead() -> (f64, f64, f64) {
     (direct, through_cluster, through_cluster / direct)
 }
 
-async fn streaming_throughput() -> (usize, f64) {
+/// Events per second from a fast scripted agent to a client following live, with the driver's
+/// store in `data_dir` (its own test directory when `None`).
+async fn streaming_throughput(data_dir: Option<&std::path::Path>) -> (usize, f64) {
     let worker = WorkerSpec {
         capacity: 1,
         claude_path: Some(test_bin("scripted-agent")),
         ..WorkerSpec::default()
     };
-    let cluster = TestCluster::start(vec![worker]).await;
+    let driver_yaml = data_dir
+        .map(|dir| format!("dataDir: {}\n", dir.display()))
+        .unwrap_or_default();
+    let cluster = TestCluster::start_with_driver(&driver_yaml, vec![worker]).await;
     let count = 50_000;
     let task = cluster.submit(prompt(&format!("EVENTS {count}"))).await;
     // Follow live from the start: the rate is that of the whole path, agent to client.
@@ -558,6 +563,92 @@ async fn mcp() {
     );
 }
 
+/// Starts a driver on the store in `dir` (its data directory) and returns it with the time from
+/// spawn to serving.
+async fn timed_driver(dir: &std::path::Path) -> (ServiceProcess, f64) {
+    let config = dir.join("driver.yaml");
+    if !config.exists() {
+        std::fs::write(
+            &config,
+            "listen: 127.0.0.1:0\nschedulerAddress: 127.0.0.1:9\n",
+        )
+        .unwrap();
+    }
+    let started = Instant::now();
+    let driver = ServiceProcess::start("driver", &config, &[]).await;
+    (driver, started.elapsed().as_secs_f64())
+}
+
+/// The driver's store: recovery after `kill -9` at scale, and memory with many finished tasks.
+async fn store() {
+    let empty = tempfile::tempdir().unwrap();
+    let (mut baseline, _) = timed_driver(empty.path()).await;
+    baseline.kill().await;
+    let (mut baseline, empty_start) = timed_driver(empty.path()).await;
+    let empty_rss = rss_kib(baseline.pid());
+    baseline.kill().await;
+
+    let big = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite://{}",
+        big.path().join("data/claudecluster/driver.db").display()
+    );
+    let filling = Instant::now();
+    let events = claudecluster_driver::benchmark::fill_store(&url, 10_000, 100, 10, "127.0.0.1:9")
+        .await
+        .unwrap();
+    let fill_s = filling.elapsed().as_secs_f64();
+    let (mut driver, _) = timed_driver(big.path()).await;
+    driver.kill().await;
+    let (mut driver, recovery) = timed_driver(big.path()).await;
+    driver.kill().await;
+    println!(
+        "| driver start after `kill -9`, 10,000 tasks (1,000 unfinished) and {events} events stored | empty store: {:.0} ms | {:.0} ms (store written in {fill_s:.1} s) |",
+        empty_start * 1000.0,
+        recovery * 1000.0
+    );
+
+    let many = tempfile::tempdir().unwrap();
+    let url = format!(
+        "sqlite://{}",
+        many.path().join("data/claudecluster/driver.db").display()
+    );
+    claudecluster_driver::benchmark::fill_store(&url, 100_000, 4, 0, "")
+        .await
+        .unwrap();
+    let (driver, _) = timed_driver(many.path()).await;
+    let at_start = rss_kib(driver.pid());
+    // Reading every task once (a client paging through them all) must not keep them in memory.
+    let mut client = claudecluster_proto::v1::driver_service_client::DriverServiceClient::new(
+        claudecluster_grpc::channel(&driver.address).unwrap(),
+    );
+    let mut token = String::new();
+    let mut listed = 0;
+    loop {
+        let page = client
+            .list_tasks(ListTasksRequest {
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        listed += page.tasks.len();
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let after_listing = rss_kib(driver.pid());
+    println!(
+        "| driver memory with 100,000 finished tasks stored | empty store: {:.1} MiB | {:.1} MiB at start, {:.1} MiB after listing all {listed} |",
+        empty_rss as f64 / 1024.0,
+        at_start as f64 / 1024.0,
+        after_listing as f64 / 1024.0
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let only: Option<String> = std::env::args().nth(1);
@@ -574,6 +665,9 @@ async fn main() {
     if wants("mcp") {
         mcp().await;
     }
+    if wants("store") {
+        store().await;
+    }
     if wants("scheduler") {
         placement_at_scale();
         mode_switch().await;
@@ -587,9 +681,13 @@ async fn main() {
         direct * 1000.0,
         through_cluster * 1000.0
     );
-    let (events, rate) = streaming_throughput().await;
+    // The same path with the store in memory (tmpfs): what the disk costs.
+    let in_memory = tempfile::tempdir_in("/dev/shm").unwrap();
+    let (_, memory_rate) = streaming_throughput(Some(in_memory.path())).await;
+    let (events, rate) = streaming_throughput(None).await;
     println!(
-        "| events streamed live, agent to client | {events} text events | {rate:.0} events/s |"
+        "| events streamed live, agent to client, store on disk | store on tmpfs: {memory_rate:.0} events/s | {events} text events: {rate:.0} events/s, ratio {:.2} |",
+        rate / memory_rate
     );
     let (decision_us, p50, p99) = placement().await;
     println!("| scheduler placement decision (mean) | 2 workers | {decision_us:.1} µs |");

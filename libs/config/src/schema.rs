@@ -49,6 +49,10 @@ pub struct DriverConfig {
     pub session_queue_limit: u32,
     /// Attempts a task gets when its worker refuses it or is lost while running it.
     pub max_attempts: u32,
+    /// Where the embedded store keeps its file (`driver.db`); defaults to `claudecluster`
+    /// under the user's data directory.
+    pub data_dir: Option<PathBuf>,
+    pub store: StoreConfig,
 }
 
 impl Default for DriverConfig {
@@ -58,6 +62,52 @@ impl Default for DriverConfig {
             scheduler_address: "127.0.0.1:50052".into(),
             session_queue_limit: 16,
             max_attempts: 3,
+            data_dir: None,
+            store: StoreConfig::default(),
+        }
+    }
+}
+
+impl DriverConfig {
+    /// The data directory: `dataDir`, or `claudecluster` under `XDG_DATA_HOME` (or
+    /// `~/.local/share`).
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(default_data_dir)
+    }
+}
+
+/// `claudecluster` under the user's data directory.
+pub fn default_data_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("claudecluster")
+}
+
+/// Where the driver keeps tasks, sessions and event logs, and for how long.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// A PostgreSQL URL (`postgres://user:password@host:port/db`) or `sqlite://PATH`; when
+    /// unset, SQLite in `dataDir/driver.db`.
+    pub url: Option<String>,
+    /// Finished tasks keep their event logs this long (a bare number is seconds); after that the
+    /// log is compacted away and the task record (status, result, cost) stays.
+    pub event_retention: Seconds,
+    /// At most this many finished tasks keep their event logs; older ones are compacted first.
+    pub event_retention_count: u64,
+    /// Connections to the database.
+    pub max_connections: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: None,
+            event_retention: Seconds(Duration::from_secs(7 * 24 * 3600)),
+            event_retention_count: 10_000,
+            max_connections: 8,
         }
     }
 }
@@ -118,6 +168,15 @@ pub struct WorkerConfig {
     /// Where task workspaces are made; defaults to a `claudecluster/workspaces` directory
     /// under the user's data directory.
     pub workspace_root: Option<PathBuf>,
+    /// A run whose driver went away keeps running this long (a bare number is seconds) for a
+    /// driver to attach again; then it is stopped.
+    pub driver_loss_timeout: Seconds,
+    /// A run that ended is kept this long (a bare number is seconds), with its events, for a
+    /// driver that restarted to collect.
+    pub run_retention: Seconds,
+    /// On SIGTERM, running work may finish for this long (a bare number is seconds); then it is
+    /// stopped.
+    pub shutdown_grace: Seconds,
 }
 
 impl Default for WorkerConfig {
@@ -135,6 +194,9 @@ impl Default for WorkerConfig {
             container: ContainerConfig::default(),
             agent: AgentConfig::default(),
             workspace_root: None,
+            driver_loss_timeout: Seconds(Duration::from_secs(300)),
+            run_retention: Seconds(Duration::from_secs(600)),
+            shutdown_grace: Seconds(Duration::from_secs(30)),
         }
     }
 }
@@ -368,6 +430,25 @@ impl ClusterConfig {
                 &format!("`{address}` is not an address of the form host:port"),
             );
         }
+        check(
+            self.driver.store.max_connections >= 1,
+            "driver.store.maxConnections",
+            "must be at least 1",
+        );
+        if let Some(url) = &self.driver.store.url {
+            check(
+                ["postgres://", "postgresql://", "sqlite://", "sqlite:"]
+                    .iter()
+                    .any(|scheme| url.starts_with(scheme)),
+                "driver.store.url",
+                "must start with postgres://, postgresql:// or sqlite://",
+            );
+        }
+        check(
+            !self.worker.driver_loss_timeout.get().is_zero(),
+            "worker.driverLossTimeout",
+            "must be longer than zero",
+        );
         check(
             self.driver.max_attempts >= 1,
             "driver.maxAttempts",

@@ -104,6 +104,17 @@ pub async fn serve(
 /// A channel to `address` (host:port or a full http:// URI) that connects on first use and
 /// reconnects after failures.
 pub fn channel(address: &str) -> Result<Channel, tonic::transport::Error> {
+    channel_watched(address, Duration::from_secs(30), Duration::from_secs(20))
+}
+
+/// A channel like [`channel`] whose connection is pinged every `interval` and given up when a
+/// ping goes unanswered for `timeout`: a peer that stopped (SIGSTOP, a dead host) fails its
+/// streams within `interval + timeout` instead of leaving them open for ever.
+pub fn channel_watched(
+    address: &str,
+    interval: Duration,
+    timeout: Duration,
+) -> Result<Channel, tonic::transport::Error> {
     let uri = if address.contains("://") {
         address.to_owned()
     } else {
@@ -112,7 +123,8 @@ pub fn channel(address: &str) -> Result<Channel, tonic::transport::Error> {
     Ok(Endpoint::from_shared(uri)?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
+        .http2_keep_alive_interval(interval)
+        .keep_alive_timeout(timeout)
         .keep_alive_while_idle(true)
         .connect_lazy())
 }

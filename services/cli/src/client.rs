@@ -176,8 +176,67 @@ pub async fn run(args: RunArgs) -> Result<ExitCode, String> {
     follow(&mut client, &task.task_id, 0, true).await
 }
 
+/// How long a client keeps trying to reach a driver that went away (a restart, a failover)
+/// before it gives up.
+const RECONNECT_FOR: Duration = Duration::from_secs(120);
+
+/// Whether a stream that failed with `status` is worth opening again: the driver restarted,
+/// shut down or could not be reached.
+fn worth_resuming(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::Aborted
+    )
+}
+
+/// Keeps trying while a driver is away: waits a little longer each time, and says so once.
+struct Reconnection {
+    since: Option<tokio::time::Instant>,
+    pause: Duration,
+}
+
+impl Reconnection {
+    fn new() -> Self {
+        Reconnection {
+            since: None,
+            pause: Duration::from_millis(100),
+        }
+    }
+
+    /// The stream made progress: the next break starts a fresh wait.
+    fn progressed(&mut self) {
+        self.since = None;
+        self.pause = Duration::from_millis(100);
+    }
+
+    /// Waits before the next try; `Err` once the driver has been away too long.
+    async fn pause(&mut self, status: &tonic::Status, cursor: u64) -> Result<(), String> {
+        let since = *self.since.get_or_insert_with(|| {
+            eprintln!(
+                "claudecluster: stream interrupted ({}); resuming after event {cursor}",
+                status.message()
+            );
+            tokio::time::Instant::now()
+        });
+        if since.elapsed() > RECONNECT_FOR {
+            return Err(format!(
+                "the driver has been unreachable for {} s: {}",
+                RECONNECT_FOR.as_secs(),
+                status.message()
+            ));
+        }
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(Duration::from_secs(2));
+        Ok(())
+    }
+}
+
 /// Prints a task's events until it ends, resuming after the last event seen when the stream
-/// breaks. Ctrl-C cancels the task (when `cancel_on_interrupt`) and keeps following.
+/// breaks (a driver that restarts, shuts down or fails over). Ctrl-C cancels the task (when
+/// `cancel_on_interrupt`) and keeps following.
 async fn follow(
     client: &mut DriverServiceClient<Channel>,
     task_id: &str,
@@ -185,7 +244,7 @@ async fn follow(
     cancel_on_interrupt: bool,
 ) -> Result<ExitCode, String> {
     let mut cursor = after;
-    let mut reconnects = 0;
+    let mut reconnection = Reconnection::new();
     let mut interrupted = false;
     loop {
         let request = StreamTaskEventsRequest {
@@ -194,9 +253,8 @@ async fn follow(
         };
         let mut stream = match client.stream_task_events(request).await {
             Ok(response) => response.into_inner(),
-            Err(status) if status.code() == tonic::Code::Unavailable && reconnects < 10 => {
-                reconnects += 1;
-                tokio::time::sleep(Duration::from_millis(500)).await;
+            Err(status) if worth_resuming(&status) => {
+                reconnection.pause(&status, cursor).await?;
                 continue;
             }
             Err(status) => return Err(status_error(status)),
@@ -218,6 +276,7 @@ async fn follow(
                     let Some(event) = response.event else {
                         continue;
                     };
+                    reconnection.progressed();
                     cursor = event.sequence;
                     render::event(&event);
                     if let Some(Kind::StatusChange(change)) = &event.kind
@@ -231,12 +290,69 @@ async fn follow(
                     }
                 }
                 Ok(None) => return Err("the event stream ended before the task did".into()),
-                Err(status) if reconnects < 10 => {
-                    reconnects += 1;
-                    eprintln!(
-                        "claudecluster: stream interrupted ({}); resuming after event {cursor}",
-                        status.message()
-                    );
+                Err(status) if worth_resuming(&status) => {
+                    reconnection.pause(&status, cursor).await?;
+                    break;
+                }
+                Err(status) => return Err(status_error(status)),
+            }
+        }
+    }
+}
+
+/// Prints a session's events after `after` until the session ends (or, with `turn`, until that
+/// message is answered), resuming after the last event seen when the stream breaks. Returns
+/// whether the turn succeeded.
+async fn follow_session(
+    client: &mut DriverServiceClient<Channel>,
+    session_id: &str,
+    after: u64,
+    turn: Option<u32>,
+) -> Result<bool, String> {
+    let mut cursor = after;
+    let mut reconnection = Reconnection::new();
+    let mut succeeded = false;
+    loop {
+        let request = StreamSessionEventsRequest {
+            session_id: session_id.to_owned(),
+            after_sequence: cursor,
+        };
+        let mut stream = match client.stream_session_events(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) if worth_resuming(&status) => {
+                reconnection.pause(&status, cursor).await?;
+                continue;
+            }
+            Err(status) => return Err(status_error(status)),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(response)) => {
+                    let Some(event) = response.event else {
+                        continue;
+                    };
+                    reconnection.progressed();
+                    cursor = event.sequence;
+                    let mine = turn.is_none_or(|turn| event.turn == turn);
+                    if mine {
+                        render::event(&event);
+                    }
+                    match &event.kind {
+                        Some(Kind::Result(result)) if mine => succeeded = !result.is_error,
+                        Some(Kind::SessionState(change)) if change.state().is_final() => {
+                            return Ok(succeeded && turn.is_none());
+                        }
+                        Some(Kind::SessionState(change))
+                            if turn.is_some() && mine && change.state() != SessionState::Busy =>
+                        {
+                            return Ok(succeeded);
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(None) => return Ok(succeeded),
+                Err(status) if worth_resuming(&status) => {
+                    reconnection.pause(&status, cursor).await?;
                     break;
                 }
                 Err(status) => return Err(status_error(status)),
@@ -396,12 +512,17 @@ pub async fn session(command: SessionCommand) -> Result<ExitCode, String> {
             driver,
         } => {
             let mut client = connect(&driver)?;
-            let request = SendSessionMessageRequest { session_id, text };
+            let request = SendSessionMessageRequest {
+                session_id: session_id.clone(),
+                text,
+            };
             let mut stream = match client.send_session_message(request).await {
                 Ok(response) => response.into_inner(),
                 Err(status) => return Err(status_error(status)),
             };
             let mut succeeded = false;
+            // The turn and the last event seen, to resume the reply if the stream breaks.
+            let mut position: Option<(u32, u64)> = None;
             loop {
                 match stream.message().await {
                     Ok(Some(response)) => {
@@ -409,6 +530,9 @@ pub async fn session(command: SessionCommand) -> Result<ExitCode, String> {
                             continue;
                         };
                         render::event(&event);
+                        if event.turn > 0 {
+                            position = Some((event.turn, event.sequence));
+                        }
                         match &event.kind {
                             Some(Kind::Result(result)) => succeeded = !result.is_error,
                             Some(Kind::SessionState(change)) if change.state().is_final() => {
@@ -418,6 +542,23 @@ pub async fn session(command: SessionCommand) -> Result<ExitCode, String> {
                         }
                     }
                     Ok(None) => break,
+                    Err(status) if worth_resuming(&status) => match position {
+                        Some((turn, after)) => {
+                            eprintln!(
+                                "claudecluster: reply interrupted ({}); resuming after event {after}",
+                                status.message()
+                            );
+                            succeeded =
+                                follow_session(&mut client, &session_id, after, Some(turn)).await?;
+                            break;
+                        }
+                        None => {
+                            return Err(format!(
+                                "the message was accepted but its reply was interrupted ({}); follow it with `claudecluster session attach {session_id}`",
+                                status.message()
+                            ));
+                        }
+                    },
                     Err(status) => return Err(status_error(status)),
                 }
             }
@@ -433,25 +574,8 @@ pub async fn session(command: SessionCommand) -> Result<ExitCode, String> {
             driver,
         } => {
             let mut client = connect(&driver)?;
-            let request = StreamSessionEventsRequest {
-                session_id,
-                after_sequence: after,
-            };
-            let mut stream = match client.stream_session_events(request).await {
-                Ok(response) => response.into_inner(),
-                Err(status) => return Err(status_error(status)),
-            };
-            loop {
-                match stream.message().await {
-                    Ok(Some(response)) => {
-                        if let Some(event) = response.event {
-                            render::event(&event);
-                        }
-                    }
-                    Ok(None) => return Ok(ExitCode::SUCCESS),
-                    Err(status) => return Err(status_error(status)),
-                }
-            }
+            follow_session(&mut client, &session_id, after, None).await?;
+            Ok(ExitCode::SUCCESS)
         }
         SessionCommand::List { driver } => {
             let mut client = connect(&driver)?;

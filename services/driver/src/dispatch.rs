@@ -21,8 +21,31 @@ use crate::sessions::{SessionEntry, SessionStore};
 use crate::store::{TaskEntry, TaskStore};
 
 /// After asking a worker to cancel, how long its stream may take to end before the driver
-/// ends the task itself (dropping the stream also stops the agent on the worker).
+/// ends the task itself.
 const CANCEL_DEADLINE: Duration = Duration::from_secs(30);
+/// A task a full worker refused waits this long before it is queued again, so that the
+/// scheduler hears of the worker's real load first.
+const FULL_WORKER_PAUSE: Duration = Duration::from_millis(200);
+
+/// How often the driver pings each worker's connection, and how long an answer may take
+/// before the worker counts as lost.
+const WORKER_PING_INTERVAL: Duration = Duration::from_secs(2);
+const WORKER_PING_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long the driver tries to attach again to a run whose stream broke before it counts the
+/// worker as lost.
+const REATTACH_PATIENCE: Duration = Duration::from_secs(5);
+
+/// How a run ended without an outcome.
+enum RunEnd {
+    /// The worker had no free slot: the attempt is not used up.
+    WorkerFull(String),
+    /// The worker refused the task, could not be reached or was lost: the attempt is used up.
+    Lost(String),
+    /// The worker stopped the run because it shuts down: the task runs again, whatever
+    /// attempts it has left.
+    GivenBack(String),
+}
 
 pub struct Dispatcher {
     /// Attempts a task gets when workers refuse it or are lost while running it.
@@ -64,7 +87,14 @@ impl Dispatcher {
         if let Some(client) = workers.get(address) {
             return Ok(client.clone());
         }
-        let client = WorkerServiceClient::new(claudecluster_grpc::channel(address)?);
+        // A worker that stops answering (SIGSTOP, a dead host) fails its runs' streams within
+        // seconds, so that its tasks can go to another worker.
+        let channel = claudecluster_grpc::channel_watched(
+            address,
+            WORKER_PING_INTERVAL,
+            WORKER_PING_TIMEOUT,
+        )?;
+        let client = WorkerServiceClient::new(channel);
         workers.insert(address.to_owned(), client.clone());
         Ok(client)
     }
@@ -75,7 +105,7 @@ impl Dispatcher {
         let spec = entry.spec();
         let request = EnqueueTaskRequest {
             task_id: entry.id.clone(),
-            attempt: entry.snapshot().attempt,
+            attempt: entry.attempt(),
             execution_mode: spec.execution_mode,
             worker_selector: spec.worker_selector,
             priority: spec.priority,
@@ -101,9 +131,10 @@ impl Dispatcher {
         }
     }
 
-    async fn release(&self, task_id: &str) {
+    async fn release(&self, task_id: &str, attempt: u32) {
         let request = ReleaseTaskRequest {
             task_id: task_id.to_owned(),
+            attempt,
         };
         if let Err(status) = self.scheduler.clone().release_task(request).await {
             tracing::warn!(task = task_id, error = %status.message(), "cannot release");
@@ -173,39 +204,82 @@ impl Dispatcher {
             worker_id,
             worker_address,
         } = placement;
-        let Some(entry) = self.store.get(&task_id) else {
-            match self.sessions.get(&task_id) {
-                Some(session) => self.run_session(session, &worker_id, &worker_address).await,
-                None => self.release(&task_id).await,
+        let Some(entry) = self.store.live_entry(&task_id) else {
+            match self.sessions.get(&task_id).await {
+                Ok(Some(session)) => {
+                    self.run_session(session, &worker_id, &worker_address, false)
+                        .await
+                }
+                _ => self.release(&task_id, attempt).await,
             }
             return;
         };
-        if !entry.assign(attempt, &worker_id) {
+        if !entry.assign(attempt, &worker_id, &worker_address) {
             // Cancelled (or placed twice) meanwhile.
-            self.release(&task_id).await;
+            self.release(&task_id, attempt).await;
             return;
         }
-        let ended = self
-            .execute(&entry, attempt, &worker_id, &worker_address)
+        self.follow_run(entry, attempt, worker_id, worker_address, false)
             .await;
-        self.release(&task_id).await;
-        if let Err(reason) = ended {
-            let max = self.max_attempts;
-            if attempt < max
-                && entry.requeue(
-                    attempt + 1,
-                    format!("{reason}; queued again (attempt {} of {max})", attempt + 1),
-                )
-            {
-                tracing::warn!(task = %task_id, worker = %worker_id, %reason, attempt = attempt + 1, "queued again");
-                self.enqueue(&entry).await;
-            } else {
-                entry.set_status(
-                    attempt,
-                    TaskStatus::Failed,
-                    format!("{reason} (attempt {attempt} of {max})"),
-                    &worker_id,
-                );
+    }
+
+    /// Takes up a task that was on a worker when the driver stopped: attaches to its run there
+    /// and records what the driver has not seen yet.
+    pub async fn resume(self: Arc<Self>, entry: Arc<TaskEntry>) {
+        let attempt = entry.attempt();
+        let (worker_id, worker_address, _) = entry.placement();
+        tracing::info!(task = %entry.id, worker = %worker_id, attempt, "attaching to the task's run again");
+        self.follow_run(entry, attempt, worker_id, worker_address, true)
+            .await;
+    }
+
+    /// Executes (or attaches to) the task's run on its worker, then decides what its end means.
+    async fn follow_run(
+        &self,
+        entry: Arc<TaskEntry>,
+        attempt: u32,
+        worker_id: String,
+        worker_address: String,
+        attach: bool,
+    ) {
+        let ended = self
+            .execute(&entry, attempt, &worker_id, &worker_address, attach)
+            .await;
+        self.release(&entry.id, attempt).await;
+        match ended {
+            Ok(()) => {}
+            Err(RunEnd::WorkerFull(reason)) => {
+                // Not the task's fault: it waits for a slot with the attempt it has.
+                tracing::info!(task = %entry.id, worker = %worker_id, %reason, "worker full; queued again");
+                if entry.requeue(attempt, format!("{reason}; waiting for a free slot")) {
+                    tokio::time::sleep(FULL_WORKER_PAUSE).await;
+                    self.enqueue(&entry).await;
+                }
+            }
+            Err(RunEnd::GivenBack(reason)) => {
+                tracing::info!(task = %entry.id, worker = %worker_id, %reason, "the worker gave the task back");
+                if entry.requeue(attempt + 1, format!("{reason}; queued again")) {
+                    self.enqueue(&entry).await;
+                }
+            }
+            Err(RunEnd::Lost(reason)) => {
+                let max = self.max_attempts;
+                if attempt < max
+                    && entry.requeue(
+                        attempt + 1,
+                        format!("{reason}; queued again (attempt {} of {max})", attempt + 1),
+                    )
+                {
+                    tracing::warn!(task = %entry.id, worker = %worker_id, %reason, attempt = attempt + 1, "queued again");
+                    self.enqueue(&entry).await;
+                } else {
+                    entry.set_status(
+                        attempt,
+                        TaskStatus::Failed,
+                        format!("{reason} (attempt {attempt} of {max})"),
+                        &worker_id,
+                    );
+                }
             }
         }
     }
@@ -218,51 +292,105 @@ impl Dispatcher {
         attempt: u32,
         worker_id: &str,
         worker_address: &str,
-    ) -> Result<(), String> {
-        let mut worker = self
-            .worker(worker_address)
-            .map_err(|err| format!("bad address {worker_address} of worker {worker_id}: {err}"))?;
-        let request = ExecuteTaskRequest {
-            task_id: entry.id.clone(),
-            attempt,
-            spec: Some(entry.spec()),
+        attach: bool,
+    ) -> Result<(), RunEnd> {
+        let worker = self.worker(worker_address).map_err(|err| {
+            RunEnd::Lost(format!(
+                "bad address {worker_address} of worker {worker_id}: {err}"
+            ))
+        })?;
+        let open = |attach: bool| {
+            let mut worker = worker.clone();
+            let (_, _, after_run_sequence) = entry.placement();
+            let request = ExecuteTaskRequest {
+                task_id: entry.id.clone(),
+                attempt,
+                spec: Some(entry.spec()),
+                attach,
+                after_run_sequence: if attach { after_run_sequence } else { 0 },
+            };
+            async move { worker.execute_task(request).await }
         };
         let cancel = entry.cancel_requested().clone();
         let response = tokio::select! {
-            response = worker.execute_task(request) => response,
-            _ = cancel.cancelled() => {
+            response = open(attach) => response,
+            _ = cancel.cancelled(), if !attach => {
                 entry.set_status(attempt, TaskStatus::Cancelled, entry.cancel_reason(), worker_id);
                 return Ok(());
             }
         };
+        let response = match response {
+            // The worker already runs this attempt (the driver restarted before it recorded
+            // the placement): collect it rather than start another.
+            Err(status) if !attach && status.code() == tonic::Code::AlreadyExists => {
+                open(true).await
+            }
+            other => other,
+        };
         let mut events = match response {
             Ok(response) => response.into_inner(),
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                return Err(RunEnd::WorkerFull(format!(
+                    "worker {worker_id} is full: {}",
+                    status.message()
+                )));
+            }
+            Err(status) if attach && status.code() == tonic::Code::NotFound => {
+                return Err(RunEnd::Lost(format!(
+                    "worker {worker_id} no longer holds the run: {}",
+                    status.message()
+                )));
+            }
             Err(status) => {
-                return Err(format!(
+                return Err(RunEnd::Lost(format!(
                     "worker {worker_id} did not start the task: {}",
                     status.message()
-                ));
+                )));
             }
         };
         let mut cancel_deadline = None;
+        // Whether the stream was opened again since the last event: a second break without
+        // progress means the worker is gone.
+        let mut reattached = false;
         loop {
             tokio::select! {
                 message = events.message() => match message {
                     Ok(Some(response)) => {
+                        reattached = false;
+                        let run_sequence = response.run_sequence;
                         let Some(kind) = response.event.and_then(|event| event.kind) else { continue };
+                        // A worker that shuts down gives back what it could not finish.
+                        if let Kind::StatusChange(change) = &kind
+                            && change.status() == TaskStatus::Pending
+                        {
+                            return Err(RunEnd::GivenBack(change.reason.clone()));
+                        }
                         let terminal = matches!(&kind, Kind::StatusChange(change) if change.status().is_terminal());
-                        entry.append(attempt, kind);
+                        entry.append_from_worker(attempt, kind, run_sequence);
                         if terminal {
                             return Ok(());
                         }
                     }
-                    // The worker is gone mid-task: the task may run again elsewhere, unless it
-                    // was being cancelled anyway.
-                    Ok(None) if cancel_deadline.is_none() => {
-                        return Err(format!("worker {worker_id} ended the task's stream without an outcome"));
-                    }
-                    Err(status) if cancel_deadline.is_none() => {
-                        return Err(format!("lost worker {worker_id}: {}", status.message()));
+                    // The stream broke mid-task. The run may go on on the worker (a connection
+                    // lost for a moment): attach to it again, once. A worker that does not
+                    // answer, or holds the run no more, is lost: the task may run again
+                    // elsewhere, unless it was being cancelled anyway.
+                    Ok(None) | Err(_) if cancel_deadline.is_none() => {
+                        let broke = match message {
+                            Err(status) => format!("lost worker {worker_id}: {}", status.message()),
+                            _ => format!("worker {worker_id} ended the task's stream without an outcome"),
+                        };
+                        if reattached {
+                            return Err(RunEnd::Lost(broke));
+                        }
+                        match tokio::time::timeout(REATTACH_PATIENCE, open(true)).await {
+                            Ok(Ok(again)) => {
+                                tracing::info!(task = %entry.id, worker = %worker_id, %broke, "attached to the run again");
+                                reattached = true;
+                                events = again.into_inner();
+                            }
+                            _ => return Err(RunEnd::Lost(broke)),
+                        }
                     }
                     Ok(None) | Err(_) => {
                         entry.set_status(attempt, TaskStatus::Cancelled, entry.cancel_reason(), worker_id);
@@ -272,7 +400,7 @@ impl Dispatcher {
                 _ = cancel.cancelled(), if cancel_deadline.is_none() => {
                     cancel_deadline = Some(tokio::time::Instant::now() + CANCEL_DEADLINE);
                     let request = CancelExecutionRequest { task_id: entry.id.clone(), reason: entry.cancel_reason() };
-                    if let Err(status) = worker.cancel_execution(request).await {
+                    if let Err(status) = worker.clone().cancel_execution(request).await {
                         tracing::warn!(task = %entry.id, error = %status.message(), "cannot ask the worker to cancel");
                     }
                 }
@@ -337,11 +465,18 @@ impl Dispatcher {
         }
     }
 
-    /// Runs a placed session on its worker: records everything the worker streams about it and
-    /// sends it its messages one at a time, until the session ends.
-    async fn run_session(&self, session: Arc<SessionEntry>, worker_id: &str, worker_address: &str) {
-        if !session.assign(worker_id, worker_address) {
-            self.release(&session.id).await;
+    /// Runs a placed session on its worker (or attaches to it again after a restart): records
+    /// everything the worker streams about it and sends it its messages one at a time, until
+    /// the session ends.
+    pub async fn run_session(
+        &self,
+        session: Arc<SessionEntry>,
+        worker_id: &str,
+        worker_address: &str,
+        attach: bool,
+    ) {
+        if !attach && !session.assign(worker_id, worker_address) {
+            self.release(&session.id, 0).await;
             return;
         }
         let mut worker = match self.worker(worker_address) {
@@ -353,46 +488,88 @@ impl Dispatcher {
                     worker_id,
                     0,
                 );
-                self.release(&session.id).await;
+                self.release(&session.id, 0).await;
                 return;
             }
         };
+        let (_, after_run_sequence) = session.placement();
         let request = RunSessionRequest {
             session_id: session.id.clone(),
             spec: Some(session.spec()),
+            attach,
+            after_run_sequence: if attach { after_run_sequence } else { 0 },
         };
         let mut events = match worker.run_session(request).await {
             Ok(response) => response.into_inner(),
             Err(status) => {
-                session.set_state(
-                    SessionState::Failed,
-                    format!(
-                        "worker {worker_id} did not start the session: {}",
-                        status.message()
-                    ),
-                    worker_id,
-                    0,
-                );
-                self.release(&session.id).await;
+                let (state, reason) = if attach {
+                    (
+                        SessionState::Lost,
+                        format!(
+                            "worker {worker_id} no longer holds the session: {}",
+                            status.message()
+                        ),
+                    )
+                } else {
+                    (
+                        SessionState::Failed,
+                        format!(
+                            "worker {worker_id} did not start the session: {}",
+                            status.message()
+                        ),
+                    )
+                };
+                session.set_state(state, reason, worker_id, 0);
+                self.release(&session.id, 0).await;
                 return;
             }
         };
-        let pump = tokio::spawn(send_messages(session.clone(), worker.clone()));
+        // After a restart, a message the driver sent may not have reached the worker: it is sent
+        // again, and the worker answers each turn once.
+        let resend = if attach { session.unanswered() } else { None };
+        let pump = tokio::spawn(send_messages(session.clone(), worker.clone(), resend));
+        // Whether the stream was opened again since the last event: a second break without
+        // progress means the worker is gone.
+        let mut reattached = false;
         let lost = loop {
-            match events.message().await {
+            let broke = match events.message().await {
                 Ok(Some(response)) => {
+                    reattached = false;
                     if let Some(event) = response.event {
-                        session.journal.append(event);
+                        session.append_from_worker(event, response.run_sequence);
                     }
+                    if session.state().is_final() {
+                        break String::new();
+                    }
+                    continue;
                 }
-                Ok(None) => break format!("worker {worker_id} ended the session's stream"),
-                Err(status) => break format!("lost worker {worker_id}: {}", status.message()),
+                Ok(None) => format!("worker {worker_id} ended the session's stream"),
+                Err(status) => format!("lost worker {worker_id}: {}", status.message()),
+            };
+            // The session may go on on the worker (a connection lost for a moment): attach to
+            // it again, once, before counting the worker as lost.
+            let (_, after_run_sequence) = session.placement();
+            let again = RunSessionRequest {
+                session_id: session.id.clone(),
+                spec: Some(session.spec()),
+                attach: true,
+                after_run_sequence,
+            };
+            if reattached {
+                break broke;
+            }
+            match tokio::time::timeout(REATTACH_PATIENCE, worker.run_session(again)).await {
+                Ok(Ok(response)) => {
+                    reattached = true;
+                    events = response.into_inner();
+                }
+                _ => break broke,
             }
         };
         pump.abort();
         // A stream that ends before the session did means the worker is gone.
         session.set_state(SessionState::Lost, lost, worker_id, 0);
-        self.release(&session.id).await;
+        self.release(&session.id, 0).await;
     }
 
     /// Closes a session: on its worker when it has one (container and volumes go), otherwise
@@ -422,8 +599,22 @@ impl Dispatcher {
 }
 
 /// Sends a session's queued messages to its worker, one at a time, each once the previous one
-/// has been answered.
-async fn send_messages(session: Arc<SessionEntry>, mut worker: WorkerServiceClient<Channel>) {
+/// has been answered; first `resend`, a turn sent before the driver restarted.
+async fn send_messages(
+    session: Arc<SessionEntry>,
+    mut worker: WorkerServiceClient<Channel>,
+    resend: Option<(u32, String)>,
+) {
+    if let Some((turn, text)) = resend {
+        let request = SessionTurnRequest {
+            session_id: session.id.clone(),
+            turn,
+            text,
+        };
+        if let Err(status) = worker.session_turn(request).await {
+            tracing::warn!(session = %session.id, turn, error = %status.message(), "cannot send the unanswered message again");
+        }
+    }
     while let Some((turn, text)) = session.next_message().await {
         let request = SessionTurnRequest {
             session_id: session.id.clone(),

@@ -25,6 +25,12 @@ pub enum DriverError {
         "sessions need a container_agentic worker and the cluster has none; start a worker with `executionMode: container_agentic`"
     )]
     NoContainerWorker,
+    #[error("{0}")]
+    Store(#[from] crate::db::DbError),
+    #[error("the store did not confirm the write in time: {0}")]
+    NotDurable(String),
+    #[error("the driver is shutting down; reconnect to resume after sequence {after}")]
+    ShuttingDown { after: u64 },
 }
 
 impl DriverError {
@@ -48,7 +54,11 @@ impl From<DriverError> for Status {
                 Status::failed_precondition(message)
             }
             DriverError::SessionQueueFull { .. } => Status::resource_exhausted(message),
-            DriverError::SchedulerUnavailable { .. } => Status::unavailable(message),
+            DriverError::SchedulerUnavailable { .. }
+            | DriverError::NotDurable(_)
+            | DriverError::ShuttingDown { .. } => Status::unavailable(message),
+            DriverError::Store(crate::db::DbError::Corrupt(_)) => Status::data_loss(message),
+            DriverError::Store(_) => Status::unavailable(message),
         }
     }
 }

@@ -1,15 +1,32 @@
 //! A record and its event log, for tasks and sessions alike.
 //!
 //! The log is append-only with sequence numbers from 1 and no gaps; each event is applied to
-//! the record under the same lock, so a snapshot and the log always agree. Readers follow the
-//! log through a watch channel on the last sequence number, so a reader never misses an event
-//! and never sees one twice, however slow it is.
+//! the record under the same lock, so a snapshot and the log always agree. Appending is
+//! in memory; the [`Writer`] then commits the new events and the record's row in one
+//! transaction, many records at a time (group commit), and moves the log's durable mark.
+//!
+//! Readers see only durable events: an event a client has seen is one a restarted driver still
+//! has, so a client that resumes after a restart finds every sequence number where it left
+//! it. Memory holds the recent part of a log; older events are read back from the store.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use claudecluster_proto::v1::Event;
+use claudecluster_proto::v1::event::Kind;
+use prost::Message;
 use tokio::sync::{mpsc, watch};
+use tonic::Status;
+
+use crate::db::{Db, Row, StoredEvent, Write};
+use crate::writer::Writer;
+
+/// Durable events kept in memory beyond what followers need; older ones are read back from the
+/// store.
+const EVENTS_IN_MEMORY: usize = 512;
+/// Events read from the store at a time while replaying.
+const REPLAY_PAGE: usize = 512;
 
 /// What a log is about: a task or a session.
 pub trait Record: Send + 'static {
@@ -19,92 +36,233 @@ pub trait Record: Send + 'static {
     fn ended(&self) -> bool;
     /// Names the subject on an event (its task or session id) and records the sequence.
     fn stamp(&mut self, event: &mut Event);
+    /// The row the store keeps for the record.
+    fn row(&self, last_sequence: u64) -> Row;
+}
+
+struct State<R> {
+    record: R,
+    /// The events after `base`, in order; those up to `base` are only in the store.
+    events: VecDeque<Event>,
+    base: u64,
+    /// Committed to the store up to here.
+    durable: u64,
+    /// Handed to the writer and not yet taken by a commit.
+    queued: bool,
+    /// Counts every change (events and updates), and what of them is stored.
+    changes: u64,
+    stored_changes: u64,
+}
+
+impl<R> State<R> {
+    fn last(&self) -> u64 {
+        self.base + self.events.len() as u64
+    }
 }
 
 pub struct Journal<R> {
-    state: Mutex<(R, Vec<Event>)>,
-    last_sequence: watch::Sender<u64>,
+    pub id: String,
+    state: Mutex<State<R>>,
+    /// The durable mark: what readers may see.
+    durable: watch::Sender<u64>,
+    writer: Writer,
+}
+
+/// What the writer takes from a journal for one commit.
+pub struct Unwritten {
+    pub write: Write,
+    pub up_to: u64,
+    pub changes: u64,
+}
+
+/// A journal as the writer sees it, whatever its record.
+pub trait Persist: Send + Sync {
+    fn id(&self) -> &str;
+    /// The row and the events not yet committed; the journal counts as no longer queued.
+    fn unwritten(&self) -> Unwritten;
+    /// The commit holding events up to `up_to` and the first `changes` changes succeeded.
+    /// True when the record has ended and everything is durable: it may leave memory.
+    fn written(&self, up_to: u64, changes: u64) -> bool;
+    /// The commit failed; the writer keeps the journal and tries again.
+    fn requeue(&self);
 }
 
 impl<R: Record> Journal<R> {
-    pub fn new(record: R) -> Self {
-        Journal {
-            state: Mutex::new((record, Vec::new())),
-            last_sequence: watch::Sender::new(0),
-        }
+    /// A journal whose first `last_sequence` events are already in the store.
+    pub fn new(id: String, record: R, last_sequence: u64, writer: Writer) -> Arc<Self> {
+        Arc::new(Journal {
+            id,
+            state: Mutex::new(State {
+                record,
+                events: VecDeque::new(),
+                base: last_sequence,
+                durable: last_sequence,
+                queued: false,
+                changes: 0,
+                stored_changes: 0,
+            }),
+            durable: watch::Sender::new(last_sequence),
+            writer,
+        })
     }
 
-    fn lock(&self) -> MutexGuard<'_, (R, Vec<Event>)> {
+    fn lock(&self) -> MutexGuard<'_, State<R>> {
         self.state.lock().expect("journal lock poisoned")
     }
 
-    /// Reads or changes the record without an event.
-    pub fn with<T>(&self, f: impl FnOnce(&mut R) -> T) -> T {
-        f(&mut self.lock().0)
+    /// Reads the record.
+    pub fn read<T>(&self, f: impl FnOnce(&R) -> T) -> T {
+        f(&self.lock().record)
+    }
+
+    /// Changes the record without an event; the change is stored with the next commit.
+    pub fn update<T>(self: &Arc<Self>, f: impl FnOnce(&mut R) -> T) -> T {
+        let mut state = self.lock();
+        let value = f(&mut state.record);
+        state.changes += 1;
+        let enqueue = !std::mem::replace(&mut state.queued, true);
+        drop(state);
+        if enqueue {
+            self.writer.enqueue(self.clone());
+        }
+        self.durable.send_modify(|_| {});
+        value
     }
 
     pub fn last_sequence(&self) -> u64 {
-        *self.last_sequence.borrow()
+        self.lock().last()
     }
 
-    /// Wakes everyone waiting on the record ([`Journal::wait_for`]) after a change made
-    /// without an event.
-    pub fn poke(&self) {
-        self.last_sequence.send_modify(|_| {});
+    /// Why the store cannot be written, while that lasts.
+    pub fn store_failure(&self) -> Option<String> {
+        self.writer.failure()
     }
 
-    /// Appends an event the record accepts; returns its sequence number.
-    pub fn append(&self, mut event: Event) -> Option<u64> {
+    /// Appends an event the record accepts, running `also` on the record under the same lock;
+    /// returns its sequence number.
+    pub fn append_with(
+        self: &Arc<Self>,
+        mut event: Event,
+        also: impl FnOnce(&mut R),
+    ) -> Option<u64> {
         event.kind.as_ref()?;
         let mut state = self.lock();
-        let (record, events) = &mut *state;
-        if !record.apply(&event) {
+        if !state.record.apply(&event) {
             return None;
         }
-        let sequence = events.len() as u64 + 1;
+        also(&mut state.record);
+        let sequence = state.last() + 1;
         event.sequence = sequence;
         event.time = Some(SystemTime::now().into());
-        record.stamp(&mut event);
-        events.push(event);
+        state.record.stamp(&mut event);
+        state.events.push_back(event);
+        state.changes += 1;
+        let enqueue = !std::mem::replace(&mut state.queued, true);
         drop(state);
-        self.last_sequence.send_replace(sequence);
+        if enqueue {
+            self.writer.enqueue(self.clone());
+        }
         Some(sequence)
     }
 
-    /// Events after `after`, and whether they reach the end of a finished log.
-    fn events_after(&self, after: u64) -> (Vec<Event>, bool) {
-        let state = self.lock();
-        let start = usize::try_from(after)
-            .unwrap_or(usize::MAX)
-            .min(state.1.len());
-        (state.1[start..].to_vec(), state.0.ended())
+    pub fn append(self: &Arc<Self>, event: Event) -> Option<u64> {
+        self.append_with(event, |_| {})
     }
 
-    /// Sends the events after `after` that `wanted` keeps to `out`, then follows the log until
-    /// `last` says an event sent was the last one, the record has ended and every event was
-    /// seen, or `out` closes.
+    /// Waits until every change made so far (events and updates) is stored; false when the
+    /// store did not commit within `patience`.
+    pub async fn wait_stored(&self, patience: std::time::Duration) -> bool {
+        let target = self.lock().changes;
+        let mut notices = self.durable.subscribe();
+        let stored = async {
+            loop {
+                notices.borrow_and_update();
+                if self.lock().stored_changes >= target {
+                    return true;
+                }
+                if notices.changed().await.is_err() {
+                    return false;
+                }
+            }
+        };
+        tokio::time::timeout(patience, stored)
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Durable events after `after` held in memory, the durable mark, the memory's base and
+    /// whether the record ended.
+    fn durable_after(&self, after: u64) -> (Vec<Event>, u64, u64, bool) {
+        let state = self.lock();
+        let start = after.max(state.base);
+        let events = state
+            .events
+            .iter()
+            .skip((start - state.base) as usize)
+            .take_while(|event| event.sequence <= state.durable)
+            .cloned()
+            .collect();
+        (events, state.durable, state.base, state.record.ended())
+    }
+
+    /// Sends the durable events after `after` that `wanted` keeps to `out`, then follows the
+    /// log until `last` says an event sent was the last one, the record has ended and every
+    /// event was sent, or `out` closes. Events no longer in memory come from `db`.
     pub async fn follow_while(
         self: Arc<Self>,
+        db: Arc<Db>,
         after: u64,
-        out: mpsc::Sender<Event>,
+        out: mpsc::Sender<Result<Event, Status>>,
         wanted: impl Fn(&Event) -> bool + Send,
         last: impl Fn(&Event) -> bool + Send,
     ) {
-        let mut changes = self.last_sequence.subscribe();
+        let mut changes = self.durable.subscribe();
         let mut cursor = after;
         loop {
-            let (batch, ended) = self.events_after(cursor);
+            changes.borrow_and_update();
+            let (batch, durable, base, ended) = self.durable_after(cursor);
+            if cursor < base {
+                let stored = match db.events(&self.id, cursor, base, REPLAY_PAGE).await {
+                    Ok(stored) => stored,
+                    Err(err) => {
+                        let _ = out.send(Err(Status::unavailable(err.to_string()))).await;
+                        return;
+                    }
+                };
+                // Compaction may have removed events: go on after the page either way.
+                cursor = stored
+                    .last()
+                    .map_or(base, |(sequence, _)| *sequence)
+                    .max(if stored.len() < REPLAY_PAGE { base } else { 0 });
+                for (sequence, bytes) in stored {
+                    let event = match Event::decode(bytes.as_slice()) {
+                        Ok(event) => event,
+                        Err(err) => {
+                            tracing::error!(subject = %self.id, sequence, error = %err, "a stored event is damaged; skipping it");
+                            continue;
+                        }
+                    };
+                    if !wanted(&event) {
+                        continue;
+                    }
+                    let is_last = last(&event);
+                    if out.send(Ok(event)).await.is_err() || is_last {
+                        return;
+                    }
+                }
+                continue;
+            }
             for event in batch {
                 cursor = event.sequence;
                 if !wanted(&event) {
                     continue;
                 }
                 let is_last = last(&event);
-                if out.send(event).await.is_err() || is_last {
+                if out.send(Ok(event)).await.is_err() || is_last {
                     return;
                 }
             }
-            if ended {
+            if ended && cursor >= durable && durable == self.last_sequence() {
                 return;
             }
             tokio::select! {
@@ -115,17 +273,88 @@ impl<R: Record> Journal<R> {
     }
 
     /// Sends every event after `after` to `out` and follows the log to its end.
-    pub async fn follow(self: Arc<Self>, after: u64, out: mpsc::Sender<Event>) {
-        self.follow_while(after, out, |_| true, |_| false).await
+    pub async fn follow(
+        self: Arc<Self>,
+        db: Arc<Db>,
+        after: u64,
+        out: mpsc::Sender<Result<Event, Status>>,
+    ) {
+        self.follow_while(db, after, out, |_| true, |_| false).await
     }
 
     /// Waits until `done` holds of the record.
     pub async fn wait_for(&self, done: impl Fn(&R) -> bool) {
-        let mut changes = self.last_sequence.subscribe();
-        while !self.with(|record| done(record)) {
+        let mut changes = self.durable.subscribe();
+        loop {
+            changes.borrow_and_update();
+            if self.read(|record| done(record)) {
+                return;
+            }
             if changes.changed().await.is_err() {
                 return;
             }
         }
+    }
+}
+
+/// Whether compaction keeps an event: the status changes and the result.
+fn kept(event: &Event) -> bool {
+    matches!(
+        event.kind,
+        Some(Kind::StatusChange(_) | Kind::Result(_) | Kind::SessionState(_))
+    )
+}
+
+impl<R: Record> Persist for Journal<R> {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn unwritten(&self) -> Unwritten {
+        let mut state = self.lock();
+        state.queued = false;
+        let durable = state.durable;
+        let events = state
+            .events
+            .iter()
+            .skip(durable.saturating_sub(state.base) as usize)
+            .map(|event| StoredEvent {
+                sequence: event.sequence,
+                kept: kept(event),
+                bytes: event.encode_to_vec(),
+            })
+            .collect();
+        let up_to = state.last();
+        Unwritten {
+            write: Write {
+                id: self.id.clone(),
+                row: state.record.row(up_to),
+                events,
+            },
+            up_to,
+            changes: state.changes,
+        }
+    }
+
+    fn written(&self, up_to: u64, changes: u64) -> bool {
+        let mut state = self.lock();
+        state.durable = state.durable.max(up_to);
+        state.stored_changes = state.stored_changes.max(changes);
+        // Durable events beyond what memory keeps are read back from the store.
+        let durable_in_memory = (state.durable - state.base) as usize;
+        if durable_in_memory > 2 * EVENTS_IN_MEMORY {
+            let drop = durable_in_memory - EVENTS_IN_MEMORY;
+            state.events.drain(..drop);
+            state.base += drop as u64;
+        }
+        let settled = state.record.ended() && state.durable == state.last() && !state.queued;
+        let durable = state.durable;
+        drop(state);
+        self.durable.send_replace(durable);
+        settled
+    }
+
+    fn requeue(&self) {
+        self.lock().queued = true;
     }
 }

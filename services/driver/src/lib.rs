@@ -2,14 +2,18 @@
 //! pending tasks to the scheduler, and runs each placed task on its worker.
 
 mod batch;
-mod catalog;
+pub mod benchmark;
+mod db;
 mod dispatch;
 mod error;
 mod journal;
 mod service;
 mod sessions;
 mod store;
+#[cfg(test)]
+mod test_support;
 mod validate;
+mod writer;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,14 +31,23 @@ pub struct Handle {
     pub local_addr: SocketAddr,
     stop: CancellationToken,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
+    writer: JoinHandle<()>,
+    db: Arc<db::Db>,
 }
 
 impl Handle {
+    /// Ends open streams with UNAVAILABLE (clients reconnect and resume), stops serving, and
+    /// stores what is left to store. Running tasks go on on their workers; a driver that starts
+    /// again attaches to them.
     pub async fn shutdown(self) -> Result<(), tonic::transport::Error> {
         self.stop.cancel();
-        self.server
+        let served = self
+            .server
             .await
-            .expect("the driver's server task panicked")
+            .expect("the driver's server task panicked");
+        let _ = self.writer.await;
+        self.db.close().await;
+        served
     }
 }
 
@@ -48,13 +61,42 @@ pub enum StartError {
         address: String,
         source: tonic::transport::Error,
     },
+    #[error("{0} (`driver.store.url` / `driver.dataDir`)")]
+    Store(#[from] db::DbError),
+    #[error("cannot take up the stored tasks: {0}")]
+    Recovery(#[from] DriverError),
 }
 
-/// Starts a driver serving on `listener`.
+/// The store's URL: `driver.store.url`, or SQLite in the data directory.
+pub fn store_url(config: &DriverConfig) -> String {
+    match &config.store.url {
+        Some(url) => url.clone(),
+        None => format!("sqlite://{}", config.data_dir().join("driver.db").display()),
+    }
+}
+
+/// Starts a driver serving on `listener`: opens the store, takes up the tasks and sessions that
+/// had not ended, and serves.
 pub async fn spawn(config: DriverConfig, listener: TcpListener) -> Result<Handle, StartError> {
     let local_addr = listener.local_addr()?;
-    let store = Arc::new(store::TaskStore::default());
-    let sessions = Arc::new(sessions::SessionStore::default());
+    let opened = std::time::Instant::now();
+    let db = Arc::new(db::Db::open(&store_url(&config), config.store.max_connections).await?);
+    let live = Arc::new(store::Live::default());
+    let stop = CancellationToken::new();
+    let (writer, writer_task) = {
+        let live = live.clone();
+        writer::start(
+            db.clone(),
+            Box::new(move |id| live.settle(id)),
+            stop.clone(),
+        )
+    };
+    let store = Arc::new(store::TaskStore::new(
+        db.clone(),
+        writer.clone(),
+        live.clone(),
+    ));
+    let sessions = Arc::new(sessions::SessionStore::new(db.clone(), writer, live));
     let dispatcher = Arc::new(
         dispatch::Dispatcher::new(
             store.clone(),
@@ -67,8 +109,10 @@ pub async fn spawn(config: DriverConfig, listener: TcpListener) -> Result<Handle
             source,
         })?,
     );
-    let stop = CancellationToken::new();
+    recover(&store, &sessions, &dispatcher).await?;
+    tracing::info!(store = %db.place, elapsed_ms = opened.elapsed().as_millis() as u64, "store open");
     tokio::spawn(dispatcher.clone().follow_placements(stop.clone()));
+    tokio::spawn(compact_logs(db.clone(), config.store.clone(), stop.clone()));
     let (routes, _health) =
         claudecluster_grpc::standard_routes("claudecluster.v1.DriverService").await;
     let routes = routes.add_service(DriverServiceServer::new(service::DriverService::new(
@@ -76,6 +120,7 @@ pub async fn spawn(config: DriverConfig, listener: TcpListener) -> Result<Handle
         sessions,
         dispatcher,
         config.session_queue_limit as usize,
+        stop.clone(),
     )));
     let server = {
         let stop = stop.clone();
@@ -88,5 +133,86 @@ pub async fn spawn(config: DriverConfig, listener: TcpListener) -> Result<Handle
         local_addr,
         stop,
         server,
+        writer: writer_task,
+        db,
     })
+}
+
+/// Takes up what had not ended when the driver stopped: tasks on workers are attached to again,
+/// tasks waiting for others wait again, pending ones are queued when the scheduler connects,
+/// and sessions on workers are attached to again.
+async fn recover(
+    store: &Arc<store::TaskStore>,
+    sessions: &Arc<sessions::SessionStore>,
+    dispatcher: &Arc<dispatch::Dispatcher>,
+) -> Result<(), DriverError> {
+    use claudecluster_proto::v1::{SessionState, TaskStatus};
+    let tasks = store.recover().await?;
+    let (mut attached, mut blocked) = (0, 0);
+    for entry in &tasks {
+        match entry.status() {
+            TaskStatus::Assigned | TaskStatus::Running => {
+                attached += 1;
+                tokio::spawn(dispatcher.clone().resume(entry.clone()));
+            }
+            TaskStatus::Pending if entry.is_blocked() => {
+                blocked += 1;
+                let mut dependencies = Vec::new();
+                for id in entry.spec().depends_on {
+                    if let Some(dependency) = store.get(&id).await? {
+                        dependencies.push(dependency);
+                    }
+                }
+                dispatcher.start(entry.clone(), dependencies).await;
+            }
+            _ => {}
+        }
+    }
+    let open = sessions.recover().await?;
+    for session in &open {
+        if session.state() != SessionState::Creating || session.worker_address().is_some() {
+            let Some(address) = session.worker_address() else {
+                continue;
+            };
+            let (worker_id, _) = session.placement();
+            let dispatcher = dispatcher.clone();
+            let session = session.clone();
+            tokio::spawn(async move {
+                dispatcher
+                    .run_session(session, &worker_id, &address, true)
+                    .await
+            });
+        }
+    }
+    if !tasks.is_empty() || !open.is_empty() {
+        tracing::info!(
+            tasks = tasks.len(),
+            on_workers = attached,
+            waiting_for_dependencies = blocked,
+            sessions = open.len(),
+            "took up unfinished work from the store"
+        );
+    }
+    Ok(())
+}
+
+/// Compacts finished tasks' logs past their retention, every minute until `stop`.
+async fn compact_logs(
+    db: Arc<db::Db>,
+    config: claudecluster_config::StoreConfig,
+    stop: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let cutoff = db::now_ms() - config.event_retention.get().as_millis() as i64;
+        match db.compact(cutoff, config.event_retention_count).await {
+            Ok(0) => {}
+            Ok(compacted) => tracing::info!(tasks = compacted, "compacted finished tasks' logs"),
+            Err(err) => tracing::warn!(error = %err, "cannot compact logs"),
+        }
+    }
 }

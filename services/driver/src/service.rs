@@ -5,12 +5,12 @@ use std::time::Duration;
 use claudecluster_proto::v1::driver_service_server::DriverService as DriverApi;
 use claudecluster_proto::v1::*;
 use tokio::sync::mpsc;
+use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::batch;
-use crate::catalog::page_start;
 use crate::dispatch::Dispatcher;
 use crate::error::DriverError;
 use crate::sessions::{SessionEntry, SessionStore};
@@ -28,6 +28,9 @@ pub struct DriverService {
     sessions: Arc<SessionStore>,
     dispatcher: Arc<Dispatcher>,
     session_queue_limit: usize,
+    /// Cancelled when the driver shuts down: open streams end with UNAVAILABLE so that clients
+    /// reconnect (to this driver once it is back, or another).
+    stopping: CancellationToken,
 }
 
 impl DriverService {
@@ -36,22 +39,73 @@ impl DriverService {
         sessions: Arc<SessionStore>,
         dispatcher: Arc<Dispatcher>,
         session_queue_limit: usize,
+        stopping: CancellationToken,
     ) -> Self {
         DriverService {
             store,
             sessions,
             dispatcher,
             session_queue_limit,
+            stopping,
         }
     }
 
-    fn session(&self, session_id: &str) -> Result<Arc<SessionEntry>, DriverError> {
+    async fn session(&self, session_id: &str) -> Result<Arc<SessionEntry>, DriverError> {
         if session_id.is_empty() {
             return Err(DriverError::invalid("session_id", "must not be empty"));
         }
         self.sessions
             .get(session_id)
+            .await?
             .ok_or_else(|| DriverError::SessionNotFound(session_id.to_owned()))
+    }
+
+    /// A response stream fed by `follow`, which ends with UNAVAILABLE (naming the last sequence
+    /// sent) when the driver shuts down.
+    fn event_stream<T, F, Fut>(
+        &self,
+        after: u64,
+        follow: F,
+        wrap: fn(Event) -> T,
+    ) -> Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>
+    where
+        T: Send + 'static,
+        F: FnOnce(mpsc::Sender<Result<Event, Status>>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (events, mut followed) = mpsc::channel(128);
+        let (out, receiver) = mpsc::channel(128);
+        let stopping = self.stopping.clone();
+        let following = follow(events);
+        tokio::spawn(async move {
+            let mut last = after;
+            tokio::pin!(following);
+            let mut following_done = false;
+            loop {
+                tokio::select! {
+                    _ = &mut following, if !following_done => following_done = true,
+                    event = followed.recv() => match event {
+                        Some(Ok(event)) => {
+                            last = event.sequence.max(last);
+                            if out.send(Ok(wrap(event))).await.is_err() {
+                                return;
+                            }
+                        }
+                        Some(Err(status)) => {
+                            let _ = out.send(Err(status)).await;
+                            return;
+                        }
+                        None => return,
+                    },
+                    _ = stopping.cancelled() => {
+                        let status: Status = DriverError::ShuttingDown { after: last }.into();
+                        let _ = out.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Box::pin(ReceiverStream::new(receiver))
     }
 
     /// Whether any registered worker runs container mode; sessions need one.
@@ -71,24 +125,25 @@ impl DriverService {
         }))
     }
 
-    fn task(&self, task_id: &str) -> Result<Arc<TaskEntry>, DriverError> {
+    async fn task(&self, task_id: &str) -> Result<Arc<TaskEntry>, DriverError> {
         if task_id.is_empty() {
             return Err(DriverError::invalid("task_id", "must not be empty"));
         }
         self.store
             .get(task_id)
+            .await?
             .ok_or_else(|| DriverError::TaskNotFound(task_id.to_owned()))
     }
 
     /// The tasks `ids` names, each of which must exist.
-    fn dependencies(&self, ids: &[String]) -> Result<Vec<Arc<TaskEntry>>, DriverError> {
-        ids.iter()
-            .map(|id| {
-                self.store.get(id).ok_or_else(|| {
-                    DriverError::invalid("spec.depends_on", format!("task {id} not found"))
-                })
-            })
-            .collect()
+    async fn dependencies(&self, ids: &[String]) -> Result<Vec<Arc<TaskEntry>>, DriverError> {
+        let mut found = Vec::with_capacity(ids.len());
+        for id in ids {
+            found.push(self.store.get(id).await?.ok_or_else(|| {
+                DriverError::invalid("spec.depends_on", format!("task {id} not found"))
+            })?);
+        }
+        Ok(found)
     }
 
     fn scheduler_unavailable(&self, status: Status) -> DriverError {
@@ -99,10 +154,15 @@ impl DriverService {
     }
 }
 
-/// The page a list request asks for: where it starts and how many (default 100, at most 1000).
-fn page(token: &str, size: u32) -> Result<(u64, usize), DriverError> {
-    let start = page_start(token)
-        .ok_or_else(|| DriverError::invalid("page_token", "is not a token this server returned"))?;
+/// The page a list request asks for: after which position and how many (default 100, at most
+/// 1000).
+fn page(token: &str, size: u32) -> Result<(i64, usize), DriverError> {
+    let start = if token.is_empty() {
+        Some(0)
+    } else {
+        token.parse().ok().filter(|start: &i64| *start >= 0)
+    }
+    .ok_or_else(|| DriverError::invalid("page_token", "is not a token this server returned"))?;
     let limit = match size as usize {
         0 => DEFAULT_PAGE_SIZE,
         size => size.min(MAX_PAGE_SIZE),
@@ -129,6 +189,18 @@ where
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<StreamTaskEventsResponse, Status>> + Send>>;
 
+fn task_event(event: Event) -> StreamTaskEventsResponse {
+    StreamTaskEventsResponse { event: Some(event) }
+}
+
+fn session_event(event: Event) -> StreamSessionEventsResponse {
+    StreamSessionEventsResponse { event: Some(event) }
+}
+
+fn reply_event(event: Event) -> SendSessionMessageResponse {
+    SendSessionMessageResponse { event: Some(event) }
+}
+
 #[tonic::async_trait]
 impl DriverApi for DriverService {
     async fn submit_task(
@@ -137,8 +209,8 @@ impl DriverApi for DriverService {
     ) -> Result<Response<SubmitTaskResponse>, Status> {
         let request = request.into_inner();
         let spec = validate::task_spec(request.spec.as_ref())?.clone();
-        let dependencies = self.dependencies(&spec.depends_on)?;
-        let (entry, created) = self.store.insert(spec);
+        let dependencies = self.dependencies(&spec.depends_on).await?;
+        let (entry, created) = self.store.insert(spec).await?;
         // The answer is the task as accepted; it may be placed before this call returns.
         let task = entry.public();
         if created {
@@ -152,13 +224,26 @@ impl DriverApi for DriverService {
         &self,
         request: Request<SubmitTasksRequest>,
     ) -> Result<Response<SubmitTasksResponse>, Status> {
-        let planned = batch::plan(request.into_inner().tasks, |id| {
-            self.store.get(id).is_some()
-        })?;
-        let entries = self.store.insert_all(planned);
+        let tasks = request.into_inner().tasks;
+        // Ids a batch names that are not its own keys must be existing tasks.
+        let mut existing = std::collections::HashSet::new();
+        let keys: std::collections::HashSet<&str> =
+            tasks.iter().map(|task| task.key.as_str()).collect();
+        for task in &tasks {
+            for dependency in task.spec.iter().flat_map(|spec| &spec.depends_on) {
+                if !keys.contains(dependency.as_str())
+                    && !existing.contains(dependency)
+                    && self.store.get(dependency).await?.is_some()
+                {
+                    existing.insert(dependency.clone());
+                }
+            }
+        }
+        let planned = batch::plan(tasks, |id| existing.contains(id))?;
+        let entries = self.store.insert_all(planned).await?;
         let tasks = entries.iter().map(|entry| entry.public()).collect();
         for entry in entries {
-            let dependencies = self.dependencies(&entry.spec().depends_on)?;
+            let dependencies = self.dependencies(&entry.spec().depends_on).await?;
             self.dispatcher.start(entry, dependencies).await;
         }
         Ok(Response::new(SubmitTasksResponse { tasks }))
@@ -168,7 +253,7 @@ impl DriverApi for DriverService {
         &self,
         request: Request<GetTaskRequest>,
     ) -> Result<Response<GetTaskResponse>, Status> {
-        let entry = self.task(&request.into_inner().task_id)?;
+        let entry = self.task(&request.into_inner().task_id).await?;
         Ok(Response::new(GetTaskResponse {
             task: Some(entry.public()),
         }))
@@ -183,13 +268,16 @@ impl DriverApi for DriverService {
             filter_values(&request.statuses, "statuses", "task status")?;
         let (start, limit) = page(&request.page_token, request.page_size)?;
         let selector = request.label_selector;
-        let (tasks, next) = self.store.page(start, limit, |task| {
-            let labels = task.spec.as_ref().map(|spec| &spec.labels);
-            (statuses.is_empty() || statuses.contains(&task.status()))
-                && selector
+        let statuses: Vec<i32> = statuses.into_iter().map(|status| status as i32).collect();
+        let (tasks, next) = self
+            .store
+            .page(start, limit, &statuses, |task| {
+                let labels = task.spec.as_ref().map(|spec| &spec.labels);
+                selector
                     .iter()
                     .all(|(key, value)| labels.and_then(|l| l.get(key)) == Some(value))
-        });
+            })
+            .await?;
         Ok(Response::new(ListTasksResponse {
             tasks,
             next_page_token: next.map(|order| order.to_string()).unwrap_or_default(),
@@ -201,7 +289,7 @@ impl DriverApi for DriverService {
         request: Request<CancelTaskRequest>,
     ) -> Result<Response<CancelTaskResponse>, Status> {
         let request = request.into_inner();
-        let entry = self.task(&request.task_id)?;
+        let entry = self.task(&request.task_id).await?;
         let reason = if request.reason.trim().is_empty() {
             "cancelled by a client".to_owned()
         } else {
@@ -228,12 +316,14 @@ impl DriverApi for DriverService {
         request: Request<StreamTaskEventsRequest>,
     ) -> Result<Response<Self::StreamTaskEventsStream>, Status> {
         let request = request.into_inner();
-        let entry = self.task(&request.task_id)?;
-        let (sender, receiver) = mpsc::channel(128);
-        tokio::spawn(entry.follow(request.after_sequence, sender));
-        let stream = ReceiverStream::new(receiver)
-            .map(|event| Ok(StreamTaskEventsResponse { event: Some(event) }));
-        Ok(Response::new(Box::pin(stream)))
+        let entry = self.task(&request.task_id).await?;
+        let db = self.store.db().clone();
+        let after = request.after_sequence;
+        Ok(Response::new(self.event_stream(
+            after,
+            move |out| entry.follow(db, after, out),
+            task_event,
+        )))
     }
 
     async fn get_cluster_status(
@@ -254,7 +344,7 @@ impl DriverApi for DriverService {
             .into_inner();
         Ok(Response::new(GetClusterStatusResponse {
             workers,
-            tasks_by_status: self.store.count_by_status(),
+            tasks_by_status: self.store.count_by_status().await?,
             queued_tasks: queue.queued_tasks,
             queued_by_priority: queue.queued_by_priority,
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -269,7 +359,7 @@ impl DriverApi for DriverService {
         if !self.has_container_worker().await? {
             return Err(DriverError::NoContainerWorker.into());
         }
-        let session = self.sessions.insert(spec);
+        let session = self.sessions.insert(spec).await?;
         tracing::info!(session = %session.id, "session created");
         let snapshot = session.snapshot();
         self.dispatcher.enqueue_session(&session).await;
@@ -282,7 +372,7 @@ impl DriverApi for DriverService {
         &self,
         request: Request<GetSessionRequest>,
     ) -> Result<Response<GetSessionResponse>, Status> {
-        let session = self.session(&request.into_inner().session_id)?;
+        let session = self.session(&request.into_inner().session_id).await?;
         Ok(Response::new(GetSessionResponse {
             session: Some(session.snapshot()),
         }))
@@ -295,9 +385,8 @@ impl DriverApi for DriverService {
         let request = request.into_inner();
         let states: Vec<SessionState> = filter_values(&request.states, "states", "session state")?;
         let (start, limit) = page(&request.page_token, request.page_size)?;
-        let (sessions, next) = self.sessions.page(start, limit, |state| {
-            states.is_empty() || states.contains(&state)
-        });
+        let states: Vec<i32> = states.into_iter().map(|state| state as i32).collect();
+        let (sessions, next) = self.sessions.page(start, limit, &states).await?;
         Ok(Response::new(ListSessionsResponse {
             sessions,
             next_page_token: next.map(|order| order.to_string()).unwrap_or_default(),
@@ -312,16 +401,19 @@ impl DriverApi for DriverService {
         request: Request<SendSessionMessageRequest>,
     ) -> Result<Response<Self::SendSessionMessageStream>, Status> {
         let request = request.into_inner();
-        let session = self.session(&request.session_id)?;
+        let session = self.session(&request.session_id).await?;
         if request.text.trim().is_empty() {
             return Err(DriverError::invalid("text", "must not be empty").into());
         }
-        let (turn, after) = session.queue_message(request.text, self.session_queue_limit)?;
-        let (sender, receiver) = mpsc::channel(128);
-        tokio::spawn(session.follow_turn(turn, after, sender));
-        let stream = ReceiverStream::new(receiver)
-            .map(|event| Ok(SendSessionMessageResponse { event: Some(event) }));
-        Ok(Response::new(Box::pin(stream)))
+        let (turn, after) = session
+            .queue_message(request.text, self.session_queue_limit)
+            .await?;
+        let db = self.store.db().clone();
+        Ok(Response::new(self.event_stream(
+            after,
+            move |out| session.follow_turn(db, turn, after, out),
+            reply_event,
+        )))
     }
 
     type StreamSessionEventsStream =
@@ -332,19 +424,21 @@ impl DriverApi for DriverService {
         request: Request<StreamSessionEventsRequest>,
     ) -> Result<Response<Self::StreamSessionEventsStream>, Status> {
         let request = request.into_inner();
-        let session = self.session(&request.session_id)?;
-        let (sender, receiver) = mpsc::channel(128);
-        tokio::spawn(session.follow(request.after_sequence, sender));
-        let stream = ReceiverStream::new(receiver)
-            .map(|event| Ok(StreamSessionEventsResponse { event: Some(event) }));
-        Ok(Response::new(Box::pin(stream)))
+        let session = self.session(&request.session_id).await?;
+        let db = self.store.db().clone();
+        let after = request.after_sequence;
+        Ok(Response::new(self.event_stream(
+            after,
+            move |out| session.follow(db, after, out),
+            session_event,
+        )))
     }
 
     async fn close_session(
         &self,
         request: Request<CloseSessionRequest>,
     ) -> Result<Response<CloseSessionResponse>, Status> {
-        let session = self.session(&request.into_inner().session_id)?;
+        let session = self.session(&request.into_inner().session_id).await?;
         if session.state() != SessionState::Closed {
             self.dispatcher.close_session(&session).await;
             tracing::info!(session = %session.id, "session closed");

@@ -1,18 +1,21 @@
 //! The driver's record of every session: its journal, and the messages waiting their turn.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use claudecluster_proto::v1::event::Kind;
 use claudecluster_proto::v1::{
     Event, Session, SessionSpec, SessionState, SessionStateChange, TokenUsage,
 };
+use prost::Message;
 use tokio::sync::mpsc;
+use tonic::Status;
 
-use crate::catalog::Catalog;
+use crate::db::{Db, LoadedRow, Row, SubjectKind};
 use crate::error::DriverError;
 use crate::journal::{Journal, Record};
+use crate::store::{Bookkeeping, DURABLE_PATIENCE, Live, QueuedMessage, millis};
+use crate::writer::Writer;
 
 pub fn is_final(state: SessionState) -> bool {
     state.is_final()
@@ -20,13 +23,8 @@ pub fn is_final(state: SessionState) -> bool {
 
 pub struct SessionRecord {
     session: Session,
-    /// Messages waiting, with their turn numbers.
-    queue: VecDeque<(u32, String)>,
-    next_turn: u32,
-    /// The turn sent to the worker and not yet answered.
-    in_flight: Option<u32>,
-    /// Where the session lives, once placed.
-    worker_address: Option<String>,
+    /// Messages waiting, the turn in flight, where the session lives once placed.
+    book: Bookkeeping,
 }
 
 impl SessionRecord {
@@ -40,8 +38,8 @@ impl SessionRecord {
 
     /// A message can go to the worker now.
     fn ready_for_next(&self) -> bool {
-        self.in_flight.is_none()
-            && !self.queue.is_empty()
+        self.book.in_flight.is_none()
+            && !self.book.queue.is_empty()
             && matches!(
                 self.state(),
                 SessionState::Ready | SessionState::Idle | SessionState::Stopped
@@ -70,12 +68,12 @@ impl Record for SessionRecord {
                 if !change.workspace.is_empty() {
                     session.workspace = change.workspace.clone();
                 }
-                if change.state() != SessionState::Busy && self.in_flight == Some(event.turn) {
-                    self.in_flight = None;
+                if change.state() != SessionState::Busy && self.book.in_flight == Some(event.turn) {
+                    self.book.in_flight = None;
                 }
                 if is_final(change.state()) {
-                    self.in_flight = None;
-                    self.queue.clear();
+                    self.book.in_flight = None;
+                    self.book.queue.clear();
                     session.queued_messages = 0;
                 }
                 session.last_activity_time = Some(SystemTime::now().into());
@@ -105,6 +103,25 @@ impl Record for SessionRecord {
         event.session_id = self.session.session_id.clone();
         self.session.last_sequence = event.sequence;
     }
+
+    fn row(&self, last_sequence: u64) -> Row {
+        let ended = self.ended();
+        Row {
+            kind: SubjectKind::Session,
+            status: self.session.state,
+            ended,
+            idempotency_key: None,
+            record: self.session.encode_to_vec(),
+            bookkeeping: self.book.encode_to_vec(),
+            last_sequence,
+            end_time_ms: ended.then(|| {
+                self.session
+                    .last_activity_time
+                    .as_ref()
+                    .map_or_else(crate::db::now_ms, millis)
+            }),
+        }
+    }
 }
 
 pub struct SessionEntry {
@@ -114,20 +131,45 @@ pub struct SessionEntry {
 
 impl SessionEntry {
     pub fn snapshot(&self) -> Session {
-        self.journal.with(|record| record.session.clone())
+        self.journal.read(|record| record.session.clone())
     }
 
     pub fn state(&self) -> SessionState {
-        self.journal.with(|record| record.state())
+        self.journal.read(|record| record.state())
     }
 
     pub fn spec(&self) -> SessionSpec {
         self.journal
-            .with(|record| record.session.spec.clone().unwrap_or_default())
+            .read(|record| record.session.spec.clone().unwrap_or_default())
     }
 
     pub fn worker_address(&self) -> Option<String> {
-        self.journal.with(|record| record.worker_address.clone())
+        self.journal.read(|record| {
+            Some(record.book.worker_address.clone()).filter(|address| !address.is_empty())
+        })
+    }
+
+    /// The worker's id and the last run sequence received from it.
+    pub fn placement(&self) -> (String, u64) {
+        self.journal
+            .read(|record| (record.session.worker_id.clone(), record.book.run_sequence))
+    }
+
+    /// Appends an event the worker sent, remembering its run sequence for attaching again.
+    pub fn append_from_worker(&self, event: Event, run_sequence: u64) -> Option<u64> {
+        self.journal.append_with(event, |record| {
+            record.book.run_sequence = record.book.run_sequence.max(run_sequence)
+        })
+    }
+
+    /// The message sent to the worker and not answered, to send again after attaching anew.
+    pub fn unanswered(&self) -> Option<(u32, String)> {
+        self.journal.read(|record| {
+            record
+                .book
+                .in_flight
+                .map(|turn| (turn, record.book.in_flight_text.clone()))
+        })
     }
 
     pub fn set_state(
@@ -153,11 +195,11 @@ impl SessionEntry {
 
     /// Records the worker the session was placed on; false if it is no longer waiting for one.
     pub fn assign(&self, worker_id: &str, address: &str) -> bool {
-        let placed = self.journal.with(|record| {
-            if record.state() != SessionState::Creating || record.worker_address.is_some() {
+        let placed = self.journal.update(|record| {
+            if record.state() != SessionState::Creating || !record.book.worker_address.is_empty() {
                 return false;
             }
-            record.worker_address = Some(address.to_owned());
+            record.book.worker_address = address.to_owned();
             true
         });
         placed
@@ -170,8 +212,12 @@ impl SessionEntry {
     }
 
     /// Queues a message; returns its turn and the sequence number after which its events come.
-    pub fn queue_message(&self, text: String, limit: usize) -> Result<(u32, u64), DriverError> {
-        let queued = self.journal.with(|record| {
+    pub async fn queue_message(
+        &self,
+        text: String,
+        limit: usize,
+    ) -> Result<(u32, u64), DriverError> {
+        let queued = self.journal.update(|record| {
             let state = record.state();
             if is_final(state) {
                 return Err(DriverError::SessionEnded {
@@ -180,21 +226,27 @@ impl SessionEntry {
                     reason: record.session.state_reason.clone(),
                 });
             }
-            if record.queue.len() >= limit {
+            if record.book.queue.len() >= limit {
                 return Err(DriverError::SessionQueueFull {
                     session_id: self.id.clone(),
                     limit,
                 });
             }
-            record.next_turn += 1;
-            let turn = record.next_turn;
-            record.queue.push_back((turn, text));
-            record.session.queued_messages = record.queue.len() as u32;
+            record.book.next_turn += 1;
+            let turn = record.book.next_turn;
+            record.book.queue.push(QueuedMessage { turn, text });
+            record.session.queued_messages = record.book.queue.len() as u32;
             record.session.last_activity_time = Some(SystemTime::now().into());
             Ok(turn)
         })?;
         let after = self.journal.last_sequence();
-        self.journal.poke();
+        // The message is accepted once it is stored.
+        if !self.journal.wait_stored(DURABLE_PATIENCE).await {
+            return Err(DriverError::NotDurable(format!(
+                "the message to session {} is not yet stored",
+                self.id
+            )));
+        }
         Ok((queued, after))
     }
 
@@ -203,13 +255,14 @@ impl SessionEntry {
         self.journal
             .wait_for(|record| record.ready_for_next() || record.ended())
             .await;
-        self.journal.with(|record| {
-            if record.ended() {
+        self.journal.update(|record| {
+            if record.ended() || record.book.queue.is_empty() {
                 return None;
             }
-            let (turn, text) = record.queue.pop_front()?;
-            record.in_flight = Some(turn);
-            record.session.queued_messages = record.queue.len() as u32;
+            let QueuedMessage { turn, text } = record.book.queue.remove(0);
+            record.book.in_flight = Some(turn);
+            record.book.in_flight_text = text.clone();
+            record.session.queued_messages = record.book.queue.len() as u32;
             Some((turn, text))
         })
     }
@@ -217,9 +270,9 @@ impl SessionEntry {
     /// Ends a turn the worker could not take.
     pub fn turn_refused(&self, turn: u32, reason: String) {
         let state = self.state();
-        self.journal.with(|record| {
-            if record.in_flight == Some(turn) {
-                record.in_flight = None;
+        self.journal.update(|record| {
+            if record.book.in_flight == Some(turn) {
+                record.book.in_flight = None;
             }
         });
         self.set_state(state, reason, "", turn);
@@ -227,7 +280,13 @@ impl SessionEntry {
 
     /// Streams the events of `turn` after `after` to `out`, ending with the state change that
     /// ends the turn (or the session).
-    pub async fn follow_turn(self: Arc<Self>, turn: u32, after: u64, out: mpsc::Sender<Event>) {
+    pub async fn follow_turn(
+        self: Arc<Self>,
+        db: Arc<Db>,
+        turn: u32,
+        after: u64,
+        out: mpsc::Sender<Result<Event, Status>>,
+    ) {
         let ends_turn = move |event: &Event| match &event.kind {
             Some(Kind::SessionState(change)) => {
                 is_final(change.state())
@@ -238,22 +297,41 @@ impl SessionEntry {
         let wanted = move |event: &Event| event.turn == turn || ends_turn(event);
         self.journal
             .clone()
-            .follow_while(after, out, wanted, ends_turn)
+            .follow_while(db, after, out, wanted, ends_turn)
             .await
     }
 
-    pub async fn follow(self: Arc<Self>, after: u64, out: mpsc::Sender<Event>) {
-        self.journal.clone().follow(after, out).await
+    pub async fn follow(
+        self: Arc<Self>,
+        db: Arc<Db>,
+        after: u64,
+        out: mpsc::Sender<Result<Event, Status>>,
+    ) {
+        self.journal.clone().follow(db, after, out).await
     }
 }
 
-#[derive(Default)]
+/// Every session: the live ones in memory, all of them in the store.
 pub struct SessionStore {
-    sessions: RwLock<Catalog<SessionEntry>>,
+    db: Arc<Db>,
+    writer: Writer,
+    live: Arc<Live>,
 }
 
 impl SessionStore {
-    pub fn insert(&self, spec: SessionSpec) -> Arc<SessionEntry> {
+    pub fn new(db: Arc<Db>, writer: Writer, live: Arc<Live>) -> Self {
+        SessionStore { db, writer, live }
+    }
+
+    fn entry(&self, id: String, record: SessionRecord, last_sequence: u64) -> Arc<SessionEntry> {
+        Arc::new(SessionEntry {
+            journal: Journal::new(id.clone(), record, last_sequence, self.writer.clone()),
+            id,
+        })
+    }
+
+    /// Records a new session; it is stored when this returns.
+    pub async fn insert(&self, spec: SessionSpec) -> Result<Arc<SessionEntry>, DriverError> {
         let id = uuid::Uuid::new_v4().to_string();
         let session = Session {
             session_id: id.clone(),
@@ -262,61 +340,126 @@ impl SessionStore {
             create_time: Some(SystemTime::now().into()),
             ..Session::default()
         };
-        let entry = Arc::new(SessionEntry {
-            id: id.clone(),
-            journal: Arc::new(Journal::new(SessionRecord {
-                session,
-                queue: VecDeque::new(),
-                next_turn: 0,
-                in_flight: None,
-                worker_address: None,
-            })),
-        });
+        let record = SessionRecord {
+            session,
+            book: Bookkeeping::default(),
+        };
+        let entry = self.entry(id.clone(), record, 0);
+        self.live
+            .sessions
+            .write()
+            .expect("live session lock poisoned")
+            .insert(id, entry.clone());
         entry.set_state(
             SessionState::Creating,
             "waiting for a container worker",
             "",
             0,
         );
-        self.sessions
-            .write()
-            .expect("session store lock poisoned")
-            .insert(id, entry.clone());
-        entry
+        if !entry.journal.wait_stored(DURABLE_PATIENCE).await {
+            return Err(DriverError::NotDurable(format!(
+                "session {} is not yet stored",
+                entry.id
+            )));
+        }
+        Ok(entry)
     }
 
-    pub fn get(&self, id: &str) -> Option<Arc<SessionEntry>> {
-        self.sessions
+    fn decode(&self, row: LoadedRow) -> Result<Arc<SessionEntry>, DriverError> {
+        let corrupt = |err: prost::DecodeError| {
+            crate::db::DbError::Corrupt(format!("session {}: {err}", row.id))
+        };
+        let session = Session::decode(row.record.as_slice()).map_err(corrupt)?;
+        let book = Bookkeeping::decode(row.bookkeeping.as_slice()).map_err(corrupt)?;
+        Ok(self.entry(
+            row.id.clone(),
+            SessionRecord { session, book },
+            row.last_sequence,
+        ))
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<Arc<SessionEntry>>, DriverError> {
+        let live = self
+            .live
+            .sessions
             .read()
-            .expect("session store lock poisoned")
+            .expect("live session lock poisoned")
             .get(id)
+            .cloned();
+        if live.is_some() {
+            return Ok(live);
+        }
+        match self.db.get(id).await? {
+            Some(row) if row.kind == SubjectKind::Session => Ok(Some(self.decode(row)?)),
+            _ => Ok(None),
+        }
     }
 
-    pub fn page(
+    /// Sessions after position `after` in creation order in one of `states` (any when empty),
+    /// at most `limit`; and the position where the next page starts.
+    pub async fn page(
         &self,
-        start: u64,
+        after: i64,
         limit: usize,
-        filter: impl Fn(SessionState) -> bool,
-    ) -> (Vec<Session>, Option<u64>) {
-        self.sessions
+        states: &[i32],
+    ) -> Result<(Vec<Session>, Option<i64>), DriverError> {
+        let rows = self
+            .db
+            .page(SubjectKind::Session, after, limit + 1, states)
+            .await?;
+        let more = rows.len() > limit;
+        let mut page = Vec::with_capacity(limit);
+        let mut last = after;
+        for row in rows.into_iter().take(limit) {
+            last = row.order;
+            let live = self
+                .live
+                .sessions
+                .read()
+                .expect("live session lock poisoned")
+                .get(&row.id)
+                .cloned();
+            page.push(match live {
+                Some(entry) => entry.snapshot(),
+                None => self.decode(row)?.snapshot(),
+            });
+        }
+        Ok((page, more.then_some(last)))
+    }
+
+    fn live_sessions(&self) -> Vec<Arc<SessionEntry>> {
+        self.live
+            .sessions
             .read()
-            .expect("session store lock poisoned")
-            .page(start, limit, |entry| {
-                let session = entry.snapshot();
-                filter(session.state()).then_some(session)
-            })
+            .expect("live session lock poisoned")
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Sessions waiting for a worker, to enqueue again when the scheduler reconnects.
     pub fn waiting(&self) -> Vec<Arc<SessionEntry>> {
-        self.sessions
-            .read()
-            .expect("session store lock poisoned")
-            .all()
+        self.live_sessions()
+            .into_iter()
             .filter(|entry| {
                 entry.state() == SessionState::Creating && entry.worker_address().is_none()
             })
-            .cloned()
             .collect()
+    }
+
+    /// Loads every session that had not ended when the driver stopped, into memory.
+    pub async fn recover(&self) -> Result<Vec<Arc<SessionEntry>>, DriverError> {
+        let rows = self.db.live(SubjectKind::Session).await?;
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in rows {
+            let entry = self.decode(row)?;
+            self.live
+                .sessions
+                .write()
+                .expect("live session lock poisoned")
+                .insert(entry.id.clone(), entry.clone());
+            entries.push(entry);
+        }
+        Ok(entries)
     }
 }

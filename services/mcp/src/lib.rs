@@ -95,48 +95,177 @@ impl ClusterTools {
         let request = GetTaskRequest {
             task_id: task_id.to_owned(),
         };
-        Ok(self
-            .driver
-            .clone()
-            .get_task(request)
-            .await?
-            .into_inner()
-            .task
-            .unwrap_or_default())
+        let response = patiently(|| {
+            let mut driver = self.driver.clone();
+            let request = request.clone();
+            async move { driver.get_task(request).await }
+        })
+        .await?;
+        Ok(response.into_inner().task.unwrap_or_default())
     }
 
-    /// Follows the task's events until `done` says so, the stream ends, or `limit` passes.
+    /// Follows the task's events until `done` says so, the stream ends, or `limit` passes. A
+    /// driver that restarts meanwhile is waited for, and the stream resumes where it broke.
     async fn follow_task(
         &self,
         task_id: &str,
         limit: Duration,
         done: impl Fn(&Event) -> bool,
     ) -> Result<Vec<Event>, tonic::Status> {
-        let request = StreamTaskEventsRequest {
-            task_id: task_id.to_owned(),
-            after_sequence: 0,
-        };
-        let mut stream = self
-            .driver
-            .clone()
-            .stream_task_events(request)
-            .await?
-            .into_inner();
+        let deadline = tokio::time::Instant::now() + limit;
         let mut events = Vec::new();
-        let _ = tokio::time::timeout(limit, async {
-            while let Ok(Some(response)) = stream.message().await {
-                let Some(event) = response.event else {
-                    continue;
-                };
-                let stop = done(&event);
-                events.push(event);
-                if stop {
-                    return;
+        let mut after = 0;
+        loop {
+            let request = StreamTaskEventsRequest {
+                task_id: task_id.to_owned(),
+                after_sequence: after,
+            };
+            let opened = tokio::time::timeout_at(
+                deadline,
+                patiently(|| {
+                    let mut driver = self.driver.clone();
+                    let request = request.clone();
+                    async move { driver.stream_task_events(request).await }
+                }),
+            )
+            .await;
+            let mut stream = match opened {
+                Err(_) => return Ok(events),
+                Ok(Err(status)) => return Err(status),
+                Ok(Ok(response)) => response.into_inner(),
+            };
+            let followed = tokio::time::timeout_at(deadline, async {
+                loop {
+                    match stream.message().await {
+                        Ok(Some(response)) => {
+                            let Some(event) = response.event else {
+                                continue;
+                            };
+                            after = event.sequence;
+                            let stop = done(&event);
+                            events.push(event);
+                            if stop {
+                                return true;
+                            }
+                        }
+                        Ok(None) => return true,
+                        Err(status) => return !resumable(&status),
+                    }
                 }
+            })
+            .await;
+            if !matches!(followed, Ok(false)) {
+                return Ok(events);
             }
-        })
-        .await;
-        Ok(events)
+        }
+    }
+
+    /// Collects the events of a session's `turn` after `after` until the turn ends or `limit`
+    /// passes, resuming when the driver restarts; and whether the turn ended.
+    async fn follow_turn(
+        &self,
+        session_id: &str,
+        turn: u32,
+        mut after: u64,
+        limit: Duration,
+        events: &mut Vec<Event>,
+    ) -> Result<bool, tonic::Status> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let request = StreamSessionEventsRequest {
+                session_id: session_id.to_owned(),
+                after_sequence: after,
+            };
+            let opened = tokio::time::timeout_at(
+                deadline,
+                patiently(|| {
+                    let mut driver = self.driver.clone();
+                    let request = request.clone();
+                    async move { driver.stream_session_events(request).await }
+                }),
+            )
+            .await;
+            let mut stream = match opened {
+                Err(_) => return Ok(false),
+                Ok(Err(status)) => return Err(status),
+                Ok(Ok(response)) => response.into_inner(),
+            };
+            let followed = tokio::time::timeout_at(deadline, async {
+                loop {
+                    match stream.message().await {
+                        Ok(Some(response)) => {
+                            let Some(event) = response.event else {
+                                continue;
+                            };
+                            after = event.sequence;
+                            let ends = ends_turn(&event, turn);
+                            if event.turn == turn || ends {
+                                events.push(event);
+                            }
+                            if ends {
+                                return Some(true);
+                            }
+                        }
+                        Ok(None) => return Some(true),
+                        Err(status) if resumable(&status) => return None,
+                        Err(_) => return Some(false),
+                    }
+                }
+            })
+            .await;
+            match followed {
+                Err(_) => return Ok(false),
+                Ok(Some(ended)) => return Ok(ended),
+                Ok(None) => continue,
+            }
+        }
+    }
+}
+
+/// How long a tool call waits for a driver that is restarting before it says the driver is
+/// unreachable.
+const DRIVER_PATIENCE: Duration = Duration::from_secs(20);
+
+/// Whether a call that failed with `status` may succeed when tried again: the driver restarted
+/// or is shutting down.
+fn resumable(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
+}
+
+/// Calls `call` until it answers with something other than UNAVAILABLE, for at most
+/// [`DRIVER_PATIENCE`]. Only for calls that are safe to repeat.
+async fn patiently<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let deadline = tokio::time::Instant::now() + DRIVER_PATIENCE;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match call().await {
+            Err(status)
+                if status.code() == tonic::Code::Unavailable
+                    && tokio::time::Instant::now() + pause < deadline =>
+            {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            answer => return answer,
+        }
+    }
+}
+
+/// Whether `event` ends `turn` of a session (or the session).
+fn ends_turn(event: &Event, turn: u32) -> bool {
+    match &event.kind {
+        Some(Kind::SessionState(change)) => {
+            change.state().is_final()
+                || (event.turn == turn && change.state() != SessionState::Busy)
+        }
+        _ => false,
     }
 }
 
@@ -182,15 +311,19 @@ impl ClusterTools {
         if let Some(parent) = &self.parent_session {
             labels.insert(PARENT_SESSION_LABEL.to_owned(), parent.clone());
         }
-        let spec = match params.into_spec(labels) {
+        let mut spec = match params.into_spec(labels) {
             Ok(spec) => spec,
             Err(message) => return Err(ErrorData::invalid_params(message, None)),
         };
-        let submitted = match self
-            .driver
-            .clone()
-            .submit_task(SubmitTaskRequest { spec: Some(spec) })
-            .await
+        // A key of its own makes the submit safe to repeat while the driver restarts.
+        spec.idempotency_key = format!("mcp-{}", uuid::Uuid::new_v4());
+        let request = SubmitTaskRequest { spec: Some(spec) };
+        let submitted = match patiently(|| {
+            let mut driver = self.driver.clone();
+            let request = request.clone();
+            async move { driver.submit_task(request).await }
+        })
+        .await
         {
             Ok(response) => response.into_inner().task.unwrap_or_default(),
             Err(status) => return self.driver_error(status),
@@ -366,21 +499,20 @@ impl ClusterTools {
         description = "Wait up to timeoutSeconds (default 30, at most 50) for the reply to a session's message (its turn, as send_message returned it)."
     )]
     async fn wait_for_reply(&self, Parameters(params): Parameters<ReplyParams>) -> ToolResult {
-        let request = StreamSessionEventsRequest {
-            session_id: params.session_id.clone(),
-            after_sequence: 0,
-        };
-        let stream = match self.driver.clone().stream_session_events(request).await {
-            Ok(response) => response.into_inner(),
-            Err(status) => return self.driver_error(status),
-        };
-        self.reply_to_turn(
-            &params.session_id,
-            stream,
-            params.turn,
-            wait_for(params.timeout_seconds),
-        )
-        .await
+        let mut events = Vec::new();
+        match self
+            .follow_turn(
+                &params.session_id,
+                params.turn,
+                0,
+                wait_for(params.timeout_seconds),
+                &mut events,
+            )
+            .await
+        {
+            Ok(complete) => summary::reply_json(&params.session_id, &events, complete),
+            Err(status) => self.driver_error(status),
+        }
     }
 
     #[tool(description = "Close a session: its container and volumes are removed.")]
@@ -413,57 +545,50 @@ impl ClusterTools {
 }
 
 impl ClusterTools {
+    /// The reply to a message, from the stream `SendSessionMessage` opened; when the stream
+    /// breaks (the driver restarted), the rest of the turn from the session's events.
     async fn reply(
         &self,
         session_id: &str,
         stream: tonic::Streaming<SendSessionMessageResponse>,
         limit: Duration,
     ) -> ToolResult {
+        let deadline = tokio::time::Instant::now() + limit;
         let mut stream = stream;
-        let mut events = Vec::new();
-        let complete = tokio::time::timeout(limit, async {
-            while let Ok(Some(response)) = stream.message().await {
-                if let Some(event) = response.event {
-                    events.push(event);
+        let mut events: Vec<Event> = Vec::new();
+        let streamed = tokio::time::timeout_at(deadline, async {
+            loop {
+                match stream.message().await {
+                    Ok(Some(response)) => events.extend(response.event),
+                    Ok(None) => return Ok(()),
+                    Err(status) => return Err(status),
                 }
             }
         })
-        .await
-        .is_ok();
-        summary::reply_json(session_id, &events, complete)
-    }
-
-    async fn reply_to_turn(
-        &self,
-        session_id: &str,
-        stream: tonic::Streaming<StreamSessionEventsResponse>,
-        turn: u32,
-        limit: Duration,
-    ) -> ToolResult {
-        let mut stream = stream;
-        let mut events = Vec::new();
-        let complete = tokio::time::timeout(limit, async {
-            while let Ok(Some(response)) = stream.message().await {
-                let Some(event) = response.event else {
-                    continue;
+        .await;
+        let complete = match streamed {
+            Err(_) => false,
+            Ok(Ok(())) => true,
+            Ok(Err(status)) if resumable(&status) => {
+                let Some((turn, after)) = events
+                    .iter()
+                    .rev()
+                    .find(|event| event.turn > 0)
+                    .map(|event| (event.turn, events.last().map_or(0, |last| last.sequence)))
+                else {
+                    return self.driver_error(status);
                 };
-                let ends = match &event.kind {
-                    Some(Kind::SessionState(change)) => {
-                        change.state().is_final()
-                            || (event.turn == turn && change.state() != SessionState::Busy)
-                    }
-                    _ => false,
-                };
-                if event.turn == turn || ends {
-                    events.push(event);
-                }
-                if ends {
-                    return;
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                match self
+                    .follow_turn(session_id, turn, after, left, &mut events)
+                    .await
+                {
+                    Ok(ended) => ended,
+                    Err(status) => return self.driver_error(status),
                 }
             }
-        })
-        .await
-        .is_ok();
+            Ok(Err(status)) => return self.driver_error(status),
+        };
         summary::reply_json(session_id, &events, complete)
     }
 }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use claudecluster_config::SchedulerConfig;
 use claudecluster_proto::v1::{ExecutionMode, Priority, RegisterWorker};
 use tokio::sync::mpsc;
 
@@ -19,7 +20,7 @@ pub struct PlacementRound {
 /// priorities (half of them selecting a zone), then connects the driver's placement stream and
 /// times the round that places every task there is room for.
 pub fn placement_round(workers: usize, capacity: u32, tasks: usize) -> PlacementRound {
-    let mut state = State::default();
+    let mut state = State::new(SchedulerConfig::default().heartbeat_timeout.get());
     let mut links = Vec::with_capacity(workers);
     for index in 0..workers {
         let (replies, link) = mpsc::channel(1);
@@ -32,8 +33,9 @@ pub fn placement_round(workers: usize, capacity: u32, tasks: usize) -> Placement
             labels: HashMap::from([("zone".to_owned(), format!("z{}", index % 4))]),
             version: String::new(),
             execution_modes: vec![ExecutionMode::ProcessPool as i32],
+            running: Vec::new(),
         };
-        state.register(registration, replies);
+        state.register(registration, replies, Instant::now());
     }
     let priorities = [
         Priority::Low,

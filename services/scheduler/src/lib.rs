@@ -2,7 +2,9 @@
 //! tasks the driver hands it and places each on a matching worker with room.
 //!
 //! Its state is soft: the driver owns the record of every task and enqueues its pending tasks
-//! again whenever its placement stream reconnects, so a restarted scheduler loses nothing.
+//! again whenever its placement stream reconnects, and every worker reports what runs on it
+//! when it registers and in each heartbeat (the truth for its slots), so a restarted scheduler
+//! loses nothing.
 
 pub mod benchmark;
 mod error;

@@ -1,4 +1,5 @@
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use claudecluster_config::SchedulerConfig;
 use claudecluster_proto::v1::scheduler_service_server::SchedulerService as SchedulerApi;
@@ -23,7 +24,7 @@ pub struct SchedulerService {
 impl SchedulerService {
     pub fn new(config: SchedulerConfig) -> Self {
         SchedulerService {
-            state: Arc::default(),
+            state: Arc::new(Mutex::new(State::new(config.heartbeat_timeout.get()))),
             config: Arc::new(config),
         }
     }
@@ -32,11 +33,10 @@ impl SchedulerService {
         self.state.lock().expect("scheduler state lock poisoned")
     }
 
-    /// Marks workers that stop sending heartbeats as unhealthy, until `stop`.
+    /// Marks workers that stop sending heartbeats as unhealthy, and ages the queue, until `stop`.
     pub fn start_health_checks(&self, stop: CancellationToken) {
         let this = self.clone();
         let period = self.config.heartbeat_interval.get() / 2;
-        let timeout = self.config.heartbeat_timeout.get();
         let aging = self.config.aging_interval.get();
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(period);
@@ -44,9 +44,10 @@ impl SchedulerService {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = ticker.tick() => {
+                        let now = Instant::now();
                         let mut state = this.state();
-                        state.expire_heartbeats(timeout);
-                        state.age_queue(std::time::Instant::now(), aging);
+                        state.expire(now);
+                        state.age_queue(now, aging);
                     }
                 }
             }
@@ -72,6 +73,9 @@ fn validate_registration(registration: &RegisterWorker) -> Result<(), SchedulerE
     }
     if registration.execution_mode() == ExecutionMode::Unspecified {
         return invalid("register.execution_mode", "must be set");
+    }
+    if registration.running.iter().any(|run| run.id.is_empty()) {
+        return invalid("register.running.id", "must not be empty");
     }
     Ok(())
 }
@@ -100,7 +104,9 @@ impl SchedulerApi for SchedulerService {
             "worker registered"
         );
         let (replies, replies_rx) = mpsc::channel(4);
-        let link = self.state().register(registration, replies.clone());
+        let link = self
+            .state()
+            .register(registration, replies.clone(), Instant::now());
         let registered = WorkerLinkResponse {
             message: Some(LinkReply::Registered(WorkerRegistered {
                 heartbeat_interval_ms: self.config.heartbeat_interval.get().as_millis() as u64,
@@ -122,7 +128,7 @@ impl SchedulerApi for SchedulerService {
                         let current = state
                             .lock()
                             .expect("scheduler state lock poisoned")
-                            .heartbeat(&worker_id, link, beat);
+                            .heartbeat(&worker_id, link, beat, Instant::now());
                         if !current {
                             break "replaced by a newer registration".to_owned();
                         }
@@ -178,7 +184,8 @@ impl SchedulerApi for SchedulerService {
         &self,
         request: Request<ReleaseTaskRequest>,
     ) -> Result<Response<ReleaseTaskResponse>, Status> {
-        self.state().release(&request.into_inner().task_id);
+        let request = request.into_inner();
+        self.state().release(&request.task_id, request.attempt);
         Ok(Response::new(ReleaseTaskResponse {}))
     }
 

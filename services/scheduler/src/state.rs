@@ -1,7 +1,9 @@
 //! The scheduler's state: workers, the queue and the placements in force.
 
+mod slots;
+
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
 
 use claudecluster_proto::v1::{
@@ -12,6 +14,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::placement::{Candidate, TaskRequirements, choose_worker, explain_unplaceable};
+use slots::Placement;
 
 pub(crate) type PlacementSender = mpsc::UnboundedSender<Result<StreamPlacementsResponse, Status>>;
 /// Messages from the scheduler to one worker, over its link.
@@ -45,8 +48,11 @@ struct WorkerEntry {
     last_heartbeat_time: SystemTime,
     /// Missed heartbeats for longer than the timeout.
     stale: bool,
-    /// Placements not yet released.
-    load: u32,
+    /// The tasks (and sessions) placed on the worker, as recorded in `State::placed`.
+    placed: HashSet<String>,
+    /// Runs (id, attempt) the worker was told to stop and still reports: they hold their slots
+    /// until they end, or the worker would be given more work than it has room for.
+    stopping: HashSet<(String, u32)>,
     idle_warm_agents: u32,
     /// Gets no new work.
     draining: bool,
@@ -62,6 +68,11 @@ impl WorkerEntry {
         self.connected && self.reported_healthy && !self.stale
     }
 
+    /// Slots taken: derived from the placements, so that no count drifts from them.
+    fn load(&self) -> u32 {
+        (self.placed.len() + self.stopping.len()) as u32
+    }
+
     fn candidate(&self) -> Candidate<'_> {
         Candidate {
             worker_id: &self.registration.worker_id,
@@ -70,7 +81,7 @@ impl WorkerEntry {
             execution_modes: &self.modes,
             labels: &self.labels,
             capacity: self.registration.capacity,
-            load: self.load,
+            load: self.load(),
             last_placed: self.last_placed,
         }
     }
@@ -88,7 +99,7 @@ impl WorkerEntry {
             address: self.registration.address.clone(),
             execution_mode: self.registration.execution_mode,
             capacity: self.registration.capacity,
-            load: self.load,
+            load: self.load(),
             labels: self.labels.clone(),
             version: self.registration.version.clone(),
             healthy: self.healthy(),
@@ -102,17 +113,20 @@ impl WorkerEntry {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct State {
     workers: HashMap<String, WorkerEntry>,
     queue: BTreeMap<QueueKey, QueuedTask>,
     queued: HashMap<String, QueueKey>,
-    /// Task id to the worker it was placed on.
-    placed: HashMap<String, String>,
+    /// Task (or session) id to where it holds a slot; each worker keeps the ids placed on it.
+    placed: HashMap<String, Placement>,
+    /// A worker silent this long is stale, and a placement its worker has not reported running
+    /// after this long was never started.
+    heartbeat_timeout: Duration,
     placements_tx: Option<PlacementSender>,
     next_queue_seq: u64,
     next_link: u64,
-    placement_counter: u64,
+    /// Placements made since start; also tells which worker got work least recently.
     pub placements: u64,
     pub placement_nanos: u64,
 }
@@ -124,9 +138,32 @@ pub(crate) struct Enqueued {
 }
 
 impl State {
-    pub fn register(&mut self, registration: RegisterWorker, replies: LinkReplies) -> u64 {
+    pub fn new(heartbeat_timeout: Duration) -> State {
+        State {
+            workers: HashMap::new(),
+            queue: BTreeMap::new(),
+            queued: HashMap::new(),
+            placed: HashMap::new(),
+            heartbeat_timeout,
+            placements_tx: None,
+            next_queue_seq: 0,
+            next_link: 0,
+            placements: 0,
+            placement_nanos: 0,
+        }
+    }
+
+    /// Registers a worker, afresh or again on a new link, taking what it reports running as the
+    /// truth for its slots; returns the link's identity.
+    pub fn register(
+        &mut self,
+        mut registration: RegisterWorker,
+        replies: LinkReplies,
+        now: Instant,
+    ) -> u64 {
         self.next_link += 1;
         let link = self.next_link;
+        let running = std::mem::take(&mut registration.running);
         let labels = registration.labels.clone();
         let worker_id = registration.worker_id.clone();
         let mut modes = vec![registration.execution_mode()];
@@ -135,11 +172,14 @@ impl State {
                 modes.push(mode);
             }
         }
-        // A worker that registers again keeps the placements the driver has not released.
-        let load = self.workers.get(&worker_id).map_or(0, |w| w.load);
-        let last_placed = self.workers.get(&worker_id).map_or(0, |w| w.last_placed);
+        // A worker that registers again keeps its placements; its report below says which of
+        // them still run.
+        let (placed, stopping, last_placed) = match self.workers.remove(&worker_id) {
+            Some(previous) => (previous.placed, previous.stopping, previous.last_placed),
+            None => Default::default(),
+        };
         self.workers.insert(
-            worker_id,
+            worker_id.clone(),
             WorkerEntry {
                 registration,
                 modes,
@@ -148,10 +188,11 @@ impl State {
                 connected: true,
                 reported_healthy: true,
                 health_reason: String::new(),
-                last_heartbeat: Instant::now(),
+                last_heartbeat: now,
                 last_heartbeat_time: SystemTime::now(),
                 stale: false,
-                load,
+                placed,
+                stopping,
                 idle_warm_agents: 0,
                 last_placed,
                 // A worker that registers afresh has been restarted or switched: it takes work.
@@ -160,25 +201,37 @@ impl State {
                 link_replies: Some(replies),
             },
         );
+        self.reconcile(&worker_id, running, now);
         self.place();
         link
     }
 
-    /// Records a heartbeat; false when the link has been replaced by a newer registration.
-    pub fn heartbeat(&mut self, worker_id: &str, link: u64, beat: WorkerHeartbeat) -> bool {
+    /// Records a heartbeat and what the worker reports running; false when the link has been
+    /// replaced by a newer registration.
+    pub fn heartbeat(
+        &mut self,
+        worker_id: &str,
+        link: u64,
+        mut beat: WorkerHeartbeat,
+        now: Instant,
+    ) -> bool {
         let Some(worker) = self.workers.get_mut(worker_id).filter(|w| w.link == link) else {
             return false;
         };
         let was_healthy = worker.healthy();
-        worker.last_heartbeat = Instant::now();
+        worker.last_heartbeat = now;
         worker.last_heartbeat_time = SystemTime::now();
         worker.stale = false;
         worker.reported_healthy = beat.healthy;
-        worker.health_reason = beat.health_reason;
+        worker.health_reason = std::mem::take(&mut beat.health_reason);
         worker.idle_warm_agents = beat.idle_warm_agents;
         worker.drained = worker.draining && beat.drained;
-        if !was_healthy && worker.healthy() {
+        let became_healthy = !was_healthy && worker.healthy();
+        if became_healthy {
             tracing::info!(worker = worker_id, "worker is healthy");
+        }
+        let freed = self.reconcile(worker_id, beat.running, now);
+        if became_healthy || freed {
             self.place();
         }
         true
@@ -209,19 +262,23 @@ impl State {
         }
     }
 
-    /// Marks workers whose last heartbeat is older than `timeout` as unhealthy.
-    pub fn expire_heartbeats(&mut self, timeout: Duration) {
-        let now = Instant::now();
+    /// Marks workers silent for longer than the heartbeat timeout as unhealthy, and lets go of
+    /// the placements such workers never reported running.
+    pub fn expire(&mut self, now: Instant) {
+        let timeout = self.heartbeat_timeout;
         for (worker_id, worker) in &mut self.workers {
-            if worker.connected && !worker.stale && now - worker.last_heartbeat > timeout {
+            let silent_for = now.saturating_duration_since(worker.last_heartbeat);
+            if worker.connected && !worker.stale && silent_for > timeout {
                 worker.stale = true;
                 tracing::warn!(
                     worker = %worker_id,
-                    silent_for = ?now - worker.last_heartbeat,
+                    ?silent_for,
                     "worker missed its heartbeats; it gets no new work"
                 );
             }
         }
+        // The slots freed are on workers that take no work, so there is nothing to place.
+        self.expire_unreported_on_silent_workers(now);
     }
 
     pub fn enqueue(
@@ -231,10 +288,20 @@ impl State {
         priority: Priority,
         requirements: TaskRequirements,
     ) -> Enqueued {
-        // The driver enqueues only tasks it holds as pending, so a placement it never received
-        // (its stream broke) is released and made again.
-        self.release(&task_id);
-        if !self.queued.contains_key(&task_id) {
+        if !self.make_way_for_enqueue(&task_id, attempt) {
+            return Enqueued {
+                queue_position: 0,
+                waiting_reason: String::new(),
+            };
+        }
+        if let Some(key) = self.queued.get(&task_id) {
+            // The driver moved on to a newer attempt while the task waited: that one is placed.
+            let queued = self
+                .queue
+                .get_mut(key)
+                .expect("queued ids have queue entries");
+            queued.attempt = queued.attempt.max(attempt);
+        } else {
             self.next_queue_seq += 1;
             let key = (Reverse(priority_rank(priority)), self.next_queue_seq);
             self.queued.insert(task_id.clone(), key);
@@ -279,15 +346,6 @@ impl State {
         }
     }
 
-    pub fn release(&mut self, task_id: &str) {
-        if let Some(worker_id) = self.placed.remove(task_id) {
-            if let Some(worker) = self.workers.get_mut(&worker_id) {
-                worker.load = worker.load.saturating_sub(1);
-            }
-            self.place();
-        }
-    }
-
     pub fn set_placement_stream(&mut self, sender: PlacementSender) {
         self.placements_tx = Some(sender);
         self.place();
@@ -312,14 +370,17 @@ impl State {
         let Some(sender) = self.placements_tx.clone() else {
             return;
         };
+        if self.queue.is_empty() {
+            return;
+        }
         // Counted once per round: with no slot free anywhere, no queued task is looked at.
         let mut free_slots: u64 = self
             .workers
             .values()
             .filter(|w| w.healthy() && !w.draining)
-            .map(|w| u64::from(w.registration.capacity.saturating_sub(w.load)))
+            .map(|w| u64::from(w.registration.capacity.saturating_sub(w.load())))
             .sum();
-        if free_slots == 0 || self.queue.is_empty() {
+        if free_slots == 0 {
             return;
         }
         let keys: Vec<QueueKey> = self.queue.keys().copied().collect();
@@ -329,17 +390,14 @@ impl State {
             }
             let started = Instant::now();
             let task = &self.queue[&key];
-            let Some(worker_id) = choose_worker(
+            let Some(worker) = choose_worker(
                 &task.requirements,
                 self.workers.values().map(WorkerEntry::candidate),
             )
-            .map(str::to_owned) else {
+            .and_then(|worker_id| self.workers.get(worker_id)) else {
                 continue;
             };
-            let worker = self
-                .workers
-                .get_mut(&worker_id)
-                .expect("chosen from the map");
+            let worker_id = worker.registration.worker_id.clone();
             let placement = StreamPlacementsResponse {
                 task_id: task.task_id.clone(),
                 attempt: task.attempt,
@@ -351,15 +409,23 @@ impl State {
                 self.placements_tx = None;
                 return;
             }
-            self.placement_counter += 1;
             free_slots -= 1;
-            worker.load += 1;
-            worker.last_placed = self.placement_counter;
+            self.placements += 1;
+            if let Some(worker) = self.workers.get_mut(&worker_id) {
+                worker.last_placed = self.placements;
+            }
             let task = self.queue.remove(&key).expect("key taken from the queue");
             self.queued.remove(&task.task_id);
             tracing::debug!(task = %task.task_id, worker = %worker_id, "placed");
-            self.placed.insert(task.task_id, worker_id);
-            self.placements += 1;
+            self.add_placement(
+                task.task_id,
+                Placement {
+                    worker_id,
+                    attempt: task.attempt,
+                    placed_at: started,
+                    confirmed: false,
+                },
+            );
             self.placement_nanos += started.elapsed().as_nanos() as u64;
         }
     }
@@ -454,7 +520,7 @@ mod tests {
 
     #[test]
     fn higher_priorities_go_first_and_equal_ones_in_order() {
-        let mut state = State::default();
+        let mut state = State::new(Duration::from_secs(5));
         for (id, priority) in [
             ("low", Priority::Low),
             ("normal-1", Priority::Unspecified),
@@ -472,7 +538,7 @@ mod tests {
 
     #[test]
     fn a_low_priority_task_is_served_as_critical_after_three_intervals() {
-        let mut state = State::default();
+        let mut state = State::new(Duration::from_secs(5));
         let interval = Duration::from_secs(60);
         state.enqueue("old-low".into(), 1, Priority::Low, any());
         let start = Instant::now();

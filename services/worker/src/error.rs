@@ -10,6 +10,28 @@ pub enum WorkerError {
     },
     #[error("task {0} is already running on this worker")]
     AlreadyRunning(String),
+    #[error(
+        "attempt {attempt} of task {task_id} already ran on this worker; attach to collect its events"
+    )]
+    AlreadyRan { task_id: String, attempt: u32 },
+    #[error(
+        "attempt {attempt} of task {task_id} is older than attempt {seen}, which this worker has seen"
+    )]
+    StaleAttempt {
+        task_id: String,
+        attempt: u32,
+        seen: u32,
+    },
+    #[error("attempt {attempt} of task {task_id} was stopped on this worker: {reason}")]
+    AttemptStopped {
+        task_id: String,
+        attempt: u32,
+        reason: String,
+    },
+    #[error("this worker holds no run of task {task_id} attempt {attempt}")]
+    RunNotHere { task_id: String, attempt: u32 },
+    #[error("the events of {run} are lost: {reason}")]
+    RunLogLost { run: String, reason: String },
     #[error("worker {worker_id} is at capacity ({capacity} tasks running)")]
     AtCapacity { worker_id: String, capacity: u32 },
     #[error("worker {worker_id} cannot run tasks now: {reason}")]
@@ -32,7 +54,14 @@ impl From<WorkerError> for Status {
         let message = error.to_string();
         match error {
             WorkerError::InvalidArgument { .. } => Status::invalid_argument(message),
-            WorkerError::AlreadyRunning(_) => Status::already_exists(message),
+            WorkerError::AlreadyRunning(_) | WorkerError::AlreadyRan { .. } => {
+                Status::already_exists(message)
+            }
+            WorkerError::StaleAttempt { .. } | WorkerError::AttemptStopped { .. } => {
+                Status::failed_precondition(message)
+            }
+            WorkerError::RunNotHere { .. } => Status::not_found(message),
+            WorkerError::RunLogLost { .. } => Status::data_loss(message),
             WorkerError::ModeNotRun { .. } => Status::failed_precondition(message),
             WorkerError::SessionNotHere(_) => Status::not_found(message),
             WorkerError::Switching(_) => Status::failed_precondition(message),

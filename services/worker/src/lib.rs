@@ -5,9 +5,15 @@ mod error;
 mod events;
 pub mod execution;
 mod link;
+mod run_log;
+mod runs;
 mod runtime;
 mod service;
 mod session;
+mod switch;
+#[cfg(test)]
+mod tests;
+mod worker_id;
 mod workspace;
 
 use std::net::SocketAddr;
@@ -37,8 +43,10 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// Stops running tasks (they end CANCELLED) and idle agents, says going-away to the
-    /// scheduler, then stops serving once the tasks' streams have ended.
+    /// Takes no new work at once, lets running tasks and session turns finish for
+    /// `worker.shutdownGrace`, then cancels what is left (it ends CANCELLED) and stops
+    /// sessions' containers (their volumes stay); says going-away to the scheduler, then stops
+    /// serving once the runs' streams have sent their last events.
     pub async fn shutdown(self) -> Result<(), tonic::transport::Error> {
         self.runtime.shut_down().await;
         self.stop_link.cancel();
@@ -57,6 +65,8 @@ pub enum StartError {
     Io(#[from] std::io::Error),
     #[error("container mode: {0}")]
     Container(String),
+    #[error("{0}")]
+    WorkerId(#[from] worker_id::WorkerIdError),
 }
 
 /// Starts a worker serving on `listener` and registering with its scheduler.
@@ -66,10 +76,13 @@ pub async fn spawn(config: WorkerConfig, listener: TcpListener) -> Result<Handle
         .advertise_address
         .clone()
         .unwrap_or_else(|| claudecluster_grpc::reachable_address(local_addr));
-    let worker_id = config
-        .worker_id
-        .clone()
-        .unwrap_or_else(|| format!("worker-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+    let root = Workspaces::root_for(&config);
+    let worker_id = match &config.worker_id {
+        Some(id) => id.clone(),
+        None => worker_id::stable(&root)?,
+    };
+    // What the agents of a worker that was killed on this root started is stopped now.
+    execution::stop_leftover_agents(&root);
     let providers = Providers::for_config(&config, &worker_id)
         .await
         .map_err(StartError::Container)?;

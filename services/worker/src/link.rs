@@ -106,6 +106,8 @@ async fn session(
         capacity: runtime.capacity(),
         labels: runtime.config().labels.clone().into_iter().collect(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        // What survived a restart of the scheduler (or a broken link) is counted at once.
+        running: runtime.running_work(),
     };
     outbound
         .send(WorkerLinkRequest {
@@ -157,12 +159,15 @@ async fn session(
                     }
                     was_healthy = healthy;
                 }
+                let running = runtime.running_work();
                 let beat = WorkerHeartbeat {
-                    running_tasks: runtime.running_task_ids().len() as u32,
+                    // Task runs only, as ever; `running` has sessions too.
+                    running_tasks: running.iter().filter(|work| work.attempt > 0).count() as u32,
                     healthy,
                     health_reason,
                     idle_warm_agents: runtime.idle_warm_agents(),
                     drained: runtime.is_drained(),
+                    running,
                 };
                 if outbound.send(WorkerLinkRequest { message: Some(Message::Heartbeat(beat)) }).await.is_err() {
                     return Err("link closed".into());
@@ -170,13 +175,26 @@ async fn session(
             }
             reply = inbound.message() => match reply {
                 Ok(Some(reply)) => {
-                    if let Some(Reply::Drain(_)) = reply.message {
-                        runtime.start_draining();
+                    if let Some(message) = reply.message {
+                        handle(runtime, message);
                     }
                 }
                 Ok(None) => return Err("the scheduler closed the link".into()),
                 Err(status) => return Err(status.message().to_owned()),
             },
+        }
+    }
+}
+
+/// Acts on what the scheduler says once the worker is registered.
+pub(crate) fn handle(runtime: &Runtime, message: Reply) {
+    match message {
+        Reply::Drain(_) => runtime.start_draining(),
+        // The scheduler gave these runs to other workers (or to newer attempts): this worker
+        // must not go on with them.
+        Reply::StopRuns(stop) => runtime.stop_runs(&stop.runs, &stop.reason),
+        Reply::Registered(_) => {
+            tracing::debug!("a registration confirmed twice is ignored");
         }
     }
 }

@@ -1,15 +1,25 @@
 //! The worker's core: accepts tasks, runs them through its providers, keeps count.
+//!
+//! A task's run belongs to the worker, not to the call that started it: its events go to a
+//! [`RunLog`] that callers follow and attach to again, and it is stopped only by a cancel, a
+//! newer attempt, the scheduler, the worker's shutdown, or nobody attaching for
+//! `worker.driverLossTimeout`. Whatever holds a slot holds it through a [`Slot`], which gives
+//! it back when dropped, however the run ends.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use claudecluster_agent_protocol::user_message_line;
 use claudecluster_config::{ExecutionModeSetting, WorkerConfig};
 use claudecluster_proto::v1::event::Kind;
-use claudecluster_proto::v1::{Event, ExecutionMode, TaskSpec, TaskStatus};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use claudecluster_proto::v1::{Event, ExecutionMode, RunningWork, TaskSpec, TaskStatus};
+use futures_util::Stream;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
 
 use crate::error::WorkerError;
 use crate::events;
@@ -18,6 +28,8 @@ use crate::execution::{
     AgentHandle, AgentInput, AgentLaunch, AgentOptions, ExecutionProvider, Limits, ProviderHealth,
     Providers, WarmPool, WarmTemplate, agent_args, agent_env, warm_agent_args,
 };
+use crate::run_log::{LogBounds, RunLog};
+use crate::runs::{Runs, TaskRun, WorkId};
 use crate::workspace::Workspaces;
 
 /// A task accepted by the worker.
@@ -34,55 +46,66 @@ pub fn mode_setting(mode: ExecutionMode) -> ExecutionModeSetting {
     }
 }
 
+/// Where spilled run logs go, under the workspace root.
+const RUNS_DIR: &str = ".runs";
+
 pub struct Runtime {
     pub worker_id: String,
     config: WorkerConfig,
     /// Swapped whole when the worker switches modes.
     providers: std::sync::RwLock<Arc<Providers>>,
     warm_pools: Mutex<HashMap<ExecutionMode, Arc<WarmPool>>>,
-    /// Switching modes: the worker says it is unavailable so nothing new is placed.
-    switching: std::sync::atomic::AtomicBool,
     /// Asks the scheduler link to register again (with new modes) at once.
-    reregister: tokio::sync::Notify,
+    reregister: Notify,
     /// Counts the scheduler's confirmations of this worker's registration.
-    registrations: tokio::sync::watch::Sender<u64>,
+    registrations: watch::Sender<u64>,
     /// Tasks and sessions at once: `maxConcurrentTasks`, or the default mode's pool size.
-    capacity: std::sync::atomic::AtomicU32,
+    capacity: AtomicU32,
     workspaces: Workspaces,
     slots: Arc<Semaphore>,
-    running: Mutex<HashMap<String, Cancellation>>,
-    sessions: Mutex<HashMap<String, mpsc::Sender<crate::session::Command>>>,
-    /// Signalled whenever a session ends, for shutdown to wait on.
-    session_ended: tokio::sync::Notify,
+    runs: Mutex<Runs>,
+    /// How many runs hold a slot, for waiting until none does.
+    busy: watch::Sender<usize>,
+    log_bounds: LogBounds,
     /// The scheduler places nothing more here; the worker reports when nothing runs.
-    draining: std::sync::atomic::AtomicBool,
+    draining: AtomicBool,
     shutting_down: Cancellation,
 }
 
 impl Runtime {
     pub fn new(worker_id: String, config: WorkerConfig, providers: Providers) -> Self {
+        Self::with_log_bounds(worker_id, config, providers, LogBounds::default())
+    }
+
+    pub(crate) fn with_log_bounds(
+        worker_id: String,
+        config: WorkerConfig,
+        providers: Providers,
+        log_bounds: LogBounds,
+    ) -> Self {
         let capacity = config.capacity();
-        let workspaces = Workspaces::new(
-            config
-                .workspace_root
-                .clone()
-                .unwrap_or_else(Workspaces::default_root),
-        );
+        let workspaces = Workspaces::new(Workspaces::root_for(&config));
+        // Logs spilled by an earlier process belong to runs that died with it.
+        let runs_dir = workspaces.root().join(RUNS_DIR);
+        if let Err(err) = std::fs::remove_dir_all(&runs_dir)
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %runs_dir.display(), error = %err, "cannot clear old run logs");
+        }
         let runtime = Runtime {
             worker_id,
             slots: Arc::new(Semaphore::new(capacity as usize)),
             config,
             providers: std::sync::RwLock::new(Arc::new(providers)),
             warm_pools: Mutex::default(),
-            switching: std::sync::atomic::AtomicBool::new(false),
-            reregister: tokio::sync::Notify::new(),
-            registrations: tokio::sync::watch::Sender::new(0),
-            capacity: std::sync::atomic::AtomicU32::new(capacity),
+            reregister: Notify::new(),
+            registrations: watch::Sender::new(0),
+            capacity: AtomicU32::new(capacity),
             workspaces,
-            running: Mutex::default(),
-            sessions: Mutex::default(),
-            session_ended: tokio::sync::Notify::new(),
-            draining: std::sync::atomic::AtomicBool::new(false),
+            runs: Mutex::default(),
+            busy: watch::Sender::new(0),
+            log_bounds,
+            draining: AtomicBool::new(false),
             shutting_down: Cancellation::default(),
         };
         runtime.start_warm_pools();
@@ -90,7 +113,7 @@ impl Runtime {
     }
 
     /// Starts the warm pools the configuration asks for, one per provider.
-    fn start_warm_pools(&self) {
+    pub(crate) fn start_warm_pools(&self) {
         let options = AgentOptions::resolve(None, &self.config.agent);
         let template = WarmTemplate {
             args: warm_agent_args(&options),
@@ -120,6 +143,19 @@ impl Runtime {
         }
     }
 
+    pub(crate) async fn stop_warm_pools(&self) {
+        let pools: Vec<Arc<WarmPool>> = self
+            .warm_pools
+            .lock()
+            .expect("warm pool lock poisoned")
+            .drain()
+            .map(|(_, pool)| pool)
+            .collect();
+        for pool in pools {
+            pool.shutdown().await;
+        }
+    }
+
     pub fn config(&self) -> &WorkerConfig {
         &self.config
     }
@@ -131,6 +167,10 @@ impl Runtime {
             .clone()
     }
 
+    pub(crate) fn set_providers(&self, providers: Providers) {
+        *self.providers.write().expect("provider lock poisoned") = Arc::new(providers);
+    }
+
     pub fn mode(&self) -> ExecutionMode {
         self.providers().default_mode()
     }
@@ -140,19 +180,25 @@ impl Runtime {
     }
 
     pub fn capacity(&self) -> u32 {
-        self.capacity.load(std::sync::atomic::Ordering::SeqCst)
+        self.capacity.load(Ordering::SeqCst)
     }
 
-    /// Takes `capacity` as the worker's number of slots. Called while nothing runs.
-    fn resize(&self, capacity: u32) {
-        let before = self
-            .capacity
-            .swap(capacity, std::sync::atomic::Ordering::SeqCst);
+    /// Takes `capacity` as the worker's number of slots. Called while nothing holds one; a
+    /// smaller capacity waits for permits an admission that is being refused still holds.
+    pub(crate) async fn resize(&self, capacity: u32) {
+        let before = self.capacity.swap(capacity, Ordering::SeqCst);
         if capacity > before {
             self.slots.add_permits((capacity - before) as usize);
-        } else if before > capacity {
-            self.slots.forget_permits((before - capacity) as usize);
+        } else if before > capacity
+            && let Ok(permits) = self.slots.acquire_many(before - capacity).await
+        {
+            permits.forget();
         }
+    }
+
+    #[cfg(test)]
+    pub fn free_slots(&self) -> usize {
+        self.slots.available_permits()
     }
 
     pub fn idle_warm_agents(&self) -> u32 {
@@ -172,11 +218,32 @@ impl Runtime {
         &self.workspaces
     }
 
+    /// The run table. A panic elsewhere never leaves it inconsistent (every change is one
+    /// call), so a poisoned lock is taken as is: a `Slot` must be able to give its slot back
+    /// while a panic unwinds.
+    pub(crate) fn runs(&self) -> MutexGuard<'_, Runs> {
+        self.runs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A log for a run named `name`, spilling to a file of its own.
+    pub(crate) fn new_log(&self, name: String, file_stem: &str) -> Arc<RunLog> {
+        let unique = &uuid::Uuid::new_v4().simple().to_string()[..8];
+        let path = self
+            .workspaces
+            .root()
+            .join(RUNS_DIR)
+            .join(format!("{file_stem}-{unique}.events"));
+        RunLog::new(name, path, self.log_bounds)
+    }
+
+    /// Forgets runs ended longer than `worker.runRetention` ago.
+    pub(crate) fn sweep(&self, runs: &mut Runs) {
+        runs.sweep(Instant::now(), self.config.run_retention.get());
+    }
+
     /// A slot for a task or session, if the worker has one free and can work.
     pub async fn take_slot(&self) -> Result<OwnedSemaphorePermit, WorkerError> {
-        if self.shutting_down.is_cancelled() {
-            return Err(WorkerError::ShuttingDown(self.worker_id.clone()));
-        }
+        self.refuse_if_shutting_down()?;
         // Not `health()`: work placed just before a mode switch began still runs.
         if let ProviderHealth::Unavailable(reason) = self.providers().health().await {
             return Err(WorkerError::Unavailable {
@@ -193,38 +260,39 @@ impl Runtime {
             })
     }
 
-    /// Records a session's command channel; false when the session is already open here.
-    pub fn register_session(
-        &self,
-        session_id: &str,
-        commands: mpsc::Sender<crate::session::Command>,
-    ) -> bool {
-        let mut sessions = self.sessions.lock().expect("session lock poisoned");
-        if sessions.contains_key(session_id) {
-            return false;
+    pub(crate) fn refuse_if_shutting_down(&self) -> Result<(), WorkerError> {
+        if self.shutting_down.is_cancelled() {
+            return Err(WorkerError::ShuttingDown(self.worker_id.clone()));
         }
-        sessions.insert(session_id.to_owned(), commands);
-        true
+        Ok(())
     }
 
-    pub fn unregister_session(&self, session_id: &str) {
-        self.sessions
-            .lock()
-            .expect("session lock poisoned")
-            .remove(session_id);
-        self.session_ended.notify_waiters();
+    /// Refuses new work once a mode switch or a shutdown began. Checked under the run table's
+    /// lock, which both take as they begin, right before the work is counted in
+    /// ([`Runtime::hold`]): either they see the work, or it sees them.
+    pub(crate) fn refuse_if_not_accepting(&self, runs: &Runs) -> Result<(), WorkerError> {
+        self.refuse_if_shutting_down()?;
+        if runs.switching {
+            return Err(WorkerError::Unavailable {
+                worker_id: self.worker_id.clone(),
+                reason: "switching execution mode".into(),
+            });
+        }
+        Ok(())
     }
 
-    async fn stop_warm_pools(&self) {
-        let pools: Vec<Arc<WarmPool>> = self
-            .warm_pools
-            .lock()
-            .expect("warm pool lock poisoned")
-            .drain()
-            .map(|(_, pool)| pool)
-            .collect();
-        for pool in pools {
-            pool.shutdown().await;
+    /// Counts `work` as holding `permit` until the returned [`Slot`] is dropped.
+    pub(crate) fn hold(
+        self: &Arc<Self>,
+        runs: &mut Runs,
+        work: WorkId,
+        permit: OwnedSemaphorePermit,
+    ) -> Slot {
+        self.busy.send_replace(runs.hold(work.clone()));
+        Slot {
+            runtime: self.clone(),
+            work,
+            _permit: permit,
         }
     }
 
@@ -233,116 +301,43 @@ impl Runtime {
         self.reregister.notified().await
     }
 
+    pub(crate) fn request_reregistration(&self) {
+        self.reregister.notify_one();
+    }
+
     /// The scheduler confirmed a registration of this worker.
     pub fn registered(&self) {
         self.registrations.send_modify(|count| *count += 1);
     }
 
-    /// Makes `mode` the worker's default mode without restarting it: it reports itself
-    /// unavailable (nothing new is placed), waits for what runs to finish, starts the new
-    /// mode's providers and warm pools, and registers again. Returns the new modes, the drain
-    /// time and the switch time after the drain.
-    pub async fn switch_mode(
-        &self,
-        mode: ExecutionMode,
-    ) -> Result<(Vec<ExecutionMode>, Duration, Duration), WorkerError> {
-        if mode == ExecutionMode::Unspecified {
-            return Err(WorkerError::InvalidArgument {
-                field: "execution_mode",
-                message: "must be process_pool or container_agentic".into(),
-            });
-        }
-        if mode == self.mode() {
-            return Ok((self.modes(), Duration::ZERO, Duration::ZERO));
-        }
-        if self
-            .switching
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            return Err(WorkerError::Switching(self.worker_id.clone()));
-        }
-        tracing::info!(to = mode.label(), "switching execution mode");
-        let draining = Instant::now();
-        while !(self.running().is_empty() && self.open_sessions() == 0) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let drain = draining.elapsed();
-        let switching = Instant::now();
-        let mut config = self.config.clone();
-        config.execution_mode = mode_setting(mode);
-        config.feature_flags.default_execution_mode = None;
-        let built = Providers::for_config(&config, &self.worker_id).await;
-        let providers = match built {
-            Ok(providers) => providers,
-            Err(reason) => {
-                self.switching
-                    .store(false, std::sync::atomic::Ordering::SeqCst);
-                return Err(WorkerError::Unavailable {
-                    worker_id: self.worker_id.clone(),
-                    reason,
-                });
-            }
-        };
-        self.stop_warm_pools().await;
-        *self.providers.write().expect("provider lock poisoned") = Arc::new(providers);
-        self.resize(config.capacity());
-        self.start_warm_pools();
-        let mut confirmations = self.registrations.subscribe();
-        confirmations.mark_unchanged();
-        self.switching
-            .store(false, std::sync::atomic::Ordering::SeqCst);
-        self.reregister.notify_one();
-        let confirmed =
-            tokio::time::timeout(Duration::from_secs(10), confirmations.changed()).await;
-        if !matches!(confirmed, Ok(Ok(()))) {
-            tracing::warn!("the scheduler did not confirm the new registration within 10 s");
-        }
-        let switched = switching.elapsed();
-        tracing::info!(modes = ?self.modes().iter().map(|m| m.label()).collect::<Vec<_>>(), ?drain, ?switched, "execution mode switched");
-        Ok((self.modes(), drain, switched))
+    pub(crate) fn registrations(&self) -> watch::Receiver<u64> {
+        self.registrations.subscribe()
+    }
+
+    /// Waits up to `bound` for nothing to hold a slot; false when something still does.
+    pub(crate) async fn wait_until_idle(&self, bound: Duration) -> bool {
+        let mut busy = self.busy.subscribe();
+        matches!(
+            tokio::time::timeout(bound, busy.wait_for(|busy| *busy == 0)).await,
+            Ok(Ok(_))
+        )
     }
 
     /// The scheduler stopped placing work here. Work already placed still runs: the scheduler
     /// is the gate, so nothing placed before the drain is lost.
     pub fn start_draining(&self) {
-        if !self
-            .draining
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
+        if !self.draining.swap(true, Ordering::SeqCst) {
             tracing::info!(worker = %self.worker_id, "draining");
         }
     }
 
     pub fn is_draining(&self) -> bool {
-        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+        self.draining.load(Ordering::SeqCst)
     }
 
     /// Draining, and no task or session runs any more.
     pub fn is_drained(&self) -> bool {
-        self.is_draining() && self.running().is_empty() && self.open_sessions() == 0
-    }
-
-    fn open_sessions(&self) -> usize {
-        self.sessions.lock().expect("session lock poisoned").len()
-    }
-
-    /// Hands a command to an open session.
-    pub async fn session_command(
-        &self,
-        session_id: &str,
-        command: crate::session::Command,
-    ) -> Result<(), WorkerError> {
-        let commands = self
-            .sessions
-            .lock()
-            .expect("session lock poisoned")
-            .get(session_id)
-            .cloned()
-            .ok_or_else(|| WorkerError::SessionNotHere(session_id.to_owned()))?;
-        commands
-            .send(command)
-            .await
-            .map_err(|_| WorkerError::SessionNotHere(session_id.to_owned()))
+        self.is_draining() && *self.busy.borrow() == 0
     }
 
     /// Completes when the worker starts shutting down.
@@ -350,64 +345,122 @@ impl Runtime {
         self.shutting_down.cancelled().await;
     }
 
-    pub fn running_task_ids(&self) -> Vec<String> {
-        let mut ids: Vec<_> = self.running().keys().cloned().collect();
-        ids.sort();
-        ids
+    /// Every run holding a slot: tasks with their attempts, sessions with attempt 0.
+    pub fn running_work(&self) -> Vec<RunningWork> {
+        let mut runs = self.runs();
+        self.sweep(&mut runs);
+        runs.holding()
+            .map(|work| RunningWork {
+                id: work.id.clone(),
+                attempt: work.attempt,
+            })
+            .collect()
     }
 
-    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Cancellation>> {
-        self.running.lock().expect("running-task lock poisoned")
+    pub fn running_task_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .runs()
+            .holding()
+            .filter(|work| !work.is_session())
+            .map(|work| work.id.clone())
+            .collect();
+        ids.dedup();
+        ids
     }
 
     pub async fn health(&self) -> ProviderHealth {
         if self.shutting_down.is_cancelled() {
             return ProviderHealth::Unavailable("shutting down".into());
         }
-        if self.switching.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.runs().switching {
             return ProviderHealth::Unavailable("switching execution mode".into());
         }
         self.providers().health().await
     }
 
-    /// Asks a running task to stop. False when it is not running here.
+    /// Asks every running attempt of a task to stop. False when none runs here.
     pub fn cancel(&self, task_id: &str, reason: &str) -> bool {
-        match self.running().get(task_id) {
-            Some(cancel) => {
-                cancel.cancel(reason);
-                true
-            }
-            None => false,
+        let running = self.runs().running_attempts(task_id);
+        for run in &running {
+            run.cancel.cancel(reason);
+        }
+        !running.is_empty()
+    }
+
+    /// Stops the runs the scheduler names: a task's attempt (which is refused from then on),
+    /// or a session (attempt 0), whose container stops and whose volumes stay.
+    pub fn stop_runs(&self, works: &[RunningWork], reason: &str) {
+        let reason = if reason.is_empty() {
+            "stopped by the scheduler"
+        } else {
+            reason
+        };
+        for work in works {
+            let found = if work.attempt == 0 {
+                self.stop_session(&work.id, reason)
+            } else {
+                let run = self
+                    .runs()
+                    .stop_task(&work.id, work.attempt, reason, Instant::now());
+                match run {
+                    Some(run) if run.is_running() => {
+                        run.cancel.cancel(reason);
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            tracing::info!(id = %work.id, attempt = work.attempt, found, %reason, "the scheduler stopped a run");
         }
     }
 
-    /// Stops every running task and idle agent; new tasks are refused.
+    /// Stops taking work at once, lets what runs finish for `worker.shutdownGrace`, then
+    /// cancels what is left and stops sessions' containers (their volumes stay). Every run's
+    /// log ends with its terminal event.
     pub async fn shut_down(&self) {
-        self.shutting_down.cancel("the worker is shutting down");
-        for cancel in self.running().values() {
-            cancel.cancel("the worker is shutting down");
+        const REASON: &str = SHUTTING_DOWN;
+        // Under the table's lock: an admission holding it either is in the table already
+        // (and is waited for, then cancelled) or sees the shutdown and is refused.
+        {
+            let _runs = self.runs();
+            self.shutting_down.cancel(REASON);
         }
         self.stop_warm_pools().await;
-        // Sessions stop their containers (keeping their volumes) before the worker goes.
-        let bound = self.config.agent.cancel_grace_period.get() + Duration::from_secs(10);
-        let all_ended = async {
-            loop {
-                let ended = self.session_ended.notified();
-                if self.open_sessions() == 0 {
-                    break;
-                }
-                ended.await;
-            }
+        let grace = self.config.shutdown_grace.get();
+        if self.wait_until_idle(grace).await {
+            return;
+        }
+        let (tasks, sessions) = {
+            let runs = self.runs();
+            let sessions: Vec<Cancellation> =
+                runs.live_sessions().map(|live| live.stop.clone()).collect();
+            (runs.all_running(), sessions)
         };
-        if tokio::time::timeout(bound, all_ended).await.is_err() {
+        tracing::info!(
+            tasks = tasks.len(),
+            sessions = sessions.len(),
+            grace_seconds = grace.as_secs(),
+            "work still running at the end of the shutdown grace; stopping it"
+        );
+        for run in tasks {
+            run.cancel.cancel(REASON);
+        }
+        for stop in sessions {
+            stop.cancel(REASON);
+        }
+        let bound = self.config.agent.cancel_grace_period.get() + Duration::from_secs(10);
+        if !self.wait_until_idle(bound).await {
             tracing::warn!(
-                sessions = self.open_sessions(),
-                "sessions still stopping at shutdown"
+                running = ?self.running_work().iter().map(|work| &work.id).collect::<Vec<_>>(),
+                "work still stopping at shutdown"
             );
         }
     }
 
     /// Accepts `execution`, or says why not. The returned [`Admission`] runs it.
+    ///
+    /// An attempt lower than one seen here is refused; a higher one stops the older attempts
+    /// still running here first.
     pub async fn admit(self: &Arc<Self>, execution: Execution) -> Result<Admission, WorkerError> {
         if execution.task_id.is_empty()
             || !execution
@@ -426,28 +479,94 @@ impl Runtime {
                 message: "must not be empty".into(),
             });
         }
+        self.refuse_if_shutting_down()?;
         let mode = execution.spec.execution_mode();
-        if self.providers().get(mode).is_none() {
-            return Err(WorkerError::ModeNotRun {
-                worker_id: self.worker_id.clone(),
-                mode: mode.label(),
-            });
+        // The provider checked here is the one the task runs on, whatever a mode switch does
+        // meanwhile.
+        let provider = self.provider(mode).ok_or_else(|| WorkerError::ModeNotRun {
+            worker_id: self.worker_id.clone(),
+            mode: mode.label(),
+        })?;
+        let (task_id, attempt) = (execution.task_id.clone(), execution.attempt);
+        let superseded = {
+            let mut runs = self.runs();
+            self.sweep(&mut runs);
+            runs.fence(&task_id, attempt, Instant::now())?
+        };
+        if !superseded.is_empty() {
+            self.supersede(&task_id, attempt, &superseded).await;
         }
         let permit = self.take_slot().await?;
-        let cancel = Cancellation::default();
-        {
-            let mut running = self.running();
-            if running.contains_key(&execution.task_id) {
-                return Err(WorkerError::AlreadyRunning(execution.task_id));
-            }
-            running.insert(execution.task_id.clone(), cancel.clone());
-        }
+        let run = Arc::new(TaskRun {
+            attempt,
+            log: self.new_log(
+                format!("task {task_id} attempt {attempt}"),
+                &format!("task-{task_id}.{attempt}"),
+            ),
+            cancel: Cancellation::default(),
+        });
+        let slot = {
+            let mut runs = self.runs();
+            self.refuse_if_not_accepting(&runs)?;
+            runs.insert_task(&task_id, run.clone(), Instant::now())?;
+            self.hold(&mut runs, WorkId::task(&task_id, attempt), permit)
+        };
+        let end = LogEnd::new(
+            run.log.clone(),
+            task_event(
+                &task_id,
+                attempt,
+                events::status_change(
+                    TaskStatus::Failed,
+                    "the run stopped on the worker without an outcome",
+                    &self.worker_id,
+                ),
+            ),
+        );
         Ok(Admission {
-            runtime: self.clone(),
+            slot,
+            end,
+            run,
+            provider,
             execution,
-            cancel,
-            _permit: permit,
         })
+    }
+
+    /// Cancels the older attempts `attempt` supersedes and waits (a bounded time) for them to
+    /// give their slots back.
+    async fn supersede(&self, task_id: &str, attempt: u32, older: &[Arc<TaskRun>]) {
+        for run in older {
+            tracing::info!(task = %task_id, attempt = run.attempt, newer = attempt, "superseded");
+            run.cancel
+                .cancel(format!("superseded by attempt {attempt}"));
+        }
+        let bound = self.config.agent.cancel_grace_period.get() + Duration::from_secs(10);
+        let ended = futures_util::future::join_all(older.iter().map(|run| run.log.ended()));
+        if tokio::time::timeout(bound, ended).await.is_err() {
+            tracing::warn!(task = %task_id, "an older attempt is still stopping");
+        }
+    }
+
+    /// The log of the run of `task_id`'s `attempt` held here, to follow after
+    /// `after_run_sequence`.
+    pub fn attach_task(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        after_run_sequence: u64,
+    ) -> Result<Arc<RunLog>, WorkerError> {
+        let run = {
+            let mut runs = self.runs();
+            self.sweep(&mut runs);
+            runs.task_run(task_id, attempt)
+        };
+        let run = run.ok_or_else(|| WorkerError::RunNotHere {
+            task_id: task_id.to_owned(),
+            attempt,
+        })?;
+        check_position(&run.log, after_run_sequence)?;
+        tracing::info!(task = %task_id, attempt, after_run_sequence, "a driver attached");
+        Ok(run.log.clone())
     }
 
     /// A warm agent for a task of `mode` with `options` and `limits`, if one fits and is ready.
@@ -474,16 +593,12 @@ impl Runtime {
 
     async fn execute(
         &self,
+        provider: &Arc<dyn ExecutionProvider>,
         execution: &Execution,
         cancel: &Cancellation,
-        events: &EventSink,
+        events: &EventSink<'_>,
     ) -> Outcome {
         let spec = &execution.spec;
-        let provider = self
-            .providers()
-            .get(spec.execution_mode())
-            .cloned()
-            .expect("admission checked the mode");
         let mode = provider.mode();
         let options = AgentOptions::resolve(spec.agent.as_ref(), &self.config.agent);
         let limits = spec
@@ -496,7 +611,7 @@ impl Runtime {
             })
             .unwrap_or_default();
         let started = tokio::select! {
-            started = self.start_agent(&provider, execution, &options, limits) => started,
+            started = self.start_agent(provider, execution, &options, limits) => started,
             reason = cancel.cancelled() => return Outcome {
                 status: TaskStatus::Cancelled,
                 reason,
@@ -508,14 +623,12 @@ impl Runtime {
             Err(reason) => return Outcome::failed(reason),
         };
         tracing::info!(task = %execution.task_id, attempt = execution.attempt, mode = mode.label(), workspace = %workspace.display(), "{how}");
-        events
-            .emit(events::running(
-                format!("{how} in {}: {}", workspace.display(), agent.description),
-                &self.worker_id,
-                &workspace,
-                &agent.description,
-            ))
-            .await;
+        events.emit(events::running(
+            format!("{how} in {}: {}", workspace.display(), agent.description),
+            &self.worker_id,
+            &workspace,
+            &agent.description,
+        ));
         let timeout = spec
             .limits
             .as_ref()
@@ -528,7 +641,11 @@ impl Runtime {
             idle_timeout: self.config.agent.idle_timeout.get(),
             grace_period: self.config.agent.cancel_grace_period.get(),
         };
-        supervisor::supervise(agent, supervision, cancel, |kind| events.emit(kind)).await
+        supervisor::supervise(agent, supervision, cancel, |kind| {
+            events.emit(kind);
+            std::future::ready(())
+        })
+        .await
     }
 
     /// Starts the task's agent: a warm one when one fits, otherwise a new one. Returns the
@@ -542,7 +659,7 @@ impl Runtime {
     ) -> Result<(AgentHandle, PathBuf, String), String> {
         let spec = &execution.spec;
         if let Some(warm) = self.warm_agent(provider.mode(), options, limits, spec) {
-            let handed_out = Instant::now();
+            let handed_out = std::time::Instant::now();
             if !spec.repo_url.is_empty() {
                 crate::workspace::clone(&spec.repo_url, &warm.workspace).await?;
                 provider
@@ -588,78 +705,167 @@ impl Runtime {
     }
 }
 
-/// A task the worker accepted; [`Admission::run`] runs it to the end.
-pub struct Admission {
+/// Refuses a position past the end of `log`: the caller has seen events that never were.
+pub(crate) fn check_position(log: &RunLog, after_run_sequence: u64) -> Result<(), WorkerError> {
+    let last = log.last_sequence();
+    if after_run_sequence > last {
+        return Err(WorkerError::InvalidArgument {
+            field: "after_run_sequence",
+            message: format!("is {after_run_sequence}, but the run has {last} events"),
+        });
+    }
+    Ok(())
+}
+
+/// A run's hold on one of the worker's slots: dropping it gives the slot back and takes the
+/// run off the running work, however the run ends (its end, a panic, a dropped future).
+pub struct Slot {
     runtime: Arc<Runtime>,
-    execution: Execution,
-    cancel: Cancellation,
+    work: WorkId,
     _permit: OwnedSemaphorePermit,
 }
 
-impl Admission {
-    /// Runs the task, sending its events to `events`; ends with a terminal status event.
-    /// When `events` closes (the caller went away) the task is cancelled.
-    pub async fn run(self, events: EventSink) {
-        let Admission {
-            runtime,
-            execution,
-            cancel,
-            _permit: permit,
-        } = self;
-        let watcher = {
-            let events = events.clone();
-            let cancel = cancel.clone();
-            tokio::spawn(async move {
-                events.closed().await;
-                cancel.cancel("the driver went away");
-            })
-        };
-        let outcome = runtime.execute(&execution, &cancel, &events).await;
-        watcher.abort();
-        tracing::info!(task = %execution.task_id, status = outcome.status.label(), reason = %outcome.reason, "task ended");
-        // The slot is free before the terminal event goes out: whoever reacts to it by sending
-        // the next task must find room.
-        runtime.running().remove(&execution.task_id);
-        drop(permit);
-        events
-            .emit(events::status_change(
-                outcome.status,
-                outcome.reason,
-                &runtime.worker_id,
-            ))
-            .await;
+impl Slot {
+    pub(crate) fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
     }
 }
 
-/// Where a task's events go: the ExecuteTask response stream.
-#[derive(Clone)]
-pub struct EventSink {
-    sender: mpsc::Sender<Event>,
-    task_id: String,
-    attempt: u32,
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let holding = self.runtime.runs().release(&self.work);
+        self.runtime.busy.send_replace(holding);
+    }
 }
 
-impl EventSink {
-    pub fn new(sender: mpsc::Sender<Event>, task_id: String, attempt: u32) -> Self {
-        EventSink {
-            sender,
-            task_id,
-            attempt,
+/// Ends a run's log when the run could not (a panic, a dropped future), so that no follower
+/// waits forever: with `fallback`, a failure.
+pub(crate) struct LogEnd {
+    log: Arc<RunLog>,
+    fallback: Option<Event>,
+}
+
+impl LogEnd {
+    pub(crate) fn new(log: Arc<RunLog>, fallback: Event) -> Self {
+        LogEnd {
+            log,
+            fallback: Some(fallback),
         }
     }
 
-    pub async fn emit(&self, kind: Kind) {
-        let event = Event {
-            task_id: self.task_id.clone(),
-            attempt: self.attempt,
-            kind: Some(kind),
-            ..Event::default()
-        };
-        // A closed stream means the caller left; the watcher cancels the task.
-        let _ = self.sender.send(event).await;
+    /// Appends the run's last event and ends the log.
+    pub(crate) fn finish_with(mut self, last: Event) {
+        self.fallback = None;
+        self.log.finish_with(last);
     }
 
-    async fn closed(&self) {
-        self.sender.closed().await
+    /// Ends the log after what the run appended.
+    pub(crate) fn finish(mut self) {
+        self.fallback = None;
+        self.log.finish();
+    }
+}
+
+impl Drop for LogEnd {
+    fn drop(&mut self) {
+        if let Some(fallback) = self.fallback.take()
+            && !self.log.is_finished()
+        {
+            self.log.finish_with(fallback);
+        }
+    }
+}
+
+fn task_event(task_id: &str, attempt: u32, kind: Kind) -> Event {
+    Event {
+        task_id: task_id.to_owned(),
+        attempt,
+        kind: Some(kind),
+        ..Event::default()
+    }
+}
+
+/// A task the worker accepted; [`Admission::run`] runs it to the end.
+pub struct Admission {
+    // Dropped first (fields drop in order): the slot is free before the log's last event
+    // goes out.
+    slot: Slot,
+    end: LogEnd,
+    run: Arc<TaskRun>,
+    provider: Arc<dyn ExecutionProvider>,
+    execution: Execution,
+}
+
+impl Admission {
+    /// The run's events from the first, following until its end.
+    pub fn follow(&self) -> impl Stream<Item = Result<(u64, Event), WorkerError>> + Send + 'static {
+        self.run.log.follow(0)
+    }
+
+    /// Runs the task, appending its events to its log; ends with a terminal status event. A
+    /// run nobody follows for `worker.driverLossTimeout` is cancelled.
+    pub async fn run(self) {
+        let (end, run, provider, execution) = (self.end, self.run, self.provider, self.execution);
+        // Declared last, dropped first if the run is dropped: the slot is free before the
+        // log's fallback end goes out.
+        let slot = self.slot;
+        let runtime = slot.runtime().clone();
+        let loss_timeout = runtime.config.driver_loss_timeout.get();
+        let abandoned = async {
+            run.log.abandoned(loss_timeout).await;
+            tracing::warn!(task = %execution.task_id, attempt = execution.attempt, "no driver attached; cancelling");
+            run.cancel.cancel(format!(
+                "no driver attached for {} s",
+                loss_timeout.as_secs()
+            ));
+            std::future::pending::<Infallible>().await
+        };
+        let events = EventSink {
+            log: &run.log,
+            task_id: &execution.task_id,
+            attempt: execution.attempt,
+        };
+        let outcome = tokio::select! {
+            outcome = runtime.execute(&provider, &execution, &run.cancel, &events) => outcome,
+            never = abandoned => match never {},
+        };
+        tracing::info!(task = %execution.task_id, attempt = execution.attempt, status = outcome.status.label(), reason = %outcome.reason, "task ended");
+        // A task stopped because the worker shuts down is not the task's doing: the worker gives
+        // it back (its last status is PENDING), and the driver queues it again.
+        let given_back = outcome.status == TaskStatus::Cancelled
+            && runtime.shutting_down.is_cancelled()
+            && outcome.reason == SHUTTING_DOWN;
+        let (status, reason) = if given_back {
+            (
+                TaskStatus::Pending,
+                format!("{SHUTTING_DOWN}; it gives the task back"),
+            )
+        } else {
+            (outcome.status, outcome.reason)
+        };
+        // The slot is free before the terminal event goes out: whoever reacts to it by sending
+        // the next task must find room.
+        drop(slot);
+        end.finish_with(events.event(events::status_change(status, reason, &runtime.worker_id)));
+    }
+}
+
+/// Why a worker that shuts down stops what still runs after its grace.
+const SHUTTING_DOWN: &str = "the worker is shutting down";
+
+/// Where a task's events go: its run's log.
+struct EventSink<'a> {
+    log: &'a RunLog,
+    task_id: &'a str,
+    attempt: u32,
+}
+
+impl EventSink<'_> {
+    fn event(&self, kind: Kind) -> Event {
+        task_event(self.task_id, self.attempt, kind)
+    }
+
+    fn emit(&self, kind: Kind) {
+        self.log.append(self.event(kind));
     }
 }

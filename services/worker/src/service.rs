@@ -3,12 +3,10 @@ use std::sync::Arc;
 
 use claudecluster_proto::v1::worker_service_server::WorkerService as WorkerApi;
 use claudecluster_proto::v1::*;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::{Stream, StreamExt};
+use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use crate::runtime::{EventSink, Execution, Runtime};
+use crate::runtime::{Execution, Runtime};
 use crate::session::Command;
 
 /// The WorkerService: thin RPC methods over the [`Runtime`].
@@ -34,17 +32,31 @@ impl WorkerApi for WorkerService {
         request: Request<ExecuteTaskRequest>,
     ) -> Result<Response<Self::ExecuteTaskStream>, Status> {
         let request = request.into_inner();
-        let execution = Execution {
-            task_id: request.task_id,
-            attempt: request.attempt.max(1),
-            spec: request.spec.unwrap_or_default(),
+        let attempt = request.attempt.max(1);
+        let events = if request.attach {
+            let log =
+                self.runtime
+                    .attach_task(&request.task_id, attempt, request.after_run_sequence)?;
+            log.follow(request.after_run_sequence).left_stream()
+        } else {
+            let execution = Execution {
+                task_id: request.task_id,
+                attempt,
+                spec: request.spec.unwrap_or_default(),
+            };
+            let admission = self.runtime.admit(execution).await?;
+            // Following before the run starts: the caller is attached from its first event.
+            let events = admission.follow();
+            tokio::spawn(admission.run());
+            events.right_stream()
         };
-        let sink_ids = (execution.task_id.clone(), execution.attempt);
-        let admission = self.runtime.admit(execution).await?;
-        let (sender, receiver) = mpsc::channel(256);
-        tokio::spawn(admission.run(EventSink::new(sender, sink_ids.0, sink_ids.1)));
-        let stream = ReceiverStream::new(receiver)
-            .map(|event| Ok(ExecuteTaskResponse { event: Some(event) }));
+        let stream = events.map(|item| {
+            let (run_sequence, event) = item?;
+            Ok(ExecuteTaskResponse {
+                event: Some(event),
+                run_sequence,
+            })
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -67,6 +79,7 @@ impl WorkerApi for WorkerService {
         _request: Request<GetWorkerStatusRequest>,
     ) -> Result<Response<GetWorkerStatusResponse>, Status> {
         let runtime = &self.runtime;
+        let running = runtime.running_work();
         let running_task_ids = runtime.running_task_ids();
         let health = runtime.health().await;
         let (healthy, health_reason) = match health {
@@ -79,7 +92,7 @@ impl WorkerApi for WorkerService {
                 address: self.address.clone(),
                 execution_mode: runtime.mode() as i32,
                 capacity: runtime.capacity(),
-                load: running_task_ids.len() as u32,
+                load: running.len() as u32,
                 labels: runtime.config().labels.clone().into_iter().collect(),
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 healthy,
@@ -95,6 +108,7 @@ impl WorkerApi for WorkerService {
                 drained: runtime.is_drained(),
             }),
             running_task_ids,
+            running,
         }))
     }
 
@@ -105,12 +119,25 @@ impl WorkerApi for WorkerService {
         request: Request<RunSessionRequest>,
     ) -> Result<Response<Self::RunSessionStream>, Status> {
         let request = request.into_inner();
-        let (sender, receiver) = mpsc::channel(256);
-        self.runtime
-            .open_session(request.session_id, request.spec.unwrap_or_default(), sender)
-            .await?;
-        let stream = ReceiverStream::new(receiver)
-            .map(|event| Ok(RunSessionResponse { event: Some(event) }));
+        let (log, after) = if request.attach {
+            let log = self
+                .runtime
+                .attach_session(&request.session_id, request.after_run_sequence)?;
+            (log, request.after_run_sequence)
+        } else {
+            let log = self
+                .runtime
+                .open_session(request.session_id, request.spec.unwrap_or_default())
+                .await?;
+            (log, 0)
+        };
+        let stream = log.follow(after).map(|item| {
+            let (run_sequence, event) = item?;
+            Ok(RunSessionResponse {
+                event: Some(event),
+                run_sequence,
+            })
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -9,8 +9,14 @@
 //!
 //! One task (the session's actor) owns the agent and handles one command at a time, so turns
 //! never overlap.
+//!
+//! Like a task's run, a session belongs to the worker, not to the RunSession call: its events
+//! go to a [`RunLog`] that callers follow and attach to again. A session nobody follows for
+//! `worker.driverLossTimeout`, or that the scheduler stops, has its container stopped (its
+//! volumes stay) and ends here.
 
 use std::collections::VecDeque;
+use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,16 +24,18 @@ use std::time::Duration;
 use claudecluster_agent_protocol::{ResultEvent, user_message_line};
 use claudecluster_proto::v1::event::Kind;
 use claudecluster_proto::v1::{self, Event, ExecutionMode, SessionSpec, SessionState};
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
 
 use crate::error::WorkerError;
-use crate::execution::supervisor::{STDERR_TAIL, handle_line};
+use crate::execution::supervisor::{Cancellation, STDERR_TAIL, handle_line};
 use crate::execution::{
     AgentControl, AgentExit, AgentHandle, AgentInput, AgentLaunch, AgentOptions, ExecutionProvider,
     Limits, OutputLine, agent_env, warm_agent_args,
 };
-use crate::runtime::Runtime;
+use crate::run_log::RunLog;
+use crate::runs::{LiveSession, SessionRecord, WorkId};
+use crate::runtime::{LogEnd, Runtime, Slot, check_position};
 
 /// Where a session's agent finds its Claude state inside the container.
 const CONFIG_MOUNT: &str = "/claude-config";
@@ -37,39 +45,47 @@ pub enum Command {
     Close { done: oneshot::Sender<()> },
 }
 
-/// Where a session's events go: the RunSession stream.
+/// Where a session's events go: its log.
 #[derive(Clone)]
 struct SessionSink {
-    sender: mpsc::Sender<Event>,
+    log: Arc<RunLog>,
     session_id: String,
     worker_id: String,
 }
 
 impl SessionSink {
-    async fn emit(&self, turn: u32, kind: Kind) {
-        let event = Event {
+    fn event(&self, turn: u32, kind: Kind) -> Event {
+        Event {
             session_id: self.session_id.clone(),
             turn,
             kind: Some(kind),
             ..Event::default()
-        };
-        let _ = self.sender.send(event).await;
+        }
     }
 
-    async fn state(
+    fn emit(&self, turn: u32, kind: Kind) {
+        self.log.append(self.event(turn, kind));
+    }
+
+    fn state_event(
         &self,
         turn: u32,
         state: SessionState,
         reason: impl Into<String>,
         workspace: &str,
-    ) {
+    ) -> Event {
         let change = v1::SessionStateChange {
             state: state as i32,
             reason: reason.into(),
             worker_id: self.worker_id.clone(),
             workspace: workspace.to_owned(),
         };
-        self.emit(turn, Kind::SessionState(change)).await
+        self.event(turn, Kind::SessionState(change))
+    }
+
+    fn state(&self, turn: u32, state: SessionState, reason: impl Into<String>, workspace: &str) {
+        self.log
+            .append(self.state_event(turn, state, reason, workspace));
     }
 }
 
@@ -130,22 +146,26 @@ struct Actor {
     session_id: String,
     spec: SessionSpec,
     sink: SessionSink,
+    /// Stops the container (keeping the volumes) and ends the session here, even mid-turn.
+    stop: Cancellation,
     workspace: PathBuf,
     config_dir: PathBuf,
     agent_session_id: Option<String>,
     /// Containers started so far, to name each one apart.
     incarnation: u32,
+    /// The highest message (turn) taken: a driver that restarted sends the message it was
+    /// answering again, and it is answered once.
+    last_turn: u32,
 }
 
 impl Runtime {
-    /// Opens a session on this worker; its events go to `events` until it is closed. The
-    /// session holds one of the worker's slots while it lives.
+    /// Opens a session on this worker and returns its log. The session holds one of the
+    /// worker's slots while it lives.
     pub async fn open_session(
         self: &Arc<Self>,
         session_id: String,
         spec: SessionSpec,
-        events: mpsc::Sender<Event>,
-    ) -> Result<(), WorkerError> {
+    ) -> Result<Arc<RunLog>, WorkerError> {
         let valid = !session_id.is_empty()
             && session_id
                 .chars()
@@ -156,6 +176,7 @@ impl Runtime {
                 message: "must be letters, digits, '-' or '_'".into(),
             });
         }
+        self.refuse_if_shutting_down()?;
         let provider = self
             .provider(ExecutionMode::ContainerAgentic)
             .ok_or_else(|| WorkerError::ModeNotRun {
@@ -164,27 +185,104 @@ impl Runtime {
             })?;
         let permit = self.take_slot().await?;
         let (commands, receiver) = mpsc::channel(16);
-        if !self.register_session(&session_id, commands) {
-            return Err(WorkerError::AlreadyRunning(session_id));
-        }
+        let stop = Cancellation::default();
+        let log = self.new_log(
+            format!("session {session_id}"),
+            &format!("session-{session_id}"),
+        );
+        let slot = {
+            let mut runs = self.runs();
+            self.refuse_if_not_accepting(&runs)?;
+            let record = SessionRecord {
+                log: log.clone(),
+                live: Some(LiveSession {
+                    commands,
+                    stop: stop.clone(),
+                }),
+            };
+            runs.open_session(&session_id, record)?;
+            self.hold(&mut runs, WorkId::session(&session_id), permit)
+        };
         let root = self.workspaces().root().join("sessions").join(&session_id);
+        let sink = SessionSink {
+            log: log.clone(),
+            session_id: session_id.clone(),
+            worker_id: self.worker_id.clone(),
+        };
+        let end = LogEnd::new(
+            log.clone(),
+            sink.state_event(
+                0,
+                SessionState::Failed,
+                "the session stopped on the worker without an outcome",
+                "",
+            ),
+        );
         let actor = Actor {
             runtime: self.clone(),
             provider,
-            sink: SessionSink {
-                sender: events,
-                session_id: session_id.clone(),
-                worker_id: self.worker_id.clone(),
-            },
+            sink,
+            stop,
             session_id,
             spec,
             workspace: root.join("workspace"),
             config_dir: root.join("claude"),
             agent_session_id: None,
             incarnation: 0,
+            last_turn: 0,
         };
-        tokio::spawn(actor.run(receiver, permit));
-        Ok(())
+        tokio::spawn(actor.run(receiver, end, slot));
+        Ok(log)
+    }
+
+    /// The log of the session held here, to follow after `after_run_sequence`.
+    pub fn attach_session(
+        &self,
+        session_id: &str,
+        after_run_sequence: u64,
+    ) -> Result<Arc<RunLog>, WorkerError> {
+        let log = {
+            let mut runs = self.runs();
+            self.sweep(&mut runs);
+            runs.session_log(session_id)
+        };
+        let log = log.ok_or_else(|| WorkerError::SessionNotHere(session_id.to_owned()))?;
+        check_position(&log, after_run_sequence)?;
+        tracing::info!(session = %session_id, after_run_sequence, "a driver attached");
+        Ok(log)
+    }
+
+    /// Hands a command to an open session. New messages are refused once the worker is
+    /// shutting down.
+    pub async fn session_command(
+        &self,
+        session_id: &str,
+        command: Command,
+    ) -> Result<(), WorkerError> {
+        if matches!(command, Command::Turn { .. }) {
+            self.refuse_if_shutting_down()?;
+        }
+        let commands = self
+            .runs()
+            .live_session(session_id)
+            .map(|live| live.commands.clone())
+            .ok_or_else(|| WorkerError::SessionNotHere(session_id.to_owned()))?;
+        commands
+            .send(command)
+            .await
+            .map_err(|_| WorkerError::SessionNotHere(session_id.to_owned()))
+    }
+
+    /// Stops a session's container (its volumes stay) and ends it here. False when it is not
+    /// open here.
+    pub fn stop_session(&self, session_id: &str, reason: &str) -> bool {
+        match self.runs().live_session(session_id) {
+            Some(live) => {
+                live.stop.cancel(reason);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -204,17 +302,40 @@ impl Actor {
         self.workspace.display().to_string()
     }
 
-    async fn run(mut self, mut commands: mpsc::Receiver<Command>, permit: OwnedSemaphorePermit) {
+    /// Serves the session until it is closed or stopped; a session nobody follows for
+    /// `worker.driverLossTimeout` is stopped.
+    async fn run(mut self, commands: mpsc::Receiver<Command>, end: LogEnd, slot: Slot) {
+        let loss_timeout = self.runtime.config().driver_loss_timeout.get();
+        let (log, stop) = (self.sink.log.clone(), self.stop.clone());
+        let session_id = self.session_id.clone();
+        let abandoned = async move {
+            log.abandoned(loss_timeout).await;
+            tracing::warn!(session = %session_id, "no driver attached; stopping the session");
+            stop.cancel(format!(
+                "no driver attached for {} s",
+                loss_timeout.as_secs()
+            ));
+            std::future::pending::<Infallible>().await
+        };
+        tokio::select! {
+            () = self.serve(commands) => {}
+            never = abandoned => match never {},
+        }
+        drop(slot);
+        end.finish();
+    }
+
+    async fn serve(&mut self, mut commands: mpsc::Receiver<Command>) {
         let mut agent = match self.prepare().await {
             Ok(()) => match self.start_agent().await {
                 Ok(agent) => Some(agent),
                 Err(reason) => {
-                    self.failed(0, reason).await;
+                    self.failed(0, reason);
                     None
                 }
             },
             Err(reason) => {
-                self.failed(0, reason).await;
+                self.failed(0, reason);
                 None
             }
         };
@@ -222,8 +343,7 @@ impl Actor {
         if !failed {
             let reason = format!("agent started: {}", self.describe());
             self.sink
-                .state(0, SessionState::Ready, reason, &self.workspace_text())
-                .await;
+                .state(0, SessionState::Ready, reason, &self.workspace_text());
         }
         let mut idle_deadline = Instant::now() + self.idle_timeout();
         loop {
@@ -237,13 +357,18 @@ impl Actor {
             tokio::select! {
                 command = commands.recv() => match command {
                     Some(Command::Turn { turn, text }) => {
-                        if failed {
+                        if failed || turn <= self.last_turn {
                             continue;
                         }
+                        self.last_turn = turn;
                         let (live, end) = self.turn(agent.take(), turn, &text).await;
                         agent = live;
-                        failed = self.after_turn(turn, end, &mut agent).await;
+                        failed = self.after_turn(turn, end, &mut agent);
                         idle_deadline = Instant::now() + self.idle_timeout();
+                        if self.stop.is_cancelled() {
+                            // The turn was cut short by the stop, and said so.
+                            break;
+                        }
                     }
                     Some(Command::Close { done }) => {
                         if let Some(live) = agent.take() {
@@ -253,7 +378,7 @@ impl Actor {
                         if let Some(root) = root {
                             let _ = tokio::fs::remove_dir_all(root).await;
                         }
-                        self.sink.state(0, SessionState::Closed, "closed by a client; its container and volumes are removed", "").await;
+                        self.sink.state(0, SessionState::Closed, "closed by a client; its container and volumes are removed", "");
                         let _ = done.send(());
                         break;
                     }
@@ -267,40 +392,41 @@ impl Actor {
                         "no message for {} s: its container is stopped; the workspace and the conversation are kept",
                         self.idle_timeout().as_secs()
                     );
-                    self.sink.state(0, SessionState::Stopped, reason, "").await;
+                    self.sink.state(0, SessionState::Stopped, reason, "");
                 }
                 exit = exited => {
                     if let Some(live) = agent.take() {
                         live.control.release().await;
                     }
                     failed = true;
-                    self.failed(0, format!("its agent's container {exit} while idle; the workspace is kept until the session is closed")).await;
+                    self.failed(0, format!("its agent's container {exit} while idle; the workspace is kept until the session is closed"));
                 }
-                _ = self.sink.sender.closed() => {
-                    // The driver went away: stop the container, keep the volumes.
-                    if let Some(live) = agent.take() {
-                        live.stop(self.grace()).await;
-                    }
+                reason = self.stop.cancelled() => {
+                    self.stopped(agent.take(), reason).await;
                     break;
                 }
+                // Between turns nothing is lost by stopping at once.
                 _ = self.runtime.shutting_down() => {
-                    if let Some(live) = agent.take() {
-                        live.stop(self.grace()).await;
-                    }
-                    self.sink.state(0, SessionState::Stopped, "the worker is shutting down", "").await;
+                    self.stopped(agent.take(), "the worker is shutting down".into()).await;
                     break;
                 }
             }
         }
-        self.runtime.unregister_session(&self.session_id);
-        drop(permit);
     }
 
-    async fn failed(&self, turn: u32, reason: String) {
+    /// Stops the agent's container, keeping the volumes, and says so.
+    async fn stopped(&self, agent: Option<LiveAgent>, reason: String) {
+        if let Some(live) = agent {
+            live.stop(self.grace()).await;
+        }
+        tracing::info!(session = %self.session_id, %reason, "session stopped");
+        let reason = format!("{reason}: its container is stopped; the workspace is kept");
+        self.sink.state(0, SessionState::Stopped, reason, "");
+    }
+
+    fn failed(&self, turn: u32, reason: String) {
         tracing::warn!(session = %self.session_id, %reason, "session failed");
-        self.sink
-            .state(turn, SessionState::Failed, reason, "")
-            .await;
+        self.sink.state(turn, SessionState::Failed, reason, "");
     }
 
     fn describe(&self) -> String {
@@ -381,7 +507,7 @@ impl Actor {
             },
         };
         let reason = format!("answering message {turn}: {}", self.describe());
-        self.sink.state(turn, SessionState::Busy, reason, "").await;
+        self.sink.state(turn, SessionState::Busy, reason, "");
         if agent.input.send(user_message_line(text)).await.is_err() {
             let exit = agent.stop(self.grace()).await;
             return (None, TurnEnd::Died(exit, None));
@@ -405,14 +531,15 @@ impl Actor {
         let mut result = None;
         let mut stderr_tail = VecDeque::with_capacity(STDERR_TAIL);
         let sink = self.sink.clone();
+        let stop = self.stop.clone();
         loop {
             tokio::select! {
                 line = agent.output.recv() => match line {
                     Some(line) => {
                         quiet_until = Instant::now() + silence;
                         handle_line(line, &mut result, &mut stderr_tail, &mut |kind| {
-                            let sink = sink.clone();
-                            async move { sink.emit(turn, kind).await }
+                            sink.emit(turn, kind);
+                            std::future::ready(())
                         }).await;
                         if let Some(answer) = result.take() {
                             let answer: ResultEvent = answer;
@@ -435,26 +562,28 @@ impl Actor {
                     agent.stop(self.grace()).await;
                     return (None, TurnEnd::Stopped(format!("the agent printed nothing for {} s answering message {turn} and was stopped", silence.as_secs())));
                 }
+                reason = stop.cancelled() => {
+                    agent.stop(self.grace()).await;
+                    return (None, TurnEnd::Stopped(format!("{reason}: message {turn} was cut short; its container is stopped and the workspace is kept")));
+                }
             }
         }
     }
 
     /// Reports how a turn ended; true when the session has failed.
-    async fn after_turn(&mut self, turn: u32, end: TurnEnd, agent: &mut Option<LiveAgent>) -> bool {
+    fn after_turn(&mut self, turn: u32, end: TurnEnd, agent: &mut Option<LiveAgent>) -> bool {
         match end {
             TurnEnd::Answered(result) => {
                 let reason = match result.failure_reason() {
                     Some(reason) => format!("message {turn} failed: {reason}"),
                     None => format!("message {turn} answered"),
                 };
-                self.sink.state(turn, SessionState::Idle, reason, "").await;
+                self.sink.state(turn, SessionState::Idle, reason, "");
                 false
             }
             TurnEnd::Stopped(reason) => {
                 debug_assert!(agent.is_none());
-                self.sink
-                    .state(turn, SessionState::Stopped, reason, "")
-                    .await;
+                self.sink.state(turn, SessionState::Stopped, reason, "");
                 false
             }
             TurnEnd::Died(exit, stderr) => {
@@ -464,7 +593,7 @@ impl Actor {
                     reason.push_str(line.trim());
                 }
                 reason.push_str("; the workspace is kept until the session is closed");
-                self.failed(turn, reason).await;
+                self.failed(turn, reason);
                 true
             }
         }

@@ -27,6 +27,14 @@ impl Workspaces {
         data.join("claudecluster/workspaces")
     }
 
+    /// The root `config` asks for: `worker.workspaceRoot`, or the default.
+    pub fn root_for(config: &claudecluster_config::WorkerConfig) -> PathBuf {
+        config
+            .workspace_root
+            .clone()
+            .unwrap_or_else(Self::default_root)
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

@@ -5,9 +5,10 @@
 //! the configured network, and carries labels naming its task and worker. The agent's
 //! environment (API keys among it) goes in through the container's stdin, never into its
 //! configuration, so `docker inspect` shows no secret. Containers are owned: a worker removes
-//! what an earlier run of it left, and whatever it could not remove while Docker was away.
+//! what an earlier run of it left (by its id, and by its workspace root, whatever id that run
+//! had), and whatever it could not remove while Docker was away.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -41,6 +42,9 @@ const DOCKER_API: ClientVersion = ClientVersion {
 };
 const LABEL_MANAGED: &str = "claudecluster.managed";
 const LABEL_WORKER: &str = "claudecluster.worker";
+/// The workspace root of the worker that made the container: a worker that restarts on the
+/// same root owns it, even under another id.
+const LABEL_HOME: &str = "claudecluster.home";
 const LABEL_TASK: &str = "claudecluster.task";
 const LABEL_ATTEMPT: &str = "claudecluster.attempt";
 /// Reads `NAME=value` lines from stdin until an empty line, exports them, then becomes the
@@ -54,6 +58,8 @@ exec "$@" </dev/null"#;
 #[derive(Debug, Clone)]
 pub struct ContainerSettings {
     pub worker_id: String,
+    /// The worker's workspace root.
+    pub home: String,
     pub image: String,
     pub user: String,
     pub network: String,
@@ -73,6 +79,9 @@ impl ContainerSettings {
             .unwrap_or_else(|| "/var/run/docker.sock".to_owned());
         ContainerSettings {
             worker_id: worker_id.to_owned(),
+            home: crate::workspace::Workspaces::root_for(config)
+                .display()
+                .to_string(),
             image: container.image.clone(),
             user: container.user.clone(),
             network: container.network.clone(),
@@ -117,36 +126,40 @@ impl ContainerProvider {
         })
     }
 
-    /// Removes every container and network an earlier run of this worker left behind.
+    /// Removes every container and network an earlier run of this worker left behind: those
+    /// labelled with its id, and those labelled with its workspace root whatever id they carry
+    /// (a worker without a fixed id that crashed).
     pub async fn remove_previous_runs(&self) -> Result<usize, String> {
-        let filter = HashMap::from([(
-            "label".to_owned(),
-            vec![format!("{LABEL_WORKER}={}", self.settings.worker_id)],
-        )]);
-        let containers = self
-            .docker
-            .list_containers(Some(ListContainersOptions {
-                all: true,
-                filters: Some(filter.clone()),
-                ..Default::default()
-            }))
-            .await
-            .map_err(|err| self.unreachable(&err))?;
-        let networks = self
-            .docker
-            .list_networks(Some(ListNetworksOptions {
-                filters: Some(filter),
-            }))
-            .await
-            .map_err(|err| self.unreachable(&err))?;
+        let mut containers = BTreeSet::new();
+        let mut networks = BTreeSet::new();
+        for filter in leftover_filters(&self.settings) {
+            let listed = self
+                .docker
+                .list_containers(Some(ListContainersOptions {
+                    all: true,
+                    filters: Some(filter.clone()),
+                    ..Default::default()
+                }))
+                .await
+                .map_err(|err| self.unreachable(&err))?;
+            containers.extend(listed.into_iter().filter_map(|c| c.id));
+            let listed = self
+                .docker
+                .list_networks(Some(ListNetworksOptions {
+                    filters: Some(filter),
+                }))
+                .await
+                .map_err(|err| self.unreachable(&err))?;
+            networks.extend(listed.into_iter().filter_map(|n| n.name));
+        }
         let mut removed = 0;
-        for id in containers.into_iter().filter_map(|c| c.id) {
+        for id in containers {
             remove_container(&self.docker, &id)
                 .await
                 .map_err(|err| self.unreachable(&err))?;
             removed += 1;
         }
-        for name in networks.into_iter().filter_map(|n| n.name) {
+        for name in networks {
             let _ = self.docker.remove_network(&name).await;
         }
         if removed > 0 {
@@ -187,10 +200,7 @@ impl ContainerProvider {
         let request = NetworkCreateRequest {
             name: network.clone(),
             driver: Some("bridge".to_owned()),
-            labels: Some(HashMap::from([
-                (LABEL_MANAGED.to_owned(), "true".to_owned()),
-                (LABEL_WORKER.to_owned(), self.settings.worker_id.clone()),
-            ])),
+            labels: Some(owner_labels(&self.settings)),
             ..Default::default()
         };
         self.docker
@@ -226,6 +236,30 @@ impl ContainerProvider {
             .unwrap_or((&self.settings.user, &self.settings.user));
         Some((uid.parse().ok()?, gid.parse().ok()?))
     }
+}
+
+/// The labels that say which worker owns a container or network.
+fn owner_labels(settings: &ContainerSettings) -> HashMap<String, String> {
+    HashMap::from([
+        (LABEL_MANAGED.to_owned(), "true".to_owned()),
+        (LABEL_WORKER.to_owned(), settings.worker_id.clone()),
+        (LABEL_HOME.to_owned(), settings.home.clone()),
+    ])
+}
+
+/// Docker filters for what an earlier run of this worker left: one query each, as the labels
+/// of one filter must all match.
+fn leftover_filters(settings: &ContainerSettings) -> [HashMap<String, Vec<String>>; 2] {
+    let label = |name: &str, value: &str| {
+        HashMap::from([(
+            "label".to_owned(),
+            vec![format!("{LABEL_MANAGED}=true"), format!("{name}={value}")],
+        )])
+    };
+    [
+        label(LABEL_WORKER, &settings.worker_id),
+        label(LABEL_HOME, &settings.home),
+    ]
 }
 
 async fn remove_container(docker: &Docker, id: &str) -> Result<(), DockerError> {
@@ -342,12 +376,12 @@ impl ExecutionProvider for ContainerProvider {
             cmd: Some(cmd),
             user: Some(self.settings.user.clone()),
             working_dir: Some("/workspace".to_owned()),
-            labels: Some(HashMap::from([
-                (LABEL_MANAGED.to_owned(), "true".to_owned()),
-                (LABEL_WORKER.to_owned(), self.settings.worker_id.clone()),
-                (LABEL_TASK.to_owned(), launch.task_id.clone()),
-                (LABEL_ATTEMPT.to_owned(), launch.attempt.to_string()),
-            ])),
+            labels: Some({
+                let mut labels = owner_labels(&self.settings);
+                labels.insert(LABEL_TASK.to_owned(), launch.task_id.clone());
+                labels.insert(LABEL_ATTEMPT.to_owned(), launch.attempt.to_string());
+                labels
+            }),
             attach_stdin: Some(true),
             attach_stdout: Some(true),
             attach_stderr: Some(true),
@@ -589,4 +623,127 @@ fn chown_tree(root: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> ContainerSettings {
+        let config = WorkerConfig {
+            workspace_root: Some("/srv/claudecluster/workspaces".into()),
+            ..WorkerConfig::default()
+        };
+        ContainerSettings::from_config(&config, "worker-a1b2c3d4")
+    }
+
+    #[test]
+    fn containers_carry_the_workers_id_and_workspace_root() {
+        let labels = owner_labels(&settings());
+        assert_eq!(labels[LABEL_WORKER], "worker-a1b2c3d4");
+        assert_eq!(labels[LABEL_HOME], "/srv/claudecluster/workspaces");
+        assert_eq!(labels[LABEL_MANAGED], "true");
+    }
+
+    /// Creates a stopped container with `labels`, through the docker CLI; None without Docker
+    /// (a failure when `CI` is set).
+    fn docker_create(image: &str, labels: &[(&str, &str)]) -> Option<String> {
+        let mut command = std::process::Command::new("docker");
+        command.arg("create");
+        for (name, value) in labels {
+            command.arg("--label").arg(format!("{name}={value}"));
+        }
+        let created = command.args([image, "true"]).output();
+        match created {
+            Ok(output) if output.status.success() => {
+                Some(String::from_utf8(output.stdout).unwrap().trim().to_owned())
+            }
+            failed => {
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "this test needs Docker and the agent image: {failed:?}"
+                );
+                eprintln!("skipped: no Docker or no agent image ({failed:?})");
+                None
+            }
+        }
+    }
+
+    fn container_exists(id: &str) -> bool {
+        std::process::Command::new("docker")
+            .args(["inspect", "--format", "{{.Id}}", id])
+            .output()
+            .map(|output| output.status.success())
+            .unwrap_or(false)
+    }
+
+    #[tokio::test]
+    async fn a_restarted_worker_removes_what_its_workspace_root_left_under_any_id() {
+        let root = tempfile::tempdir().unwrap();
+        let config = WorkerConfig {
+            workspace_root: Some(root.path().to_path_buf()),
+            ..WorkerConfig::default()
+        };
+        let settings = ContainerSettings::from_config(&config, "worker-after-restart");
+        let home = settings.home.clone();
+        let managed = (LABEL_MANAGED, "true");
+        let Some(earlier_id) = docker_create(
+            &settings.image,
+            &[
+                managed,
+                (LABEL_WORKER, "worker-before-crash"),
+                (LABEL_HOME, &home),
+            ],
+        ) else {
+            return;
+        };
+        let same_id = docker_create(
+            &settings.image,
+            &[
+                managed,
+                (LABEL_WORKER, "worker-after-restart"),
+                (LABEL_HOME, "/elsewhere"),
+            ],
+        )
+        .unwrap();
+        let other_home = format!("{home}-other");
+        let someone_elses = docker_create(
+            &settings.image,
+            &[
+                managed,
+                (LABEL_WORKER, "worker-else"),
+                (LABEL_HOME, &other_home),
+            ],
+        )
+        .unwrap();
+
+        let provider = ContainerProvider::new(settings).unwrap();
+        let removed = provider.remove_previous_runs().await.unwrap();
+        assert_eq!(removed, 2);
+        assert!(!container_exists(&earlier_id), "left under another id");
+        assert!(!container_exists(&same_id), "left under this id");
+        assert!(container_exists(&someone_elses), "another worker's stays");
+        remove_container(&provider.docker, &someone_elses)
+            .await
+            .unwrap();
+    }
+
+    #[test]
+    fn leftovers_are_found_by_worker_id_and_by_workspace_root_apart() {
+        let [by_id, by_home] = leftover_filters(&settings());
+        assert_eq!(
+            by_id["label"],
+            [
+                "claudecluster.managed=true",
+                "claudecluster.worker=worker-a1b2c3d4"
+            ]
+        );
+        assert_eq!(
+            by_home["label"],
+            [
+                "claudecluster.managed=true",
+                "claudecluster.home=/srv/claudecluster/workspaces"
+            ]
+        );
+    }
 }

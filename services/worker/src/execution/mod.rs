@@ -11,6 +11,7 @@ mod container;
 mod output;
 mod process;
 mod signal;
+mod spawner;
 pub mod supervisor;
 mod unified;
 mod warm;
@@ -25,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use command::{AgentOptions, agent_args, agent_env, warm_agent_args};
 pub use container::{ContainerProvider, ContainerSettings};
 pub use output::{LineSplitter, OutputLine, OutputStream, forward_lines};
-pub use process::ProcessPoolProvider;
+pub use process::{ProcessPoolProvider, stop_leftover_agents};
 pub use unified::Providers;
 pub use warm::{WarmAgent, WarmPool, WarmTemplate};
 

@@ -1,0 +1,487 @@
+//! Every SQL statement of the driver, behind one type: embedded SQLite by default, PostgreSQL
+//! for operators who run one. Both go through sqlx's `Any` driver, so there is one code path;
+//! only the schema's DDL differs (see `migrations/`).
+//!
+//! Two tables: `subjects` holds one row per task or session (its record as a protobuf, the
+//! driver's bookkeeping, and columns to filter and page by), `events` the append-only logs keyed
+//! by (subject, sequence). A log and its subject's row are written in the same transaction.
+
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, AssertSqlSafe, Row as _};
+
+/// A schema migration: its version and its statements for each backend.
+struct Migration {
+    version: i64,
+    sqlite: &'static str,
+    postgres: &'static str,
+}
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sqlite: include_str!("../migrations/sqlite/0001_initial.sql"),
+    postgres: include_str!("../migrations/postgres/0001_initial.sql"),
+}];
+
+/// Rows of one multi-row INSERT: SQLite allows 999 parameters in a statement.
+const EVENTS_PER_STATEMENT: usize = 300;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// What a row of `subjects` is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubjectKind {
+    Task = 1,
+    Session = 2,
+}
+
+/// A subject's row as the driver writes it.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub kind: SubjectKind,
+    pub status: i32,
+    pub ended: bool,
+    pub idempotency_key: Option<String>,
+    /// The public record (`Task` or `Session`) as protobuf.
+    pub record: Vec<u8>,
+    /// The driver's own bookkeeping about it, as protobuf.
+    pub bookkeeping: Vec<u8>,
+    pub last_sequence: u64,
+    /// Milliseconds since the epoch when it ended.
+    pub end_time_ms: Option<i64>,
+}
+
+/// An event as stored: its sequence, whether compaction keeps it, and its protobuf.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub sequence: u64,
+    pub kept: bool,
+    pub bytes: Vec<u8>,
+}
+
+/// One subject's share of a commit: its row and the events appended since the last one.
+#[derive(Debug, Clone)]
+pub struct Write {
+    pub id: String,
+    pub row: Row,
+    pub events: Vec<StoredEvent>,
+}
+
+/// A subject's row as read back.
+#[derive(Debug, Clone)]
+pub struct LoadedRow {
+    pub order: i64,
+    pub id: String,
+    pub kind: SubjectKind,
+    pub record: Vec<u8>,
+    pub bookkeeping: Vec<u8>,
+    pub last_sequence: u64,
+}
+
+/// Why the store failed. The message never holds a password: URLs are shown without one.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot open the store at {place}: {message}")]
+    Open { place: String, message: String },
+    #[error("cannot migrate the store at {place} to schema version {version}: {message}")]
+    Migrate {
+        place: String,
+        version: i64,
+        message: String,
+    },
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("a stored record is damaged: {0}")]
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for DbError {
+    fn from(error: sqlx::Error) -> Self {
+        DbError::Unavailable(error.to_string())
+    }
+}
+
+pub struct Db {
+    pool: AnyPool,
+    pub backend: Backend,
+    /// Where the store is, for messages: a path or a URL without its password.
+    pub place: String,
+}
+
+/// A URL as it may be shown: without the password.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((credentials, host)) => {
+            let user = credentials.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+impl Db {
+    /// Opens the store at `url` (`sqlite://PATH` or `postgres://…`) and brings its schema up
+    /// to date.
+    pub async fn open(url: &str, max_connections: u32) -> Result<Db, DbError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("postgres") {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        };
+        let place = match backend {
+            Backend::Sqlite => url
+                .trim_start_matches("sqlite://")
+                .trim_start_matches("sqlite:")
+                .split('?')
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+            Backend::Postgres => redacted(url),
+        };
+        let open_error = |message: String| DbError::Open {
+            place: place.clone(),
+            message,
+        };
+        let mut url = url.to_owned();
+        if backend == Backend::Sqlite {
+            if let Some(parent) = std::path::Path::new(&place).parent()
+                && !parent.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(parent).map_err(|err| open_error(err.to_string()))?;
+            }
+            if !url.contains('?') {
+                url.push_str("?mode=rwc");
+            }
+        }
+        let options: AnyConnectOptions = url
+            .parse()
+            .map_err(|err: sqlx::Error| open_error(err.to_string()))?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(move |connection, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL lets readers go on while the writer commits; NORMAL syncs at
+                        // checkpoints, which survives a crash of the process (not of the host).
+                        for pragma in [
+                            "PRAGMA journal_mode = WAL",
+                            "PRAGMA synchronous = NORMAL",
+                            "PRAGMA busy_timeout = 5000",
+                            "PRAGMA foreign_keys = ON",
+                        ] {
+                            sqlx::query(pragma).execute(&mut *connection).await?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .map_err(|err| open_error(err.to_string()))?;
+        let db = Db {
+            pool,
+            backend,
+            place,
+        };
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    async fn migrate(&self) -> Result<(), DbError> {
+        let failed = |version: i64, err: sqlx::Error| DbError::Migrate {
+            place: self.place.clone(),
+            version,
+            message: err.to_string(),
+        };
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_ms BIGINT NOT NULL)",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(|err| failed(0, err))?;
+        let applied: Option<i64> = sqlx::query("SELECT MAX(version) FROM schema_migrations")
+            .fetch_one(&self.pool)
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(|err| failed(0, err))?;
+        let applied = applied.unwrap_or(0);
+        for migration in MIGRATIONS.iter().filter(|m| m.version > applied) {
+            let script = match self.backend {
+                Backend::Sqlite => migration.sqlite,
+                Backend::Postgres => migration.postgres,
+            };
+            let mut tx = self
+                .pool
+                .begin()
+                .await
+                .map_err(|err| failed(migration.version, err))?;
+            let code: String = script
+                .lines()
+                .filter(|line| !line.trim_start().starts_with("--"))
+                .map(|line| format!("{line}\n"))
+                .collect();
+            for statement in code.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                sqlx::query(AssertSqlSafe(statement.to_owned()))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|err| failed(migration.version, err))?;
+            }
+            sqlx::query("INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)")
+                .bind(migration.version)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await
+                .map_err(|err| failed(migration.version, err))?;
+            tx.commit()
+                .await
+                .map_err(|err| failed(migration.version, err))?;
+            tracing::info!(store = %self.place, version = migration.version, "store schema migrated");
+        }
+        Ok(())
+    }
+
+    /// Writes rows and events in one transaction: all or nothing.
+    pub async fn commit(&self, writes: &[Write]) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
+        for write in writes {
+            let row = &write.row;
+            sqlx::query(
+                "INSERT INTO subjects (id, kind, status, ended, idempotency_key, record, bookkeeping, last_sequence, end_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (id) DO UPDATE SET status = excluded.status, ended = excluded.ended, \
+                 record = excluded.record, bookkeeping = excluded.bookkeeping, \
+                 last_sequence = excluded.last_sequence, end_ms = excluded.end_ms",
+            )
+            .bind(write.id.clone())
+            .bind(row.kind as i64)
+            .bind(i64::from(row.status))
+            .bind(i64::from(row.ended))
+            .bind(row.idempotency_key.clone())
+            .bind(row.record.clone())
+            .bind(row.bookkeeping.clone())
+            .bind(row.last_sequence as i64)
+            .bind(row.end_time_ms)
+            .execute(&mut *tx)
+            .await?;
+            for chunk in write.events.chunks(EVENTS_PER_STATEMENT) {
+                let mut sql =
+                    String::from("INSERT INTO events (subject, seq, kept, event) VALUES ");
+                for index in 0..chunk.len() {
+                    if index > 0 {
+                        sql.push_str(", ");
+                    }
+                    let base = index * 4;
+                    sql.push_str(&format!(
+                        "(${}, ${}, ${}, ${})",
+                        base + 1,
+                        base + 2,
+                        base + 3,
+                        base + 4
+                    ));
+                }
+                // A commit retried after an error may carry events already written.
+                sql.push_str(" ON CONFLICT (subject, seq) DO NOTHING");
+                let mut query = sqlx::query(AssertSqlSafe(sql));
+                for event in chunk {
+                    query = query
+                        .bind(write.id.clone())
+                        .bind(event.sequence as i64)
+                        .bind(i64::from(event.kept))
+                        .bind(event.bytes.clone());
+                }
+                query.execute(&mut *tx).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    fn loaded(row: sqlx::any::AnyRow) -> Result<LoadedRow, DbError> {
+        let kind = match row.try_get::<i64, _>("kind")? {
+            1 => SubjectKind::Task,
+            2 => SubjectKind::Session,
+            other => return Err(DbError::Corrupt(format!("unknown subject kind {other}"))),
+        };
+        Ok(LoadedRow {
+            order: row.try_get("ord")?,
+            id: row.try_get("id")?,
+            kind,
+            record: row.try_get("record")?,
+            bookkeeping: row.try_get("bookkeeping")?,
+            last_sequence: row.try_get::<i64, _>("last_sequence")? as u64,
+        })
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<LoadedRow>, DbError> {
+        let row = sqlx::query(
+            "SELECT ord, id, kind, record, bookkeeping, last_sequence FROM subjects WHERE id = $1",
+        )
+        .bind(id.to_owned())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(Self::loaded).transpose()
+    }
+
+    /// The id of the task submitted with `key`, if any.
+    pub async fn by_idempotency_key(&self, key: &str) -> Result<Option<String>, DbError> {
+        let row = sqlx::query("SELECT id FROM subjects WHERE idempotency_key = $1")
+            .bind(key.to_owned())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|row| row.try_get("id")).transpose()?)
+    }
+
+    /// Subjects of `kind` that have not ended: what a restarted driver takes up again.
+    pub async fn live(&self, kind: SubjectKind) -> Result<Vec<LoadedRow>, DbError> {
+        let rows = sqlx::query(
+            "SELECT ord, id, kind, record, bookkeeping, last_sequence FROM subjects \
+             WHERE kind = $1 AND ended = 0 ORDER BY ord",
+        )
+        .bind(kind as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(Self::loaded).collect()
+    }
+
+    /// Subjects of `kind` after position `after`, in creation order, at most `limit`, with one
+    /// of `statuses` (any when empty).
+    pub async fn page(
+        &self,
+        kind: SubjectKind,
+        after: i64,
+        limit: usize,
+        statuses: &[i32],
+    ) -> Result<Vec<LoadedRow>, DbError> {
+        let mut sql = String::from(
+            "SELECT ord, id, kind, record, bookkeeping, last_sequence FROM subjects WHERE kind = $1 AND ord > $2",
+        );
+        if !statuses.is_empty() {
+            // Integers the caller parsed from an enum: nothing a client can inject.
+            let list: Vec<String> = statuses.iter().map(i32::to_string).collect();
+            sql.push_str(&format!(" AND status IN ({})", list.join(", ")));
+        }
+        sql.push_str(" ORDER BY ord LIMIT $3");
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(kind as i64)
+            .bind(after)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(Self::loaded).collect()
+    }
+
+    /// Events of `subject` with sequence in `(after, up_to]`, at most `limit`, in order.
+    pub async fn events(
+        &self,
+        subject: &str,
+        after: u64,
+        up_to: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, DbError> {
+        let rows = sqlx::query(
+            "SELECT seq, event FROM events WHERE subject = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
+        )
+        .bind(subject.to_owned())
+        .bind(after as i64)
+        .bind(up_to as i64)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| Ok((row.try_get::<i64, _>("seq")? as u64, row.try_get("event")?)))
+            .collect()
+    }
+
+    /// Tasks by status: `(status, count)`.
+    pub async fn count_by_status(&self, kind: SubjectKind) -> Result<Vec<(i32, u64)>, DbError> {
+        let rows = sqlx::query(
+            "SELECT status, COUNT(*) AS n FROM subjects WHERE kind = $1 GROUP BY status",
+        )
+        .bind(kind as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok((
+                    row.try_get::<i64, _>("status")? as i32,
+                    row.try_get::<i64, _>("n")? as u64,
+                ))
+            })
+            .collect()
+    }
+
+    /// Compacts the logs of finished tasks that ended before `ended_before_ms`, or that are
+    /// older than the newest `keep` finished ones: only the events marked `kept` (status
+    /// changes and the result) stay. Returns how many tasks were compacted.
+    pub async fn compact(&self, ended_before_ms: i64, keep: u64) -> Result<u64, DbError> {
+        let boundary: Option<i64> = sqlx::query(
+            "SELECT ord FROM subjects WHERE kind = 1 AND ended = 1 ORDER BY ord DESC LIMIT 1 OFFSET $1",
+        )
+        .bind(keep as i64)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|row| row.try_get("ord"))
+        .transpose()?;
+        let boundary = boundary.map_or(-1, |ord| ord + 1);
+        let due = "SELECT id FROM subjects WHERE kind = 1 AND ended = 1 AND compacted = 0 \
+                   AND (end_ms < $1 OR ord < $2)";
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "DELETE FROM events WHERE kept = 0 AND subject IN ({due})"
+        )))
+        .bind(ended_before_ms)
+        .bind(boundary)
+        .execute(&mut *tx)
+        .await?;
+        let compacted = sqlx::query(
+            "UPDATE subjects SET compacted = 1 WHERE kind = 1 AND ended = 1 AND compacted = 0 \
+             AND (end_ms < $1 OR ord < $2)",
+        )
+        .bind(ended_before_ms)
+        .bind(boundary)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(compacted)
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_shown_without_their_password() {
+        assert_eq!(
+            redacted("postgres://app:s3cret@db.example:5432/cluster"),
+            "postgres://app:***@db.example:5432/cluster"
+        );
+        assert_eq!(
+            redacted("postgres://db.example/cluster"),
+            "postgres://db.example/cluster"
+        );
+    }
+}
