@@ -535,3 +535,61 @@ fn uuid_like() -> String {
             .as_nanos()
     )
 }
+
+#[tokio::test]
+async fn docker_going_away_under_load_fails_or_reruns_every_task_and_leaves_no_container() {
+    let scratch = tempfile::tempdir().unwrap();
+    let proxy = DockerProxy::start(scratch.path());
+    let worker = WorkerSpec {
+        capacity: 3,
+        docker_socket: Some(proxy.path().to_path_buf()),
+        ..container_worker()
+    };
+    let cluster = TestCluster::start(vec![worker]).await;
+    let mut running = Vec::new();
+    for _ in 0..3 {
+        let task = cluster.submit(prompt("HANG")).await;
+        cluster.wait_for_agent(&task.task_id).await;
+        running.push(task.task_id);
+    }
+    // Two more wait for a slot.
+    let mut queued = Vec::new();
+    for index in 0..2 {
+        queued.push(
+            cluster
+                .submit(prompt(&format!("queued {index}")))
+                .await
+                .task_id,
+        );
+    }
+
+    proxy.cut();
+    for task_id in &running {
+        let (ended, _) = cluster.finish(task_id).await;
+        let failed_with_reason = ended.status() == TaskStatus::Failed
+            && ended.status_reason.contains("lost the Docker daemon");
+        assert!(
+            failed_with_reason || ended.status() == TaskStatus::Completed,
+            "{task_id}: {:?} {}",
+            ended.status(),
+            ended.status_reason
+        );
+    }
+    proxy.restore();
+    for task_id in &queued {
+        let (ended, _) = cluster.finish(task_id).await;
+        assert_eq!(
+            ended.status(),
+            TaskStatus::Completed,
+            "{}",
+            ended.status_reason
+        );
+    }
+    let label = format!("claudecluster.worker={}", cluster.worker_ids[0]);
+    wait_until(Duration::from_secs(30), || {
+        let label = label.clone();
+        async move { containers_with_label(&label).await.is_empty() }
+    })
+    .await
+    .expect("no container is left once Docker is back");
+}

@@ -765,3 +765,100 @@ async fn session_info(driver: &mut DriverClient, session_id: &str) -> Session {
         .session
         .unwrap()
 }
+
+/// A Python MCP client (the official SDK) over stdio: spawns a container agent on `argv[3]`,
+/// prints its task id, then waits for it with `wait_for_task` until it has ended and prints the
+/// final state. The driver restarts while it waits.
+const MCP_WAITER: &str = r#"
+import asyncio, json, sys
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
+async def main():
+    params = StdioServerParameters(command=sys.argv[1], args=["mcp", "--driver", sys.argv[2]])
+    async with stdio_client(params) as (read, write):
+        async with ClientSession(read, write) as session:
+            await session.initialize()
+            spawned = await session.call_tool("spawn_claude_container", {"task": sys.argv[3], "allowedTools": ["Bash"]})
+            task = json.loads(spawned.content[0].text)
+            print(json.dumps({"taskId": task["taskId"]}), flush=True)
+            for _ in range(10):
+                result = await session.call_tool("wait_for_task", {"taskId": task["taskId"], "timeoutSeconds": 50})
+                state = {"is_error": result.is_error, "text": result.content[0].text}
+                if result.is_error or json.loads(state["text"])["status"] not in ("pending", "assigned", "running"):
+                    print(json.dumps(state), flush=True)
+                    return
+            print(json.dumps({"is_error": True, "text": "still running"}), flush=True)
+asyncio.run(main())
+"#;
+
+#[tokio::test]
+async fn the_cli_and_the_mcp_server_resume_on_their_own_across_a_driver_restart() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let worker = WorkerSpec {
+        capacity: 2,
+        ..WorkerSpec::in_mode(Mode::Container)
+    };
+    let mut cluster = TestCluster::start(vec![worker]).await;
+    let followed = cluster
+        .submit(with_tools(WAIT_IN_WORKSPACE, &["Bash"]))
+        .await
+        .task_id;
+    wait_until_blocked(&cluster, std::slice::from_ref(&followed)).await;
+    let cli = tokio::process::Command::new(claudecluster_bin())
+        .args(["tasks", "events", &followed])
+        .env("CLAUDECLUSTER_DRIVER", &cluster.driver.address)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut mcp = tokio::process::Command::new(venv_tool("python"))
+        .args([
+            "-c",
+            MCP_WAITER,
+            claudecluster_bin().to_str().unwrap(),
+            &cluster.driver.address,
+            WAIT_IN_WORKSPACE,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut mcp_lines = BufReader::new(mcp.stdout.take().unwrap()).lines();
+    let spawned: serde_json::Value =
+        serde_json::from_str(&mcp_lines.next_line().await.unwrap().expect("the task id")).unwrap();
+    let spawned = spawned["taskId"].as_str().unwrap().to_owned();
+    wait_until_blocked(&cluster, std::slice::from_ref(&spawned)).await;
+
+    cluster.driver.kill().await;
+    cluster.driver.restart().await;
+    for task_id in [&followed, &spawned] {
+        let workspace = cluster.task(task_id).await.workspace;
+        std::fs::write(std::path::Path::new(&workspace).join("go"), "").unwrap();
+    }
+
+    let waited = tokio::time::timeout(Duration::from_secs(120), mcp_lines.next_line())
+        .await
+        .expect("the MCP client finished")
+        .unwrap()
+        .expect("the final state");
+    let waited: serde_json::Value = serde_json::from_str(&waited).unwrap();
+    assert_eq!(waited["is_error"], false, "{waited}");
+    let state: serde_json::Value = serde_json::from_str(waited["text"].as_str().unwrap()).unwrap();
+    assert_eq!(state["status"], "completed", "{state}");
+
+    let output = tokio::time::timeout(Duration::from_secs(120), cli.wait_with_output())
+        .await
+        .expect("the CLI finished")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("stream interrupted") && stderr.contains("resuming after event"),
+        "the CLI said it resumed: {stderr}"
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("released"),
+        "the CLI printed the agent's text after the restart"
+    );
+}

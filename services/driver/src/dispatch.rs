@@ -23,9 +23,9 @@ use crate::store::{TaskEntry, TaskStore};
 /// After asking a worker to cancel, how long its stream may take to end before the driver
 /// ends the task itself.
 const CANCEL_DEADLINE: Duration = Duration::from_secs(30);
-/// A task a full worker refused waits this long before it is queued again, so that the
-/// scheduler hears of the worker's real load first.
-const FULL_WORKER_PAUSE: Duration = Duration::from_millis(200);
+/// A task a worker did not take waits this long before it is queued again, so that the
+/// scheduler hears of the worker's real load and health first.
+const REFUSED_PAUSE: Duration = Duration::from_millis(200);
 
 /// How often the driver pings each worker's connection, and how long an answer may take
 /// before the worker counts as lost.
@@ -38,8 +38,9 @@ const REATTACH_PATIENCE: Duration = Duration::from_secs(5);
 
 /// How a run ended without an outcome.
 enum RunEnd {
-    /// The worker had no free slot: the attempt is not used up.
-    WorkerFull(String),
+    /// The worker did not take the task (no free slot, or it cannot run tasks just now): the
+    /// attempt is not used up.
+    NotStarted(String),
     /// The worker refused the task, could not be reached or was lost: the attempt is used up.
     Lost(String),
     /// The worker stopped the run because it shuts down: the task runs again, whatever
@@ -248,12 +249,14 @@ impl Dispatcher {
         self.release(&entry.id, attempt).await;
         match ended {
             Ok(()) => {}
-            Err(RunEnd::WorkerFull(reason)) => {
-                // Not the task's fault: it waits for a slot with the attempt it has.
-                tracing::info!(task = %entry.id, worker = %worker_id, %reason, "worker full; queued again");
-                if entry.requeue(attempt, format!("{reason}; waiting for a free slot")) {
-                    tokio::time::sleep(FULL_WORKER_PAUSE).await;
-                    self.enqueue(&entry).await;
+            Err(RunEnd::NotStarted(reason)) => {
+                // Not the task's fault: it waits for another placement with the attempt it has.
+                tracing::info!(task = %entry.id, worker = %worker_id, %reason, "not taken; queued again");
+                if entry.requeue(attempt, format!("{reason}; queued again")) {
+                    tokio::time::sleep(REFUSED_PAUSE).await;
+                    if entry.status() == TaskStatus::Pending {
+                        self.enqueue(&entry).await;
+                    }
                 }
             }
             Err(RunEnd::GivenBack(reason)) => {
@@ -329,9 +332,18 @@ impl Dispatcher {
         };
         let mut events = match response {
             Ok(response) => response.into_inner(),
+            // Refused before it ran, for want of room or because the worker cannot run tasks
+            // just now (Docker away, shutting down, unreachable): the task waits for another
+            // placement with the attempt it has.
             Err(status) if status.code() == tonic::Code::ResourceExhausted => {
-                return Err(RunEnd::WorkerFull(format!(
+                return Err(RunEnd::NotStarted(format!(
                     "worker {worker_id} is full: {}",
+                    status.message()
+                )));
+            }
+            Err(status) if !attach && status.code() == tonic::Code::Unavailable => {
+                return Err(RunEnd::NotStarted(format!(
+                    "worker {worker_id} could not take the task: {}",
                     status.message()
                 )));
             }

@@ -52,6 +52,8 @@ struct State<R> {
     /// Counts every change (events and updates), and what of them is stored.
     changes: u64,
     stored_changes: u64,
+    /// Given up before anything of it was stored (its creation was refused): never written.
+    abandoned: bool,
 }
 
 impl<R> State<R> {
@@ -79,7 +81,8 @@ pub struct Unwritten {
 pub trait Persist: Send + Sync {
     fn id(&self) -> &str;
     /// The row and the events not yet committed; the journal counts as no longer queued.
-    fn unwritten(&self) -> Unwritten;
+    /// `None` for a record given up before it was ever stored.
+    fn unwritten(&self) -> Option<Unwritten>;
     /// The commit holding events up to `up_to` and the first `changes` changes succeeded.
     /// True when the record has ended and everything is durable: it may leave memory.
     fn written(&self, up_to: u64, changes: u64) -> bool;
@@ -100,6 +103,7 @@ impl<R: Record> Journal<R> {
                 queued: false,
                 changes: 0,
                 stored_changes: 0,
+                abandoned: false,
             }),
             durable: watch::Sender::new(last_sequence),
             writer,
@@ -136,6 +140,17 @@ impl<R: Record> Journal<R> {
     /// Why the store cannot be written, while that lasts.
     pub fn store_failure(&self) -> Option<String> {
         self.writer.failure()
+    }
+
+    /// Gives up a record whose creation was refused, so that it is never written; false when
+    /// some of it is stored already (it stays).
+    pub fn abandon(&self) -> bool {
+        let mut state = self.lock();
+        if state.stored_changes > 0 {
+            return false;
+        }
+        state.abandoned = true;
+        true
     }
 
     /// Appends an event the record accepts, running `also` on the record under the same lock;
@@ -310,9 +325,12 @@ impl<R: Record> Persist for Journal<R> {
         &self.id
     }
 
-    fn unwritten(&self) -> Unwritten {
+    fn unwritten(&self) -> Option<Unwritten> {
         let mut state = self.lock();
         state.queued = false;
+        if state.abandoned {
+            return None;
+        }
         let durable = state.durable;
         let events = state
             .events
@@ -325,7 +343,7 @@ impl<R: Record> Persist for Journal<R> {
             })
             .collect();
         let up_to = state.last();
-        Unwritten {
+        Some(Unwritten {
             write: Write {
                 id: self.id.clone(),
                 row: state.record.row(up_to),
@@ -333,7 +351,7 @@ impl<R: Record> Persist for Journal<R> {
             },
             up_to,
             changes: state.changes,
-        }
+        })
     }
 
     fn written(&self, up_to: u64, changes: u64) -> bool {

@@ -217,6 +217,9 @@ impl SessionEntry {
         text: String,
         limit: usize,
     ) -> Result<(u32, u64), DriverError> {
+        if let Some(reason) = self.journal.store_failure() {
+            return Err(DriverError::NotDurable(reason));
+        }
         let queued = self.journal.update(|record| {
             let state = record.state();
             if is_final(state) {
@@ -240,11 +243,19 @@ impl SessionEntry {
             Ok(turn)
         })?;
         let after = self.journal.last_sequence();
-        // The message is accepted once it is stored.
+        // The message is accepted once it is stored. One that could not be is taken back, if
+        // it still waits: the client was told it was not sent.
         if !self.journal.wait_stored(DURABLE_PATIENCE).await {
+            self.journal.update(|record| {
+                record.book.queue.retain(|message| message.turn != queued);
+                record.session.queued_messages = record.book.queue.len() as u32;
+            });
             return Err(DriverError::NotDurable(format!(
-                "the message to session {} is not yet stored",
-                self.id
+                "the message to session {} is not yet stored: {}",
+                self.id,
+                self.journal
+                    .store_failure()
+                    .unwrap_or_else(|| "the store is slow".to_owned())
             )));
         }
         Ok((queued, after))
@@ -332,6 +343,9 @@ impl SessionStore {
 
     /// Records a new session; it is stored when this returns.
     pub async fn insert(&self, spec: SessionSpec) -> Result<Arc<SessionEntry>, DriverError> {
+        if let Some(reason) = self.writer.failure() {
+            return Err(DriverError::NotDurable(reason));
+        }
         let id = uuid::Uuid::new_v4().to_string();
         let session = Session {
             session_id: id.clone(),
@@ -357,9 +371,20 @@ impl SessionStore {
             0,
         );
         if !entry.journal.wait_stored(DURABLE_PATIENCE).await {
+            if entry.journal.abandon() {
+                self.live
+                    .sessions
+                    .write()
+                    .expect("live session lock poisoned")
+                    .remove(&entry.id);
+            }
             return Err(DriverError::NotDurable(format!(
-                "session {} is not yet stored",
-                entry.id
+                "session {} is not yet stored: {}",
+                entry.id,
+                entry
+                    .journal
+                    .store_failure()
+                    .unwrap_or_else(|| "the store is slow".to_owned())
             )));
         }
         Ok(entry)

@@ -426,9 +426,33 @@ impl TaskStore {
             }
             Some(guard)
         };
+        self.refuse_while_failing()?;
         let entry = self.record(new_task_id(), spec);
-        entry.durable().await?;
+        if let Err(err) = entry.durable().await {
+            self.give_up(&entry);
+            return Err(err);
+        }
         Ok((entry, true))
+    }
+
+    /// Refuses new work at once while the store cannot be written: it could not be kept.
+    fn refuse_while_failing(&self) -> Result<(), DriverError> {
+        match self.writer.failure() {
+            Some(reason) => Err(DriverError::NotDurable(reason)),
+            None => Ok(()),
+        }
+    }
+
+    /// Forgets a task whose submission was refused because it could not be stored: the client
+    /// was told it does not exist, so it never will.
+    fn give_up(&self, entry: &TaskEntry) {
+        if entry.journal.abandon() {
+            self.live
+                .tasks
+                .write()
+                .expect("live task lock poisoned")
+                .remove(&entry.id);
+        }
     }
 
     async fn find_by_key(&self, key: &str) -> Result<Option<Arc<TaskEntry>>, DriverError> {
@@ -455,12 +479,18 @@ impl TaskStore {
         &self,
         tasks: Vec<(String, TaskSpec)>,
     ) -> Result<Vec<Arc<TaskEntry>>, DriverError> {
+        self.refuse_while_failing()?;
         let entries: Vec<_> = tasks
             .into_iter()
             .map(|(id, spec)| self.record(id, spec))
             .collect();
         for entry in &entries {
-            entry.durable().await?;
+            if let Err(err) = entry.durable().await {
+                for entry in &entries {
+                    self.give_up(entry);
+                }
+                return Err(err);
+            }
         }
         Ok(entries)
     }
@@ -834,6 +864,35 @@ pub(crate) mod tests {
             assert_eq!(rest.len(), 1);
             assert_eq!(rest[0].task_id, entries[4].id);
             assert_eq!(after, None);
+        }
+    }
+
+    #[tokio::test]
+    async fn damaged_stored_events_and_records_are_reported_not_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        for url in crate::test_support::store_urls(dir.path()).await {
+            let (store, live, _stop) = store_at(&url).await;
+            let (entry, _) = store.insert(spec("hi")).await.unwrap();
+            entry.assign(1, "w1", "a:1");
+            entry.append(1, text("one"));
+            entry.set_status(1, TaskStatus::Completed, "", "w1");
+            entry.durable().await.unwrap();
+            crate::test_support::wait(|| live.tasks.read().unwrap().is_empty()).await;
+            store.db().damage_event(&entry.id, 3).await;
+            let stored = store.get(&entry.id).await.unwrap().unwrap();
+            assert_eq!(
+                drain(&store, stored, 0).await,
+                vec![1, 2, 4],
+                "the damaged event is skipped, the rest streams"
+            );
+            store.db().damage_record(&entry.id).await;
+            let err = match store.get(&entry.id).await {
+                Err(err) => err,
+                Ok(_) => panic!("a damaged record cannot be read"),
+            };
+            let status: tonic::Status = err.into();
+            assert_eq!(status.code(), tonic::Code::DataLoss);
+            assert!(status.message().contains(&entry.id), "{}", status.message());
         }
     }
 }

@@ -147,11 +147,15 @@ async fn commit(db: &Db, batch: &[Arc<dyn Persist>], settled: &Settled) -> Resul
     let mut taken = Vec::with_capacity(unique.len());
     let mut writes = Vec::with_capacity(unique.len());
     for journal in unique.into_values() {
-        let unwritten = journal.unwritten();
+        let Some(unwritten) = journal.unwritten() else {
+            continue;
+        };
         taken.push((journal, unwritten.up_to, unwritten.changes));
         writes.push(unwritten.write);
     }
-    db.commit(&writes).await.map_err(|err| err.to_string())?;
+    if !writes.is_empty() {
+        db.commit(&writes).await.map_err(|err| err.to_string())?;
+    }
     for (journal, up_to, changes) in taken {
         if journal.written(up_to, changes) {
             settled(journal.id());

@@ -235,8 +235,8 @@ fn resumable(status: &tonic::Status) -> bool {
     )
 }
 
-/// Calls `call` until it answers with something other than UNAVAILABLE, for at most
-/// [`DRIVER_PATIENCE`]. Only for calls that are safe to repeat.
+/// Calls `call` until it answers with something other than a driver that went away, for at
+/// most [`DRIVER_PATIENCE`]. Only for calls that are safe to repeat.
 async fn patiently<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
 where
     F: FnMut() -> Fut,
@@ -246,10 +246,7 @@ where
     let mut pause = Duration::from_millis(100);
     loop {
         match call().await {
-            Err(status)
-                if status.code() == tonic::Code::Unavailable
-                    && tokio::time::Instant::now() + pause < deadline =>
-            {
+            Err(status) if resumable(&status) && tokio::time::Instant::now() + pause < deadline => {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(1));
             }
