@@ -1,16 +1,12 @@
-//! The parser against real output of Claude Code 2.1.328 (`shared/reference/`).
+//! The parser against real output of Claude Code 2.1.328, kept in `tests/fixtures/` so that a
+//! clone anywhere runs them.
 
 use std::path::PathBuf;
 
 use claudecluster_agent_protocol::{AgentEvent, ResultEvent, parse_line};
 
 fn transcript(name: &str) -> Vec<AgentEvent> {
-    let dir = std::env::var_os("CLAUDECLUSTER_REFERENCE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../../../shared/reference/claude-code-2.1.328")
-        });
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/claude-code-2.1.328");
     let path = dir.join(name);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|err| panic!("reading {}: {err}", path.display()));

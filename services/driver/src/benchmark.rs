@@ -57,7 +57,6 @@ pub async fn fill_store(
             };
             events.push(StoredEvent {
                 sequence,
-                kept: matches!(event.kind, Some(Kind::StatusChange(_))),
                 bytes: event.encode_to_vec(),
             });
         }

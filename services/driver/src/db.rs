@@ -3,8 +3,10 @@
 //! only the schema's DDL differs (see `migrations/`).
 //!
 //! Two tables: `subjects` holds one row per task or session (its record as a protobuf, the
-//! driver's bookkeeping, and columns to filter and page by), `events` the append-only logs keyed
-//! by (subject, sequence). A log and its subject's row are written in the same transaction.
+//! driver's bookkeeping, and columns to filter and page by), `events` the append-only logs in
+//! chunks keyed by (subject, first sequence): one row per subject and commit, so that writing
+//! a thousand events costs one insert. A log and its subject's row are written in the same
+//! transaction.
 
 use std::time::Duration;
 
@@ -24,8 +26,10 @@ const MIGRATIONS: &[Migration] = &[Migration {
     postgres: include_str!("../migrations/postgres/0001_initial.sql"),
 }];
 
-/// Rows of one multi-row INSERT: SQLite allows 999 parameters in a statement.
-const EVENTS_PER_STATEMENT: usize = 300;
+/// Events in one chunk at most, so that a replay reads what it needs and no more.
+const EVENTS_PER_CHUNK: usize = 1024;
+/// Finished tasks compacted in one round at most, so that a round stays short.
+const COMPACTIONS_PER_ROUND: i64 = 500;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -56,11 +60,10 @@ pub struct Row {
     pub end_time_ms: Option<i64>,
 }
 
-/// An event as stored: its sequence, whether compaction keeps it, and its protobuf.
+/// An event as stored: its sequence and its protobuf.
 #[derive(Debug, Clone)]
 pub struct StoredEvent {
     pub sequence: u64,
-    pub kept: bool,
     pub bytes: Vec<u8>,
 }
 
@@ -274,33 +277,23 @@ impl Db {
             .bind(row.end_time_ms)
             .execute(&mut *tx)
             .await?;
-            for chunk in write.events.chunks(EVENTS_PER_STATEMENT) {
-                let mut sql =
-                    String::from("INSERT INTO events (subject, seq, kept, event) VALUES ");
-                for index in 0..chunk.len() {
-                    if index > 0 {
-                        sql.push_str(", ");
-                    }
-                    let base = index * 4;
-                    sql.push_str(&format!(
-                        "(${}, ${}, ${}, ${})",
-                        base + 1,
-                        base + 2,
-                        base + 3,
-                        base + 4
-                    ));
-                }
-                // A commit retried after an error may carry events already written.
-                sql.push_str(" ON CONFLICT (subject, seq) DO NOTHING");
-                let mut query = sqlx::query(AssertSqlSafe(sql));
-                for event in chunk {
-                    query = query
-                        .bind(write.id.clone())
-                        .bind(event.sequence as i64)
-                        .bind(i64::from(event.kept))
-                        .bind(event.bytes.clone());
-                }
-                query.execute(&mut *tx).await?;
+            for chunk in write.events.chunks(EVENTS_PER_CHUNK) {
+                let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
+                    continue;
+                };
+                // A commit retried after an error may find part of its chunk written already:
+                // what it carries now holds that and more.
+                sqlx::query(
+                    "INSERT INTO events (subject, first_seq, last_seq, events) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (subject, first_seq) DO UPDATE SET last_seq = excluded.last_seq, \
+                     events = excluded.events",
+                )
+                .bind(write.id.clone())
+                .bind(first.sequence as i64)
+                .bind(last.sequence as i64)
+                .bind(chunk_bytes(chunk))
+                .execute(&mut *tx)
+                .await?;
             }
         }
         tx.commit().await?;
@@ -381,26 +374,43 @@ impl Db {
         rows.into_iter().map(Self::loaded).collect()
     }
 
-    /// Events of `subject` with sequence in `(after, up_to]`, at most `limit`, in order.
+    /// Events of `subject` with sequence in `(after, up_to]`, in order, from at most `chunks`
+    /// chunks: their sequence and protobuf; and whether that is all there is up to `up_to`. A
+    /// damaged chunk is reported and skipped; what could be read of it is kept.
     pub async fn events(
         &self,
         subject: &str,
         after: u64,
         up_to: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, DbError> {
+        chunks: usize,
+    ) -> Result<(Vec<(u64, Vec<u8>)>, bool), DbError> {
         let rows = sqlx::query(
-            "SELECT seq, event FROM events WHERE subject = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4",
+            "SELECT first_seq, events FROM events WHERE subject = $1 AND last_seq > $2 AND first_seq <= $3 \
+             ORDER BY first_seq LIMIT $4",
         )
         .bind(subject.to_owned())
         .bind(after as i64)
         .bind(up_to as i64)
-        .bind(limit as i64)
+        .bind(chunks.min(i64::MAX as usize) as i64)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(|row| Ok((row.try_get::<i64, _>("seq")? as u64, row.try_get("event")?)))
-            .collect()
+        let complete = rows.len() < chunks;
+        let mut events = Vec::new();
+        for row in rows {
+            let first: i64 = row.try_get("first_seq")?;
+            let bytes: Vec<u8> = row.try_get("events")?;
+            let (read, damage) = split_chunk(&bytes);
+            if let Some(damage) = damage {
+                tracing::error!(subject, first_sequence = first, error = %damage, "a stored chunk of events is damaged; skipping the rest of it");
+            }
+            for (offset, event) in read.into_iter().enumerate() {
+                let sequence = first as u64 + offset as u64;
+                if sequence > after && sequence <= up_to {
+                    events.push((sequence, event));
+                }
+            }
+        }
+        Ok((events, complete))
     }
 
     /// Tasks by status: `(status, count)`.
@@ -422,9 +432,14 @@ impl Db {
     }
 
     /// Compacts the logs of finished tasks that ended before `ended_before_ms`, or that are
-    /// older than the newest `keep` finished ones: only the events marked `kept` (status
-    /// changes and the result) stay. Returns how many tasks were compacted.
-    pub async fn compact(&self, ended_before_ms: i64, keep: u64) -> Result<u64, DbError> {
+    /// older than the newest `keep` finished ones: only the events `keep_event` keeps (status
+    /// changes and the result) stay. Compacts at most a round's worth; returns how many tasks.
+    pub async fn compact(
+        &self,
+        ended_before_ms: i64,
+        keep: u64,
+        keep_event: impl Fn(&[u8]) -> bool,
+    ) -> Result<u64, DbError> {
         let boundary: Option<i64> = sqlx::query(
             "SELECT ord FROM subjects WHERE kind = 1 AND ended = 1 ORDER BY ord DESC LIMIT 1 OFFSET $1",
         )
@@ -434,37 +449,62 @@ impl Db {
         .map(|row| row.try_get("ord"))
         .transpose()?;
         let boundary = boundary.map_or(-1, |ord| ord + 1);
-        let due = "SELECT id FROM subjects WHERE kind = 1 AND ended = 1 AND compacted = 0 \
-                   AND (end_ms < $1 OR ord < $2)";
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(AssertSqlSafe(format!(
-            "DELETE FROM events WHERE kept = 0 AND subject IN ({due})"
-        )))
-        .bind(ended_before_ms)
-        .bind(boundary)
-        .execute(&mut *tx)
-        .await?;
-        let compacted = sqlx::query(
-            "UPDATE subjects SET compacted = 1 WHERE kind = 1 AND ended = 1 AND compacted = 0 \
-             AND (end_ms < $1 OR ord < $2)",
+        let due: Vec<String> = sqlx::query(
+            "SELECT id FROM subjects WHERE kind = 1 AND ended = 1 AND compacted = 0 \
+             AND (end_ms < $1 OR ord < $2) ORDER BY ord LIMIT $3",
         )
         .bind(ended_before_ms)
         .bind(boundary)
-        .execute(&mut *tx)
+        .bind(COMPACTIONS_PER_ROUND)
+        .fetch_all(&self.pool)
         .await?
-        .rows_affected();
-        tx.commit().await?;
-        Ok(compacted)
+        .into_iter()
+        .map(|row| row.try_get("id"))
+        .collect::<Result<_, _>>()?;
+        for id in &due {
+            let (events, _) = self
+                .events(id, 0, i64::MAX as u64, i64::MAX as usize)
+                .await?;
+            let kept: Vec<StoredEvent> = events
+                .into_iter()
+                .filter(|(_, bytes)| keep_event(bytes))
+                .map(|(sequence, bytes)| StoredEvent { sequence, bytes })
+                .collect();
+            let mut tx = self.pool.begin().await?;
+            sqlx::query("DELETE FROM events WHERE subject = $1")
+                .bind(id.clone())
+                .execute(&mut *tx)
+                .await?;
+            // The kept events are not contiguous: each is a chunk of its own.
+            for event in &kept {
+                sqlx::query(
+                    "INSERT INTO events (subject, first_seq, last_seq, events) VALUES ($1, $2, $3, $4)",
+                )
+                .bind(id.clone())
+                .bind(event.sequence as i64)
+                .bind(event.sequence as i64)
+                .bind(chunk_bytes(std::slice::from_ref(event)))
+                .execute(&mut *tx)
+                .await?;
+            }
+            sqlx::query("UPDATE subjects SET compacted = 1 WHERE id = $1")
+                .bind(id.clone())
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        }
+        Ok(due.len() as u64)
     }
 
     pub async fn close(&self) {
         self.pool.close().await;
     }
 
-    /// Overwrites a stored event with bytes that are no event, as a damaged disk would.
+    /// Overwrites the stored chunk that starts at `sequence` with bytes that are no events, as a
+    /// damaged disk would.
     #[cfg(test)]
     pub async fn damage_event(&self, subject: &str, sequence: u64) {
-        sqlx::query("UPDATE events SET event = $1 WHERE subject = $2 AND seq = $3")
+        sqlx::query("UPDATE events SET events = $1 WHERE subject = $2 AND first_seq = $3")
             .bind(vec![0xff_u8, 0xff, 0xff, 0x07])
             .bind(subject.to_owned())
             .bind(sequence as i64)
@@ -483,6 +523,40 @@ impl Db {
             .await
             .unwrap();
     }
+}
+
+/// Events as one chunk: each protobuf after its length.
+fn chunk_bytes(events: &[StoredEvent]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(events.iter().map(|e| e.bytes.len() + 4).sum());
+    for event in events {
+        prost::encoding::encode_varint(event.bytes.len() as u64, &mut bytes);
+        bytes.extend_from_slice(&event.bytes);
+    }
+    bytes
+}
+
+/// The events of a chunk, and what made the rest of it unreadable, if anything did.
+fn split_chunk(mut bytes: &[u8]) -> (Vec<Vec<u8>>, Option<String>) {
+    let mut events = Vec::new();
+    while !bytes.is_empty() {
+        let length = match prost::encoding::decode_varint(&mut bytes) {
+            Ok(length) => length as usize,
+            Err(err) => return (events, Some(err.to_string())),
+        };
+        if length > bytes.len() {
+            return (
+                events,
+                Some(format!(
+                    "an event of {length} bytes where {} are left",
+                    bytes.len()
+                )),
+            );
+        }
+        let (event, rest) = bytes.split_at(length);
+        events.push(event.to_vec());
+        bytes = rest;
+    }
+    (events, None)
 }
 
 pub fn now_ms() -> i64 {

@@ -6,15 +6,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use claudecluster_proto::v1::event::Kind;
+use claudecluster_proto::v1::run_session_request::Message as SessionMessage;
 use claudecluster_proto::v1::scheduler_service_client::SchedulerServiceClient;
 use claudecluster_proto::v1::worker_service_client::WorkerServiceClient;
 use claudecluster_proto::v1::{
-    CancelExecutionRequest, CloseWorkerSessionRequest, DequeueTaskRequest, EnqueueTaskRequest,
-    ExecuteTaskRequest, ExecutionMode, Priority, ReleaseTaskRequest, RunSessionRequest,
-    SessionState, SessionTurnRequest, StreamPlacementsRequest, StreamPlacementsResponse,
-    TaskStatus,
+    CancelExecutionRequest, DequeueTaskRequest, EnqueueTaskRequest, ExecuteTaskRequest,
+    ExecutionMode, Priority, ReleaseTaskRequest, RunSessionRequest, RunSessionResponse,
+    SessionClose, SessionOpen, SessionState, SessionTurn, StreamPlacementsRequest,
+    StreamPlacementsResponse, TaskStatus,
 };
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
 use tonic::transport::Channel;
 
 use crate::sessions::{SessionEntry, SessionStore};
@@ -35,6 +39,8 @@ const WORKER_PING_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the driver tries to attach again to a run whose stream broke before it counts the
 /// worker as lost.
 const REATTACH_PATIENCE: Duration = Duration::from_secs(5);
+/// Messages a session's stream holds on their way out: the first, one turn and a close.
+const SESSION_INPUT_BUFFER: usize = 4;
 
 /// How a run ended without an outcome.
 enum RunEnd {
@@ -56,6 +62,8 @@ pub struct Dispatcher {
     scheduler: SchedulerServiceClient<Channel>,
     pub scheduler_address: String,
     workers: Mutex<HashMap<String, WorkerServiceClient<Channel>>>,
+    /// The streams of the sessions followed here, by session, for closing them.
+    session_links: Mutex<HashMap<String, Arc<SessionLink>>>,
 }
 
 impl Dispatcher {
@@ -73,6 +81,7 @@ impl Dispatcher {
             scheduler: SchedulerServiceClient::new(channel),
             scheduler_address,
             workers: Mutex::default(),
+            session_links: Mutex::default(),
         })
     }
 
@@ -477,9 +486,9 @@ impl Dispatcher {
         }
     }
 
-    /// Runs a placed session on its worker (or attaches to it again after a restart): records
-    /// everything the worker streams about it and sends it its messages one at a time, until
-    /// the session ends.
+    /// Runs a placed session on its worker (or attaches to it again after a restart) over one
+    /// stream: records everything the worker streams about it and sends it its messages one at
+    /// a time, until the session ends.
     pub async fn run_session(
         &self,
         session: Arc<SessionEntry>,
@@ -504,15 +513,9 @@ impl Dispatcher {
                 return;
             }
         };
-        let (_, after_run_sequence) = session.placement();
-        let request = RunSessionRequest {
-            session_id: session.id.clone(),
-            spec: Some(session.spec()),
-            attach,
-            after_run_sequence: if attach { after_run_sequence } else { 0 },
-        };
-        let mut events = match worker.run_session(request).await {
-            Ok(response) => response.into_inner(),
+        let link = self.link_session(&session.id);
+        let (input, mut events) = match open_session_stream(&mut worker, &session, attach).await {
+            Ok(opened) => opened,
             Err(status) => {
                 let (state, reason) = if attach {
                     (
@@ -531,6 +534,7 @@ impl Dispatcher {
                         ),
                     )
                 };
+                link.finish();
                 session.set_state(state, reason, worker_id, 0);
                 self.release(&session.id, 0).await;
                 return;
@@ -538,50 +542,88 @@ impl Dispatcher {
         };
         // After a restart, a message the driver sent may not have reached the worker: it is sent
         // again, and the worker answers each turn once.
-        let resend = if attach { session.unanswered() } else { None };
-        let pump = tokio::spawn(send_messages(session.clone(), worker.clone(), resend));
+        let mut input = link.connect(&session, input, attach);
         // Whether the stream was opened again since the last event: a second break without
         // progress means the worker is gone.
         let mut reattached = false;
         let lost = loop {
-            let broke = match events.message().await {
-                Ok(Some(response)) => {
-                    reattached = false;
-                    if let Some(event) = response.event {
-                        session.append_from_worker(event, response.run_sequence);
+            let broke = tokio::select! {
+                message = events.message() => match message {
+                    Ok(Some(response)) => {
+                        reattached = false;
+                        if let Some(event) = response.event {
+                            session.append_from_worker(event, response.run_sequence);
+                        }
+                        if session.state().is_final() {
+                            break String::new();
+                        }
+                        continue;
                     }
-                    if session.state().is_final() {
-                        break String::new();
-                    }
+                    Ok(None) => format!("worker {worker_id} ended the session's stream"),
+                    Err(status) => format!("lost worker {worker_id}: {}", status.message()),
+                },
+                // One message at a time, once the previous one is answered. One that does not
+                // get onto a broken stream is the one in flight: it goes on the next.
+                Some((turn, text)) = session.next_message() => {
+                    let _ = input.send(turn_message(turn, text)).await;
                     continue;
                 }
-                Ok(None) => format!("worker {worker_id} ended the session's stream"),
-                Err(status) => format!("lost worker {worker_id}: {}", status.message()),
-            };
-            // The session may go on on the worker (a connection lost for a moment): attach to
-            // it again, once, before counting the worker as lost.
-            let (_, after_run_sequence) = session.placement();
-            let again = RunSessionRequest {
-                session_id: session.id.clone(),
-                spec: Some(session.spec()),
-                attach: true,
-                after_run_sequence,
             };
             if reattached {
                 break broke;
             }
-            match tokio::time::timeout(REATTACH_PATIENCE, worker.run_session(again)).await {
-                Ok(Ok(response)) => {
+            // The session may go on on the worker (a connection lost for a moment): attach to
+            // it again, once, before counting the worker as lost.
+            let opened = tokio::time::timeout(
+                REATTACH_PATIENCE,
+                open_session_stream(&mut worker, &session, true),
+            )
+            .await;
+            match opened {
+                Ok(Ok((again_input, again))) => {
                     reattached = true;
-                    events = response.into_inner();
+                    events = again;
+                    input = link.connect(&session, again_input, true);
                 }
                 _ => break broke,
             }
         };
-        pump.abort();
+        link.finish();
+        self.unlink_session(&session.id, &link);
         // A stream that ends before the session did means the worker is gone.
         session.set_state(SessionState::Lost, lost, worker_id, 0);
         self.release(&session.id, 0).await;
+    }
+
+    /// Registers the stream about to be opened to a session, for [`Dispatcher::close_session`].
+    fn link_session(&self, session_id: &str) -> Arc<SessionLink> {
+        let link = Arc::new(SessionLink::default());
+        self.session_links
+            .lock()
+            .expect("session link lock poisoned")
+            .insert(session_id.to_owned(), link.clone());
+        link
+    }
+
+    fn unlink_session(&self, session_id: &str, link: &Arc<SessionLink>) {
+        let mut links = self
+            .session_links
+            .lock()
+            .expect("session link lock poisoned");
+        if links
+            .get(session_id)
+            .is_some_and(|held| Arc::ptr_eq(held, link))
+        {
+            links.remove(session_id);
+        }
+    }
+
+    fn session_link(&self, session_id: &str) -> Option<Arc<SessionLink>> {
+        self.session_links
+            .lock()
+            .expect("session link lock poisoned")
+            .get(session_id)
+            .cloned()
     }
 
     /// Closes a session: on its worker when it has one (container and volumes go), otherwise
@@ -592,52 +634,155 @@ impl Dispatcher {
             session.set_state(SessionState::Closed, "closed by a client", "", 0);
             return;
         };
-        let confirmed = match self.worker(&address) {
-            Ok(mut worker) => worker
-                .close_worker_session(CloseWorkerSessionRequest {
-                    session_id: session.id.clone(),
-                })
-                .await
-                .map(|response| response.into_inner().found)
-                .unwrap_or(false),
-            Err(_) => false,
-        };
-        if confirmed {
-            let closed = session.journal.wait_for(|record| record.is_closed());
-            let _ = tokio::time::timeout(CANCEL_DEADLINE, closed).await;
+        if let Some(link) = self.session_link(&session.id)
+            && link.close()
+        {
+            // The worker takes the close once its agent started and the message being
+            // answered is answered, as it takes messages; the session's stream then ends with
+            // its Closed state.
+            session.settled().await;
+            let _ = tokio::time::timeout(CANCEL_DEADLINE, session.ended()).await;
+        }
+        if session.state() != SessionState::Closed {
+            // No stream of the driver's reached the session (it failed or was lost here, or
+            // the driver has not attached to it again since it started), yet the worker may
+            // hold it still.
+            self.close_on_a_stream_of_its_own(session, &address).await;
         }
         session.set_state(SessionState::Closed, "closed by a client", "", 0);
     }
+
+    /// Attaches to a session only to close it, recording what its worker streams until the
+    /// Closed state; gives up after a bounded time, or when the worker does not hold it.
+    async fn close_on_a_stream_of_its_own(&self, session: &SessionEntry, address: &str) {
+        let Ok(mut worker) = self.worker(address) else {
+            return;
+        };
+        let closing = async {
+            let (input, mut events) = open_session_stream(&mut worker, session, true).await?;
+            let _ = input
+                .send(session_message(SessionMessage::Close(SessionClose {})))
+                .await;
+            while let Some(response) = events.message().await? {
+                let Some(event) = response.event else {
+                    continue;
+                };
+                let closed = matches!(&event.kind, Some(Kind::SessionState(change)) if change.state() == SessionState::Closed);
+                session.append_from_worker(event, response.run_sequence);
+                if closed {
+                    break;
+                }
+            }
+            Ok::<_, tonic::Status>(())
+        };
+        match tokio::time::timeout(CANCEL_DEADLINE, closing).await {
+            Ok(Ok(())) => {}
+            Ok(Err(status)) => {
+                tracing::info!(session = %session.id, error = %status.message(), "the worker did not close the session")
+            }
+            Err(_) => {
+                tracing::warn!(session = %session.id, "the worker did not confirm the close in time")
+            }
+        }
+    }
 }
 
-/// Sends a session's queued messages to its worker, one at a time, each once the previous one
-/// has been answered; first `resend`, a turn sent before the driver restarted.
-async fn send_messages(
-    session: Arc<SessionEntry>,
-    mut worker: WorkerServiceClient<Channel>,
-    resend: Option<(u32, String)>,
-) {
-    if let Some((turn, text)) = resend {
-        let request = SessionTurnRequest {
-            session_id: session.id.clone(),
-            turn,
-            text,
-        };
-        if let Err(status) = worker.session_turn(request).await {
-            tracing::warn!(session = %session.id, turn, error = %status.message(), "cannot send the unanswered message again");
+/// The driver's end of a session's stream to its worker, kept across the streams one
+/// `run_session` opens: a close asked for while a broken stream is opened again is not lost.
+#[derive(Default)]
+struct SessionLink {
+    state: Mutex<LinkState>,
+}
+
+#[derive(Default)]
+struct LinkState {
+    /// The input of the stream open now.
+    input: Option<mpsc::Sender<RunSessionRequest>>,
+    /// A client asked to close the session: every stream opened from now on says so.
+    closing: bool,
+    /// `run_session` stopped following the session: nothing reads this link any more.
+    finished: bool,
+}
+
+impl SessionLink {
+    /// Takes `input`, a stream just opened, as the session's from now on. With `resend`, the
+    /// message sent on a stream before it and not answered goes on it first.
+    fn connect(
+        &self,
+        session: &SessionEntry,
+        input: mpsc::Sender<RunSessionRequest>,
+        resend: bool,
+    ) -> mpsc::Sender<RunSessionRequest> {
+        // Room for both: the stream holds only its first message yet.
+        if resend && let Some((turn, text)) = session.unanswered() {
+            let _ = input.try_send(turn_message(turn, text));
         }
-    }
-    while let Some((turn, text)) = session.next_message().await {
-        let request = SessionTurnRequest {
-            session_id: session.id.clone(),
-            turn,
-            text,
-        };
-        if let Err(status) = worker.session_turn(request).await {
-            session.turn_refused(
-                turn,
-                format!("the worker did not take the message: {}", status.message()),
-            );
+        let mut state = self.state.lock().expect("session link lock poisoned");
+        if state.closing {
+            let _ = input.try_send(session_message(SessionMessage::Close(SessionClose {})));
         }
+        state.input = Some(input.clone());
+        input
     }
+
+    /// Sends a close on the stream; false when no stream of this link reaches the session.
+    fn close(&self) -> bool {
+        let mut state = self.state.lock().expect("session link lock poisoned");
+        if state.finished {
+            return false;
+        }
+        state.closing = true;
+        // A full or broken stream is opened again, and says so then.
+        if let Some(input) = &state.input {
+            let _ = input.try_send(session_message(SessionMessage::Close(SessionClose {})));
+        }
+        true
+    }
+
+    fn finish(&self) {
+        let mut state = self.state.lock().expect("session link lock poisoned");
+        state.finished = true;
+        state.input = None;
+    }
+}
+
+fn session_message(message: SessionMessage) -> RunSessionRequest {
+    RunSessionRequest {
+        message: Some(message),
+    }
+}
+
+/// Opens a stream to a session on its worker: starts the session there, or attaches to it after
+/// the events the driver has. Returns the stream's input and the session's events.
+async fn open_session_stream(
+    worker: &mut WorkerServiceClient<Channel>,
+    session: &SessionEntry,
+    attach: bool,
+) -> Result<
+    (
+        mpsc::Sender<RunSessionRequest>,
+        Streaming<RunSessionResponse>,
+    ),
+    tonic::Status,
+> {
+    let (input, requests) = mpsc::channel(SESSION_INPUT_BUFFER);
+    let (_, after_run_sequence) = session.placement();
+    let open = SessionOpen {
+        session_id: session.id.clone(),
+        spec: Some(session.spec()),
+        attach,
+        after_run_sequence: if attach { after_run_sequence } else { 0 },
+    };
+    input
+        .try_send(session_message(SessionMessage::Open(open)))
+        .expect("a new stream has room for its first message");
+    let events = worker
+        .run_session(ReceiverStream::new(requests))
+        .await?
+        .into_inner();
+    Ok((input, events))
+}
+
+fn turn_message(turn: u32, text: String) -> RunSessionRequest {
+    session_message(SessionMessage::Turn(SessionTurn { turn, text }))
 }

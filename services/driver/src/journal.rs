@@ -25,8 +25,8 @@ use crate::writer::Writer;
 /// Durable events kept in memory beyond what followers need; older ones are read back from the
 /// store.
 const EVENTS_IN_MEMORY: usize = 512;
-/// Events read from the store at a time while replaying.
-const REPLAY_PAGE: usize = 512;
+/// Chunks of events read from the store at a time while replaying.
+const REPLAY_CHUNKS: usize = 4;
 
 /// What a log is about: a task or a session.
 pub trait Record: Send + 'static {
@@ -237,18 +237,20 @@ impl<R: Record> Journal<R> {
             changes.borrow_and_update();
             let (batch, durable, base, ended) = self.durable_after(cursor);
             if cursor < base {
-                let stored = match db.events(&self.id, cursor, base, REPLAY_PAGE).await {
-                    Ok(stored) => stored,
-                    Err(err) => {
-                        let _ = out.send(Err(Status::unavailable(err.to_string()))).await;
-                        return;
-                    }
+                let (stored, complete) =
+                    match db.events(&self.id, cursor, base, REPLAY_CHUNKS).await {
+                        Ok(read) => read,
+                        Err(err) => {
+                            let _ = out.send(Err(Status::unavailable(err.to_string()))).await;
+                            return;
+                        }
+                    };
+                // Compaction may have removed events: go on after what was read either way.
+                cursor = if complete {
+                    base
+                } else {
+                    stored.last().map_or(base, |(sequence, _)| *sequence)
                 };
-                // Compaction may have removed events: go on after the page either way.
-                cursor = stored
-                    .last()
-                    .map_or(base, |(sequence, _)| *sequence)
-                    .max(if stored.len() < REPLAY_PAGE { base } else { 0 });
                 for (sequence, bytes) in stored {
                     let event = match Event::decode(bytes.as_slice()) {
                         Ok(event) => event,
@@ -312,12 +314,14 @@ impl<R: Record> Journal<R> {
     }
 }
 
-/// Whether compaction keeps an event: the status changes and the result.
-fn kept(event: &Event) -> bool {
-    matches!(
-        event.kind,
-        Some(Kind::StatusChange(_) | Kind::Result(_) | Kind::SessionState(_))
-    )
+/// Whether compaction keeps an event (its protobuf): the status changes and the result.
+pub fn kept_by_compaction(bytes: &[u8]) -> bool {
+    Event::decode(bytes).is_ok_and(|event| {
+        matches!(
+            event.kind,
+            Some(Kind::StatusChange(_) | Kind::Result(_) | Kind::SessionState(_))
+        )
+    })
 }
 
 impl<R: Record> Persist for Journal<R> {
@@ -338,7 +342,6 @@ impl<R: Record> Persist for Journal<R> {
             .skip(durable.saturating_sub(state.base) as usize)
             .map(|event| StoredEvent {
                 sequence: event.sequence,
-                kept: kept(event),
                 bytes: event.encode_to_vec(),
             })
             .collect();

@@ -209,7 +209,14 @@ async fn compact_logs(
             _ = ticker.tick() => {}
         }
         let cutoff = db::now_ms() - config.event_retention.get().as_millis() as i64;
-        match db.compact(cutoff, config.event_retention_count).await {
+        let compacted = db
+            .compact(
+                cutoff,
+                config.event_retention_count,
+                journal::kept_by_compaction,
+            )
+            .await;
+        match compacted {
             Ok(0) => {}
             Ok(compacted) => tracing::info!(tasks = compacted, "compacted finished tasks' logs"),
             Err(err) => tracing::warn!(error = %err, "cannot compact logs"),

@@ -32,10 +32,6 @@ impl SessionRecord {
         self.session.state()
     }
 
-    pub fn is_closed(&self) -> bool {
-        self.state() == SessionState::Closed
-    }
-
     /// A message can go to the worker now.
     fn ready_for_next(&self) -> bool {
         self.book.in_flight.is_none()
@@ -278,15 +274,19 @@ impl SessionEntry {
         })
     }
 
-    /// Ends a turn the worker could not take.
-    pub fn turn_refused(&self, turn: u32, reason: String) {
-        let state = self.state();
-        self.journal.update(|record| {
-            if record.book.in_flight == Some(turn) {
-                record.book.in_flight = None;
-            }
-        });
-        self.set_state(state, reason, "", turn);
+    /// Completes once the session is neither starting nor answering a message: its worker
+    /// reads what the driver sends only then.
+    pub async fn settled(&self) {
+        self.journal
+            .wait_for(|record| {
+                !matches!(record.state(), SessionState::Creating | SessionState::Busy)
+            })
+            .await
+    }
+
+    /// Completes once the session has ended.
+    pub async fn ended(&self) {
+        self.journal.wait_for(|record| record.ended()).await
     }
 
     /// Streams the events of `turn` after `after` to `out`, ending with the state change that

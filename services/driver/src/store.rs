@@ -872,9 +872,12 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         for url in crate::test_support::store_urls(dir.path()).await {
             let (store, live, _stop) = store_at(&url).await;
+            // One commit per event: each is a chunk of its own in the store.
             let (entry, _) = store.insert(spec("hi")).await.unwrap();
             entry.assign(1, "w1", "a:1");
+            entry.durable().await.unwrap();
             entry.append(1, text("one"));
+            entry.durable().await.unwrap();
             entry.set_status(1, TaskStatus::Completed, "", "w1");
             entry.durable().await.unwrap();
             crate::test_support::wait(|| live.tasks.read().unwrap().is_empty()).await;
@@ -893,6 +896,59 @@ pub(crate) mod tests {
             let status: tonic::Status = err.into();
             assert_eq!(status.code(), tonic::Code::DataLoss);
             assert!(status.message().contains(&entry.id), "{}", status.message());
+        }
+    }
+
+    #[tokio::test]
+    async fn compaction_keeps_a_finished_logs_status_changes_and_result_only() {
+        let dir = tempfile::tempdir().unwrap();
+        for url in crate::test_support::store_urls(dir.path()).await {
+            let (store, live, _stop) = store_at(&url).await;
+            let (old, _) = store.insert(spec("old")).await.unwrap();
+            old.assign(1, "w1", "a:1");
+            for i in 0..3000 {
+                old.append(1, text(&i.to_string()));
+            }
+            old.append(
+                1,
+                Kind::Result(claudecluster_proto::v1::AgentResult {
+                    text: "done".into(),
+                    ..Default::default()
+                }),
+            );
+            old.set_status(1, TaskStatus::Completed, "", "w1");
+            old.durable().await.unwrap();
+            let (newer, _) = store.insert(spec("newer")).await.unwrap();
+            newer.append(1, text("kept whole"));
+            newer.cancel("not needed");
+            newer.durable().await.unwrap();
+            crate::test_support::wait(|| live.tasks.read().unwrap().is_empty()).await;
+
+            // Keep the newest finished task's whole log; compact the rest.
+            let compacted = store
+                .db()
+                .compact(0, 1, crate::journal::kept_by_compaction)
+                .await
+                .unwrap();
+            assert_eq!(compacted, 1);
+            let stored = store.get(&old.id).await.unwrap().unwrap();
+            assert_eq!(stored.status(), TaskStatus::Completed);
+            assert_eq!(
+                drain(&store, stored, 0).await,
+                vec![1, 2, 3003, 3004],
+                "PENDING, ASSIGNED, the result and COMPLETED"
+            );
+            let whole = store.get(&newer.id).await.unwrap().unwrap();
+            assert_eq!(drain(&store, whole, 0).await, vec![1, 2, 3]);
+            assert_eq!(
+                store
+                    .db()
+                    .compact(0, 1, crate::journal::kept_by_compaction)
+                    .await
+                    .unwrap(),
+                0,
+                "a compacted log is not compacted again"
+            );
         }
     }
 }

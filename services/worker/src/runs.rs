@@ -9,13 +9,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::error::WorkerError;
 use crate::execution::supervisor::Cancellation;
 use crate::run_log::RunLog;
-use crate::session::Command;
+use crate::session::InputHandover;
 
 /// A run holding a slot: a task's attempt, or a session (attempt 0).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -114,14 +113,15 @@ impl TaskRecord {
     }
 }
 
-/// A session on this worker: its log, and while its actor lives, how to reach and stop it.
+/// A session on this worker: its log, and while its actor lives, how to attach to and stop it.
 pub struct SessionRecord {
     pub log: Arc<RunLog>,
     pub live: Option<LiveSession>,
 }
 
 pub struct LiveSession {
-    pub commands: mpsc::Sender<Command>,
+    /// Where a driver that attaches leaves its input for the session.
+    pub handover: Arc<InputHandover>,
     /// Stops the session's container (keeping its volumes) and ends the session here.
     pub stop: Cancellation,
 }

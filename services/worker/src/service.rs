@@ -1,13 +1,15 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use claudecluster_proto::v1::run_session_request::Message as SessionMessage;
 use claudecluster_proto::v1::worker_service_server::WorkerService as WorkerApi;
 use claudecluster_proto::v1::*;
 use futures_util::{Stream, StreamExt};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
+use crate::error::WorkerError;
 use crate::runtime::{Execution, Runtime};
-use crate::session::Command;
+use crate::session::{Input, Inputs};
 
 /// The WorkerService: thin RPC methods over the [`Runtime`].
 pub struct WorkerService {
@@ -22,6 +24,78 @@ impl WorkerService {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<ExecuteTaskResponse, Status>> + Send>>;
+pub(crate) type SessionEventStream =
+    Pin<Box<dyn Stream<Item = Result<RunSessionResponse, Status>> + Send>>;
+
+impl WorkerService {
+    /// Serves one session call: its first message opens the session or attaches to it, the
+    /// rest are the session's input, and the session's events go back.
+    pub(crate) async fn hold_session(
+        &self,
+        mut requests: impl Stream<Item = Result<RunSessionRequest, Status>> + Send + Unpin + 'static,
+    ) -> Result<SessionEventStream, Status> {
+        let open = match requests.next().await {
+            Some(Ok(RunSessionRequest {
+                message: Some(SessionMessage::Open(open)),
+            })) => open,
+            Some(Err(status)) => return Err(status),
+            _ => {
+                return Err(WorkerError::InvalidArgument {
+                    field: "open",
+                    message: "the first message of a session's stream must open the session or attach to it".into(),
+                }
+                .into());
+            }
+        };
+        let inputs = session_inputs(open.session_id.clone(), requests);
+        let (log, after) = if open.attach {
+            let log =
+                self.runtime
+                    .attach_session(&open.session_id, open.after_run_sequence, inputs)?;
+            (log, open.after_run_sequence)
+        } else {
+            let spec = open.spec.unwrap_or_default();
+            let log = self
+                .runtime
+                .open_session(open.session_id, spec, inputs)
+                .await?;
+            (log, 0)
+        };
+        let stream = log.follow(after).map(|item| {
+            let (run_sequence, event) = item?;
+            Ok(RunSessionResponse {
+                event: Some(event),
+                run_sequence,
+            })
+        });
+        Ok(Box::pin(stream))
+    }
+}
+
+/// The messages after a session call's first, as the session's input. A call that breaks ends
+/// the input like one the driver ended: the session goes on without it.
+fn session_inputs(
+    session_id: String,
+    requests: impl Stream<Item = Result<RunSessionRequest, Status>> + Send + 'static,
+) -> Inputs {
+    requests
+        .take_while(|request| std::future::ready(request.is_ok()))
+        .filter_map(move |request| {
+            let input = match request.ok().and_then(|request| request.message) {
+                Some(SessionMessage::Turn(turn)) => Some(Input::Turn {
+                    turn: turn.turn,
+                    text: turn.text,
+                }),
+                Some(SessionMessage::Close(_)) => Some(Input::Close),
+                Some(SessionMessage::Open(_)) | None => {
+                    tracing::warn!(session = %session_id, "ignoring a session message that is neither a turn nor a close");
+                    None
+                }
+            };
+            std::future::ready(input)
+        })
+        .boxed()
+}
 
 #[tonic::async_trait]
 impl WorkerApi for WorkerService {
@@ -112,65 +186,14 @@ impl WorkerApi for WorkerService {
         }))
     }
 
-    type RunSessionStream = Pin<Box<dyn Stream<Item = Result<RunSessionResponse, Status>> + Send>>;
+    type RunSessionStream = SessionEventStream;
 
     async fn run_session(
         &self,
-        request: Request<RunSessionRequest>,
+        request: Request<Streaming<RunSessionRequest>>,
     ) -> Result<Response<Self::RunSessionStream>, Status> {
-        let request = request.into_inner();
-        let (log, after) = if request.attach {
-            let log = self
-                .runtime
-                .attach_session(&request.session_id, request.after_run_sequence)?;
-            (log, request.after_run_sequence)
-        } else {
-            let log = self
-                .runtime
-                .open_session(request.session_id, request.spec.unwrap_or_default())
-                .await?;
-            (log, 0)
-        };
-        let stream = log.follow(after).map(|item| {
-            let (run_sequence, event) = item?;
-            Ok(RunSessionResponse {
-                event: Some(event),
-                run_sequence,
-            })
-        });
-        Ok(Response::new(Box::pin(stream)))
-    }
-
-    async fn session_turn(
-        &self,
-        request: Request<SessionTurnRequest>,
-    ) -> Result<Response<SessionTurnResponse>, Status> {
-        let request = request.into_inner();
-        let command = Command::Turn {
-            turn: request.turn,
-            text: request.text,
-        };
-        self.runtime
-            .session_command(&request.session_id, command)
-            .await?;
-        Ok(Response::new(SessionTurnResponse {}))
-    }
-
-    async fn close_worker_session(
-        &self,
-        request: Request<CloseWorkerSessionRequest>,
-    ) -> Result<Response<CloseWorkerSessionResponse>, Status> {
-        let session_id = request.into_inner().session_id;
-        let (done, closed) = tokio::sync::oneshot::channel();
-        let found = self
-            .runtime
-            .session_command(&session_id, Command::Close { done })
-            .await
-            .is_ok();
-        if found {
-            let _ = closed.await;
-        }
-        Ok(Response::new(CloseWorkerSessionResponse { found }))
+        let events = self.hold_session(request.into_inner()).await?;
+        Ok(Response::new(events))
     }
 
     async fn switch_execution_mode(

@@ -7,24 +7,27 @@
 //! message starts a new one that resumes the same conversation (`--resume`), with the same
 //! files. Closing the session removes the container and both directories.
 //!
-//! One task (the session's actor) owns the agent and handles one command at a time, so turns
-//! never overlap.
+//! One task (the session's actor) owns the agent and the driver's input, and handles one
+//! input at a time, so turns never overlap.
 //!
 //! Like a task's run, a session belongs to the worker, not to the RunSession call: its events
-//! go to a [`RunLog`] that callers follow and attach to again. A session nobody follows for
-//! `worker.driverLossTimeout`, or that the scheduler stops, has its container stopped (its
-//! volumes stay) and ends here.
+//! go to a [`RunLog`] that callers follow and attach to again, and a call that ends or breaks
+//! only leaves the session without input until a driver attaches again and hands it a new one.
+//! A session nobody follows for `worker.driverLossTimeout`, or that the scheduler stops, has its
+//! container stopped (its volumes stay) and ends here.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use claudecluster_agent_protocol::{ResultEvent, user_message_line};
 use claudecluster_proto::v1::event::Kind;
 use claudecluster_proto::v1::{self, Event, ExecutionMode, SessionSpec, SessionState};
-use tokio::sync::{mpsc, oneshot};
+use futures_util::{FutureExt, Stream, StreamExt};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
 
 use crate::error::WorkerError;
@@ -40,9 +43,45 @@ use crate::runtime::{LogEnd, Runtime, Slot, check_position};
 /// Where a session's agent finds its Claude state inside the container.
 const CONFIG_MOUNT: &str = "/claude-config";
 
-pub enum Command {
+/// What a driver sends a session after opening or attaching to it.
+#[derive(Debug)]
+pub enum Input {
     Turn { turn: u32, text: String },
-    Close { done: oneshot::Sender<()> },
+    Close,
+}
+
+/// A driver's input to a session, in the order it was sent; it ends when the driver's call does.
+pub type Inputs = Pin<Box<dyn Stream<Item = Input> + Send>>;
+
+/// Where a driver that attaches leaves its input for the session's actor, which reads it from
+/// then on. Only the newest counts: one left unread is replaced.
+#[derive(Default)]
+pub struct InputHandover {
+    next: Mutex<Option<Inputs>>,
+    left: Notify,
+}
+
+impl InputHandover {
+    fn hand_over(&self, inputs: Inputs) {
+        *self.next.lock().unwrap_or_else(PoisonError::into_inner) = Some(inputs);
+        self.left.notify_one();
+    }
+
+    /// The next input handed over.
+    async fn next(&self) -> Inputs {
+        loop {
+            if let Some(inputs) = self
+                .next
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take()
+            {
+                return inputs;
+            }
+            // A handover between the look and here left a permit: this completes at once.
+            self.left.notified().await;
+        }
+    }
 }
 
 /// Where a session's events go: its log.
@@ -159,12 +198,13 @@ struct Actor {
 }
 
 impl Runtime {
-    /// Opens a session on this worker and returns its log. The session holds one of the
-    /// worker's slots while it lives.
+    /// Opens a session on this worker, reading `inputs`, and returns its log. The session
+    /// holds one of the worker's slots while it lives.
     pub async fn open_session(
         self: &Arc<Self>,
         session_id: String,
         spec: SessionSpec,
+        inputs: Inputs,
     ) -> Result<Arc<RunLog>, WorkerError> {
         let valid = !session_id.is_empty()
             && session_id
@@ -184,7 +224,7 @@ impl Runtime {
                 mode: ExecutionMode::ContainerAgentic.label(),
             })?;
         let permit = self.take_slot().await?;
-        let (commands, receiver) = mpsc::channel(16);
+        let handover = Arc::new(InputHandover::default());
         let stop = Cancellation::default();
         let log = self.new_log(
             format!("session {session_id}"),
@@ -196,7 +236,7 @@ impl Runtime {
             let record = SessionRecord {
                 log: log.clone(),
                 live: Some(LiveSession {
-                    commands,
+                    handover: handover.clone(),
                     stop: stop.clone(),
                 }),
             };
@@ -231,46 +271,34 @@ impl Runtime {
             incarnation: 0,
             last_turn: 0,
         };
-        tokio::spawn(actor.run(receiver, end, slot));
+        tokio::spawn(actor.run(inputs, handover, end, slot));
         Ok(log)
     }
 
-    /// The log of the session held here, to follow after `after_run_sequence`.
+    /// The log of the session held here, to follow after `after_run_sequence`. A session that
+    /// still runs reads `inputs` from now on, instead of the input of the driver before.
     pub fn attach_session(
         &self,
         session_id: &str,
         after_run_sequence: u64,
+        inputs: Inputs,
     ) -> Result<Arc<RunLog>, WorkerError> {
-        let log = {
+        let (log, handover) = {
             let mut runs = self.runs();
             self.sweep(&mut runs);
-            runs.session_log(session_id)
+            let handover = runs
+                .live_session(session_id)
+                .map(|live| live.handover.clone());
+            (runs.session_log(session_id), handover)
         };
         let log = log.ok_or_else(|| WorkerError::SessionNotHere(session_id.to_owned()))?;
         check_position(&log, after_run_sequence)?;
+        // A session that ended takes no more input; its log still tells the driver how it ended.
+        if let Some(handover) = handover {
+            handover.hand_over(inputs);
+        }
         tracing::info!(session = %session_id, after_run_sequence, "a driver attached");
         Ok(log)
-    }
-
-    /// Hands a command to an open session. New messages are refused once the worker is
-    /// shutting down.
-    pub async fn session_command(
-        &self,
-        session_id: &str,
-        command: Command,
-    ) -> Result<(), WorkerError> {
-        if matches!(command, Command::Turn { .. }) {
-            self.refuse_if_shutting_down()?;
-        }
-        let commands = self
-            .runs()
-            .live_session(session_id)
-            .map(|live| live.commands.clone())
-            .ok_or_else(|| WorkerError::SessionNotHere(session_id.to_owned()))?;
-        commands
-            .send(command)
-            .await
-            .map_err(|_| WorkerError::SessionNotHere(session_id.to_owned()))
     }
 
     /// Stops a session's container (its volumes stay) and ends it here. False when it is not
@@ -304,7 +332,7 @@ impl Actor {
 
     /// Serves the session until it is closed or stopped; a session nobody follows for
     /// `worker.driverLossTimeout` is stopped.
-    async fn run(mut self, commands: mpsc::Receiver<Command>, end: LogEnd, slot: Slot) {
+    async fn run(mut self, inputs: Inputs, handover: Arc<InputHandover>, end: LogEnd, slot: Slot) {
         let loss_timeout = self.runtime.config().driver_loss_timeout.get();
         let (log, stop) = (self.sink.log.clone(), self.stop.clone());
         let session_id = self.session_id.clone();
@@ -318,14 +346,17 @@ impl Actor {
             std::future::pending::<Infallible>().await
         };
         tokio::select! {
-            () = self.serve(commands) => {}
+            () = self.serve(inputs, &handover) => {}
             never = abandoned => match never {},
         }
         drop(slot);
         end.finish();
     }
 
-    async fn serve(&mut self, mut commands: mpsc::Receiver<Command>) {
+    /// Reads one driver's input at a time: the one that opened the session, then that of each
+    /// driver that attaches. Without one (its call ended) the session waits for the next.
+    async fn serve(&mut self, inputs: Inputs, handover: &InputHandover) {
+        let mut inputs = Some(inputs);
         let mut agent = match self.prepare().await {
             Ok(()) => match self.start_agent().await {
                 Ok(agent) => Some(agent),
@@ -354,11 +385,23 @@ impl Actor {
                     None => std::future::pending().await,
                 }
             };
+            let input = async {
+                match inputs.as_mut() {
+                    Some(inputs) => inputs.next().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                command = commands.recv() => match command {
-                    Some(Command::Turn { turn, text }) => {
+                input = input => match input {
+                    Some(Input::Turn { turn, text }) => {
+                        // A driver that attached again sends the turn it was answering once
+                        // more: it is answered once.
                         if failed || turn <= self.last_turn {
                             continue;
+                        }
+                        if self.runtime.refuse_if_shutting_down().is_err() {
+                            self.stopped(turn, agent.take(), "the worker is shutting down".into()).await;
+                            break;
                         }
                         self.last_turn = turn;
                         let (live, end) = self.turn(agent.take(), turn, &text).await;
@@ -370,7 +413,7 @@ impl Actor {
                             break;
                         }
                     }
-                    Some(Command::Close { done }) => {
+                    Some(Input::Close) => {
                         if let Some(live) = agent.take() {
                             live.stop(self.grace()).await;
                         }
@@ -379,11 +422,19 @@ impl Actor {
                             let _ = tokio::fs::remove_dir_all(root).await;
                         }
                         self.sink.state(0, SessionState::Closed, "closed by a client; its container and volumes are removed", "");
-                        let _ = done.send(());
                         break;
                     }
-                    None => break,
+                    // The driver's call ended: the session goes on until one attaches again.
+                    None => inputs = None,
                 },
+                next = handover.next() => {
+                    // What the driver before sent and this one may not know of is read first.
+                    let mut unread = Vec::new();
+                    while let Some(Some(input)) = inputs.as_mut().and_then(|old| old.next().now_or_never()) {
+                        unread.push(input);
+                    }
+                    inputs = Some(futures_util::stream::iter(unread).chain(next).boxed());
+                }
                 _ = sleep_until(idle_deadline), if has_agent => {
                     if let Some(live) = agent.take() {
                         live.stop(self.grace()).await;
@@ -402,26 +453,32 @@ impl Actor {
                     self.failed(0, format!("its agent's container {exit} while idle; the workspace is kept until the session is closed"));
                 }
                 reason = self.stop.cancelled() => {
-                    self.stopped(agent.take(), reason).await;
+                    self.stopped(0, agent.take(), reason).await;
                     break;
                 }
                 // Between turns nothing is lost by stopping at once.
                 _ = self.runtime.shutting_down() => {
-                    self.stopped(agent.take(), "the worker is shutting down".into()).await;
+                    self.stopped(0, agent.take(), "the worker is shutting down".into()).await;
                     break;
                 }
             }
         }
     }
 
-    /// Stops the agent's container, keeping the volumes, and says so.
-    async fn stopped(&self, agent: Option<LiveAgent>, reason: String) {
+    /// Stops the agent's container, keeping the volumes, and says so; with the turn it leaves
+    /// unanswered, if any.
+    async fn stopped(&self, turn: u32, agent: Option<LiveAgent>, reason: String) {
         if let Some(live) = agent {
             live.stop(self.grace()).await;
         }
         tracing::info!(session = %self.session_id, %reason, "session stopped");
-        let reason = format!("{reason}: its container is stopped; the workspace is kept");
-        self.sink.state(0, SessionState::Stopped, reason, "");
+        let reason = match turn {
+            0 => format!("{reason}: its container is stopped; the workspace is kept"),
+            turn => format!(
+                "{reason}: message {turn} was not answered; its container is stopped and the workspace is kept"
+            ),
+        };
+        self.sink.state(turn, SessionState::Stopped, reason, "");
     }
 
     fn failed(&self, turn: u32, reason: String) {

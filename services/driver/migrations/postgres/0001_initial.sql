@@ -14,11 +14,12 @@ CREATE TABLE subjects (
 );
 CREATE INDEX subjects_by_kind_status ON subjects (kind, status, ord);
 CREATE INDEX subjects_live ON subjects (kind, ended, ord);
--- The append-only logs; `kept` marks what compaction keeps (status changes, the result).
+-- The append-only logs, in chunks: each row holds the events `first_seq..=last_seq` of one
+-- subject as length-delimited protobufs, written by one commit.
 CREATE TABLE events (
     subject TEXT NOT NULL,
-    seq BIGINT NOT NULL,
-    kept BIGINT NOT NULL,
-    event BYTEA NOT NULL,
-    PRIMARY KEY (subject, seq)
+    first_seq BIGINT NOT NULL,
+    last_seq BIGINT NOT NULL,
+    events BYTEA NOT NULL,
+    PRIMARY KEY (subject, first_seq)
 );

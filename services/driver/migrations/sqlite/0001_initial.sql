@@ -14,11 +14,12 @@ CREATE TABLE subjects (
 );
 CREATE INDEX subjects_by_kind_status ON subjects (kind, status, ord);
 CREATE INDEX subjects_live ON subjects (kind, ended, ord);
--- The append-only logs; `kept` marks what compaction keeps (status changes, the result).
+-- The append-only logs, in chunks: each row holds the events `first_seq..=last_seq` of one
+-- subject as length-delimited protobufs, written by one commit.
 CREATE TABLE events (
     subject TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    kept INTEGER NOT NULL,
-    event BLOB NOT NULL,
-    PRIMARY KEY (subject, seq)
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    events BLOB NOT NULL,
+    PRIMARY KEY (subject, first_seq)
 ) WITHOUT ROWID;

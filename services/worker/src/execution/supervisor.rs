@@ -165,6 +165,13 @@ where
         None => wait_for_exit(&mut exit_rx, &*control, supervision.grace_period).await,
     };
     control.release().await;
+    // A cancel asked for before the agent's end was seen wins, even if the agent ended on its
+    // own before the loop looked at the cancel: which of the two the loop saw first is chance.
+    let stop = stop.or_else(|| {
+        cancel
+            .is_cancelled()
+            .then(|| StopCause::Cancelled(cancel.reason()))
+    });
     decide(stop, result, &exit, &stderr_tail)
 }
 
