@@ -48,16 +48,27 @@ fn in_tool_call(events: &[Event]) -> bool {
 /// Waits until every task's agent sits in its tool call (read from the driver's logs).
 async fn wait_until_blocked(cluster: &TestCluster, tasks: &[String]) {
     for task_id in tasks {
-        let mut driver = cluster.driver().await;
-        wait_until(Duration::from_secs(90), || {
-            let mut driver = driver.clone();
-            let task_id = task_id.clone();
-            async move { in_tool_call(&events_so_far(&mut driver, &task_id).await) }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("task {task_id} did not reach its tool call"));
-        let _ = &mut driver;
+        wait_for_tool_call(cluster, task_id, |_| true).await;
     }
+}
+
+/// Waits until the task's log has a tool call of an attempt `attempt` accepts.
+async fn wait_for_tool_call(cluster: &TestCluster, task_id: &str, attempt: impl Fn(u32) -> bool) {
+    let driver = cluster.driver().await;
+    let attempt = &attempt;
+    wait_until(Duration::from_secs(90), || {
+        let mut driver = driver.clone();
+        async move {
+            events_so_far(&mut driver, task_id)
+                .await
+                .iter()
+                .any(|event| {
+                    attempt(event.attempt) && matches!(&event.kind, Some(Kind::ToolUse(_)))
+                })
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("task {task_id} did not reach its tool call"));
 }
 
 /// The events the driver has for a task now, without waiting for its end.
@@ -370,20 +381,7 @@ async fn a_killed_workers_agents_die_with_it_and_its_task_runs_once_elsewhere() 
         .await
         .expect("the agent died with its worker");
     // The task runs again, on the other worker.
-    let mut driver = cluster.driver().await;
-    wait_until(Duration::from_secs(60), || {
-        let mut driver = driver.clone();
-        let task_id = task_id.clone();
-        async move {
-            events_so_far(&mut driver, &task_id)
-                .await
-                .iter()
-                .any(|event| event.attempt == 2 && matches!(&event.kind, Some(Kind::ToolUse(_))))
-        }
-    })
-    .await
-    .expect("the second attempt reached its tool call");
-    let _ = &mut driver;
+    wait_for_tool_call(&cluster, &task_id, |attempt| attempt == 2).await;
     // The dead agent's tools lost their agent; the worker started again on that workspace
     // root stops them.
     cluster.workers[0].restart().await;
@@ -425,20 +423,7 @@ async fn a_worker_stopped_past_its_heartbeats_comes_back_and_stops_its_stale_run
 
     cluster.workers[0].signal(libc::SIGSTOP);
     // The driver gives up on the stopped worker and the task runs again on the other one.
-    let mut driver = cluster.driver().await;
-    wait_until(Duration::from_secs(60), || {
-        let mut driver = driver.clone();
-        let task_id = task_id.clone();
-        async move {
-            let events = events_so_far(&mut driver, &task_id).await;
-            events
-                .iter()
-                .any(|event| event.attempt == 2 && matches!(&event.kind, Some(Kind::ToolUse(_))))
-        }
-    })
-    .await
-    .expect("the second attempt reached its tool call");
-    let _ = &mut driver;
+    wait_for_tool_call(&cluster, &task_id, |attempt| attempt == 2).await;
     cluster.workers[0].signal(libc::SIGCONT);
     // Told by the scheduler that its run was given away, the worker stops the stale agent.
     wait_until(Duration::from_secs(30), || async { !alive(stale_pid) })

@@ -579,6 +579,32 @@ async fn timed_driver(dir: &std::path::Path) -> (ServiceProcess, f64) {
     (driver, started.elapsed().as_secs_f64())
 }
 
+/// Pages through every task with `ListTasks`; how many there are.
+async fn list_every_task(
+    client: &mut claudecluster_proto::v1::driver_service_client::DriverServiceClient<
+        tonic::transport::Channel,
+    >,
+) -> usize {
+    let mut token = String::new();
+    let mut listed = 0;
+    loop {
+        let page = client
+            .list_tasks(ListTasksRequest {
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        listed += page.tasks.len();
+        if page.next_page_token.is_empty() {
+            return listed;
+        }
+        token = page.next_page_token;
+    }
+}
+
 /// The driver's store: recovery after `kill -9` at scale, and memory with many finished tasks.
 async fn store() {
     let empty = tempfile::tempdir().unwrap();
@@ -622,42 +648,10 @@ async fn store() {
     let mut client = claudecluster_proto::v1::driver_service_client::DriverServiceClient::new(
         claudecluster_grpc::channel(&driver.address).unwrap(),
     );
-    let mut token = String::new();
-    let mut listed = 0;
-    loop {
-        let page = client
-            .list_tasks(ListTasksRequest {
-                page_size: 1000,
-                page_token: token,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        listed += page.tasks.len();
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
-    }
+    let listed = list_every_task(&mut client).await;
     let after_listing = rss_kib(driver.pid());
     // A second pass: what the first one added is caches that stay their size, not tasks.
-    let mut token = String::new();
-    loop {
-        let page = client
-            .list_tasks(ListTasksRequest {
-                page_size: 1000,
-                page_token: token,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
-    }
+    list_every_task(&mut client).await;
     let after_second = rss_kib(driver.pid());
     println!(
         "| driver memory with 100,000 finished tasks stored | empty store: {:.1} MiB | {:.1} MiB at start, {:.1} MiB after listing all {listed}, {:.1} MiB after listing them again |",

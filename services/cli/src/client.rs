@@ -289,7 +289,13 @@ async fn follow(
                         };
                     }
                 }
-                Ok(None) => return Err("the event stream ended before the task did".into()),
+                // A stream that ends before the task did was cut (a driver that stopped): it
+                // is opened again like one that broke.
+                Ok(None) => {
+                    let cut = tonic::Status::unavailable("the stream ended before the task");
+                    reconnection.pause(&cut, cursor).await?;
+                    break;
+                }
                 Err(status) if worth_resuming(&status) => {
                     reconnection.pause(&status, cursor).await?;
                     break;

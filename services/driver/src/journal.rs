@@ -28,6 +28,14 @@ const EVENTS_IN_MEMORY: usize = 512;
 /// Chunks of events read from the store at a time while replaying.
 const REPLAY_CHUNKS: usize = 4;
 
+/// What a follower reads with: the store, for events no longer in memory, and the signal that
+/// the driver shuts down, which ends the follow with UNAVAILABLE naming where to resume.
+#[derive(Clone)]
+pub struct Reader {
+    pub db: Arc<Db>,
+    pub stop: tokio_util::sync::CancellationToken,
+}
+
 /// What a log is about: a task or a session.
 pub trait Record: Send + 'static {
     /// Applies an event about to be appended; false refuses it (nothing is appended).
@@ -225,7 +233,7 @@ impl<R: Record> Journal<R> {
     /// event was sent, or `out` closes. Events no longer in memory come from `db`.
     pub async fn follow_while(
         self: Arc<Self>,
-        db: Arc<Db>,
+        reader: Reader,
         after: u64,
         out: mpsc::Sender<Result<Event, Status>>,
         wanted: impl Fn(&Event) -> bool + Send,
@@ -237,14 +245,17 @@ impl<R: Record> Journal<R> {
             changes.borrow_and_update();
             let (batch, durable, base, ended) = self.durable_after(cursor);
             if cursor < base {
-                let (stored, complete) =
-                    match db.events(&self.id, cursor, base, REPLAY_CHUNKS).await {
-                        Ok(read) => read,
-                        Err(err) => {
-                            let _ = out.send(Err(Status::unavailable(err.to_string()))).await;
-                            return;
-                        }
-                    };
+                let (stored, complete) = match reader
+                    .db
+                    .events(&self.id, cursor, base, REPLAY_CHUNKS)
+                    .await
+                {
+                    Ok(read) => read,
+                    Err(err) => {
+                        let _ = out.send(Err(Status::unavailable(err.to_string()))).await;
+                        return;
+                    }
+                };
                 // Compaction may have removed events: go on after what was read either way.
                 cursor = if complete {
                     base
@@ -263,7 +274,7 @@ impl<R: Record> Journal<R> {
                         continue;
                     }
                     let is_last = last(&event);
-                    if out.send(Ok(event)).await.is_err() || is_last {
+                    if !deliver(&out, &reader, event).await || is_last {
                         return;
                     }
                 }
@@ -275,7 +286,7 @@ impl<R: Record> Journal<R> {
                     continue;
                 }
                 let is_last = last(&event);
-                if out.send(Ok(event)).await.is_err() || is_last {
+                if !deliver(&out, &reader, event).await || is_last {
                     return;
                 }
             }
@@ -285,6 +296,12 @@ impl<R: Record> Journal<R> {
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { return },
                 _ = out.closed() => return,
+                _ = reader.stop.cancelled() => {
+                    let shutting_down: Status =
+                        crate::error::DriverError::ShuttingDown { after: cursor }.into();
+                    let _ = out.send(Err(shutting_down)).await;
+                    return;
+                }
             }
         }
     }
@@ -292,11 +309,12 @@ impl<R: Record> Journal<R> {
     /// Sends every event after `after` to `out` and follows the log to its end.
     pub async fn follow(
         self: Arc<Self>,
-        db: Arc<Db>,
+        reader: Reader,
         after: u64,
         out: mpsc::Sender<Result<Event, Status>>,
     ) {
-        self.follow_while(db, after, out, |_| true, |_| false).await
+        self.follow_while(reader, after, out, |_| true, |_| false)
+            .await
     }
 
     /// Waits until `done` holds of the record.
@@ -310,6 +328,21 @@ impl<R: Record> Journal<R> {
             if changes.changed().await.is_err() {
                 return;
             }
+        }
+    }
+}
+
+/// Sends `event` to a follower's client; false when the client left or the driver shuts down
+/// meanwhile (a client that does not read must not hold the shutdown up).
+async fn deliver(out: &mpsc::Sender<Result<Event, Status>>, reader: &Reader, event: Event) -> bool {
+    let sequence = event.sequence;
+    tokio::select! {
+        sent = out.send(Ok(event)) => sent.is_ok(),
+        _ = reader.stop.cancelled() => {
+            let after = sequence.saturating_sub(1);
+            let shutting_down: Status = crate::error::DriverError::ShuttingDown { after }.into();
+            let _ = out.try_send(Err(shutting_down));
+            false
         }
     }
 }

@@ -5,14 +5,15 @@ use std::time::Duration;
 use claudecluster_proto::v1::driver_service_server::DriverService as DriverApi;
 use claudecluster_proto::v1::*;
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::batch;
 use crate::dispatch::Dispatcher;
 use crate::error::DriverError;
+use crate::journal::Reader;
 use crate::sessions::{SessionEntry, SessionStore};
 use crate::store::{CancelAction, TaskEntry, TaskStore};
 use crate::validate;
@@ -60,11 +61,18 @@ impl DriverService {
             .ok_or_else(|| DriverError::SessionNotFound(session_id.to_owned()))
     }
 
-    /// A response stream fed by `follow`, which ends with UNAVAILABLE (naming the last sequence
-    /// sent) when the driver shuts down.
+    /// What followers read with: the store, and the driver's shutdown, which ends their
+    /// streams with UNAVAILABLE naming where to resume.
+    fn reader(&self) -> Reader {
+        Reader {
+            db: self.store.db().clone(),
+            stop: self.stopping.clone(),
+        }
+    }
+
+    /// A response stream fed by `follow`.
     fn event_stream<T, F, Fut>(
         &self,
-        after: u64,
         follow: F,
         wrap: fn(Event) -> T,
     ) -> Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>
@@ -73,39 +81,9 @@ impl DriverService {
         F: FnOnce(mpsc::Sender<Result<Event, Status>>) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let (events, mut followed) = mpsc::channel(128);
-        let (out, receiver) = mpsc::channel(128);
-        let stopping = self.stopping.clone();
-        let following = follow(events);
-        tokio::spawn(async move {
-            let mut last = after;
-            tokio::pin!(following);
-            let mut following_done = false;
-            loop {
-                tokio::select! {
-                    _ = &mut following, if !following_done => following_done = true,
-                    event = followed.recv() => match event {
-                        Some(Ok(event)) => {
-                            last = event.sequence.max(last);
-                            if out.send(Ok(wrap(event))).await.is_err() {
-                                return;
-                            }
-                        }
-                        Some(Err(status)) => {
-                            let _ = out.send(Err(status)).await;
-                            return;
-                        }
-                        None => return,
-                    },
-                    _ = stopping.cancelled() => {
-                        let status: Status = DriverError::ShuttingDown { after: last }.into();
-                        let _ = out.send(Err(status)).await;
-                        return;
-                    }
-                }
-            }
-        });
-        Box::pin(ReceiverStream::new(receiver))
+        let (events, followed) = mpsc::channel(128);
+        tokio::spawn(follow(events));
+        Box::pin(ReceiverStream::new(followed).map(move |event| event.map(wrap)))
     }
 
     /// Whether any registered worker runs container mode; sessions need one.
@@ -317,11 +295,10 @@ impl DriverApi for DriverService {
     ) -> Result<Response<Self::StreamTaskEventsStream>, Status> {
         let request = request.into_inner();
         let entry = self.task(&request.task_id).await?;
-        let db = self.store.db().clone();
+        let reader = self.reader();
         let after = request.after_sequence;
         Ok(Response::new(self.event_stream(
-            after,
-            move |out| entry.follow(db, after, out),
+            move |out| entry.follow(reader, after, out),
             task_event,
         )))
     }
@@ -408,10 +385,9 @@ impl DriverApi for DriverService {
         let (turn, after) = session
             .queue_message(request.text, self.session_queue_limit)
             .await?;
-        let db = self.store.db().clone();
+        let reader = self.reader();
         Ok(Response::new(self.event_stream(
-            after,
-            move |out| session.follow_turn(db, turn, after, out),
+            move |out| session.follow_turn(reader, turn, after, out),
             reply_event,
         )))
     }
@@ -425,11 +401,10 @@ impl DriverApi for DriverService {
     ) -> Result<Response<Self::StreamSessionEventsStream>, Status> {
         let request = request.into_inner();
         let session = self.session(&request.session_id).await?;
-        let db = self.store.db().clone();
+        let reader = self.reader();
         let after = request.after_sequence;
         Ok(Response::new(self.event_stream(
-            after,
-            move |out| session.follow(db, after, out),
+            move |out| session.follow(reader, after, out),
             session_event,
         )))
     }

@@ -13,7 +13,7 @@ use tonic::Status;
 
 use crate::db::{Db, LoadedRow, Row, SubjectKind};
 use crate::error::DriverError;
-use crate::journal::{Journal, Record};
+use crate::journal::{Journal, Reader, Record};
 use crate::store::{Bookkeeping, DURABLE_PATIENCE, Live, QueuedMessage, millis};
 use crate::writer::Writer;
 
@@ -293,7 +293,7 @@ impl SessionEntry {
     /// ends the turn (or the session).
     pub async fn follow_turn(
         self: Arc<Self>,
-        db: Arc<Db>,
+        reader: Reader,
         turn: u32,
         after: u64,
         out: mpsc::Sender<Result<Event, Status>>,
@@ -308,17 +308,17 @@ impl SessionEntry {
         let wanted = move |event: &Event| event.turn == turn || ends_turn(event);
         self.journal
             .clone()
-            .follow_while(db, after, out, wanted, ends_turn)
+            .follow_while(reader, after, out, wanted, ends_turn)
             .await
     }
 
     pub async fn follow(
         self: Arc<Self>,
-        db: Arc<Db>,
+        reader: Reader,
         after: u64,
         out: mpsc::Sender<Result<Event, Status>>,
     ) {
-        self.journal.clone().follow(db, after, out).await
+        self.journal.clone().follow(reader, after, out).await
     }
 }
 

@@ -17,7 +17,7 @@ use tonic::Status;
 
 use crate::db::{Db, LoadedRow, Row, SubjectKind};
 use crate::error::DriverError;
-use crate::journal::{Journal, Record};
+use crate::journal::{Journal, Reader, Record};
 use crate::writer::Writer;
 
 /// How long a submit waits for its task to be durable before answering UNAVAILABLE.
@@ -332,11 +332,11 @@ impl TaskEntry {
     /// and every event was sent, or `out` closes.
     pub async fn follow(
         self: Arc<Self>,
-        db: Arc<Db>,
+        reader: Reader,
         after: u64,
         out: mpsc::Sender<Result<Event, Status>>,
     ) {
-        self.journal.clone().follow(db, after, out).await
+        self.journal.clone().follow(reader, after, out).await
     }
 
     pub fn is_blocked(&self) -> bool {
@@ -677,6 +677,13 @@ pub(crate) mod tests {
         (TaskStore::new(db, writer, live.clone()), live, stop)
     }
 
+    fn reader(store: &TaskStore) -> Reader {
+        Reader {
+            db: store.db().clone(),
+            stop: CancellationToken::new(),
+        }
+    }
+
     fn spec(prompt: &str) -> TaskSpec {
         TaskSpec {
             prompt: prompt.into(),
@@ -693,7 +700,7 @@ pub(crate) mod tests {
 
     async fn drain(store: &TaskStore, entry: Arc<TaskEntry>, after: u64) -> Vec<u64> {
         let (tx, mut rx) = mpsc::channel(4);
-        tokio::spawn(entry.follow(store.db().clone(), after, tx));
+        tokio::spawn(entry.follow(reader(store), after, tx));
         let mut seen = Vec::new();
         while let Some(event) = rx.recv().await {
             seen.push(event.unwrap().sequence);
@@ -709,7 +716,7 @@ pub(crate) mod tests {
             let (entry, _) = store.insert(spec("hi")).await.unwrap();
             let early = {
                 let (tx, mut rx) = mpsc::channel(4);
-                tokio::spawn(entry.clone().follow(store.db().clone(), 0, tx));
+                tokio::spawn(entry.clone().follow(reader(&store), 0, tx));
                 tokio::spawn(async move {
                     let mut seen = Vec::new();
                     while let Some(event) = rx.recv().await {
