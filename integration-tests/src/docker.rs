@@ -99,3 +99,132 @@ impl Drop for DockerProxy {
         self.cut();
     }
 }
+
+/// A Docker daemon of a test's own (its data and run directories, its socket, no bridge and no
+/// iptables rules), with the agent image loaded from the host's daemon, so that the test may
+/// stop and start it without touching the daemon other tests use.
+pub struct TestDockerd {
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl TestDockerd {
+    pub async fn start() -> Self {
+        // Under /var/tmp: short enough for the socket paths dockerd makes under it.
+        let dir = tempfile::Builder::new()
+            .prefix("cc-dockerd-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let mut daemon = TestDockerd { dir, child: None };
+        daemon.resume().await;
+        let image = agent_image();
+        let load = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "docker save {image} | docker -H {} load",
+                daemon.host()
+            ))
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            load.status.success(),
+            "cannot load {image} into the test's daemon: {}",
+            String::from_utf8_lossy(&load.stderr)
+        );
+        daemon
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("docker.sock")
+    }
+
+    pub fn host(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+
+    /// Starts the daemon (again) and waits until it answers.
+    pub async fn resume(&mut self) {
+        let root = self.dir.path();
+        let log = std::fs::File::create(root.join("dockerd.log")).unwrap();
+        let child = std::process::Command::new("dockerd")
+            .arg("--data-root")
+            .arg(root.join("data"))
+            .arg("--exec-root")
+            .arg(root.join("exec"))
+            .arg("--pidfile")
+            .arg(root.join("dockerd.pid"))
+            .arg("-H")
+            .arg(self.host())
+            .args([
+                "--bridge=none",
+                "--iptables=false",
+                "--ip-masq=false",
+                "--ip-forward=false",
+                "--shutdown-timeout=2",
+            ])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("dockerd is installed (scripts/setup.sh)");
+        self.child = Some(child);
+        let host = self.host();
+        crate::wait_until(std::time::Duration::from_secs(30), || {
+            let host = host.clone();
+            async move {
+                tokio::process::Command::new("docker")
+                    .args(["-H", &host, "info"])
+                    .output()
+                    .await
+                    .is_ok_and(|output| output.status.success())
+            }
+        })
+        .await
+        .expect("the test's dockerd answers");
+    }
+
+    /// Stops the daemon as an operator would (SIGTERM); it stops its containers and exits.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            crate::send_signal(child.id(), libc::SIGTERM);
+            let _ = child.wait();
+        }
+    }
+
+    /// Runs the docker CLI against this daemon; its stdout.
+    pub async fn docker(&self, args: &[&str]) -> String {
+        let mut all = vec!["-H".to_owned(), self.host()];
+        all.extend(args.iter().map(|arg| arg.to_string()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        docker(&all).await
+    }
+}
+
+impl Drop for TestDockerd {
+    fn drop(&mut self) {
+        let host = self.host();
+        // Containers first, so that the daemon leaves nothing mounted behind.
+        let _ = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "docker -H {host} ps -aq | xargs -r docker -H {host} rm -f"
+            ))
+            .output();
+        self.stop();
+        // What the daemon mounted and left (its network namespace) would keep the directory
+        // from being removed.
+        let root = self.dir.path().display().to_string();
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mut left: Vec<&str> = mounts
+            .lines()
+            .filter_map(|line| line.split_whitespace().nth(1))
+            .filter(|point| point.starts_with(&root))
+            .collect();
+        left.sort_by_key(|point| std::cmp::Reverse(point.len()));
+        for point in left {
+            let _ = std::process::Command::new("umount")
+                .args(["-l", point])
+                .output();
+        }
+    }
+}

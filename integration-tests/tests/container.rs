@@ -593,3 +593,65 @@ async fn docker_going_away_under_load_fails_or_reruns_every_task_and_leaves_no_c
     .await
     .expect("no container is left once Docker is back");
 }
+
+#[tokio::test]
+async fn dockerd_stopped_and_started_under_load_fails_or_reruns_every_task_and_leaves_no_container()
+{
+    let mut daemon = claudecluster_integration_tests::docker::TestDockerd::start().await;
+    let worker = WorkerSpec {
+        capacity: 3,
+        docker_socket: Some(daemon.socket()),
+        ..container_worker()
+    };
+    let cluster = TestCluster::start(vec![worker]).await;
+    let mut running = Vec::new();
+    for _ in 0..3 {
+        let task = cluster.submit(prompt("HANG")).await;
+        cluster.wait_for_agent(&task.task_id).await;
+        running.push(task.task_id);
+    }
+    let mut queued = Vec::new();
+    for index in 0..2 {
+        queued.push(
+            cluster
+                .submit(prompt(&format!("queued {index}")))
+                .await
+                .task_id,
+        );
+    }
+
+    daemon.stop();
+    for task_id in &running {
+        let (ended, _) = cluster.finish(task_id).await;
+        assert_eq!(ended.status(), TaskStatus::Failed, "{task_id}");
+        assert!(
+            ended.status_reason.contains("Docker") || ended.status_reason.contains("exited"),
+            "{task_id} failed with a reason: {}",
+            ended.status_reason
+        );
+    }
+    daemon.resume().await;
+    for task_id in &queued {
+        let (ended, _) = cluster.finish(task_id).await;
+        assert_eq!(
+            ended.status(),
+            TaskStatus::Completed,
+            "{}",
+            ended.status_reason
+        );
+    }
+    let label = format!("label=claudecluster.worker={}", cluster.worker_ids[0]);
+    wait_until(Duration::from_secs(30), || {
+        let daemon = &daemon;
+        let label = label.clone();
+        async move {
+            daemon
+                .docker(&["ps", "-aq", "--filter", &label])
+                .await
+                .trim()
+                .is_empty()
+        }
+    })
+    .await
+    .expect("no container is left once the daemon is back");
+}
