@@ -112,52 +112,22 @@ impl ClusterTools {
         limit: Duration,
         done: impl Fn(&Event) -> bool,
     ) -> Result<Vec<Event>, tonic::Status> {
-        let deadline = tokio::time::Instant::now() + limit;
         let mut events = Vec::new();
-        let mut after = 0;
-        loop {
+        let open = |after| {
+            let mut driver = self.driver.clone();
             let request = StreamTaskEventsRequest {
                 task_id: task_id.to_owned(),
                 after_sequence: after,
             };
-            let opened = tokio::time::timeout_at(
-                deadline,
-                patiently(|| {
-                    let mut driver = self.driver.clone();
-                    let request = request.clone();
-                    async move { driver.stream_task_events(request).await }
-                }),
-            )
-            .await;
-            let mut stream = match opened {
-                Err(_) => return Ok(events),
-                Ok(Err(status)) => return Err(status),
-                Ok(Ok(response)) => response.into_inner(),
-            };
-            let followed = tokio::time::timeout_at(deadline, async {
-                loop {
-                    match stream.message().await {
-                        Ok(Some(response)) => {
-                            let Some(event) = response.event else {
-                                continue;
-                            };
-                            after = event.sequence;
-                            let stop = done(&event);
-                            events.push(event);
-                            if stop {
-                                return true;
-                            }
-                        }
-                        Ok(None) => return true,
-                        Err(status) => return !resumable(&status),
-                    }
-                }
-            })
-            .await;
-            if !matches!(followed, Ok(false)) {
-                return Ok(events);
-            }
-        }
+            async move { driver.stream_task_events(request).await }
+        };
+        follow_resuming(open, 0, limit, |event| {
+            let stop = done(&event);
+            events.push(event);
+            stop
+        })
+        .await?;
+        Ok(events)
     }
 
     /// Collects the events of a session's `turn` after `after` until the turn ends or `limit`
@@ -166,58 +136,91 @@ impl ClusterTools {
         &self,
         session_id: &str,
         turn: u32,
-        mut after: u64,
+        after: u64,
         limit: Duration,
         events: &mut Vec<Event>,
     ) -> Result<bool, tonic::Status> {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
+        let open = |after| {
+            let mut driver = self.driver.clone();
             let request = StreamSessionEventsRequest {
                 session_id: session_id.to_owned(),
                 after_sequence: after,
             };
-            let opened = tokio::time::timeout_at(
-                deadline,
-                patiently(|| {
-                    let mut driver = self.driver.clone();
-                    let request = request.clone();
-                    async move { driver.stream_session_events(request).await }
-                }),
-            )
-            .await;
-            let mut stream = match opened {
-                Err(_) => return Ok(false),
-                Ok(Err(status)) => return Err(status),
-                Ok(Ok(response)) => response.into_inner(),
-            };
-            let followed = tokio::time::timeout_at(deadline, async {
-                loop {
-                    match stream.message().await {
-                        Ok(Some(response)) => {
-                            let Some(event) = response.event else {
-                                continue;
-                            };
-                            after = event.sequence;
-                            let ends = ends_turn(&event, turn);
-                            if event.turn == turn || ends {
-                                events.push(event);
-                            }
-                            if ends {
-                                return Some(true);
-                            }
-                        }
-                        Ok(None) => return Some(true),
-                        Err(status) if resumable(&status) => return None,
-                        Err(_) => return Some(false),
-                    }
-                }
-            })
-            .await;
-            match followed {
-                Err(_) => return Ok(false),
-                Ok(Some(ended)) => return Ok(ended),
-                Ok(None) => continue,
+            async move { driver.stream_session_events(request).await }
+        };
+        follow_resuming(open, after, limit, |event| {
+            let ends = ends_turn(&event, turn);
+            if event.turn == turn || ends {
+                events.push(event);
             }
+            ends
+        })
+        .await
+    }
+}
+
+/// A response of an event stream.
+trait CarriesEvent {
+    fn into_event(self) -> Option<Event>;
+}
+
+impl CarriesEvent for StreamTaskEventsResponse {
+    fn into_event(self) -> Option<Event> {
+        self.event
+    }
+}
+
+impl CarriesEvent for StreamSessionEventsResponse {
+    fn into_event(self) -> Option<Event> {
+        self.event
+    }
+}
+
+/// Hands the events of the stream `open(after)` opens to `take` until it says stop (true),
+/// the stream ends (true), or `limit` passes (false). A driver that restarts meanwhile is
+/// waited for, and the stream is opened again after the last event seen.
+async fn follow_resuming<R, F, Fut>(
+    open: F,
+    mut after: u64,
+    limit: Duration,
+    mut take: impl FnMut(Event) -> bool,
+) -> Result<bool, tonic::Status>
+where
+    R: CarriesEvent,
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<tonic::Streaming<R>>, tonic::Status>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let opened = tokio::time::timeout_at(deadline, patiently(|| open(after))).await;
+        let mut stream = match opened {
+            Err(_) => return Ok(false),
+            Ok(Err(status)) => return Err(status),
+            Ok(Ok(response)) => response.into_inner(),
+        };
+        let followed = tokio::time::timeout_at(deadline, async {
+            loop {
+                match stream.message().await {
+                    Ok(Some(response)) => {
+                        let Some(event) = response.into_event() else {
+                            continue;
+                        };
+                        after = event.sequence;
+                        if take(event) {
+                            return Some(true);
+                        }
+                    }
+                    Ok(None) => return Some(true),
+                    Err(status) if resumable(&status) => return None,
+                    Err(_) => return Some(false),
+                }
+            }
+        })
+        .await;
+        match followed {
+            Err(_) => return Ok(false),
+            Ok(Some(ended)) => return Ok(ended),
+            Ok(None) => continue,
         }
     }
 }
