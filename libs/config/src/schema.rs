@@ -49,6 +49,8 @@ pub struct DriverConfig {
     pub session_queue_limit: u32,
     /// Attempts a task gets when its worker refuses it or is lost while running it.
     pub max_attempts: u32,
+    /// Tasks one `SubmitTasks` request may hold.
+    pub max_batch_size: u32,
     /// Where the embedded store keeps its file (`driver.db`); defaults to `claudecluster`
     /// under the user's data directory.
     pub data_dir: Option<PathBuf>,
@@ -62,6 +64,7 @@ impl Default for DriverConfig {
             scheduler_address: "127.0.0.1:50052".into(),
             session_queue_limit: 16,
             max_attempts: 3,
+            max_batch_size: 1000,
             data_dir: None,
             store: StoreConfig::default(),
         }
@@ -448,6 +451,11 @@ impl ClusterConfig {
             !self.worker.driver_loss_timeout.get().is_zero(),
             "worker.driverLossTimeout",
             "must be longer than zero",
+        );
+        check(
+            self.driver.max_batch_size >= 1,
+            "driver.maxBatchSize",
+            "must be at least 1",
         );
         check(
             self.driver.max_attempts >= 1,

@@ -13,10 +13,20 @@ use crate::validate;
 /// are refused, naming them.
 pub fn plan(
     tasks: Vec<BatchTask>,
+    max_tasks: usize,
     exists: impl Fn(&str) -> bool,
 ) -> Result<Vec<(String, TaskSpec)>, DriverError> {
     if tasks.is_empty() {
         return Err(DriverError::invalid("tasks", "must not be empty"));
+    }
+    if tasks.len() > max_tasks {
+        return Err(DriverError::invalid(
+            "tasks",
+            format!(
+                "{} tasks are more than a batch may hold ({max_tasks}, `driver.maxBatchSize`)",
+                tasks.len()
+            ),
+        ));
     }
     let mut keys: HashMap<String, usize> = HashMap::new();
     for (index, task) in tasks.iter().enumerate() {
@@ -86,6 +96,9 @@ fn prefixed(index: usize, err: DriverError) -> DriverError {
 }
 
 /// A cycle in the graph, as the nodes along it back to the first, if there is one.
+///
+/// Depth-first with a stack of its own: a client decides how deep the graph is (a chain of
+/// 100,000 tasks), and recursion that deep would overflow the thread's stack.
 fn find_cycle(edges: &[Vec<usize>]) -> Option<Vec<usize>> {
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
@@ -93,40 +106,38 @@ fn find_cycle(edges: &[Vec<usize>]) -> Option<Vec<usize>> {
         OnPath,
         Done,
     }
-    fn visit(
-        node: usize,
-        edges: &[Vec<usize>],
-        marks: &mut [Mark],
-        path: &mut Vec<usize>,
-    ) -> Option<Vec<usize>> {
-        marks[node] = Mark::OnPath;
-        path.push(node);
-        for &next in &edges[node] {
+    let mut marks = vec![Mark::New; edges.len()];
+    for start in 0..edges.len() {
+        if marks[start] != Mark::New {
+            continue;
+        }
+        // The path from `start`, each node with the index of its next edge to follow.
+        let mut path: Vec<(usize, usize)> = vec![(start, 0)];
+        marks[start] = Mark::OnPath;
+        while let Some((node, next_edge)) = path.last_mut() {
+            let node = *node;
+            let Some(&next) = edges[node].get(*next_edge) else {
+                marks[node] = Mark::Done;
+                path.pop();
+                continue;
+            };
+            *next_edge += 1;
             match marks[next] {
                 Mark::OnPath => {
-                    let start = path.iter().position(|n| *n == next).expect("on the path");
-                    let mut cycle = path[start..].to_vec();
+                    let at = path
+                        .iter()
+                        .position(|(n, _)| *n == next)
+                        .expect("on the path");
+                    let mut cycle: Vec<usize> = path[at..].iter().map(|(n, _)| *n).collect();
                     cycle.push(next);
                     return Some(cycle);
                 }
                 Mark::New => {
-                    if let Some(cycle) = visit(next, edges, marks, path) {
-                        return Some(cycle);
-                    }
+                    marks[next] = Mark::OnPath;
+                    path.push((next, 0));
                 }
                 Mark::Done => {}
             }
-        }
-        path.pop();
-        marks[node] = Mark::Done;
-        None
-    }
-    let mut marks = vec![Mark::New; edges.len()];
-    for node in 0..edges.len() {
-        if marks[node] == Mark::New
-            && let Some(cycle) = visit(node, edges, &mut marks, &mut Vec::new())
-        {
-            return Some(cycle);
         }
     }
     None
@@ -156,6 +167,7 @@ mod tests {
                 task("c", &["a"]),
                 task("d", &["b", "c"]),
             ],
+            1000,
             |_| false,
         )
         .unwrap();
@@ -166,7 +178,10 @@ mod tests {
 
     #[test]
     fn existing_tasks_may_be_named_by_id() {
-        let planned = plan(vec![task("b", &["existing-id"])], |id| id == "existing-id").unwrap();
+        let planned = plan(vec![task("b", &["existing-id"])], 1000, |id| {
+            id == "existing-id"
+        })
+        .unwrap();
         assert_eq!(planned[0].1.depends_on, vec!["existing-id"]);
     }
 
@@ -174,6 +189,7 @@ mod tests {
     fn cycles_unknown_names_and_repeated_keys_are_refused() {
         let cycle = plan(
             vec![task("a", &["c"]), task("b", &["a"]), task("c", &["b"])],
+            1000,
             |_| false,
         )
         .unwrap_err()
@@ -182,14 +198,14 @@ mod tests {
             cycle,
             "tasks: the dependencies form a cycle: a -> c -> b -> a"
         );
-        let unknown = plan(vec![task("a", &["nope"])], |_| false)
+        let unknown = plan(vec![task("a", &["nope"])], 1000, |_| false)
             .unwrap_err()
             .to_string();
         assert_eq!(
             unknown,
             "tasks[0].spec.depends_on: `nope` is neither a key of this batch nor an existing task"
         );
-        let twice = plan(vec![task("a", &[]), task("a", &[])], |_| false)
+        let twice = plan(vec![task("a", &[]), task("a", &[])], 1000, |_| false)
             .unwrap_err()
             .to_string();
         assert_eq!(twice, "tasks[1].key: `a` names two tasks");
@@ -201,10 +217,55 @@ mod tests {
                     spec: Some(TaskSpec::default()),
                 },
             ],
+            1000,
             |_| false,
         )
         .unwrap_err()
         .to_string();
         assert_eq!(invalid, "tasks[1].spec.prompt: must not be empty");
+    }
+
+    #[test]
+    fn a_chain_a_hundred_thousand_deep_is_checked_without_recursion() {
+        // Run on a thread with a small stack: recursion this deep would overflow it.
+        let checked = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(|| {
+                let count = 100_000;
+                let keys: Vec<String> = (0..count).map(|i| format!("t{i}")).collect();
+                let chain: Vec<BatchTask> = (0..count)
+                    .map(|i| {
+                        let next = keys.get(i + 1).map(String::as_str);
+                        task(&keys[i], next.as_slice())
+                    })
+                    .collect();
+                let planned = plan(chain, count, |_| false).map(|planned| planned.len());
+                let looped: Vec<BatchTask> = (0..count)
+                    .map(|i| task(&keys[i], &[keys[(i + 1) % count].as_str()]))
+                    .collect();
+                let cycle = plan(looped, count, |_| false).unwrap_err().to_string();
+                (planned.unwrap(), cycle)
+            })
+            .unwrap()
+            .join()
+            .expect("no stack overflow");
+        assert_eq!(checked.0, 100_000);
+        assert!(
+            checked
+                .1
+                .starts_with("tasks: the dependencies form a cycle: t0 -> t1 -> t2"),
+            "{}",
+            &checked.1[..80]
+        );
+    }
+
+    #[test]
+    fn a_batch_past_its_limit_is_refused_naming_the_limit() {
+        let batch = vec![task("a", &[]), task("b", &[]), task("c", &[])];
+        let refused = plan(batch, 2, |_| false).unwrap_err().to_string();
+        assert_eq!(
+            refused,
+            "tasks: 3 tasks are more than a batch may hold (2, `driver.maxBatchSize`)"
+        );
     }
 }

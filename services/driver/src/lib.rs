@@ -120,6 +120,7 @@ pub async fn spawn(config: DriverConfig, listener: TcpListener) -> Result<Handle
         sessions,
         dispatcher,
         config.session_queue_limit as usize,
+        config.max_batch_size as usize,
         stop.clone(),
     )));
     let server = {

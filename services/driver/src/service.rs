@@ -29,6 +29,8 @@ pub struct DriverService {
     sessions: Arc<SessionStore>,
     dispatcher: Arc<Dispatcher>,
     session_queue_limit: usize,
+    /// Tasks one `SubmitTasks` may hold.
+    max_batch_size: usize,
     /// Cancelled when the driver shuts down: open streams end with UNAVAILABLE so that clients
     /// reconnect (to this driver once it is back, or another).
     stopping: CancellationToken,
@@ -40,6 +42,7 @@ impl DriverService {
         sessions: Arc<SessionStore>,
         dispatcher: Arc<Dispatcher>,
         session_queue_limit: usize,
+        max_batch_size: usize,
         stopping: CancellationToken,
     ) -> Self {
         DriverService {
@@ -47,6 +50,7 @@ impl DriverService {
             sessions,
             dispatcher,
             session_queue_limit,
+            max_batch_size,
             stopping,
         }
     }
@@ -217,7 +221,7 @@ impl DriverApi for DriverService {
                 }
             }
         }
-        let planned = batch::plan(tasks, |id| existing.contains(id))?;
+        let planned = batch::plan(tasks, self.max_batch_size, |id| existing.contains(id))?;
         let entries = self.store.insert_all(planned).await?;
         let tasks = entries.iter().map(|entry| entry.public()).collect();
         for entry in entries {
