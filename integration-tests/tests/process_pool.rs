@@ -340,3 +340,52 @@ async fn a_tasks_environment_reaches_its_agent_but_no_client_and_cannot_be_the_w
         "spec.environment: `ANTHROPIC_BASE_URL` is set by the worker and cannot be set by a task"
     );
 }
+
+#[tokio::test]
+async fn a_prompt_at_the_size_limit_reaches_the_agent_and_one_past_it_is_refused() {
+    let cluster = TestCluster::start(vec![WorkerSpec::default()]).await;
+    // 512 KiB in all: four times what Linux allows in one command-line argument.
+    let limit = 512 * 1024;
+    let prompt_text = format!("at the limit {}", "y".repeat(limit - 13));
+    assert_eq!(prompt_text.len(), limit);
+    let task = cluster.submit(prompt(&prompt_text)).await;
+    let (ended, events) = cluster.finish(&task.task_id).await;
+    assert_eq!(
+        ended.status(),
+        TaskStatus::Completed,
+        "{}",
+        ended.status_reason
+    );
+    let reply = ended.result.expect("a result").text;
+    assert_eq!(
+        reply,
+        format!("MOCK_REPLY turn=1: {prompt_text}"),
+        "the agent got the whole prompt"
+    );
+    assert!(
+        cluster
+            .api
+            .requests()
+            .iter()
+            .any(|request| request.prompt().as_deref() == Some(prompt_text.as_str())),
+        "the API saw the whole prompt"
+    );
+    assert!(events.len() > 3);
+
+    let past = cluster
+        .driver()
+        .await
+        .submit_task(SubmitTaskRequest {
+            spec: Some(prompt(&format!("{prompt_text}!"))),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(past.code(), Code::InvalidArgument);
+    assert_eq!(
+        past.message(),
+        format!(
+            "spec.prompt: is {} bytes; at most {limit} are accepted",
+            limit + 1
+        )
+    );
+}

@@ -374,8 +374,13 @@ async fn a_killed_workers_agents_die_with_it_and_its_task_runs_once_elsewhere() 
     cluster.wait_for_healthy_workers(2).await;
 
     // The agent's Bash tool runs in a session of its own, outside the agent's process group.
+    // Its tool call is printed before the tool starts: wait for the process.
+    wait_until(Duration::from_secs(30), || async {
+        !children(pids[0]).is_empty()
+    })
+    .await
+    .expect("the agent's tool process");
     let tools = children(pids[0]);
-    assert!(!tools.is_empty(), "the agent's tool process");
     cluster.workers[0].kill().await;
     wait_until(Duration::from_secs(10), || async { !alive(pids[0]) })
         .await

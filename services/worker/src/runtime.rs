@@ -26,7 +26,7 @@ use crate::events;
 use crate::execution::supervisor::{self, Cancellation, Outcome, Supervision};
 use crate::execution::{
     AgentHandle, AgentInput, AgentLaunch, AgentOptions, ExecutionProvider, Limits, ProviderHealth,
-    Providers, WarmPool, WarmTemplate, agent_args, agent_env, warm_agent_args,
+    Providers, WarmPool, WarmTemplate, agent_env, warm_agent_args,
 };
 use crate::run_log::{LogBounds, RunLog};
 use crate::runs::{Runs, TaskRun, WorkId};
@@ -686,21 +686,31 @@ impl Runtime {
             .adopt_workspace(&workspace)
             .await
             .map_err(|err| err.0)?;
+        // The prompt goes in on stdin, as a stream-json message, not on the command line: one
+        // argument may not exceed 128 KiB on Linux, and a prompt may.
         let launch = AgentLaunch {
             task_id: execution.task_id.clone(),
             attempt: execution.attempt,
-            args: agent_args(&spec.prompt, options),
+            args: warm_agent_args(options),
             env: agent_env(
                 &self.config.agent,
                 std::env::vars(),
                 spec.environment.clone(),
             ),
             workspace: workspace.clone(),
-            input: AgentInput::None,
+            input: AgentInput::StreamJson,
             limits,
             mounts: Vec::new(),
         };
         let agent = provider.launch(launch).await.map_err(|err| err.0)?;
+        let input = agent
+            .input
+            .as_ref()
+            .expect("an agent started with stream-json input reads stdin");
+        if input.send(user_message_line(&spec.prompt)).await.is_err() {
+            // The agent is gone already: the supervisor reports how it ended.
+            tracing::warn!(task = %execution.task_id, "the agent ended before it got its prompt");
+        }
         Ok((agent, workspace, "agent started".to_owned()))
     }
 }
