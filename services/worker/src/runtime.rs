@@ -462,17 +462,7 @@ impl Runtime {
     /// An attempt lower than one seen here is refused; a higher one stops the older attempts
     /// still running here first.
     pub async fn admit(self: &Arc<Self>, execution: Execution) -> Result<Admission, WorkerError> {
-        if execution.task_id.is_empty()
-            || !execution
-                .task_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            return Err(WorkerError::InvalidArgument {
-                field: "task_id",
-                message: "must be letters, digits, '-' or '_'".into(),
-            });
-        }
+        check_id("task_id", &execution.task_id)?;
         if execution.spec.prompt.trim().is_empty() {
             return Err(WorkerError::InvalidArgument {
                 field: "spec.prompt",
@@ -713,6 +703,30 @@ impl Runtime {
         }
         Ok((agent, workspace, "agent started".to_owned()))
     }
+}
+
+/// The longest task or session id a worker takes: it names a directory and a container.
+const MAX_ID_LENGTH: usize = 128;
+
+/// Names in the workspace root that are the worker's own, not a task's.
+const RESERVED_NAMES: &[&str] = &["sessions"];
+
+/// Checks an id that becomes a directory name, a container name and a label: 1 to 128 letters,
+/// digits, `-` or `_`, and not a name the worker keeps for itself.
+pub(crate) fn check_id(field: &'static str, id: &str) -> Result<(), WorkerError> {
+    let message = if id.is_empty() || id.len() > MAX_ID_LENGTH {
+        format!("must have 1 to {MAX_ID_LENGTH} characters")
+    } else if !id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        "must be letters, digits, '-' or '_'".to_owned()
+    } else if RESERVED_NAMES.contains(&id) {
+        format!("`{id}` is a name the worker keeps for itself")
+    } else {
+        return Ok(());
+    };
+    Err(WorkerError::InvalidArgument { field, message })
 }
 
 /// Refuses a position past the end of `log`: the caller has seen events that never were.

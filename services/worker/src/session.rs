@@ -206,16 +206,7 @@ impl Runtime {
         spec: SessionSpec,
         inputs: Inputs,
     ) -> Result<Arc<RunLog>, WorkerError> {
-        let valid = !session_id.is_empty()
-            && session_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-        if !valid {
-            return Err(WorkerError::InvalidArgument {
-                field: "session_id",
-                message: "must be letters, digits, '-' or '_'".into(),
-            });
-        }
+        crate::runtime::check_id("session_id", &session_id)?;
         self.refuse_if_shutting_down()?;
         let provider = self
             .provider(ExecutionMode::ContainerAgentic)

@@ -297,3 +297,24 @@ async fn shutdown_lets_work_finish_within_the_grace_then_cancels_the_rest() {
     );
     assert!(worker.running().is_empty());
 }
+
+#[tokio::test]
+async fn ids_that_would_name_another_place_are_refused_naming_the_field() {
+    let worker = Worker::new(ExecutionMode::ProcessPool);
+    let long = "t".repeat(129);
+    for (id, message) in [
+        ("..", "task_id: must be letters, digits, '-' or '_'"),
+        ("a/b", "task_id: must be letters, digits, '-' or '_'"),
+        (
+            "sessions",
+            "task_id: `sessions` is a name the worker keeps for itself",
+        ),
+        (long.as_str(), "task_id: must have 1 to 128 characters"),
+        ("", "task_id: must have 1 to 128 characters"),
+    ] {
+        let refused = worker.execute(id, 1).await.err().unwrap();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{id}");
+        assert_eq!(refused.message(), message, "{id}");
+    }
+    assert!(worker.running().is_empty(), "nothing was admitted");
+}
