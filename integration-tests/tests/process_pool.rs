@@ -389,3 +389,46 @@ async fn a_prompt_at_the_size_limit_reaches_the_agent_and_one_past_it_is_refused
         )
     );
 }
+
+#[tokio::test]
+async fn a_clone_that_hangs_times_out_and_no_client_sees_the_urls_credentials() {
+    let worker = WorkerSpec {
+        extra_yaml: "cloneTimeout: 1\n".into(),
+        ..WorkerSpec::default()
+    };
+    let cluster = TestCluster::start(vec![worker]).await;
+    // A loopback server that accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = silent.local_addr().unwrap();
+    let holding = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((connection, _)) = silent.accept().await {
+            held.push(connection);
+        }
+    });
+    let secret = "s3cret-deploy-token";
+    let task = cluster
+        .submit(TaskSpec {
+            repo_url: format!("http://deploy:{secret}@{address}/org/app.git"),
+            ..prompt("work on the repository")
+        })
+        .await;
+    let shown = format!("http://***@{address}/org/app.git");
+    assert_eq!(task.spec.as_ref().unwrap().repo_url, shown);
+    let (ended, events) = cluster.finish(&task.task_id).await;
+    assert_eq!(ended.status(), TaskStatus::Failed);
+    assert_eq!(
+        ended.status_reason,
+        format!("cannot clone {shown}: timed out after 1 s (`worker.cloneTimeout`)")
+    );
+    let listed = cluster
+        .driver()
+        .await
+        .list_tasks(ListTasksRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let everything = format!("{ended:?} {events:?} {listed:?}");
+    assert!(!everything.contains(secret), "the credential leaked");
+    holding.abort();
+}

@@ -180,6 +180,8 @@ pub struct WorkerConfig {
     /// On SIGTERM, running work may finish for this long (a bare number is seconds); then it is
     /// stopped.
     pub shutdown_grace: Seconds,
+    /// A task's `repo_url` must be cloned within this long (a bare number is seconds).
+    pub clone_timeout: Seconds,
 }
 
 impl Default for WorkerConfig {
@@ -200,6 +202,7 @@ impl Default for WorkerConfig {
             driver_loss_timeout: Seconds(Duration::from_secs(300)),
             run_retention: Seconds(Duration::from_secs(600)),
             shutdown_grace: Seconds(Duration::from_secs(30)),
+            clone_timeout: Seconds(Duration::from_secs(300)),
         }
     }
 }
@@ -447,6 +450,11 @@ impl ClusterConfig {
                 "must start with postgres://, postgresql:// or sqlite://",
             );
         }
+        check(
+            !self.worker.clone_timeout.get().is_zero(),
+            "worker.cloneTimeout",
+            "must be longer than zero",
+        );
         check(
             !self.worker.driver_loss_timeout.get().is_zero(),
             "worker.driverLossTimeout",

@@ -150,3 +150,44 @@ mod tests {
         assert!(!TaskStatus::Running.is_terminal());
     }
 }
+
+/// A repository URL as it may be shown to anyone: without the credentials it may carry
+/// (`https://user:token@host/repo.git` becomes `https://***@host/repo.git`). The clone itself
+/// still uses them.
+pub fn without_credentials(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://***@{host}{path}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod credential_tests {
+    use super::without_credentials;
+
+    #[test]
+    fn credentials_in_a_url_are_hidden_and_the_rest_kept() {
+        assert_eq!(
+            without_credentials("https://user:s3cret@git.example/org/app.git"),
+            "https://***@git.example/org/app.git"
+        );
+        assert_eq!(
+            without_credentials("https://ghp_token@git.example/a.git?x=1"),
+            "https://***@git.example/a.git?x=1"
+        );
+        assert_eq!(
+            without_credentials("https://git.example/a@b.git"),
+            "https://git.example/a@b.git",
+            "an @ in the path is not a credential"
+        );
+        assert_eq!(
+            without_credentials("git@github.com:org/app.git"),
+            "git@github.com:org/app.git"
+        );
+    }
+}

@@ -12,3 +12,5 @@ pub mod v1 {
 pub use prost_types::Timestamp;
 
 mod display;
+
+pub use display::without_credentials;

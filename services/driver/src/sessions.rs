@@ -126,8 +126,13 @@ pub struct SessionEntry {
 }
 
 impl SessionEntry {
+    /// The session as clients get it: its repository without the credentials its URL may carry.
     pub fn snapshot(&self) -> Session {
-        self.journal.read(|record| record.session.clone())
+        let mut session = self.journal.read(|record| record.session.clone());
+        if let Some(spec) = session.spec.as_mut() {
+            spec.repo_url = claudecluster_proto::without_credentials(&spec.repo_url);
+        }
+        session
     }
 
     pub fn state(&self) -> SessionState {

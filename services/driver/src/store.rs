@@ -162,12 +162,14 @@ pub enum CancelAction {
 /// What clients see of an environment variable's value: they may hold tokens.
 pub const HIDDEN_VALUE: &str = "(hidden)";
 
-/// A task as clients get it: the values of its agent environment hidden.
+/// A task as clients get it: the values of its agent environment hidden, and its repository
+/// without the credentials its URL may carry.
 pub fn redacted(mut task: Task) -> Task {
     if let Some(spec) = task.spec.as_mut() {
         for value in spec.environment.values_mut() {
             *value = HIDDEN_VALUE.to_owned();
         }
+        spec.repo_url = claudecluster_proto::without_credentials(&spec.repo_url);
     }
     task
 }

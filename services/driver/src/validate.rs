@@ -178,11 +178,15 @@ fn agent_options(agent: &AgentOptions) -> Result<(), DriverError> {
 /// Accepts what `git clone` should get from a client: https, http, ssh, git and file URLs,
 /// scp-like `user@host:path`, and absolute paths. Refuses anything git could read as an option.
 pub fn repo_url(url: &str) -> Result<(), String> {
+    // What errors show: the URL without its credentials.
+    let shown = claudecluster_proto::without_credentials(url);
     if url.trim() != url || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("`{url}` contains whitespace or control characters"));
+        return Err(format!(
+            "`{shown}` contains whitespace or control characters"
+        ));
     }
     if url.starts_with('-') {
-        return Err(format!("`{url}` must not start with '-'"));
+        return Err(format!("`{shown}` must not start with '-'"));
     }
     if url.starts_with('/') {
         return Ok(());
@@ -193,16 +197,16 @@ pub fn repo_url(url: &str) -> Result<(), String> {
                 let host = rest.split(['/', ':']).next().unwrap_or("");
                 let host = host.rsplit('@').next().unwrap_or("");
                 if host.is_empty() {
-                    Err(format!("`{url}` has no host"))
+                    Err(format!("`{shown}` has no host"))
                 } else if rest.len() <= host.len() + 1 {
-                    Err(format!("`{url}` names no repository"))
+                    Err(format!("`{shown}` names no repository"))
                 } else {
                     Ok(())
                 }
             }
             "file" if rest.starts_with('/') => Ok(()),
             "file" => Err(format!(
-                "`{url}` must be file:// followed by an absolute path"
+                "`{shown}` must be file:// followed by an absolute path"
             )),
             other => Err(format!(
                 "scheme `{other}` is not supported; use https, http, ssh, git or file"
@@ -217,7 +221,7 @@ pub fn repo_url(url: &str) -> Result<(), String> {
         }
     }
     Err(format!(
-        "`{url}` is not a repository URL (https://, ssh://, git://, file://, user@host:path or an absolute path)"
+        "`{shown}` is not a repository URL (https://, ssh://, git://, file://, user@host:path or an absolute path)"
     ))
 }
 

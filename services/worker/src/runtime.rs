@@ -84,7 +84,8 @@ impl Runtime {
         log_bounds: LogBounds,
     ) -> Self {
         let capacity = config.capacity();
-        let workspaces = Workspaces::new(Workspaces::root_for(&config));
+        let workspaces = Workspaces::new(Workspaces::root_for(&config))
+            .with_clone_timeout(config.clone_timeout.get());
         // Logs spilled by an earlier process belong to runs that died with it.
         let runs_dir = workspaces.root().join(RUNS_DIR);
         if let Err(err) = std::fs::remove_dir_all(&runs_dir)
@@ -651,7 +652,9 @@ impl Runtime {
         if let Some(warm) = self.warm_agent(provider.mode(), options, limits, spec) {
             let handed_out = std::time::Instant::now();
             if !spec.repo_url.is_empty() {
-                crate::workspace::clone(&spec.repo_url, &warm.workspace).await?;
+                self.workspaces
+                    .clone_into(&spec.repo_url, &warm.workspace)
+                    .await?;
                 provider
                     .adopt_workspace(&warm.workspace)
                     .await

@@ -493,7 +493,10 @@ impl Actor {
                 .map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
         }
         if !self.spec.repo_url.is_empty() {
-            crate::workspace::clone(&self.spec.repo_url, &self.workspace).await?;
+            self.runtime
+                .workspaces()
+                .clone_into(&self.spec.repo_url, &self.workspace)
+                .await?;
         }
         for dir in [&self.workspace, &self.config_dir] {
             self.provider

@@ -2,18 +2,37 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::Duration;
 
 use tokio::process::Command;
+
+/// How long a clone may take when nothing else is said (`worker.cloneTimeout`).
+pub const DEFAULT_CLONE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Where task workspaces live.
 #[derive(Debug, Clone)]
 pub struct Workspaces {
     root: PathBuf,
+    clone_timeout: Duration,
 }
 
 impl Workspaces {
     pub fn new(root: PathBuf) -> Self {
-        Workspaces { root }
+        Workspaces {
+            root,
+            clone_timeout: DEFAULT_CLONE_TIMEOUT,
+        }
+    }
+
+    /// Clones give up after `timeout`.
+    pub fn with_clone_timeout(mut self, timeout: Duration) -> Self {
+        self.clone_timeout = timeout;
+        self
+    }
+
+    /// Clones `repo_url` into `dir`, within the clone timeout.
+    pub async fn clone_into(&self, repo_url: &str, dir: &Path) -> Result<(), String> {
+        clone(repo_url, dir, self.clone_timeout).await
     }
 
     /// The default root: `claudecluster/workspaces` under the user's data directory.
@@ -62,26 +81,38 @@ impl Workspaces {
             .await
             .map_err(|err| format!("cannot create workspace {}: {err}", dir.display()))?;
         if !repo_url.is_empty() {
-            clone(repo_url, &dir).await?;
+            self.clone_into(repo_url, &dir).await?;
         }
         Ok(dir)
     }
 }
 
-/// Clones `repo_url` into `dir`, which must be empty.
-pub async fn clone(repo_url: &str, dir: &Path) -> Result<(), String> {
-    let output = Command::new("git")
-        .args(["clone", "--quiet", "--"])
+/// Clones `repo_url` into `dir`, which must be empty, giving up after `timeout`. git asks no
+/// questions (no terminal prompt) and may not run commands for a URL (`ext::`). Errors show
+/// the URL without its credentials.
+async fn clone(repo_url: &str, dir: &Path, timeout: Duration) -> Result<(), String> {
+    let shown = claudecluster_proto::without_credentials(repo_url);
+    let cloning = Command::new("git")
+        .args(["-c", "protocol.ext.allow=never", "clone", "--quiet", "--"])
         .arg(repo_url)
         .arg(dir)
         .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|err| format!("cannot run git to clone {repo_url}: {err}"))?;
+        .output();
+    let output = match tokio::time::timeout(timeout, cloning).await {
+        Ok(output) => output.map_err(|err| format!("cannot run git to clone {shown}: {err}"))?,
+        // Dropping the future kills git.
+        Err(_) => {
+            return Err(format!(
+                "cannot clone {shown}: timed out after {} s (`worker.cloneTimeout`)",
+                timeout.as_secs()
+            ));
+        }
+    };
     if output.status.success() {
         return Ok(());
     }
@@ -96,7 +127,9 @@ pub async fn clone(repo_url: &str, dir: &Path) -> Result<(), String> {
         .find_map(|line| line.strip_prefix("fatal: "))
         .or_else(|| lines.next_back())
         .unwrap_or("git gave no reason");
-    Err(format!("cannot clone {repo_url}: {detail}"))
+    // git may repeat the URL, credentials and all.
+    let detail = detail.replace(repo_url, &shown);
+    Err(format!("cannot clone {shown}: {detail}"))
 }
 
 #[cfg(test)]
@@ -119,6 +152,33 @@ mod tests {
             err.contains("does not appear to be a git repository"),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_times_out_and_no_credential_is_shown() {
+        // A loopback server that accepts connections and says nothing.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = silent.local_addr().unwrap();
+        let holding = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((connection, _)) = silent.accept().await {
+                held.push(connection);
+            }
+        });
+        let root = tempfile::tempdir().unwrap();
+        let workspaces =
+            Workspaces::new(root.path().to_path_buf()).with_clone_timeout(Duration::from_secs(1));
+        let url = format!("http://user:s3cret-token@{address}/repo.git");
+        let started = std::time::Instant::now();
+        let err = workspaces.prepare("t1", 1, &url).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!(
+            err,
+            format!(
+                "cannot clone http://***@{address}/repo.git: timed out after 1 s (`worker.cloneTimeout`)"
+            )
+        );
+        holding.abort();
     }
 
     #[tokio::test]
