@@ -11,6 +11,7 @@
 //! | `HANG`                     | response headers, then nothing until the client leaves       |
 //! | `SLOW <chunks> <ms>`       | `chunk 1 chunk 2 …`, one chunk every `ms` milliseconds       |
 //! | `RECALL`                   | `MOCK_RECALL n=K: <earlier prompts joined by " \| ">`          |
+//! | `LARGE <bytes>`            | text `MOCK_LARGE xxx…`, `bytes` of `x`                        |
 //! | `TOOL <name> <json input>` | a call of any tool, then `MOCK_DONE <first line of result>`  |
 //! | `PHASE0 <child task>`      | the primary's loop: `spawn_claude_container` of the child task through the `claudecluster` MCP server, `wait_for_task` on it, then `PRIMARY DONE: <child's result>` |
 //!
@@ -378,6 +379,10 @@ fn script(body: &Value) -> Script {
             let delay = numbers.next().unwrap_or(100);
             let pieces = (1..=chunks).map(|i| format!("chunk {i} ")).collect();
             Script::Reply(vec![Block::Text(pieces)], Duration::from_millis(delay))
+        }
+        "LARGE" => {
+            let bytes = rest.parse::<usize>().unwrap_or(1 << 20);
+            text(format!("MOCK_LARGE {}", "x".repeat(bytes)))
         }
         "RECALL" => {
             let earlier = &texts[..texts.len() - 1];

@@ -432,3 +432,51 @@ async fn a_clone_that_hangs_times_out_and_no_client_sees_the_urls_credentials() 
     assert!(!everything.contains(secret), "the credential leaked");
     holding.abort();
 }
+
+#[tokio::test]
+async fn an_agents_five_megabyte_line_is_cut_and_never_taken_for_a_lost_worker() {
+    let cluster = TestCluster::start(vec![WorkerSpec::default()]).await;
+    let task = cluster.submit(prompt("LARGE 5000000")).await;
+    let (ended, events) = cluster.finish(&task.task_id).await;
+    assert_eq!(ended.attempt, 1, "the worker was never counted lost");
+    let cut: Vec<&OutputLine> = events
+        .iter()
+        .filter_map(|event| match &event.kind {
+            Some(event::Kind::Output(line)) if line.cut_bytes > 0 => Some(line),
+            _ => None,
+        })
+        .collect();
+    assert!(!cut.is_empty(), "the long lines say they were cut");
+    for line in &cut {
+        assert!(line.line.len() < (1 << 20) + 100, "{}", line.line.len());
+        assert!(
+            line.line
+                .ends_with("more bytes, past worker.agent.maxLineBytes]"),
+            "{}",
+            &line.line[line.line.len() - 80..]
+        );
+    }
+    // Cut short, the agent's answer is no answer: the task failed at once, and said why.
+    assert_eq!(
+        ended.status(),
+        TaskStatus::Failed,
+        "{}",
+        ended.status_reason
+    );
+    assert!(
+        ended
+            .status_reason
+            .contains("longer than worker.agent.maxLineBytes (1048576)"),
+        "{}",
+        ended.status_reason
+    );
+    // The cluster goes on: the next task runs on the same worker.
+    let next = cluster.submit(prompt("after the large one")).await;
+    let (next, _) = cluster.finish(&next.task_id).await;
+    assert_eq!(
+        next.status(),
+        TaskStatus::Completed,
+        "{}",
+        next.status_reason
+    );
+}

@@ -383,6 +383,9 @@ pub struct AgentConfig {
     pub pass_env: StringList,
     /// Variables set for every agent, after the passed ones.
     pub env: BTreeMap<String, String>,
+    /// An output line longer than this is cut, with a marker, so that no event outgrows what
+    /// the services' links carry.
+    pub max_line_bytes: ByteSize,
 }
 
 impl Default for AgentConfig {
@@ -398,6 +401,7 @@ impl Default for AgentConfig {
             append_system_prompt: None,
             pass_env: StringList(vec!["ANTHROPIC_".into(), "CLAUDE_CODE_".into()]),
             env: BTreeMap::new(),
+            max_line_bytes: ByteSize(1 << 20),
         }
     }
 }
@@ -450,6 +454,11 @@ impl ClusterConfig {
                 "must start with postgres://, postgresql:// or sqlite://",
             );
         }
+        check(
+            (1024..=(2 << 20)).contains(&self.worker.agent.max_line_bytes.0),
+            "worker.agent.maxLineBytes",
+            "must be from 1KiB to 2MiB: a longer line would not fit in a message between services",
+        );
         check(
             !self.worker.clone_timeout.get().is_zero(),
             "worker.cloneTimeout",

@@ -97,12 +97,18 @@ pub fn agent_result(result: &ResultEvent) -> v1::AgentResult {
 }
 
 pub fn output_line(line: OutputLine) -> Kind {
+    output_line_cut(line, 0)
+}
+
+/// A line of which `cut_bytes` were cut.
+pub fn output_line_cut(line: OutputLine, cut_bytes: u64) -> Kind {
     Kind::Output(v1::OutputLine {
         stream: match line.stream {
             OutputStream::Stdout => Stream::Stdout,
             OutputStream::Stderr => Stream::Stderr,
         } as i32,
         line: line.text,
+        cut_bytes,
     })
 }
 

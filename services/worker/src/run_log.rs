@@ -546,6 +546,7 @@ mod tests {
             kind: Some(Kind::Output(OutputLine {
                 stream: 1,
                 line: format!("{n}:{}", "x".repeat(1000)),
+                cut_bytes: 0,
             })),
             ..Event::default()
         };

@@ -631,6 +631,7 @@ impl Runtime {
             timeout,
             idle_timeout: self.config.agent.idle_timeout.get(),
             grace_period: self.config.agent.cancel_grace_period.get(),
+            max_line_bytes: self.config.agent.max_line_bytes.0 as usize,
         };
         supervisor::supervise(agent, supervision, cancel, |kind| {
             events.emit(kind);

@@ -577,6 +577,7 @@ impl Actor {
                 )
             });
         let silence = config.agent.idle_timeout.get();
+        let max_line_bytes = config.agent.max_line_bytes.0 as usize;
         let deadline = Instant::now() + timeout;
         let mut quiet_until = Instant::now() + silence;
         let mut result = None;
@@ -588,7 +589,7 @@ impl Actor {
                 line = agent.output.recv() => match line {
                     Some(line) => {
                         quiet_until = Instant::now() + silence;
-                        handle_line(line, &mut result, &mut stderr_tail, &mut |kind| {
+                        handle_line(line, max_line_bytes, &mut result, &mut stderr_tail, &mut |kind| {
                             sink.emit(turn, kind);
                             std::future::ready(())
                         }).await;

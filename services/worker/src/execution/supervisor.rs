@@ -21,6 +21,8 @@ pub struct Supervision {
     pub idle_timeout: Duration,
     /// Time between SIGINT and kill.
     pub grace_period: Duration,
+    /// Output lines longer than this are cut (`worker.agent.maxLineBytes`).
+    pub max_line_bytes: usize,
 }
 
 /// Why the supervisor stopped an agent.
@@ -120,7 +122,7 @@ where
             line = output.recv() => match line {
                 Some(line) => {
                     idle_deadline = Instant::now() + supervision.idle_timeout;
-                    handle_line(line, &mut result, &mut stderr_tail, &mut emit).await;
+                    handle_line(line, supervision.max_line_bytes, &mut result, &mut stderr_tail, &mut emit).await;
                     if result.is_some() {
                         // One turn per task: closing its stdin ends an agent that reads
                         // messages there.
@@ -176,9 +178,11 @@ where
 }
 
 /// Turns one output line into events: parsed stream-json events, or the line itself. Keeps the
-/// result and the last stderr lines.
+/// result and the last stderr lines. A line longer than `max_line_bytes` is cut, with a marker,
+/// and kept as a line: what it said is not whole, so it is not parsed.
 pub(crate) async fn handle_line<F, Fut>(
-    line: OutputLine,
+    mut line: OutputLine,
+    max_line_bytes: usize,
     result: &mut Option<ResultEvent>,
     stderr_tail: &mut VecDeque<String>,
     emit: &mut F,
@@ -186,6 +190,37 @@ pub(crate) async fn handle_line<F, Fut>(
     F: FnMut(Kind) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
+    if line.text.len() > max_line_bytes {
+        // Keys come in any order: look for the type before the cut may take it away. Inside a
+        // JSON string the quotes would be escaped, so this is the event's own type.
+        let was_result =
+            line.stream == OutputStream::Stdout && line.text.contains(r#""type":"result""#);
+        let mut keep = max_line_bytes;
+        while !line.text.is_char_boundary(keep) {
+            keep -= 1;
+        }
+        let cut = (line.text.len() - keep) as u64;
+        line.text.truncate(keep);
+        line.text.push_str(&format!(
+            " [cut: {cut} more bytes, past worker.agent.maxLineBytes]"
+        ));
+        tracing::warn!(bytes_cut = cut, "an output line was too long; it was cut");
+        // The agent's answer itself was too long: it ends the turn all the same (an agent that
+        // reads its messages on stdin waits for the next one), as a failure that says why.
+        if was_result {
+            *result = Some(ResultEvent {
+                subtype: "error_during_execution".to_owned(),
+                is_error: true,
+                errors: Some(vec![format!(
+                    "its result was {} bytes, longer than worker.agent.maxLineBytes ({max_line_bytes})",
+                    max_line_bytes as u64 + cut
+                )]),
+                ..ResultEvent::default()
+            });
+        }
+        emit(events::output_line_cut(line, cut)).await;
+        return;
+    }
     if line.stream == OutputStream::Stdout {
         if let Ok(parsed) = parse_line(&line.text) {
             for event in parsed {
@@ -356,6 +391,7 @@ mod tests {
             timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(30),
             grace_period: Duration::from_secs(5),
+            max_line_bytes: 1 << 20,
         }
     }
 
@@ -505,6 +541,43 @@ mod tests {
         assert_eq!(
             outcome.reason,
             "agent stopped on an api error (status 529): API Error: 529 overloaded"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_line_past_the_limit_is_cut_with_a_marker_and_not_parsed() {
+        let (agent, handle) = fake_agent("never");
+        let long_result = format!(
+            r#"{{"type":"result","subtype":"success","is_error":false,"result":"{}"}}"#,
+            "x".repeat(5000)
+        );
+        agent.lines.send(stdout(&long_result)).await.unwrap();
+        agent.control.exit(AgentExit {
+            code: Some(0),
+            ..Default::default()
+        });
+        drop(agent.lines);
+        let supervision = Supervision {
+            max_line_bytes: 1024,
+            ..limits()
+        };
+        let (outcome, events) = collect(handle, supervision, &Cancellation::default()).await;
+        let Some(Kind::Output(line)) = events.first() else {
+            panic!("{events:?}");
+        };
+        let cut = long_result.len() as u64 - 1024;
+        assert_eq!(line.cut_bytes, cut);
+        assert!(line.line.starts_with(&long_result[..1024]));
+        assert!(line.line.ends_with(&format!(
+            " [cut: {cut} more bytes, past worker.agent.maxLineBytes]"
+        )));
+        assert_eq!(outcome.status, TaskStatus::Failed);
+        assert_eq!(
+            outcome.reason,
+            format!(
+                "agent reported error during execution: its result was {} bytes, longer than worker.agent.maxLineBytes (1024)",
+                long_result.len()
+            )
         );
     }
 }
