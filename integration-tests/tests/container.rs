@@ -536,6 +536,23 @@ fn uuid_like() -> String {
     )
 }
 
+/// Fills the cluster's one worker of capacity 3 with tasks that hang, and queues two more
+/// behind them: the tasks that run, and the ones that wait for a slot.
+async fn fill_and_queue(cluster: &TestCluster) -> (Vec<String>, Vec<String>) {
+    let mut running = Vec::new();
+    for _ in 0..3 {
+        let task = cluster.submit(prompt("HANG")).await;
+        cluster.wait_for_agent(&task.task_id).await;
+        running.push(task.task_id);
+    }
+    let mut queued = Vec::new();
+    for index in 0..2 {
+        let task = cluster.submit(prompt(&format!("queued {index}"))).await;
+        queued.push(task.task_id);
+    }
+    (running, queued)
+}
+
 #[tokio::test]
 async fn docker_going_away_under_load_fails_or_reruns_every_task_and_leaves_no_container() {
     let scratch = tempfile::tempdir().unwrap();
@@ -546,22 +563,7 @@ async fn docker_going_away_under_load_fails_or_reruns_every_task_and_leaves_no_c
         ..container_worker()
     };
     let cluster = TestCluster::start(vec![worker]).await;
-    let mut running = Vec::new();
-    for _ in 0..3 {
-        let task = cluster.submit(prompt("HANG")).await;
-        cluster.wait_for_agent(&task.task_id).await;
-        running.push(task.task_id);
-    }
-    // Two more wait for a slot.
-    let mut queued = Vec::new();
-    for index in 0..2 {
-        queued.push(
-            cluster
-                .submit(prompt(&format!("queued {index}")))
-                .await
-                .task_id,
-        );
-    }
+    let (running, queued) = fill_and_queue(&cluster).await;
 
     proxy.cut();
     for task_id in &running {
@@ -604,21 +606,7 @@ async fn dockerd_stopped_and_started_under_load_fails_or_reruns_every_task_and_l
         ..container_worker()
     };
     let cluster = TestCluster::start(vec![worker]).await;
-    let mut running = Vec::new();
-    for _ in 0..3 {
-        let task = cluster.submit(prompt("HANG")).await;
-        cluster.wait_for_agent(&task.task_id).await;
-        running.push(task.task_id);
-    }
-    let mut queued = Vec::new();
-    for index in 0..2 {
-        queued.push(
-            cluster
-                .submit(prompt(&format!("queued {index}")))
-                .await
-                .task_id,
-        );
-    }
+    let (running, queued) = fill_and_queue(&cluster).await;
 
     daemon.stop();
     for task_id in &running {

@@ -38,17 +38,26 @@ async fn wait_for_tool_call(cluster: &TestCluster, task_id: &str) {
     panic!("task {task_id} ended before its tool call");
 }
 
-#[tokio::test]
-async fn a_database_that_goes_away_makes_writes_unavailable_and_loses_nothing_acknowledged() {
-    let postgres = TestPostgres::start();
-    let mut cluster = TestCluster::start_with_driver(
+/// A cluster whose driver keeps its store in `postgres`, running one task whose agent waits in
+/// its tool call for the returned gate file.
+async fn cluster_with_a_waiting_task(
+    postgres: &TestPostgres,
+) -> (TestCluster, std::path::PathBuf, String) {
+    let cluster = TestCluster::start_with_driver(
         &format!("store:\n  url: {}\n", postgres.url()),
         vec![WorkerSpec::default()],
     )
     .await;
     let gate = cluster.dir.path().join("gate");
-    let running = cluster.submit(waiting_task(&gate)).await.task_id;
-    wait_for_tool_call(&cluster, &running).await;
+    let task_id = cluster.submit(waiting_task(&gate)).await.task_id;
+    wait_for_tool_call(&cluster, &task_id).await;
+    (cluster, gate, task_id)
+}
+
+#[tokio::test]
+async fn a_database_that_goes_away_makes_writes_unavailable_and_loses_nothing_acknowledged() {
+    let postgres = TestPostgres::start();
+    let (mut cluster, gate, running) = cluster_with_a_waiting_task(&postgres).await;
 
     postgres.stop();
     let mut driver = cluster.driver().await;
@@ -190,14 +199,7 @@ async fn a_store_that_cannot_be_opened_stops_the_driver_naming_it_without_its_pa
 #[tokio::test]
 async fn a_driver_on_postgresql_restarted_mid_task_attaches_again() {
     let postgres = TestPostgres::start();
-    let mut cluster = TestCluster::start_with_driver(
-        &format!("store:\n  url: {}\n", postgres.url()),
-        vec![WorkerSpec::default()],
-    )
-    .await;
-    let gate = cluster.dir.path().join("gate");
-    let task_id = cluster.submit(waiting_task(&gate)).await.task_id;
-    wait_for_tool_call(&cluster, &task_id).await;
+    let (mut cluster, gate, task_id) = cluster_with_a_waiting_task(&postgres).await;
     cluster.driver.kill().await;
     cluster.driver.restart().await;
     std::fs::write(&gate, "").unwrap();
