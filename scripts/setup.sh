@@ -78,6 +78,13 @@ if ! "$pg_bin/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" 2>/dev/null; then
     -o "-h 127.0.0.1 -p $PG_PORT -k /tmp -c max_connections=300 -c fsync=off" start >/dev/null
 fi
 
+# Databases earlier test runs made on it are dropped: each store test makes its own.
+"$pg_bin/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -Atqc \
+  "select datname from pg_database where datname like 'store_test_%'" 2>/dev/null |
+  while read -r name; do
+    "$pg_bin/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -qc "DROP DATABASE \"$name\"" >/dev/null 2>&1 || true
+  done
+
 # The pinned Claude Code CLI.
 claude_dir="$cache_dir/claude-code-$CLAUDE_CODE_VERSION"
 if ! "$claude_dir/node_modules/.bin/claude" --version 2>/dev/null | grep -q "^$CLAUDE_CODE_VERSION"; then
