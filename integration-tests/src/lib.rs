@@ -504,10 +504,52 @@ impl TestCluster {
         (self.task(task_id).await, events)
     }
 
+    /// Sends a message to a session and collects the events of its reply (at most 90 s).
+    pub async fn send_message(&self, session_id: &str, text: &str) -> Vec<Event> {
+        let reply = reply_events(self.driver().await, session_id.to_owned(), text.to_owned());
+        tokio::time::timeout(Duration::from_secs(90), reply)
+            .await
+            .expect("the reply ended")
+    }
+
+    /// The session's current record.
+    pub async fn session(&self, session_id: &str) -> Session {
+        self.driver()
+            .await
+            .get_session(GetSessionRequest {
+                session_id: session_id.to_owned(),
+            })
+            .await
+            .expect("get session")
+            .into_inner()
+            .session
+            .unwrap()
+    }
+
     /// The workspace root of a worker started by this cluster.
     pub fn workspaces(&self, worker_id: &str) -> PathBuf {
         self.dir.path().join(worker_id).join("workspaces")
     }
+}
+
+/// Sends a message on its own client, so it can run in the background, and collects the events
+/// of its reply until the stream ends.
+pub async fn reply_events(
+    mut driver: DriverServiceClient<Channel>,
+    session_id: String,
+    text: String,
+) -> Vec<Event> {
+    let request = SendSessionMessageRequest { session_id, text };
+    let mut stream = driver
+        .send_session_message(request)
+        .await
+        .expect("send")
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(response) = stream.message().await.unwrap() {
+        events.push(response.event.unwrap());
+    }
+    events
 }
 
 /// All events of a task after `after`, until the stream ends (after the terminal status).

@@ -623,7 +623,9 @@ async fn container_tasks_and_a_session_mid_conversation_go_on_through_a_driver_r
         .session
         .unwrap();
     let session_id = session.session_id.clone();
-    let first = session_reply(&mut driver, &session_id, "WRITE notes.txt alpha").await;
+    let first = cluster
+        .send_message(&session_id, "WRITE notes.txt alpha")
+        .await;
     assert!(
         first.iter().any(|e| matches!(&e.kind, Some(Kind::Result(r)) if r.text.contains("MOCK_DONE wrote notes.txt"))),
         "{first:?}"
@@ -657,7 +659,7 @@ async fn container_tasks_and_a_session_mid_conversation_go_on_through_a_driver_r
         let workspace = cluster.task(task_id).await.workspace;
         std::fs::write(std::path::Path::new(&workspace).join("go"), "").unwrap();
     }
-    let session_workspace = session_info(&mut driver, &session_id).await.workspace;
+    let session_workspace = cluster.session(&session_id).await.workspace;
     std::fs::write(std::path::Path::new(&session_workspace).join("go"), "").unwrap();
 
     // The reply resumes after the last event the client saw, and ends with the turn.
@@ -697,7 +699,7 @@ async fn container_tasks_and_a_session_mid_conversation_go_on_through_a_driver_r
         ),
         "the second message was answered in the same container, with the first one's file: {rest:?}"
     );
-    let third = session_reply(&mut driver, &session_id, "RECALL").await;
+    let third = cluster.send_message(&session_id, "RECALL").await;
     assert!(
         third.iter().any(|e| matches!(&e.kind, Some(Kind::Result(r)) if r.text.starts_with("MOCK_RECALL n=2: WRITE notes.txt alpha | BASH"))),
         "the conversation kept its history: {third:?}"
@@ -718,42 +720,6 @@ async fn container_tasks_and_a_session_mid_conversation_go_on_through_a_driver_r
         })
         .await
         .unwrap();
-}
-
-type DriverClient =
-    claudecluster_proto::v1::driver_service_client::DriverServiceClient<tonic::transport::Channel>;
-
-async fn session_reply(driver: &mut DriverClient, session_id: &str, text: &str) -> Vec<Event> {
-    let mut stream = driver
-        .send_session_message(SendSessionMessageRequest {
-            session_id: session_id.to_owned(),
-            text: text.to_owned(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut events = Vec::new();
-    let collecting = async {
-        while let Some(response) = stream.message().await.unwrap() {
-            events.push(response.event.unwrap());
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(90), collecting)
-        .await
-        .expect("the reply ended");
-    events
-}
-
-async fn session_info(driver: &mut DriverClient, session_id: &str) -> Session {
-    driver
-        .get_session(GetSessionRequest {
-            session_id: session_id.to_owned(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap()
 }
 
 /// A Python MCP client (the official SDK) over stdio: spawns a container agent on `argv[3]`,

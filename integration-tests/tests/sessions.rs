@@ -38,34 +38,8 @@ async fn create(cluster: &TestCluster, spec: SessionSpec) -> Session {
 
 /// Sends a message and collects the events of its reply.
 async fn send(cluster: &TestCluster, session_id: &str, text: &str) -> Vec<Event> {
-    let reply = reply_events(
-        cluster.driver().await,
-        session_id.to_owned(),
-        text.to_owned(),
-    );
-    tokio::time::timeout(Duration::from_secs(90), reply)
-        .await
-        .expect("the reply ended")
+    cluster.send_message(session_id, text).await
 }
-
-/// Sends a message on its own client, so it can run in the background, and collects the events
-/// of its reply until the stream ends.
-async fn reply_events(mut driver: DriverClient, session_id: String, text: String) -> Vec<Event> {
-    let request = SendSessionMessageRequest { session_id, text };
-    let mut stream = driver
-        .send_session_message(request)
-        .await
-        .expect("send")
-        .into_inner();
-    let mut events = Vec::new();
-    while let Some(response) = stream.message().await.unwrap() {
-        events.push(response.event.unwrap());
-    }
-    events
-}
-
-type DriverClient =
-    claudecluster_proto::v1::driver_service_client::DriverServiceClient<tonic::transport::Channel>;
 
 fn reply(events: &[Event]) -> String {
     events
@@ -89,17 +63,7 @@ fn last_state(events: &[Event]) -> SessionState {
 }
 
 async fn session(cluster: &TestCluster, session_id: &str) -> Session {
-    cluster
-        .driver()
-        .await
-        .get_session(GetSessionRequest {
-            session_id: session_id.to_owned(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .session
-        .unwrap()
+    cluster.session(session_id).await
 }
 
 async fn wait_for_state(cluster: &TestCluster, session_id: &str, state: SessionState) -> Session {

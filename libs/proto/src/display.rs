@@ -191,3 +191,20 @@ mod credential_tests {
         );
     }
 }
+
+/// A response of one of the driver's event streams: it carries one event.
+pub trait CarriesEvent {
+    fn into_event(self) -> Option<crate::v1::Event>;
+}
+
+impl CarriesEvent for crate::v1::StreamTaskEventsResponse {
+    fn into_event(self) -> Option<crate::v1::Event> {
+        self.event
+    }
+}
+
+impl CarriesEvent for crate::v1::StreamSessionEventsResponse {
+    fn into_event(self) -> Option<crate::v1::Event> {
+        self.event
+    }
+}

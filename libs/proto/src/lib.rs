@@ -13,4 +13,4 @@ pub use prost_types::Timestamp;
 
 mod display;
 
-pub use display::without_credentials;
+pub use display::{CarriesEvent, without_credentials};

@@ -234,24 +234,24 @@ impl Reconnection {
     }
 }
 
-/// Prints a task's events until it ends, resuming after the last event seen when the stream
-/// breaks (a driver that restarts, shuts down or fails over). Ctrl-C cancels the task (when
-/// `cancel_on_interrupt`) and keeps following.
-async fn follow(
-    client: &mut DriverServiceClient<Channel>,
-    task_id: &str,
-    after: u64,
-    cancel_on_interrupt: bool,
-) -> Result<ExitCode, String> {
-    let mut cursor = after;
+/// Hands the events of the stream `open(after)` opens to `take` until it returns a value,
+/// opening the stream again after the last event seen when it breaks (a driver that
+/// restarts, shuts down or fails over). A stream that ends is opened again too when
+/// `resume_when_ended`; otherwise the end is `None`.
+async fn follow_resuming<R, F, Fut, T>(
+    open: F,
+    mut cursor: u64,
+    resume_when_ended: bool,
+    mut take: impl FnMut(Event) -> Option<T>,
+) -> Result<Option<T>, String>
+where
+    R: claudecluster_proto::CarriesEvent,
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<tonic::Streaming<R>>, tonic::Status>>,
+{
     let mut reconnection = Reconnection::new();
-    let mut interrupted = false;
     loop {
-        let request = StreamTaskEventsRequest {
-            task_id: task_id.to_owned(),
-            after_sequence: cursor,
-        };
-        let mut stream = match client.stream_task_events(request).await {
+        let mut stream = match open(cursor).await {
             Ok(response) => response.into_inner(),
             Err(status) if worth_resuming(&status) => {
                 reconnection.pause(&status, cursor).await?;
@@ -260,42 +260,25 @@ async fn follow(
             Err(status) => return Err(status_error(status)),
         };
         loop {
-            let message = tokio::select! {
-                message = stream.message() => message,
-                _ = tokio::signal::ctrl_c(), if cancel_on_interrupt && !interrupted => {
-                    interrupted = true;
-                    eprintln!("cancelling task {task_id}…");
-                    let mut canceller = client.clone();
-                    let request = CancelTaskRequest { task_id: task_id.to_owned(), reason: "interrupted from the terminal".into() };
-                    tokio::spawn(async move { let _ = canceller.cancel_task(request).await; });
-                    continue;
-                }
-            };
-            match message {
+            match stream.message().await {
                 Ok(Some(response)) => {
-                    let Some(event) = response.event else {
+                    let Some(event) = response.into_event() else {
                         continue;
                     };
                     reconnection.progressed();
                     cursor = event.sequence;
-                    render::event(&event);
-                    if let Some(Kind::StatusChange(change)) = &event.kind
-                        && change.status().is_terminal()
-                    {
-                        return if change.status() == TaskStatus::Completed {
-                            Ok(ExitCode::SUCCESS)
-                        } else {
-                            Ok(ExitCode::FAILURE)
-                        };
+                    if let Some(done) = take(event) {
+                        return Ok(Some(done));
                     }
                 }
-                // A stream that ends before the task did was cut (a driver that stopped): it
-                // is opened again like one that broke.
-                Ok(None) => {
+                // A stream that ends before what it follows did was cut (a driver that
+                // stopped): it is opened again like one that broke.
+                Ok(None) if resume_when_ended => {
                     let cut = tonic::Status::unavailable("the stream ended before the task");
                     reconnection.pause(&cut, cursor).await?;
                     break;
                 }
+                Ok(None) => return Ok(None),
                 Err(status) if worth_resuming(&status) => {
                     reconnection.pause(&status, cursor).await?;
                     break;
@@ -304,6 +287,56 @@ async fn follow(
             }
         }
     }
+}
+
+/// Prints a task's events until it ends, resuming when the stream breaks. Ctrl-C cancels the
+/// task (when `cancel_on_interrupt`) and keeps following.
+async fn follow(
+    client: &mut DriverServiceClient<Channel>,
+    task_id: &str,
+    after: u64,
+    cancel_on_interrupt: bool,
+) -> Result<ExitCode, String> {
+    let interrupt = cancel_on_interrupt.then(|| {
+        let mut canceller = client.clone();
+        let task_id = task_id.to_owned();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("cancelling task {task_id}…");
+                let request = CancelTaskRequest {
+                    task_id,
+                    reason: "interrupted from the terminal".into(),
+                };
+                let _ = canceller.cancel_task(request).await;
+            }
+        })
+    });
+    let open = |after| {
+        let mut client = client.clone();
+        let request = StreamTaskEventsRequest {
+            task_id: task_id.to_owned(),
+            after_sequence: after,
+        };
+        async move { client.stream_task_events(request).await }
+    };
+    let ended = follow_resuming(open, after, true, |event| {
+        render::event(&event);
+        match &event.kind {
+            Some(Kind::StatusChange(change)) if change.status().is_terminal() => {
+                Some(if change.status() == TaskStatus::Completed {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
+            _ => None,
+        }
+    })
+    .await;
+    if let Some(interrupt) = interrupt {
+        interrupt.abort();
+    }
+    Ok(ended?.unwrap_or(ExitCode::FAILURE))
 }
 
 /// Prints a session's events after `after` until the session ends (or, with `turn`, until that
@@ -315,56 +348,38 @@ async fn follow_session(
     after: u64,
     turn: Option<u32>,
 ) -> Result<bool, String> {
-    let mut cursor = after;
-    let mut reconnection = Reconnection::new();
     let mut succeeded = false;
-    loop {
+    let open = |after| {
+        let mut client = client.clone();
         let request = StreamSessionEventsRequest {
             session_id: session_id.to_owned(),
-            after_sequence: cursor,
+            after_sequence: after,
         };
-        let mut stream = match client.stream_session_events(request).await {
-            Ok(response) => response.into_inner(),
-            Err(status) if worth_resuming(&status) => {
-                reconnection.pause(&status, cursor).await?;
-                continue;
-            }
-            Err(status) => return Err(status_error(status)),
-        };
-        loop {
-            match stream.message().await {
-                Ok(Some(response)) => {
-                    let Some(event) = response.event else {
-                        continue;
-                    };
-                    reconnection.progressed();
-                    cursor = event.sequence;
-                    let mine = turn.is_none_or(|turn| event.turn == turn);
-                    if mine {
-                        render::event(&event);
-                    }
-                    match &event.kind {
-                        Some(Kind::Result(result)) if mine => succeeded = !result.is_error,
-                        Some(Kind::SessionState(change)) if change.state().is_final() => {
-                            return Ok(succeeded && turn.is_none());
-                        }
-                        Some(Kind::SessionState(change))
-                            if turn.is_some() && mine && change.state() != SessionState::Busy =>
-                        {
-                            return Ok(succeeded);
-                        }
-                        _ => {}
-                    }
-                }
-                Ok(None) => return Ok(succeeded),
-                Err(status) if worth_resuming(&status) => {
-                    reconnection.pause(&status, cursor).await?;
-                    break;
-                }
-                Err(status) => return Err(status_error(status)),
-            }
+        async move { client.stream_session_events(request).await }
+    };
+    let ended = follow_resuming(open, after, false, |event| {
+        let mine = turn.is_none_or(|turn| event.turn == turn);
+        if mine {
+            render::event(&event);
         }
-    }
+        match &event.kind {
+            Some(Kind::Result(result)) if mine => {
+                succeeded = !result.is_error;
+                None
+            }
+            Some(Kind::SessionState(change)) if change.state().is_final() => {
+                Some(succeeded && turn.is_none())
+            }
+            Some(Kind::SessionState(change))
+                if turn.is_some() && mine && change.state() != SessionState::Busy =>
+            {
+                Some(succeeded)
+            }
+            _ => None,
+        }
+    })
+    .await?;
+    Ok(ended.unwrap_or(succeeded))
 }
 
 pub async fn tasks(command: TasksCommand) -> Result<ExitCode, String> {

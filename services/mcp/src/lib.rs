@@ -159,23 +159,6 @@ impl ClusterTools {
     }
 }
 
-/// A response of an event stream.
-trait CarriesEvent {
-    fn into_event(self) -> Option<Event>;
-}
-
-impl CarriesEvent for StreamTaskEventsResponse {
-    fn into_event(self) -> Option<Event> {
-        self.event
-    }
-}
-
-impl CarriesEvent for StreamSessionEventsResponse {
-    fn into_event(self) -> Option<Event> {
-        self.event
-    }
-}
-
 /// Hands the events of the stream `open(after)` opens to `take` until it says stop (true),
 /// the stream ends (true), or `limit` passes (false). A driver that restarts meanwhile is
 /// waited for, and the stream is opened again after the last event seen.
@@ -186,7 +169,7 @@ async fn follow_resuming<R, F, Fut>(
     mut take: impl FnMut(Event) -> bool,
 ) -> Result<bool, tonic::Status>
 where
-    R: CarriesEvent,
+    R: claudecluster_proto::CarriesEvent,
     F: Fn(u64) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<tonic::Streaming<R>>, tonic::Status>>,
 {
