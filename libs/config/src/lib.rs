@@ -7,6 +7,7 @@
 //! value came from.
 
 mod error;
+mod limits;
 mod load;
 mod schema;
 mod substitute;

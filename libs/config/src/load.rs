@@ -1,9 +1,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use config::{Config, FileFormat, Map, Source, Value, ValueKind};
+use config::{FileFormat, Map, Source, Value, ValueKind};
 
 use crate::error::ConfigError;
+use crate::limits::{MAX_NESTING, check_yaml};
 use crate::schema::ClusterConfig;
 use crate::substitute::substitute_env;
 
@@ -30,25 +31,24 @@ pub fn load(
         Some(path) => read_file(path, layout, &env)?,
         None => Map::new(),
     };
-    let env_layer = env_overrides(&env);
+    let overrides = env_overrides(&env)?;
     let origins = Origins {
         file: file.map(Path::to_path_buf),
         layout,
-        env_keys: env_layer
+        env_keys: overrides
             .iter()
-            .map(|(key, (var, _))| (key.clone(), var.clone()))
+            .map(|set| (set.key(), set.var.clone()))
             .collect(),
     };
-    let merged = Config::builder()
-        .add_source(Layer(file_layer))
-        .add_source(Layer(
-            env_layer
-                .into_iter()
-                .map(|(key, (var, value))| (key, Value::new(Some(&var), ValueKind::String(value))))
-                .collect(),
-        ))
-        .build()
-        .map_err(|err| origins.invalid("", err.to_string()))?;
+    // The layers are merged here rather than by config's `ConfigBuilder`, which reads each
+    // top-level key as a path expression: there `a[100000000]` makes a list of that many
+    // values, gigabytes from a 16-byte file or one environment variable (and
+    // `a[-9223372036854775808]` overflows). Keys are taken as written.
+    let mut merged = Value::new(None, ValueKind::Table(file_layer));
+    for set in overrides {
+        let value = Value::new(Some(&set.var), ValueKind::String(set.value));
+        set_path(&mut merged, &set.path, value);
+    }
     let config: ClusterConfig = serde_path_to_error::deserialize(merged).map_err(|err| {
         let key = err.path().to_string();
         origins.invalid(&key, strip_key_suffix(&err.into_inner().to_string()))
@@ -73,6 +73,7 @@ fn read_file(
         message,
     };
     let text = substitute_env(&text, |name| env.get(name).cloned()).map_err(syntax)?;
+    check_yaml(&text).map_err(syntax)?;
     let values = config::File::from_str(&text, FileFormat::Yaml)
         .collect()
         .map_err(|err| syntax(err.to_string()))?;
@@ -108,23 +109,64 @@ fn without_nulls(values: Map<String, Value>) -> Map<String, Value> {
         .collect()
 }
 
-/// `CLAUDECLUSTER_WORKER__PROCESS_POOL__MAX_PROCESSES` becomes `worker.processPool.maxProcesses`.
+/// A `CLAUDECLUSTER_*` variable that sets a key.
+struct EnvOverride {
+    var: String,
+    /// The key from the root, one name a level: `["worker", "processPool", "maxProcesses"]`.
+    path: Vec<String>,
+    value: String,
+}
+
+impl EnvOverride {
+    fn key(&self) -> String {
+        self.path.join(".")
+    }
+}
+
+/// `CLAUDECLUSTER_WORKER__PROCESS_POOL__MAX_PROCESSES` sets `worker.processPool.maxProcesses`.
 /// Variables without `__` (such as `CLAUDECLUSTER_CACHE_DIR`) are not configuration.
-fn env_overrides(env: &BTreeMap<String, String>) -> BTreeMap<String, (String, String)> {
+fn env_overrides(env: &BTreeMap<String, String>) -> Result<Vec<EnvOverride>, ConfigError> {
     env.iter()
         .filter_map(|(var, value)| {
             let rest = var.strip_prefix(ENV_PREFIX)?;
             if !rest.contains(ENV_SEPARATOR) {
                 return None;
             }
-            let key = rest
-                .split(ENV_SEPARATOR)
-                .map(camel_case)
-                .collect::<Vec<_>>()
-                .join(".");
-            Some((key, (var.clone(), value.clone())))
+            let set = EnvOverride {
+                var: var.clone(),
+                path: rest.split(ENV_SEPARATOR).map(camel_case).collect(),
+                value: value.clone(),
+            };
+            // Loading recurses once a level; a name of thousands of `__` must not overflow
+            // the stack.
+            if set.path.len() > MAX_NESTING {
+                return Some(Err(ConfigError::Invalid {
+                    key: set.key(),
+                    origin: format!("environment variable {var}"),
+                    message: format!("nested more than {MAX_NESTING} levels deep"),
+                }));
+            }
+            Some(Ok(set))
         })
         .collect()
+}
+
+/// Sets `value` at `path` under `root`, making the tables on the way (and replacing what on
+/// the way is not a table), so that a variable replaces only the key it names.
+fn set_path(root: &mut Value, path: &[String], value: Value) {
+    let mut node = root;
+    for key in path {
+        if !matches!(node.kind, ValueKind::Table(_)) {
+            *node = Value::new(None, ValueKind::Table(Map::new()));
+        }
+        let ValueKind::Table(table) = &mut node.kind else {
+            unreachable!("made a table just above")
+        };
+        node = table
+            .entry(key.clone())
+            .or_insert_with(|| Value::new(None, ValueKind::Nil));
+    }
+    *node = value;
 }
 
 fn camel_case(snake: &str) -> String {
@@ -203,19 +245,6 @@ impl Origins {
     }
 }
 
-#[derive(Debug, Clone)]
-struct Layer(Map<String, Value>);
-
-impl Source for Layer {
-    fn clone_into_box(&self) -> Box<dyn Source + Send + Sync> {
-        Box::new(self.clone())
-    }
-
-    fn collect(&self) -> Result<Map<String, Value>, config::ConfigError> {
-        Ok(self.0.clone())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,7 +259,11 @@ mod tests {
             ("CLAUDECLUSTER_CACHE_DIR".to_owned(), "/x".to_owned()),
             ("HOME".to_owned(), "/root".to_owned()),
         ]);
-        let keys: Vec<_> = env_overrides(&env).into_keys().collect();
+        let keys: Vec<_> = env_overrides(&env)
+            .unwrap()
+            .iter()
+            .map(EnvOverride::key)
+            .collect();
         assert_eq!(keys, vec!["worker.processPool.maxProcesses"]);
     }
 }

@@ -84,7 +84,21 @@ fn parse_duration(text: &str, bare_unit: Duration) -> Result<Duration, String> {
         "h" => Duration::from_secs(3600),
         other => return Err(format!("unknown duration unit `{other}` in `{text}`")),
     };
-    Ok(unit.mul_f64(number))
+    times(unit, number).map_err(|problem| format!("`{text}`: {problem}"))
+}
+
+/// `count` times `unit`. `Duration::mul_f64` would panic where the product is negative, NaN or
+/// past `Duration::MAX`, and a file or a variable can ask for that (`cloneTimeout: 1e300`,
+/// `99999999999999999999h`).
+fn times(unit: Duration, count: f64) -> Result<Duration, &'static str> {
+    if count.is_nan() {
+        return Err("a duration must be a number");
+    }
+    if count < 0.0 {
+        return Err("a duration cannot be negative");
+    }
+    Duration::try_from_secs_f64(unit.as_secs_f64() * count)
+        .map_err(|_| "longer than any duration this system can wait")
 }
 
 macro_rules! duration_setting {
@@ -116,10 +130,7 @@ macro_rules! duration_setting {
                         self.visit_u64(v)
                     }
                     fn visit_f64<E: de::Error>(self, v: f64) -> Result<$name, E> {
-                        if v < 0.0 {
-                            return Err(E::custom("a duration cannot be negative"));
-                        }
-                        Ok($name($unit.mul_f64(v)))
+                        times($unit, v).map($name).map_err(E::custom)
                     }
                     fn visit_str<E: de::Error>(self, v: &str) -> Result<$name, E> {
                         parse_duration(v, $unit).map($name).map_err(E::custom)
@@ -202,5 +213,18 @@ mod tests {
             Duration::from_secs(300)
         );
         assert!(parse_duration("soon", Duration::from_secs(1)).is_err());
+    }
+
+    /// These panicked in `Duration::mul_f64` before they were checked.
+    #[test]
+    fn durations_past_the_largest_or_not_a_number_are_errors() {
+        let err = parse_duration("99999999999999999999999h", Duration::from_secs(1)).unwrap_err();
+        assert!(err.contains("longer than any duration"), "{err}");
+        assert!(parse_duration(&"9".repeat(400), Duration::from_millis(1)).is_err());
+        assert!(times(Duration::from_secs(1), 1e300).is_err());
+        assert!(times(Duration::from_secs(1), f64::INFINITY).is_err());
+        assert!(times(Duration::from_secs(1), f64::NAN).is_err());
+        assert!(times(Duration::from_secs(1), -1.0).is_err());
+        assert_eq!(times(Duration::from_secs(1), -0.0), Ok(Duration::ZERO));
     }
 }
