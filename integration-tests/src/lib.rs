@@ -186,6 +186,11 @@ impl ServiceProcess {
         send_signal(self.pid(), signal);
     }
 
+    /// Whether the process still runs.
+    pub fn is_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Waits up to `limit` for the process to exit; its exit status, or `None` if it still runs.
     pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         tokio::time::timeout(limit, self.child.wait())
@@ -524,6 +529,47 @@ impl TestCluster {
             .into_inner()
             .session
             .unwrap()
+    }
+
+    /// Every task the driver holds, page by page.
+    pub async fn all_tasks(&self) -> Vec<Task> {
+        let mut driver = self.driver().await;
+        let mut tasks = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = driver
+                .list_tasks(ListTasksRequest {
+                    page_size: 1000,
+                    page_token,
+                    ..Default::default()
+                })
+                .await
+                .expect("list tasks")
+                .into_inner();
+            tasks.extend(page.tasks);
+            if page.next_page_token.is_empty() {
+                return tasks;
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// Asserts that every service process still runs and that no task is left RUNNING or
+    /// ASSIGNED: what a bad request must never cause.
+    pub async fn assert_unharmed(&mut self) {
+        assert!(self.driver.is_alive(), "the driver died");
+        assert!(self.scheduler.is_alive(), "the scheduler died");
+        for worker in &mut self.workers {
+            assert!(worker.is_alive(), "worker {} died", worker.address);
+        }
+        let stuck: Vec<_> = self
+            .all_tasks()
+            .await
+            .into_iter()
+            .filter(|task| matches!(task.status(), TaskStatus::Running | TaskStatus::Assigned))
+            .map(|task| (task.task_id, task.status_reason))
+            .collect();
+        assert!(stuck.is_empty(), "tasks left running: {stuck:?}");
     }
 
     /// The workspace root of a worker started by this cluster.

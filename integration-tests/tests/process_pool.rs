@@ -384,7 +384,7 @@ async fn a_prompt_at_the_size_limit_reaches_the_agent_and_one_past_it_is_refused
     assert_eq!(
         past.message(),
         format!(
-            "spec.prompt: is {} bytes; at most {limit} are accepted",
+            "spec.prompt: is {} bytes; at most {limit} are accepted (driver.maxPromptBytes)",
             limit + 1
         )
     );
@@ -393,7 +393,7 @@ async fn a_prompt_at_the_size_limit_reaches_the_agent_and_one_past_it_is_refused
 #[tokio::test]
 async fn a_clone_that_hangs_times_out_and_no_client_sees_the_urls_credentials() {
     let worker = WorkerSpec {
-        extra_yaml: "cloneTimeout: 1\n".into(),
+        extra_yaml: "cloneTimeout: 1\nallowedRepoSchemes: [https, http]\n".into(),
         ..WorkerSpec::default()
     };
     let cluster = TestCluster::start(vec![worker]).await;

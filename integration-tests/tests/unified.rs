@@ -275,7 +275,11 @@ async fn a_repository_is_cloned_into_the_workspace_and_a_bad_one_fails_the_task(
         repos.path(),
     );
 
-    let cluster = TestCluster::start(vec![WorkerSpec::in_mode(mode)]).await;
+    let worker = WorkerSpec {
+        extra_yaml: "allowedRepoSchemes: [file]\n".into(),
+        ..WorkerSpec::in_mode(mode)
+    };
+    let cluster = TestCluster::start(vec![worker]).await;
     let spec = TaskSpec {
         repo_url: format!("file://{}", bare.display()),
         ..with_tools("BASH cat README.md", &["Bash"])

@@ -51,6 +51,9 @@ pub struct DriverConfig {
     pub max_attempts: u32,
     /// Tasks one `SubmitTasks` request may hold.
     pub max_batch_size: u32,
+    /// The largest prompt or session message accepted (at most 1 MiB, so that a task record
+    /// always fits in one message).
+    pub max_prompt_bytes: ByteSize,
     /// Where the embedded store keeps its file (`driver.db`); defaults to `claudecluster`
     /// under the user's data directory.
     pub data_dir: Option<PathBuf>,
@@ -65,6 +68,7 @@ impl Default for DriverConfig {
             session_queue_limit: 16,
             max_attempts: 3,
             max_batch_size: 1000,
+            max_prompt_bytes: ByteSize(512 << 10),
             data_dir: None,
             store: StoreConfig::default(),
         }
@@ -182,6 +186,43 @@ pub struct WorkerConfig {
     pub shutdown_grace: Seconds,
     /// A task's `repo_url` must be cloned within this long (a bare number is seconds).
     pub clone_timeout: Seconds,
+    /// The `repo_url` schemes this worker clones: `https`, `ssh` (also `user@host:path`),
+    /// `http`, `git`, `file` (also absolute paths).
+    pub allowed_repo_schemes: StringList,
+    /// The largest limits and budgets a task may ask of this worker.
+    pub max_task_limits: MaxTaskLimits,
+}
+
+/// Every `repo_url` scheme `worker.allowedRepoSchemes` may list.
+pub const REPO_SCHEMES: &[&str] = &["https", "ssh", "http", "git", "file"];
+
+/// The most a task may ask of a worker; more is refused with INVALID_ARGUMENT naming the field.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct MaxTaskLimits {
+    pub memory: ByteSize,
+    /// CPU cores.
+    pub cpu: f64,
+    pub pids: u32,
+    /// Wall-clock limit of a task, and of a session's message (a bare number is seconds).
+    pub timeout: Seconds,
+    /// `agent.max_budget_usd`.
+    pub budget_usd: f64,
+    /// `agent.max_turns`.
+    pub turns: u32,
+}
+
+impl Default for MaxTaskLimits {
+    fn default() -> Self {
+        MaxTaskLimits {
+            memory: ByteSize(16 << 30),
+            cpu: 16.0,
+            pids: 32_768,
+            timeout: Seconds(Duration::from_secs(24 * 3600)),
+            budget_usd: 1000.0,
+            turns: 10_000,
+        }
+    }
 }
 
 impl Default for WorkerConfig {
@@ -203,6 +244,8 @@ impl Default for WorkerConfig {
             run_retention: Seconds(Duration::from_secs(600)),
             shutdown_grace: Seconds(Duration::from_secs(30)),
             clone_timeout: Seconds(Duration::from_secs(300)),
+            allowed_repo_schemes: StringList(vec!["https".into(), "ssh".into()]),
+            max_task_limits: MaxTaskLimits::default(),
         }
     }
 }
@@ -470,6 +513,60 @@ impl ClusterConfig {
             "must be longer than zero",
         );
         check(
+            (1..=(1 << 20)).contains(&self.driver.max_prompt_bytes.0),
+            "driver.maxPromptBytes",
+            "must be from 1 byte to 1MiB: a longer prompt would not fit in a message between services",
+        );
+        let unknown_scheme = self
+            .worker
+            .allowed_repo_schemes
+            .0
+            .iter()
+            .find(|scheme| !REPO_SCHEMES.contains(&scheme.as_str()));
+        check(
+            unknown_scheme.is_none(),
+            "worker.allowedRepoSchemes",
+            &format!(
+                "`{}` is not a scheme; use {}",
+                unknown_scheme.map(String::as_str).unwrap_or_default(),
+                REPO_SCHEMES.join(", ")
+            ),
+        );
+        let max = &self.worker.max_task_limits;
+        let limits = &self.worker.container.resource_limits;
+        check(
+            max.cpu.is_finite() && max.cpu > 0.0,
+            "worker.maxTaskLimits.cpu",
+            "must be a number of cores above zero",
+        );
+        check(
+            max.budget_usd.is_finite() && max.budget_usd >= 0.0,
+            "worker.maxTaskLimits.budgetUsd",
+            "must be zero or more",
+        );
+        check(
+            limits.memory.0 <= max.memory.0,
+            "worker.container.resourceLimits.memory",
+            "must not be more than worker.maxTaskLimits.memory",
+        );
+        // NaN is left to the check of the value itself, below.
+        check(
+            limits.cpu.is_nan() || limits.cpu <= max.cpu,
+            "worker.container.resourceLimits.cpu",
+            "must not be more than worker.maxTaskLimits.cpu",
+        );
+        check(
+            limits.pids <= max.pids,
+            "worker.container.resourceLimits.pids",
+            "must not be more than worker.maxTaskLimits.pids",
+        );
+        check(
+            limits.timeout.get() <= max.timeout.get()
+                && self.worker.process_pool.process_timeout.get() <= max.timeout.get(),
+            "worker.maxTaskLimits.timeout",
+            "must not be less than worker.container.resourceLimits.timeout or worker.processPool.processTimeout",
+        );
+        check(
             self.driver.max_batch_size >= 1,
             "driver.maxBatchSize",
             "must be at least 1",
@@ -527,9 +624,10 @@ impl ClusterConfig {
             "must be bridge, host, none, per_task or a network name",
         );
         check(
-            worker.container.resource_limits.cpu >= 0.0,
+            worker.container.resource_limits.cpu.is_finite()
+                && worker.container.resource_limits.cpu >= 0.0,
             "worker.container.resourceLimits.cpu",
-            "cannot be negative",
+            "must be a number of cores, zero or more",
         );
         check(
             !worker.agent.idle_timeout.get().is_zero(),

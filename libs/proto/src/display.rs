@@ -166,9 +166,48 @@ pub fn without_credentials(url: &str) -> String {
     }
 }
 
+/// `text` (a message of git's, say) with any credentials of `url` in it hidden: the URL
+/// itself, and its user and password wherever they appear alone.
+pub fn hide_credentials_of(url: &str, text: &str) -> String {
+    let shown = without_credentials(url);
+    let mut text = text.replace(url, &shown);
+    if let Some((_, rest)) = url.split_once("://") {
+        let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+        if let Some((userinfo, _)) = authority.rsplit_once('@') {
+            for secret in [
+                Some(userinfo),
+                userinfo.split_once(':').map(|(_, password)| password),
+            ]
+            .into_iter()
+            .flatten()
+            .filter(|secret| !secret.is_empty())
+            {
+                text = text.replace(secret, "***");
+            }
+        }
+    }
+    text
+}
+
 #[cfg(test)]
 mod credential_tests {
-    use super::without_credentials;
+    use super::{hide_credentials_of, without_credentials};
+
+    #[test]
+    fn credentials_are_hidden_wherever_a_message_repeats_them() {
+        let url = "https://bob:tok3n@git.example/app.git";
+        assert_eq!(
+            hide_credentials_of(
+                url,
+                "fatal: unable to access 'https://bob:tok3n@git.example/app.git/': denied; password tok3n"
+            ),
+            "fatal: unable to access 'https://***@git.example/app.git/': denied; password ***"
+        );
+        assert_eq!(
+            hide_credentials_of("git@host:a.git", "no such repo"),
+            "no such repo"
+        );
+    }
 
     #[test]
     fn credentials_in_a_url_are_hidden_and_the_rest_kept() {

@@ -1,4 +1,5 @@
-//! The claudecluster.v1 API: messages, clients and servers generated from `proto/`.
+//! The claudecluster.v1 API: messages, clients and servers generated from `proto/`, and the
+//! checks every service applies to them.
 
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
@@ -11,6 +12,9 @@ pub mod v1 {
 
 pub use prost_types::Timestamp;
 
+pub mod admission;
 mod display;
+pub mod validate;
 
-pub use display::{CarriesEvent, without_credentials};
+pub use display::{CarriesEvent, hide_credentials_of, without_credentials};
+pub use validate::MAX_MESSAGE_BYTES;

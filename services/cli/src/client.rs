@@ -98,7 +98,11 @@ pub enum TasksCommand {
 
 fn connect(args: &DriverArgs) -> Result<DriverServiceClient<Channel>, String> {
     claudecluster_grpc::channel(&args.driver)
-        .map(DriverServiceClient::new)
+        .map(|channel| {
+            DriverServiceClient::new(channel)
+                .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
+        })
         .map_err(|err| format!("bad driver address `{}`: {err}", args.driver))
 }
 
@@ -670,7 +674,11 @@ pub async fn workers(command: WorkersCommand) -> Result<ExitCode, String> {
     use claudecluster_proto::v1::worker_service_client::WorkerServiceClient;
     let scheduler = |args: &SchedulerArgs| {
         claudecluster_grpc::channel(&args.scheduler)
-            .map(SchedulerServiceClient::new)
+            .map(|channel| {
+                SchedulerServiceClient::new(channel)
+                    .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
+            })
             .map_err(|err| format!("bad scheduler address `{}`: {err}", args.scheduler))
     };
     match command {
@@ -718,7 +726,9 @@ pub async fn workers(command: WorkersCommand) -> Result<ExitCode, String> {
                 return Err(format!("`{mode}` is not process_pool or container_agentic"));
             };
             let mut client = match claudecluster_grpc::channel(&worker_address) {
-                Ok(channel) => WorkerServiceClient::new(channel),
+                Ok(channel) => WorkerServiceClient::new(channel)
+                    .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES),
                 Err(err) => return Err(format!("bad worker address `{worker_address}`: {err}")),
             };
             match client

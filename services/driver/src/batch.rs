@@ -4,21 +4,24 @@ use std::collections::HashMap;
 
 use claudecluster_proto::v1::{BatchTask, TaskSpec};
 
+use claudecluster_proto::validate;
+
 use crate::error::DriverError;
+use crate::service::Limits;
 use crate::store::new_task_id;
-use crate::validate;
 
 /// Validates a batch and gives each task its id, its dependencies rewritten from keys to ids.
 /// A dependency that is neither a key of the batch nor an existing task (`exists`), and a cycle,
 /// are refused, naming them.
 pub fn plan(
     tasks: Vec<BatchTask>,
-    max_tasks: usize,
+    limits: Limits,
     exists: impl Fn(&str) -> bool,
 ) -> Result<Vec<(String, TaskSpec)>, DriverError> {
     if tasks.is_empty() {
         return Err(DriverError::invalid("tasks", "must not be empty"));
     }
+    let max_tasks = limits.batch_size;
     if tasks.len() > max_tasks {
         return Err(DriverError::invalid(
             "tasks",
@@ -30,7 +33,21 @@ pub fn plan(
     }
     let mut keys: HashMap<String, usize> = HashMap::new();
     for (index, task) in tasks.iter().enumerate() {
-        validate::task_spec(task.spec.as_ref()).map_err(|err| prefixed(index, err))?;
+        let spec = task
+            .spec
+            .as_ref()
+            .ok_or_else(|| DriverError::invalid(format!("tasks[{index}].spec"), "is required"))?;
+        validate::task_spec(spec, limits.prompt_bytes)
+            .map_err(|err| prefixed(index, err.into()))?;
+        if task.key.len() > validate::MAX_ID_BYTES || task.key.chars().any(char::is_control) {
+            return Err(DriverError::invalid(
+                format!("tasks[{index}].key"),
+                format!(
+                    "must have at most {} characters, none of them control characters",
+                    validate::MAX_ID_BYTES
+                ),
+            ));
+        }
         if !task.key.is_empty() && keys.insert(task.key.clone(), index).is_some() {
             return Err(DriverError::invalid(
                 format!("tasks[{index}].key"),
@@ -147,6 +164,14 @@ fn find_cycle(edges: &[Vec<usize>]) -> Option<Vec<usize>> {
 mod tests {
     use super::*;
 
+    fn limits(batch_size: usize) -> Limits {
+        Limits {
+            session_queue: 16,
+            batch_size,
+            prompt_bytes: validate::DEFAULT_MAX_PROMPT_BYTES,
+        }
+    }
+
     fn task(key: &str, depends_on: &[&str]) -> BatchTask {
         BatchTask {
             key: key.to_owned(),
@@ -167,7 +192,7 @@ mod tests {
                 task("c", &["a"]),
                 task("d", &["b", "c"]),
             ],
-            1000,
+            limits(1000),
             |_| false,
         )
         .unwrap();
@@ -178,7 +203,7 @@ mod tests {
 
     #[test]
     fn existing_tasks_may_be_named_by_id() {
-        let planned = plan(vec![task("b", &["existing-id"])], 1000, |id| {
+        let planned = plan(vec![task("b", &["existing-id"])], limits(1000), |id| {
             id == "existing-id"
         })
         .unwrap();
@@ -189,7 +214,7 @@ mod tests {
     fn cycles_unknown_names_and_repeated_keys_are_refused() {
         let cycle = plan(
             vec![task("a", &["c"]), task("b", &["a"]), task("c", &["b"])],
-            1000,
+            limits(1000),
             |_| false,
         )
         .unwrap_err()
@@ -198,16 +223,18 @@ mod tests {
             cycle,
             "tasks: the dependencies form a cycle: a -> c -> b -> a"
         );
-        let unknown = plan(vec![task("a", &["nope"])], 1000, |_| false)
+        let unknown = plan(vec![task("a", &["nope"])], limits(1000), |_| false)
             .unwrap_err()
             .to_string();
         assert_eq!(
             unknown,
             "tasks[0].spec.depends_on: `nope` is neither a key of this batch nor an existing task"
         );
-        let twice = plan(vec![task("a", &[]), task("a", &[])], 1000, |_| false)
-            .unwrap_err()
-            .to_string();
+        let twice = plan(vec![task("a", &[]), task("a", &[])], limits(1000), |_| {
+            false
+        })
+        .unwrap_err()
+        .to_string();
         assert_eq!(twice, "tasks[1].key: `a` names two tasks");
         let invalid = plan(
             vec![
@@ -217,7 +244,7 @@ mod tests {
                     spec: Some(TaskSpec::default()),
                 },
             ],
-            1000,
+            limits(1000),
             |_| false,
         )
         .unwrap_err()
@@ -239,11 +266,13 @@ mod tests {
                         task(&keys[i], next.as_slice())
                     })
                     .collect();
-                let planned = plan(chain, count, |_| false).map(|planned| planned.len());
+                let planned = plan(chain, limits(count), |_| false).map(|planned| planned.len());
                 let looped: Vec<BatchTask> = (0..count)
                     .map(|i| task(&keys[i], &[keys[(i + 1) % count].as_str()]))
                     .collect();
-                let cycle = plan(looped, count, |_| false).unwrap_err().to_string();
+                let cycle = plan(looped, limits(count), |_| false)
+                    .unwrap_err()
+                    .to_string();
                 (planned.unwrap(), cycle)
             })
             .unwrap()
@@ -262,7 +291,7 @@ mod tests {
     #[test]
     fn a_batch_past_its_limit_is_refused_naming_the_limit() {
         let batch = vec![task("a", &[]), task("b", &[]), task("c", &[])];
-        let refused = plan(batch, 2, |_| false).unwrap_err().to_string();
+        let refused = plan(batch, limits(2), |_| false).unwrap_err().to_string();
         assert_eq!(
             refused,
             "tasks: 3 tasks are more than a batch may hold (2, `driver.maxBatchSize`)"

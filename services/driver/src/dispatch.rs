@@ -52,6 +52,18 @@ enum RunEnd {
     /// The worker stopped the run because it shuts down: the task runs again, whatever
     /// attempts it has left.
     GivenBack(String),
+    /// The task itself is at fault (the worker refused it as invalid, or it made an event
+    /// too large to carry): another attempt would end the same way.
+    Failed(String),
+}
+
+/// Whether a stream broke on a message too large to carry (which says nothing of the worker's
+/// health) rather than a lost connection.
+fn is_oversized(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted | tonic::Code::Internal
+    ) && status.message().contains("message length too large")
 }
 
 pub struct Dispatcher {
@@ -78,7 +90,9 @@ impl Dispatcher {
             max_attempts,
             store,
             sessions,
-            scheduler: SchedulerServiceClient::new(channel),
+            scheduler: SchedulerServiceClient::new(channel)
+                .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES),
             scheduler_address,
             workers: Mutex::default(),
             session_links: Mutex::default(),
@@ -104,7 +118,9 @@ impl Dispatcher {
             WORKER_PING_INTERVAL,
             WORKER_PING_TIMEOUT,
         )?;
-        let client = WorkerServiceClient::new(channel);
+        let client = WorkerServiceClient::new(channel)
+            .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES);
         workers.insert(address.to_owned(), client.clone());
         Ok(client)
     }
@@ -117,6 +133,7 @@ impl Dispatcher {
             task_id: entry.id.clone(),
             attempt: entry.attempt(),
             execution_mode: spec.execution_mode,
+            needs: Some(claudecluster_proto::v1::TaskNeeds::of_task(&spec)),
             worker_selector: spec.worker_selector,
             priority: spec.priority,
         };
@@ -274,6 +291,10 @@ impl Dispatcher {
                     self.enqueue(&entry).await;
                 }
             }
+            Err(RunEnd::Failed(reason)) => {
+                tracing::warn!(task = %entry.id, worker = %worker_id, %reason, "task failed");
+                entry.set_status(attempt, TaskStatus::Failed, reason, &worker_id);
+            }
             Err(RunEnd::Lost(reason)) => {
                 let max = self.max_attempts;
                 if attempt < max
@@ -356,6 +377,12 @@ impl Dispatcher {
                     status.message()
                 )));
             }
+            Err(status) if !attach && status.code() == tonic::Code::InvalidArgument => {
+                return Err(RunEnd::Failed(format!(
+                    "worker {worker_id} refused the task: {}",
+                    status.message()
+                )));
+            }
             Err(status) if attach && status.code() == tonic::Code::NotFound => {
                 return Err(RunEnd::Lost(format!(
                     "worker {worker_id} no longer holds the run: {}",
@@ -396,6 +423,13 @@ impl Dispatcher {
                     // lost for a moment): attach to it again, once. A worker that does not
                     // answer, or holds the run no more, is lost: the task may run again
                     // elsewhere, unless it was being cancelled anyway.
+                    Err(status) if is_oversized(&status) => {
+                        return Err(RunEnd::Failed(format!(
+                            "an event from worker {worker_id} was larger than a message may be ({} bytes): {}",
+                            claudecluster_proto::MAX_MESSAGE_BYTES,
+                            status.message()
+                        )));
+                    }
                     Ok(None) | Err(_) if cancel_deadline.is_none() => {
                         let broke = match message {
                             Err(status) => format!("lost worker {worker_id}: {}", status.message()),
@@ -470,6 +504,7 @@ impl Dispatcher {
             task_id: session.id.clone(),
             attempt: 1,
             execution_mode: ExecutionMode::ContainerAgentic as i32,
+            needs: Some(claudecluster_proto::v1::TaskNeeds::of_session(&spec)),
             worker_selector: spec.worker_selector,
             priority: Priority::Normal as i32,
         };

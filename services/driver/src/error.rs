@@ -42,9 +42,15 @@ impl DriverError {
     }
 }
 
+impl From<claudecluster_proto::validate::Invalid> for DriverError {
+    fn from(invalid: claudecluster_proto::validate::Invalid) -> Self {
+        DriverError::invalid(invalid.field, invalid.message)
+    }
+}
+
 impl From<DriverError> for Status {
     fn from(error: DriverError) -> Status {
-        let message = error.to_string();
+        let message = claudecluster_proto::validate::status_message(error.to_string());
         match error {
             DriverError::InvalidArgument { .. } => Status::invalid_argument(message),
             DriverError::TaskNotFound(_) | DriverError::SessionNotFound(_) => {

@@ -1,18 +1,20 @@
 //! The driver: the public API. It owns the record of every task and its event log, hands
 //! pending tasks to the scheduler, and runs each placed task on its worker.
 
+mod admission;
 mod batch;
 pub mod benchmark;
 mod db;
 mod dispatch;
 mod error;
 mod journal;
+mod listing;
 mod service;
 mod sessions;
 mod store;
 #[cfg(test)]
 mod test_support;
-mod validate;
+
 mod writer;
 
 use std::net::SocketAddr;
@@ -115,14 +117,22 @@ pub async fn spawn(config: DriverConfig, listener: TcpListener) -> Result<Handle
     tokio::spawn(compact_logs(db.clone(), config.store.clone(), stop.clone()));
     let (routes, _health) =
         claudecluster_grpc::standard_routes("claudecluster.v1.DriverService").await;
-    let routes = routes.add_service(DriverServiceServer::new(service::DriverService::new(
-        store,
-        sessions,
-        dispatcher,
-        config.session_queue_limit as usize,
-        config.max_batch_size as usize,
-        stop.clone(),
-    )));
+    let limits = service::Limits {
+        session_queue: config.session_queue_limit as usize,
+        batch_size: config.max_batch_size as usize,
+        prompt_bytes: config.max_prompt_bytes.0 as usize,
+    };
+    let routes = routes.add_service(
+        DriverServiceServer::new(service::DriverService::new(
+            store,
+            sessions,
+            dispatcher,
+            limits,
+            stop.clone(),
+        ))
+        .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES),
+    );
     let server = {
         let stop = stop.clone();
         tokio::spawn(async move {

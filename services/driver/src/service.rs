@@ -10,27 +10,39 @@ use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::admission::Admission;
 use crate::batch;
 use crate::dispatch::Dispatcher;
 use crate::error::DriverError;
 use crate::journal::Reader;
+use crate::listing;
 use crate::sessions::{SessionEntry, SessionStore};
 use crate::store::{CancelAction, TaskEntry, TaskStore};
-use crate::validate;
+use claudecluster_proto::validate;
 
 const DEFAULT_PAGE_SIZE: usize = 100;
 const MAX_PAGE_SIZE: usize = 1000;
 /// How long CancelTask waits for a running task to end before answering.
 const CANCEL_WAIT: Duration = Duration::from_secs(15);
 
+/// What the driver takes from one request (see [`claudecluster_config::DriverConfig`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Messages a session holds while it answers another.
+    pub session_queue: usize,
+    /// Tasks one `SubmitTasks` may hold.
+    pub batch_size: usize,
+    /// The largest prompt or session message.
+    pub prompt_bytes: usize,
+}
+
 /// The DriverService: thin RPC methods over the [`TaskStore`] and the [`Dispatcher`].
 pub struct DriverService {
     store: Arc<TaskStore>,
     sessions: Arc<SessionStore>,
     dispatcher: Arc<Dispatcher>,
-    session_queue_limit: usize,
-    /// Tasks one `SubmitTasks` may hold.
-    max_batch_size: usize,
+    admission: Admission,
+    limits: Limits,
     /// Cancelled when the driver shuts down: open streams end with UNAVAILABLE so that clients
     /// reconnect (to this driver once it is back, or another).
     stopping: CancellationToken,
@@ -41,24 +53,29 @@ impl DriverService {
         store: Arc<TaskStore>,
         sessions: Arc<SessionStore>,
         dispatcher: Arc<Dispatcher>,
-        session_queue_limit: usize,
-        max_batch_size: usize,
+        limits: Limits,
         stopping: CancellationToken,
     ) -> Self {
         DriverService {
             store,
             sessions,
+            admission: Admission::new(dispatcher.scheduler()),
             dispatcher,
-            session_queue_limit,
-            max_batch_size,
+            limits,
             stopping,
         }
     }
 
+    /// Refuses what no registered worker admits, naming the field (prefixed with `prefix`,
+    /// as `tasks[3].`).
+    async fn check_admitted(&self, needs: &TaskNeeds, prefix: &str) -> Result<(), DriverError> {
+        self.admission.check(needs).await.map_err(|refused| {
+            DriverError::invalid(format!("{prefix}{}", refused.field), refused.message)
+        })
+    }
+
     async fn session(&self, session_id: &str) -> Result<Arc<SessionEntry>, DriverError> {
-        if session_id.is_empty() {
-            return Err(DriverError::invalid("session_id", "must not be empty"));
-        }
+        validate::id("session_id", session_id)?;
         self.sessions
             .get(session_id)
             .await?
@@ -108,9 +125,7 @@ impl DriverService {
     }
 
     async fn task(&self, task_id: &str) -> Result<Arc<TaskEntry>, DriverError> {
-        if task_id.is_empty() {
-            return Err(DriverError::invalid("task_id", "must not be empty"));
-        }
+        validate::id("task_id", task_id)?;
         self.store
             .get(task_id)
             .await?
@@ -189,8 +204,12 @@ impl DriverApi for DriverService {
         &self,
         request: Request<SubmitTaskRequest>,
     ) -> Result<Response<SubmitTaskResponse>, Status> {
-        let request = request.into_inner();
-        let spec = validate::task_spec(request.spec.as_ref())?.clone();
+        let spec = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| DriverError::invalid("spec", "is required"))?;
+        validate::task_spec(&spec, self.limits.prompt_bytes).map_err(DriverError::from)?;
+        self.check_admitted(&TaskNeeds::of_task(&spec), "").await?;
         let dependencies = self.dependencies(&spec.depends_on).await?;
         let (entry, created) = self.store.insert(spec).await?;
         // The answer is the task as accepted; it may be placed before this call returns.
@@ -221,9 +240,17 @@ impl DriverApi for DriverService {
                 }
             }
         }
-        let planned = batch::plan(tasks, self.max_batch_size, |id| existing.contains(id))?;
+        let planned = batch::plan(tasks, self.limits, |id| existing.contains(id))?;
+        for (index, (_, spec)) in planned.iter().enumerate() {
+            self.check_admitted(&TaskNeeds::of_task(spec), &format!("tasks[{index}]."))
+                .await?;
+        }
         let entries = self.store.insert_all(planned).await?;
-        let tasks = entries.iter().map(|entry| entry.public()).collect();
+        // As a list shows them, so that the answer fits whatever the batch held.
+        let tasks = entries
+            .iter()
+            .map(|entry| listing::listed_task(entry.public()))
+            .collect();
         for entry in entries {
             let dependencies = self.dependencies(&entry.spec().depends_on).await?;
             self.dispatcher.start(entry, dependencies).await;
@@ -336,7 +363,10 @@ impl DriverApi for DriverService {
         &self,
         request: Request<CreateSessionRequest>,
     ) -> Result<Response<CreateSessionResponse>, Status> {
-        let spec = validate::session_spec(request.into_inner().spec.unwrap_or_default())?;
+        let spec = request.into_inner().spec.unwrap_or_default();
+        validate::session_spec(&spec).map_err(DriverError::from)?;
+        self.check_admitted(&TaskNeeds::of_session(&spec), "")
+            .await?;
         if !self.has_container_worker().await? {
             return Err(DriverError::NoContainerWorker.into());
         }
@@ -383,11 +413,10 @@ impl DriverApi for DriverService {
     ) -> Result<Response<Self::SendSessionMessageStream>, Status> {
         let request = request.into_inner();
         let session = self.session(&request.session_id).await?;
-        if request.text.trim().is_empty() {
-            return Err(DriverError::invalid("text", "must not be empty").into());
-        }
+        validate::prompt("text", &request.text, self.limits.prompt_bytes)
+            .map_err(DriverError::from)?;
         let (turn, after) = session
-            .queue_message(request.text, self.session_queue_limit)
+            .queue_message(request.text, self.limits.session_queue)
             .await?;
         let reader = self.reader();
         Ok(Response::new(self.event_stream(

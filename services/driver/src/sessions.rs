@@ -437,11 +437,12 @@ impl SessionStore {
             .db
             .page(SubjectKind::Session, after, limit + 1, states)
             .await?;
-        let more = rows.len() > limit;
+        let mut more = rows.len() > limit;
         let mut page = Vec::with_capacity(limit);
+        let mut budget = crate::listing::PageBudget::default();
         let mut last = after;
         for row in rows.into_iter().take(limit) {
-            last = row.order;
+            let order = row.order;
             let live = self
                 .live
                 .sessions
@@ -449,10 +450,16 @@ impl SessionStore {
                 .expect("live session lock poisoned")
                 .get(&row.id)
                 .cloned();
-            page.push(match live {
+            let session = crate::listing::listed_session(match live {
                 Some(entry) => entry.snapshot(),
                 None => self.decode(row)?.snapshot(),
             });
+            if !budget.admit(&session) {
+                more = true;
+                break;
+            }
+            page.push(session);
+            last = order;
         }
         Ok((page, more.then_some(last)))
     }

@@ -575,6 +575,7 @@ impl TaskStore {
         filter: impl Fn(&Task) -> bool,
     ) -> Result<(Vec<Task>, Option<i64>), DriverError> {
         let mut page = Vec::new();
+        let mut budget = crate::listing::PageBudget::default();
         let mut cursor = after;
         loop {
             let rows = self
@@ -584,6 +585,7 @@ impl TaskStore {
             let exhausted = rows.len() < limit.max(16);
             for row in rows {
                 let order = row.order;
+                let before = cursor;
                 let task = match self.live_entry(&row.id) {
                     Some(entry) => entry.snapshot(),
                     None => Task::decode(row.record.as_slice()).map_err(|err| {
@@ -595,7 +597,12 @@ impl TaskStore {
                 if !status_matches || !filter(&task) {
                     continue;
                 }
-                page.push(redacted(task));
+                let task = crate::listing::listed_task(redacted(task));
+                if !budget.admit(&task) {
+                    // Full: the next page starts with this task.
+                    return Ok((page, Some(before)));
+                }
+                page.push(task);
                 if page.len() == limit {
                     return Ok((page, Some(order)));
                 }

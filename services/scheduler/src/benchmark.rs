@@ -34,6 +34,7 @@ pub fn placement_round(workers: usize, capacity: u32, tasks: usize) -> Placement
             version: String::new(),
             execution_modes: vec![ExecutionMode::ProcessPool as i32],
             running: Vec::new(),
+            admits: None,
         };
         state.register(registration, replies, Instant::now());
     }
@@ -53,7 +54,7 @@ pub fn placement_round(workers: usize, capacity: u32, tasks: usize) -> Placement
             format!("task-{index}"),
             1,
             priorities[index % 4],
-            requirements(ExecutionMode::Unspecified, selector),
+            requirements(ExecutionMode::Unspecified, selector, Default::default()),
         );
     }
     let (placements, mut received) = mpsc::unbounded_channel();

@@ -16,10 +16,11 @@ pub enum SchedulerError {
 
 impl From<SchedulerError> for Status {
     fn from(error: SchedulerError) -> Status {
+        let message = claudecluster_proto::validate::status_message(error.to_string());
         match error {
-            SchedulerError::InvalidArgument { .. } => Status::invalid_argument(error.to_string()),
-            SchedulerError::NotRegistered => Status::failed_precondition(error.to_string()),
-            SchedulerError::WorkerNotFound(_) => Status::not_found(error.to_string()),
+            SchedulerError::InvalidArgument { .. } => Status::invalid_argument(message),
+            SchedulerError::NotRegistered => Status::failed_precondition(message),
+            SchedulerError::WorkerNotFound(_) => Status::not_found(message),
         }
     }
 }

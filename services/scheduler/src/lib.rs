@@ -48,7 +48,11 @@ pub async fn spawn(config: SchedulerConfig, listener: TcpListener) -> std::io::R
     service.start_health_checks(shutdown.clone());
     let (routes, _health) =
         claudecluster_grpc::standard_routes("claudecluster.v1.SchedulerService").await;
-    let routes = routes.add_service(SchedulerServiceServer::new(service));
+    let routes = routes.add_service(
+        SchedulerServiceServer::new(service)
+            .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES),
+    );
     let stop = shutdown.clone();
     let join = tokio::spawn(async move {
         claudecluster_grpc::serve(listener, routes, stop.cancelled_owned()).await

@@ -7,13 +7,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use claudecluster_proto::v1::ExecutionMode;
+use claudecluster_proto::v1::{ExecutionMode, TaskNeeds, WorkerAdmits};
 
 /// What a task needs of a worker.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskRequirements {
     pub execution_mode: ExecutionMode,
     pub worker_selector: HashMap<String, String>,
+    /// Its repository scheme and limits, which the worker must admit.
+    pub needs: TaskNeeds,
 }
 
 /// A worker as placement sees it.
@@ -26,6 +28,9 @@ pub struct Candidate<'a> {
     /// The modes the worker runs tasks in.
     pub execution_modes: &'a [ExecutionMode],
     pub labels: &'a HashMap<String, String>,
+    /// What the worker accepts of a task; `None` (a worker that reported nothing) admits only
+    /// tasks that ask for nothing beyond the defaults.
+    pub admits: Option<&'a WorkerAdmits>,
     pub capacity: u32,
     pub load: u32,
     /// Placement counter value when this worker last got work.
@@ -44,12 +49,19 @@ impl Candidate<'_> {
             .all(|(key, value)| self.labels.get(key) == Some(value))
     }
 
+    fn admits(&self, task: &TaskRequirements) -> bool {
+        match self.admits {
+            Some(admits) => admits.refusal(&task.needs).is_none(),
+            None => task.needs.is_default(),
+        }
+    }
+
+    fn matches(&self, task: &TaskRequirements) -> bool {
+        self.runs_mode_of(task) && self.has_labels_of(task) && self.admits(task)
+    }
+
     fn can_run(&self, task: &TaskRequirements) -> bool {
-        self.healthy
-            && !self.draining
-            && self.load < self.capacity
-            && self.runs_mode_of(task)
-            && self.has_labels_of(task)
+        self.healthy && !self.draining && self.load < self.capacity && self.matches(task)
     }
 }
 
@@ -77,10 +89,8 @@ pub fn explain_unplaceable<'a>(
     task: &TaskRequirements,
     candidates: impl IntoIterator<Item = Candidate<'a>>,
 ) -> String {
-    let matching: Vec<_> = candidates
-        .into_iter()
-        .filter(|c| c.runs_mode_of(task) && c.has_labels_of(task))
-        .collect();
+    let candidates: Vec<_> = candidates.into_iter().collect();
+    let matching: Vec<_> = candidates.iter().filter(|c| c.matches(task)).collect();
     let mode = if task.execution_mode == ExecutionMode::Unspecified {
         String::new()
     } else {
@@ -93,7 +103,13 @@ pub fn explain_unplaceable<'a>(
         let labels: Vec<_> = sorted.iter().map(|(k, v)| format!("{k}={v}")).collect();
         format!(" with labels {}", labels.join(","))
     };
-    if matching.is_empty() {
+    let refusal = candidates
+        .iter()
+        .filter(|c| c.runs_mode_of(task) && c.has_labels_of(task))
+        .find_map(|c| c.admits.and_then(|admits| admits.refusal(&task.needs)));
+    if let (true, Some(refusal)) = (matching.is_empty(), refusal) {
+        format!("waiting for a {mode}worker{selector} that admits the task: {refusal}")
+    } else if matching.is_empty() {
         format!("waiting for a {mode}worker{selector}: none is registered")
     } else if !matching.iter().any(|c| c.healthy) {
         format!("waiting for a {mode}worker{selector}: none is healthy")
@@ -132,6 +148,7 @@ mod tests {
             draining: false,
             execution_modes: modes,
             labels,
+            admits: None,
             capacity,
             load,
             last_placed: 0,
@@ -142,6 +159,7 @@ mod tests {
         TaskRequirements {
             execution_mode: ExecutionMode::Unspecified,
             worker_selector: HashMap::new(),
+            needs: TaskNeeds::default(),
         }
     }
 
@@ -166,6 +184,7 @@ mod tests {
         let task = TaskRequirements {
             execution_mode: ExecutionMode::ContainerAgentic,
             worker_selector: HashMap::new(),
+            needs: TaskNeeds::default(),
         };
         let chosen = choose_worker(
             &task,
@@ -185,6 +204,7 @@ mod tests {
             let task = TaskRequirements {
                 execution_mode: mode,
                 worker_selector: HashMap::new(),
+                needs: TaskNeeds::default(),
             };
             let chosen = choose_worker(&task, [candidate("dual", DUAL, &none, 2, 0)]);
             assert_eq!(chosen, Some("dual"), "{mode:?}");
@@ -198,6 +218,7 @@ mod tests {
         let task = TaskRequirements {
             execution_mode: ExecutionMode::Unspecified,
             worker_selector: labels(&[("gpu", "true"), ("zone", "eu")]),
+            needs: TaskNeeds::default(),
         };
         let chosen = choose_worker(
             &task,
@@ -224,6 +245,7 @@ mod tests {
         let task = TaskRequirements {
             execution_mode: ExecutionMode::ContainerAgentic,
             worker_selector: HashMap::new(),
+            needs: TaskNeeds::default(),
         };
         let reason = explain_unplaceable(&task, [candidate("p", PROCESS, &none, 1, 0)]);
         assert_eq!(

@@ -55,6 +55,10 @@ impl SchedulerService {
     }
 }
 
+/// Bounds of a registration: what one worker may make the scheduler hold and list.
+const MAX_WORKER_ID_BYTES: usize = 128;
+const MAX_CAPACITY: u32 = 100_000;
+
 fn validate_registration(registration: &RegisterWorker) -> Result<(), SchedulerError> {
     let invalid = |field, message: &str| {
         Err(SchedulerError::InvalidArgument {
@@ -62,14 +66,52 @@ fn validate_registration(registration: &RegisterWorker) -> Result<(), SchedulerE
             message: message.to_owned(),
         })
     };
-    if registration.worker_id.trim().is_empty() {
-        return invalid("register.worker_id", "must not be empty");
+    let worker_id = &registration.worker_id;
+    if worker_id.is_empty()
+        || worker_id.len() > MAX_WORKER_ID_BYTES
+        || !worker_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return invalid(
+            "register.worker_id",
+            "must be 1 to 128 letters, digits, '-', '_' or '.'",
+        );
     }
-    if registration.address.trim().is_empty() {
-        return invalid("register.address", "must not be empty");
+    if registration.address.trim().is_empty()
+        || registration.address.len() > 256
+        || registration.address.chars().any(char::is_control)
+    {
+        return invalid(
+            "register.address",
+            "must be a host:port of at most 256 characters",
+        );
     }
-    if registration.capacity == 0 {
-        return invalid("register.capacity", "must be at least 1");
+    if registration.capacity == 0 || registration.capacity > MAX_CAPACITY {
+        return invalid("register.capacity", "must be from 1 to 100000");
+    }
+    if registration.version.len() > 64 {
+        return invalid("register.version", "must have at most 64 characters");
+    }
+    if registration.execution_modes.len() > 4 {
+        return invalid("register.execution_modes", "lists at most 4 modes");
+    }
+    claudecluster_proto::validate::labels("register.labels", &registration.labels).map_err(
+        |invalid| SchedulerError::InvalidArgument {
+            field: invalid.field,
+            message: invalid.message,
+        },
+    )?;
+    if registration.running.len() > MAX_CAPACITY as usize
+        || registration
+            .running
+            .iter()
+            .any(|run| run.id.len() > claudecluster_proto::validate::MAX_ID_BYTES)
+    {
+        return invalid(
+            "register.running",
+            "lists at most 100000 runs with ids of at most 128 characters",
+        );
     }
     if registration.execution_mode() == ExecutionMode::Unspecified {
         return invalid("register.execution_mode", "must be set");
@@ -154,15 +196,21 @@ impl SchedulerApi for SchedulerService {
         request: Request<EnqueueTaskRequest>,
     ) -> Result<Response<EnqueueTaskResponse>, Status> {
         let request = request.into_inner();
-        if request.task_id.is_empty() {
-            return Err(SchedulerError::InvalidArgument {
-                field: "task_id",
-                message: "must not be empty".into(),
-            }
-            .into());
-        }
+        let invalid = |invalid: claudecluster_proto::validate::Invalid| {
+            Status::from(SchedulerError::InvalidArgument {
+                field: invalid.field,
+                message: invalid.message,
+            })
+        };
+        claudecluster_proto::validate::id("task_id", &request.task_id).map_err(invalid)?;
+        claudecluster_proto::validate::labels("worker_selector", &request.worker_selector)
+            .map_err(invalid)?;
         let priority = request.priority();
-        let requirements = requirements(request.execution_mode(), request.worker_selector);
+        let requirements = requirements(
+            request.execution_mode(),
+            request.worker_selector,
+            request.needs.unwrap_or_default(),
+        );
         let enqueued =
             self.state()
                 .enqueue(request.task_id, request.attempt, priority, requirements);

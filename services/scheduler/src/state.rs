@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
 
 use claudecluster_proto::v1::{
-    DrainRequested, ExecutionMode, Priority, RegisterWorker, StreamPlacementsResponse,
+    DrainRequested, ExecutionMode, Priority, RegisterWorker, StreamPlacementsResponse, TaskNeeds,
     WorkerHeartbeat, WorkerInfo, WorkerLinkResponse, worker_link_response,
 };
 use tokio::sync::mpsc;
@@ -80,6 +80,7 @@ impl WorkerEntry {
             draining: self.draining,
             execution_modes: &self.modes,
             labels: &self.labels,
+            admits: self.registration.admits.as_ref(),
             capacity: self.registration.capacity,
             load: self.load(),
             last_placed: self.last_placed,
@@ -109,9 +110,13 @@ impl WorkerEntry {
             idle_warm_agents: self.idle_warm_agents,
             draining: self.draining,
             drained: self.drained,
+            admits: self.registration.admits.clone(),
         }
     }
 }
+
+/// Heartbeat timeouts after which a disconnected worker holding nothing is forgotten.
+const FORGET_AFTER_TIMEOUTS: u32 = 10;
 
 #[derive(Debug)]
 pub(crate) struct State {
@@ -223,7 +228,11 @@ impl State {
         worker.last_heartbeat_time = SystemTime::now();
         worker.stale = false;
         worker.reported_healthy = beat.healthy;
-        worker.health_reason = std::mem::take(&mut beat.health_reason);
+        // Listed to every client: a reason is a line, not a dump.
+        worker.health_reason = std::mem::take(&mut beat.health_reason)
+            .chars()
+            .take(1024)
+            .collect();
         worker.idle_warm_agents = beat.idle_warm_agents;
         worker.drained = worker.draining && beat.drained;
         let became_healthy = !was_healthy && worker.healthy();
@@ -279,6 +288,20 @@ impl State {
         }
         // The slots freed are on workers that take no work, so there is nothing to place.
         self.expire_unreported_on_silent_workers(now);
+        // A worker gone for good (or a registration that never was a worker) is forgotten once
+        // nothing is placed on it, so that the list of workers does not grow for ever; one that
+        // comes back registers afresh.
+        let forget_after = timeout * FORGET_AFTER_TIMEOUTS;
+        self.workers.retain(|worker_id, worker| {
+            let gone = !worker.connected
+                && worker.placed.is_empty()
+                && worker.stopping.is_empty()
+                && now.saturating_duration_since(worker.last_heartbeat) > forget_after;
+            if gone {
+                tracing::info!(worker = %worker_id, "forgetting a worker disconnected for long");
+            }
+            !gone
+        });
     }
 
     pub fn enqueue(
@@ -500,10 +523,12 @@ fn priority_rank(priority: Priority) -> i32 {
 pub(crate) fn requirements(
     mode: ExecutionMode,
     selector: HashMap<String, String>,
+    needs: TaskNeeds,
 ) -> TaskRequirements {
     TaskRequirements {
         execution_mode: mode,
         worker_selector: selector,
+        needs,
     }
 }
 
@@ -515,7 +540,11 @@ mod tests {
     use super::*;
 
     fn any() -> TaskRequirements {
-        requirements(ExecutionMode::Unspecified, HashMap::new())
+        requirements(
+            ExecutionMode::Unspecified,
+            HashMap::new(),
+            TaskNeeds::default(),
+        )
     }
 
     #[test]

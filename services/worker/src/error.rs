@@ -49,9 +49,27 @@ pub enum WorkerError {
     },
 }
 
+impl From<claudecluster_proto::validate::Invalid> for WorkerError {
+    fn from(invalid: claudecluster_proto::validate::Invalid) -> Self {
+        WorkerError::InvalidArgument {
+            field: invalid.field,
+            message: invalid.message,
+        }
+    }
+}
+
+impl From<claudecluster_proto::admission::Refusal> for WorkerError {
+    fn from(refusal: claudecluster_proto::admission::Refusal) -> Self {
+        WorkerError::InvalidArgument {
+            field: refusal.field,
+            message: refusal.message,
+        }
+    }
+}
+
 impl From<WorkerError> for Status {
     fn from(error: WorkerError) -> Status {
-        let message = error.to_string();
+        let message = claudecluster_proto::validate::status_message(error.to_string());
         match error {
             WorkerError::InvalidArgument { .. } => Status::invalid_argument(message),
             WorkerError::AlreadyRunning(_) | WorkerError::AlreadyRan { .. } => {

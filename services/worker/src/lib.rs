@@ -91,10 +91,14 @@ pub async fn spawn(config: WorkerConfig, listener: TcpListener) -> Result<Handle
 
     let (routes, health) =
         claudecluster_grpc::standard_routes("claudecluster.v1.WorkerService").await;
-    let routes = routes.add_service(WorkerServiceServer::new(service::WorkerService::new(
-        runtime.clone(),
-        advertised.clone(),
-    )));
+    let routes = routes.add_service(
+        WorkerServiceServer::new(service::WorkerService::new(
+            runtime.clone(),
+            advertised.clone(),
+        ))
+        .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES),
+    );
     let stop_server = CancellationToken::new();
     let server = {
         let stop = stop_server.clone();

@@ -34,7 +34,9 @@ pub async fn run(
             return;
         }
     };
-    let mut client = SchedulerServiceClient::new(channel);
+    let mut client = SchedulerServiceClient::new(channel)
+        .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES);
     let mut backoff = FIRST_BACKOFF;
     let mut failures = 0u32;
     loop {
@@ -108,6 +110,7 @@ async fn session(
         version: env!("CARGO_PKG_VERSION").to_owned(),
         // What survived a restart of the scheduler (or a broken link) is counted at once.
         running: runtime.running_work(),
+        admits: Some(runtime.admits()),
     };
     outbound
         .send(WorkerLinkRequest {

@@ -16,7 +16,10 @@ use std::time::Duration;
 use claudecluster_agent_protocol::user_message_line;
 use claudecluster_config::{ExecutionModeSetting, WorkerConfig};
 use claudecluster_proto::v1::event::Kind;
-use claudecluster_proto::v1::{Event, ExecutionMode, RunningWork, TaskSpec, TaskStatus};
+use claudecluster_proto::v1::{
+    Event, ExecutionMode, RunningWork, TaskNeeds, TaskSpec, TaskStatus, WorkerAdmits,
+};
+use claudecluster_proto::validate;
 use futures_util::Stream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
@@ -155,6 +158,11 @@ impl Runtime {
         for pool in pools {
             pool.shutdown().await;
         }
+    }
+
+    /// What this worker accepts of a task: its repository schemes and largest limits.
+    pub fn admits(&self) -> WorkerAdmits {
+        admits(&self.config)
     }
 
     pub fn config(&self) -> &WorkerConfig {
@@ -464,11 +472,11 @@ impl Runtime {
     /// still running here first.
     pub async fn admit(self: &Arc<Self>, execution: Execution) -> Result<Admission, WorkerError> {
         check_id("task_id", &execution.task_id)?;
-        if execution.spec.prompt.trim().is_empty() {
-            return Err(WorkerError::InvalidArgument {
-                field: "spec.prompt",
-                message: "must not be empty".into(),
-            });
+        // A request may come from anything that reaches this port, not only a driver that
+        // checked it.
+        validate::task_spec(&execution.spec, validate::PROMPT_BYTES_CEILING)?;
+        if let Some(refusal) = self.admits().refusal(&TaskNeeds::of_task(&execution.spec)) {
+            return Err(refusal.into());
         }
         self.refuse_if_shutting_down()?;
         let mode = execution.spec.execution_mode();
@@ -546,6 +554,7 @@ impl Runtime {
         attempt: u32,
         after_run_sequence: u64,
     ) -> Result<Arc<RunLog>, WorkerError> {
+        check_id("task_id", task_id)?;
         let run = {
             let mut runs = self.runs();
             self.sweep(&mut runs);
@@ -709,8 +718,19 @@ impl Runtime {
     }
 }
 
-/// The longest task or session id a worker takes: it names a directory and a container.
-const MAX_ID_LENGTH: usize = 128;
+/// What `config` accepts of a task, as the worker registers it.
+pub fn admits(config: &WorkerConfig) -> WorkerAdmits {
+    let max = &config.max_task_limits;
+    WorkerAdmits {
+        repo_schemes: config.allowed_repo_schemes.0.clone(),
+        max_memory_bytes: max.memory.0,
+        max_cpus: max.cpu,
+        max_pids: max.pids,
+        max_timeout_seconds: u32::try_from(max.timeout.get().as_secs()).unwrap_or(u32::MAX),
+        max_budget_usd: max.budget_usd,
+        max_turns: max.turns,
+    }
+}
 
 /// Names in the workspace root that are the worker's own, not a task's.
 const RESERVED_NAMES: &[&str] = &["sessions"];
@@ -718,19 +738,14 @@ const RESERVED_NAMES: &[&str] = &["sessions"];
 /// Checks an id that becomes a directory name, a container name and a label: 1 to 128 letters,
 /// digits, `-` or `_`, and not a name the worker keeps for itself.
 pub(crate) fn check_id(field: &'static str, id: &str) -> Result<(), WorkerError> {
-    let message = if id.is_empty() || id.len() > MAX_ID_LENGTH {
-        format!("must have 1 to {MAX_ID_LENGTH} characters")
-    } else if !id
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        "must be letters, digits, '-' or '_'".to_owned()
-    } else if RESERVED_NAMES.contains(&id) {
-        format!("`{id}` is a name the worker keeps for itself")
-    } else {
-        return Ok(());
-    };
-    Err(WorkerError::InvalidArgument { field, message })
+    validate::id(field, id)?;
+    if RESERVED_NAMES.contains(&id) {
+        return Err(WorkerError::InvalidArgument {
+            field,
+            message: format!("`{id}` is a name the worker keeps for itself"),
+        });
+    }
+    Ok(())
 }
 
 /// Refuses a position past the end of `log`: the caller has seen events that never were.

@@ -180,6 +180,7 @@ impl WorkerApi for WorkerService {
                 idle_warm_agents: runtime.idle_warm_agents(),
                 draining: runtime.is_draining(),
                 drained: runtime.is_drained(),
+                admits: Some(runtime.admits()),
             }),
             running_task_ids,
             running,

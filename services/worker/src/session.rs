@@ -207,6 +207,11 @@ impl Runtime {
         inputs: Inputs,
     ) -> Result<Arc<RunLog>, WorkerError> {
         crate::runtime::check_id("session_id", &session_id)?;
+        claudecluster_proto::validate::session_spec(&spec)?;
+        let needs = claudecluster_proto::v1::TaskNeeds::of_session(&spec);
+        if let Some(refusal) = self.admits().refusal(&needs) {
+            return Err(refusal.into());
+        }
         self.refuse_if_shutting_down()?;
         let provider = self
             .provider(ExecutionMode::ContainerAgentic)
@@ -274,6 +279,7 @@ impl Runtime {
         after_run_sequence: u64,
         inputs: Inputs,
     ) -> Result<Arc<RunLog>, WorkerError> {
+        crate::runtime::check_id("session_id", session_id)?;
         let (log, handover) = {
             let mut runs = self.runs();
             self.sweep(&mut runs);

@@ -127,8 +127,11 @@ async fn clone(repo_url: &str, dir: &Path, timeout: Duration) -> Result<(), Stri
         .find_map(|line| line.strip_prefix("fatal: "))
         .or_else(|| lines.next_back())
         .unwrap_or("git gave no reason");
-    // git may repeat the URL, credentials and all.
-    let detail = detail.replace(repo_url, &shown);
+    // git may repeat the URL, credentials and all; and a line is shown, not a dump.
+    let detail: String = claudecluster_proto::hide_credentials_of(repo_url, detail)
+        .chars()
+        .take(1024)
+        .collect();
     Err(format!("cannot clone {shown}: {detail}"))
 }
 

@@ -497,7 +497,11 @@ mod tests {
         }
 
         fn enqueue(&mut self, task_id: &str, attempt: u32) {
-            let any = requirements(ExecutionMode::Unspecified, HashMap::new());
+            let any = requirements(
+                ExecutionMode::Unspecified,
+                HashMap::new(),
+                Default::default(),
+            );
             self.state
                 .enqueue(task_id.to_owned(), attempt, Priority::Normal, any);
             self.state.assert_consistent();
