@@ -326,7 +326,12 @@ async fn an_image_that_does_not_exist_fails_the_task_and_names_the_setting() {
 
 #[tokio::test]
 async fn a_limit_docker_rejects_fails_the_task_with_dockers_reason() {
-    let cluster = TestCluster::start(vec![container_worker()]).await;
+    // Within what the worker admits, past the cores of any host: Docker refuses it.
+    let worker = WorkerSpec {
+        extra_yaml: "maxTaskLimits:\n  cpu: 1024\n".into(),
+        ..container_worker()
+    };
+    let cluster = TestCluster::start(vec![worker]).await;
     let spec = TaskSpec {
         limits: Some(ResourceLimits {
             cpus: 512.0,

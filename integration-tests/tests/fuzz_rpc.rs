@@ -564,12 +564,9 @@ fn generated_requests_to_every_rpc_get_proper_statuses_and_hurt_nothing() {
     let outcome = runner.run(&call(), |call| {
         let shown: String = format!("{call:?}").chars().take(300).collect();
         let reply = runtime.block_on(async {
-            tokio::time::timeout(
-                Duration::from_secs(30),
-                send(&mut clients.clone(), call),
-            )
-            .await
-            .map_err(|_| tonic::Status::deadline_exceeded("no answer within 30 s"))?
+            tokio::time::timeout(Duration::from_secs(30), send(&mut clients.clone(), call))
+                .await
+                .map_err(|_| tonic::Status::deadline_exceeded("no answer within 30 s"))?
         });
         if let Err(status) = &reply {
             *codes

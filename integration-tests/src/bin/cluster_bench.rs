@@ -4,10 +4,12 @@
 //!   against the same `claude -p` command run directly (real CLI, stand-in API), as a ratio
 //!   of medians;
 //! - events per second the driver streams to a client, from a fast scripted agent;
-//! - scheduler placement time, and submit-to-start latency on an idle cluster.
+//! - scheduler placement time, and submit-to-start latency on an idle cluster;
+//! - the largest prompt, batch and output line that work, against small ones (`limits`).
 //!
 //! Run with `scripts/bench.sh` (release build). Prints a Markdown table.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use claudecluster_integration_tests::*;
@@ -565,6 +567,106 @@ async fn mcp() {
 
 /// Starts a driver on the store in `dir` (its data directory) and returns it with the time from
 /// spawn to serving.
+/// Wall time from submit until the client has seen the task's terminal event, and its status.
+async fn run_to_end(cluster: &TestCluster, spec: TaskSpec) -> (f64, TaskStatus) {
+    let started = Instant::now();
+    let task = cluster.submit(spec).await;
+    let events = collect_events(&mut cluster.driver().await, &task.task_id, 0).await;
+    let status = *statuses(&events).last().expect("a terminal status");
+    (started.elapsed().as_secs_f64(), status)
+}
+
+/// Median of `runs` runs of `spec`, whose tasks must end as `expected`.
+async fn median_run(cluster: &TestCluster, spec: &TaskSpec, expected: TaskStatus) -> f64 {
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let (time, status) = run_to_end(cluster, spec.clone()).await;
+        assert_eq!(status, expected, "{:.60}", spec.prompt);
+        times.push(time);
+    }
+    median(&mut times)
+}
+
+/// The largest prompt, batch and output line that work, each against a small one.
+async fn limits() {
+    let cluster = TestCluster::start(vec![WorkerSpec {
+        capacity: 1,
+        ..WorkerSpec::default()
+    }])
+    .await;
+    run_to_end(&cluster, prompt("hello")).await;
+    let small = median_run(&cluster, &prompt("hello"), TaskStatus::Completed).await;
+    let largest = prompt(&"p".repeat(512 << 10));
+    let large = median_run(&cluster, &largest, TaskStatus::Completed).await;
+    println!(
+        "| task with the largest prompt (512 KiB, `driver.maxPromptBytes`), median of 5 | 5-byte prompt: {:.0} ms | {:.0} ms, ratio {:.2} |",
+        small * 1000.0,
+        large * 1000.0,
+        large / small
+    );
+    let whole = median_run(&cluster, &prompt("LARGE 1000000"), TaskStatus::Completed).await;
+    let cut = median_run(&cluster, &prompt("LARGE 5000000"), TaskStatus::Failed).await;
+    println!(
+        "| agent printing a 1 MB line (kept whole) / a 5 MB line (cut at 1 MiB, task fails saying so), median of 5 | 5-byte reply: {:.0} ms | {:.0} ms / {:.0} ms |",
+        small * 1000.0,
+        whole * 1000.0,
+        cut * 1000.0
+    );
+
+    let mut driver = cluster.driver().await;
+    let parked = || HashMap::from([("parked".to_owned(), "true".to_owned())]);
+    let batch = |chained: bool| -> Vec<BatchTask> {
+        (0..1000)
+            .map(|index| BatchTask {
+                key: format!("t{index}"),
+                spec: Some(TaskSpec {
+                    worker_selector: parked(),
+                    depends_on: if chained && index > 0 {
+                        vec![format!("t{}", index - 1)]
+                    } else {
+                        Vec::new()
+                    },
+                    ..prompt("a step of the batch")
+                }),
+            })
+            .collect()
+    };
+    let mut timed_submit = async |tasks: Vec<BatchTask>| {
+        let started = Instant::now();
+        let accepted = driver
+            .submit_tasks(SubmitTasksRequest { tasks })
+            .await
+            .expect("the batch is accepted")
+            .into_inner()
+            .tasks;
+        (started.elapsed().as_secs_f64(), accepted)
+    };
+    let (independent, _) = timed_submit(batch(false)).await;
+    let (chain, accepted) = timed_submit(batch(true)).await;
+    println!(
+        "| the largest batch (1000 tasks, `driver.maxBatchSize`), each depending on the one before | 1000 independent tasks: {:.0} ms | {:.0} ms, ratio {:.2} |",
+        independent * 1000.0,
+        chain * 1000.0,
+        chain / independent
+    );
+    let started = Instant::now();
+    cluster
+        .driver()
+        .await
+        .cancel_task(CancelTaskRequest {
+            task_id: accepted[0].task_id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    let (last, _) = cluster.finish(&accepted[999].task_id).await;
+    assert_eq!(last.status(), TaskStatus::Cancelled);
+    println!(
+        "| cancelling the root of that chain, until its last task is CANCELLED | | {:.0} ms |",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+}
+
 async fn timed_driver(dir: &std::path::Path) -> (ServiceProcess, f64) {
     let config = dir.join("driver.yaml");
     if !config.exists() {
@@ -745,6 +847,9 @@ async fn main() {
             &format!("store:\n  url: {}\n", postgres.url()),
         )
         .await;
+    }
+    if wants("limits") {
+        limits().await;
     }
     if wants("scheduler") {
         placement_at_scale();

@@ -407,11 +407,13 @@ pub fn repo_url(url: &str) -> Result<(), String> {
     if let Some((scheme, rest)) = url.split_once("://") {
         return match scheme {
             "https" | "http" | "ssh" | "git" => {
-                let host = rest.split(['/', ':']).next().unwrap_or("");
-                let host = host.rsplit('@').next().unwrap_or("");
+                let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+                // The user and password go before the host: `user:pw@host:port`.
+                let host_port = authority.rsplit('@').next().unwrap_or("");
+                let host = host_port.split(':').next().unwrap_or("");
                 if host.is_empty() {
                     Err(format!("`{shown}` has no host"))
-                } else if rest.len() <= host.len() + 1 {
+                } else if path.len() <= 1 {
                     Err(format!("`{shown}` names no repository"))
                 } else {
                     Ok(())
@@ -487,6 +489,9 @@ mod tests {
             ("ftp://host/repo", "scheme `ftp`"),
             ("https://", "no host"),
             ("https://github.com", "names no repository"),
+            ("https://user:s3cret@", "has no host"),
+            ("https://user:pw@host", "names no repository"),
+            ("https://user:pw@host:8443/", "names no repository"),
             ("file://relative/path", "absolute path"),
             ("relative/path", "is not a repository URL"),
             ("ext::sh -c touch% /tmp/pwned", "whitespace"),

@@ -4,12 +4,17 @@
 //! The server is a client of the driver and nothing more; it never talks to Docker. Tools
 //! return at once or within a bounded wait (Claude Code gives up on a tool call after 60 s),
 //! so long-running work is polled with `wait_for_task` and `wait_for_reply`. A task or session
-//! that failed is a tool result with `isError`; only a malformed call is a protocol error.
+//! that failed is a tool result with `isError`, and so is a call whose arguments are wrong, with
+//! an error that names the argument; only a call the server cannot route is a protocol error.
+//!
+//! Every result fits in [`MAX_RESULT_BYTES`] (see [`bounds`]), and no result shows a credential:
+//! repository URLs are shown without theirs, and so are the URLs that reasons and errors quote.
 
+pub mod bounds;
 mod params;
 mod summary;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +23,6 @@ use claudecluster_proto::v1::driver_service_client::DriverServiceClient;
 use claudecluster_proto::v1::event::Kind;
 use claudecluster_proto::v1::*;
 use rmcp::handler::server::router::tool::ToolRouter;
-use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabilities, ServerConfig};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
@@ -28,32 +32,46 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+pub use bounds::{
+    MAX_ERROR_BYTES, MAX_FILES_CHANGED_BYTES, MAX_LISTED_TEXT_BYTES, MAX_RESULT_BYTES,
+};
 pub use params::*;
-use summary::{session_json, task_json};
+use summary::{session_json, task_json, whole_task};
 
 /// The label that records which primary Claude Code session spawned a task.
 pub const PARENT_SESSION_LABEL: &str = "claudecluster.parent_session";
-/// The longest a tool call waits: under Claude Code's 60 s limit for a tool call.
-const MAX_WAIT: Duration = Duration::from_secs(50);
-const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+/// The longest a tool call waits.
+const MAX_WAIT: Duration = Duration::from_secs(MAX_WAIT_SECONDS as u64);
 /// How long spawning waits for the container to be running, to report it.
 const SPAWN_WAIT: Duration = Duration::from_secs(15);
 
 type ToolResult = Result<CallToolResult, ErrorData>;
 
-fn ok(value: Value) -> ToolResult {
-    Ok(CallToolResult::structured(value))
+/// A result, made to fit; `whole` says where all of it is if it had to be shortened.
+fn ok(value: Value, whole: &str) -> ToolResult {
+    Ok(CallToolResult::structured(bounds::fit(value, whole)))
 }
 
-fn failed(value: Value) -> ToolResult {
-    Ok(CallToolResult::structured_error(value))
+/// A result with `isError`, made to fit as [`ok`] does.
+fn failed(value: Value, whole: &str) -> ToolResult {
+    Ok(CallToolResult::structured_error(bounds::fit(value, whole)))
+}
+
+/// A tool error the model reads: a sentence, bounded and without credentials.
+fn error_text(message: &str) -> ToolResult {
+    Ok(CallToolResult::error(vec![ContentBlock::text(
+        bounds::error_message(message),
+    )]))
+}
+
+/// Parameters the caller got wrong: a tool error that names the parameter, for the model to
+/// correct its call.
+fn invalid_parameter(invalid: InvalidParameter) -> ToolResult {
+    error_text(&invalid.to_string())
 }
 
 fn wait_for(seconds: Option<u32>) -> Duration {
-    seconds
-        .map(|s| Duration::from_secs(s.into()))
-        .unwrap_or(DEFAULT_WAIT)
-        .min(MAX_WAIT)
+    Duration::from_secs(wait_seconds(seconds).into())
 }
 
 #[derive(Clone)]
@@ -70,7 +88,9 @@ impl ClusterTools {
         let channel = claudecluster_grpc::channel(driver_address)
             .map_err(|err| format!("bad driver address `{driver_address}`: {err}"))?;
         Ok(ClusterTools {
-            driver: DriverServiceClient::new(channel),
+            driver: DriverServiceClient::new(channel)
+                .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES),
             driver_address: driver_address.to_owned(),
             parent_session: parent_session.filter(|id| !id.is_empty()),
             tool_router: Self::tool_router(),
@@ -79,7 +99,23 @@ impl ClusterTools {
 
     /// A driver error as a result the caller can read.
     fn driver_error(&self, status: tonic::Status) -> ToolResult {
-        let message = if status.code() == tonic::Code::Unavailable {
+        error_text(&self.driver_message(&status))
+    }
+
+    /// A driver error about a spec the caller's parameters made: a refused field is named as the
+    /// parameter that set it, and wherever the message quotes `repo_url`, its credentials are
+    /// hidden. The driver already hides them; this holds even if a message quotes the URL some
+    /// other way, or repeats its password alone.
+    fn spec_error(&self, status: tonic::Status, repo_url: Option<&str>) -> ToolResult {
+        let mut message = naming_the_parameter(&self.driver_message(&status)).into_owned();
+        if let Some(url) = repo_url.filter(|url| !url.is_empty()) {
+            message = claudecluster_proto::hide_credentials_of(url, &message);
+        }
+        error_text(&message)
+    }
+
+    fn driver_message(&self, status: &tonic::Status) -> String {
+        if status.code() == tonic::Code::Unavailable {
             format!(
                 "the ClaudeCluster driver at {} is unreachable: {}",
                 self.driver_address,
@@ -87,8 +123,7 @@ impl ClusterTools {
             )
         } else {
             status.message().to_owned()
-        };
-        Ok(CallToolResult::error(vec![ContentBlock::text(message)]))
+        }
     }
 
     async fn task(&self, task_id: &str) -> Result<Task, tonic::Status> {
@@ -104,15 +139,15 @@ impl ClusterTools {
         Ok(response.into_inner().task.unwrap_or_default())
     }
 
-    /// Follows the task's events until `done` says so, the stream ends, or `limit` passes. A
-    /// driver that restarts meanwhile is waited for, and the stream resumes where it broke.
+    /// Hands the task's events to `take` until it says stop (true), the stream ends, or `limit`
+    /// passes. A driver that restarts meanwhile is waited for, and the stream resumes where it
+    /// broke.
     async fn follow_task(
         &self,
         task_id: &str,
         limit: Duration,
-        done: impl Fn(&Event) -> bool,
-    ) -> Result<Vec<Event>, tonic::Status> {
-        let mut events = Vec::new();
+        mut take: impl FnMut(&Event) -> bool,
+    ) -> Result<(), tonic::Status> {
         let open = |after| {
             let mut driver = self.driver.clone();
             let request = StreamTaskEventsRequest {
@@ -121,13 +156,8 @@ impl ClusterTools {
             };
             async move { driver.stream_task_events(request).await }
         };
-        follow_resuming(open, 0, limit, |event| {
-            let stop = done(&event);
-            events.push(event);
-            stop
-        })
-        .await?;
-        Ok(events)
+        follow_resuming(open, 0, limit, |event| take(&event)).await?;
+        Ok(())
     }
 
     /// Collects the events of a session's `turn` after `after` until the turn ends or `limit`
@@ -256,29 +286,33 @@ fn status_is(event: &Event, wanted: impl Fn(TaskStatus) -> bool) -> bool {
     matches!(&event.kind, Some(Kind::StatusChange(change)) if wanted(change.status()))
 }
 
-/// Files the agent wrote or edited, from its tool calls.
-fn files_changed(events: &[Event]) -> Vec<String> {
-    let mut files = Vec::new();
-    for event in events {
+/// Files the agent wrote or edited, from its tool calls, in the order it first touched them.
+#[derive(Default)]
+struct FilesChanged {
+    files: Vec<String>,
+    seen: HashSet<String>,
+}
+
+impl FilesChanged {
+    fn note(&mut self, event: &Event) {
         let Some(Kind::ToolUse(tool)) = &event.kind else {
-            continue;
+            return;
         };
         if !matches!(
             tool.name.as_str(),
             "Write" | "Edit" | "MultiEdit" | "NotebookEdit"
         ) {
-            continue;
+            return;
         }
         let input: Value = serde_json::from_str(&tool.input_json).unwrap_or_default();
         for key in ["file_path", "notebook_path"] {
             if let Some(path) = input[key].as_str()
-                && !files.iter().any(|f| f == path)
+                && self.seen.insert(path.to_owned())
             {
-                files.push(path.to_owned());
+                self.files.push(path.to_owned());
             }
         }
     }
-    files
 }
 
 #[tool_router]
@@ -294,9 +328,10 @@ impl ClusterTools {
         if let Some(parent) = &self.parent_session {
             labels.insert(PARENT_SESSION_LABEL.to_owned(), parent.clone());
         }
+        let repo_url = params.repo_url.clone();
         let mut spec = match params.into_spec(labels) {
             Ok(spec) => spec,
-            Err(message) => return Err(ErrorData::invalid_params(message, None)),
+            Err(invalid) => return invalid_parameter(invalid),
         };
         // A key of its own makes the submit safe to repeat while the driver restarts.
         spec.idempotency_key = format!("mcp-{}", uuid::Uuid::new_v4());
@@ -309,7 +344,7 @@ impl ClusterTools {
         .await
         {
             Ok(response) => response.into_inner().task.unwrap_or_default(),
-            Err(status) => return self.driver_error(status),
+            Err(status) => return self.spec_error(status, repo_url.as_deref()),
         };
         // Report the container once it runs; a task still waiting for room is reported as is.
         let started =
@@ -321,7 +356,7 @@ impl ClusterTools {
             return self.driver_error(status);
         }
         match self.task(&submitted.task_id).await {
-            Ok(task) => ok(task_json(&task)),
+            Ok(task) => ok(task_json(&task), &whole_task(&task.task_id)),
             Err(status) => self.driver_error(status),
         }
     }
@@ -330,6 +365,9 @@ impl ClusterTools {
         description = "Wait up to timeoutSeconds (default 30, at most 50) for a task to end, then return its state. Call again if it is still running."
     )]
     async fn wait_for_task(&self, Parameters(params): Parameters<WaitParams>) -> ToolResult {
+        if let Err(invalid) = params.check() {
+            return invalid_parameter(invalid);
+        }
         let ended = |event: &Event| status_is(event, TaskStatus::is_terminal);
         if let Err(status) = self
             .follow_task(&params.task_id, wait_for(params.timeout_seconds), ended)
@@ -338,15 +376,18 @@ impl ClusterTools {
             return self.driver_error(status);
         }
         match self.task(&params.task_id).await {
-            Ok(task) => ok(task_json(&task)),
+            Ok(task) => ok(task_json(&task), &whole_task(&task.task_id)),
             Err(status) => self.driver_error(status),
         }
     }
 
     #[tool(description = "The current state of a task: status, reason, worker, container.")]
     async fn get_task_status(&self, Parameters(params): Parameters<TaskParams>) -> ToolResult {
+        if let Err(invalid) = params.check() {
+            return invalid_parameter(invalid);
+        }
         match self.task(&params.task_id).await {
-            Ok(task) => ok(task_json(&task)),
+            Ok(task) => ok(task_json(&task), &whole_task(&task.task_id)),
             Err(status) => self.driver_error(status),
         }
     }
@@ -355,10 +396,14 @@ impl ClusterTools {
         description = "The outcome of a finished task: the agent's final text, cost, tokens and the files it wrote. An error result while the task is still running, or when it failed."
     )]
     async fn get_task_result(&self, Parameters(params): Parameters<TaskParams>) -> ToolResult {
+        if let Err(invalid) = params.check() {
+            return invalid_parameter(invalid);
+        }
         let task = match self.task(&params.task_id).await {
             Ok(task) => task,
             Err(status) => return self.driver_error(status),
         };
+        let whole = whole_task(&task.task_id);
         if !task.status().is_terminal() {
             let mut value = task_json(&task);
             value["error"] = json!(format!(
@@ -366,23 +411,30 @@ impl ClusterTools {
                 task.task_id,
                 task.status().label()
             ));
-            return failed(value);
+            return failed(value, &whole);
         }
-        let events = match self.follow_task(&params.task_id, MAX_WAIT, |_| false).await {
-            Ok(events) => events,
-            Err(status) => return self.driver_error(status),
-        };
+        let mut files = FilesChanged::default();
+        let noted = self.follow_task(&params.task_id, MAX_WAIT, |event| {
+            files.note(event);
+            false
+        });
+        if let Err(status) = noted.await {
+            return self.driver_error(status);
+        }
         let mut value = task_json(&task);
-        value["filesChanged"] = json!(files_changed(&events));
+        summary::add_files_changed(&mut value, files.files);
         if task.status() == TaskStatus::Completed {
-            ok(value)
+            ok(value, &whole)
         } else {
-            failed(value)
+            failed(value, &whole)
         }
     }
 
     #[tool(description = "Cancel a task that has not finished.")]
     async fn cancel_task(&self, Parameters(params): Parameters<CancelParams>) -> ToolResult {
+        if let Err(invalid) = params.check() {
+            return invalid_parameter(invalid);
+        }
         let request = CancelTaskRequest {
             task_id: params.task_id,
             reason: params
@@ -390,26 +442,32 @@ impl ClusterTools {
                 .unwrap_or_else(|| "cancelled through MCP".to_owned()),
         };
         match self.driver.clone().cancel_task(request).await {
-            Ok(response) => ok(task_json(&response.into_inner().task.unwrap_or_default())),
+            Ok(response) => {
+                let task = response.into_inner().task.unwrap_or_default();
+                ok(task_json(&task), &whole_task(&task.task_id))
+            }
             Err(status) => self.driver_error(status),
         }
     }
 
     #[tool(
-        description = "Tasks on the cluster, newest last: optionally only those in one status (pending, running, completed, failed, cancelled), or only those this primary spawned (mine: true)."
+        description = "Tasks on the cluster, newest last, a page at a time: optionally only those in one status (pending, running, completed, failed, cancelled), or only those this primary spawned (mine: true). Long texts are cut in lists; a page that would be too large ends early. When nextPageToken is set, call again with pageToken for the tasks after these."
     )]
     async fn list_tasks(&self, Parameters(params): Parameters<ListParams>) -> ToolResult {
+        if let Err(invalid) = params.check() {
+            return invalid_parameter(invalid);
+        }
         let mut statuses = Vec::new();
         if let Some(status) = &params.status {
             match TaskStatus::from_label(status) {
                 Some(status) => statuses.push(status as i32),
                 None => {
-                    return Err(ErrorData::invalid_params(
-                        format!(
-                            "status `{status}` is not pending, assigned, running, completed, failed or cancelled"
+                    return invalid_parameter(InvalidParameter {
+                        parameter: "status",
+                        problem: format!(
+                            "`{status}` is not pending, assigned, running, completed, failed or cancelled"
                         ),
-                        None,
-                    ));
+                    });
                 }
             }
         }
@@ -431,17 +489,35 @@ impl ClusterTools {
         }
         let request = ListTasksRequest {
             statuses,
-            page_size: params.limit.unwrap_or(50).min(1000),
-            page_token: String::new(),
+            page_size: params.page_size(),
+            page_token: params.page_token.clone().unwrap_or_default(),
             label_selector,
         };
-        match self.driver.clone().list_tasks(request).await {
-            Ok(response) => {
-                let tasks: Vec<Value> = response.into_inner().tasks.iter().map(task_json).collect();
-                ok(json!({ "tasks": tasks }))
+        let page = match self.driver.clone().list_tasks(request.clone()).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return self.driver_error(status),
+        };
+        let (mut value, shown) = summary::tasks_json(&page.tasks, &page.next_page_token);
+        if shown < page.tasks.len() {
+            // The page ends early, so the driver's token would skip the tasks left out. The same
+            // request for as many tasks as were shown gives the token for the tasks after them.
+            let shorter = ListTasksRequest {
+                page_size: u32::try_from(shown).unwrap_or(u32::MAX),
+                ..request
+            };
+            match self.driver.clone().list_tasks(shorter).await {
+                Ok(response) => {
+                    value["nextPageToken"] = json!(response.into_inner().next_page_token);
+                }
+                Err(_) => {
+                    if let Some(fields) = value.as_object_mut() {
+                        fields.remove("nextPageToken");
+                    }
+                    value["note"] = json!("ask for fewer tasks with limit to see the rest");
+                }
             }
-            Err(status) => self.driver_error(status),
         }
+        ok(value, summary::WHOLE_TASK_LIST)
     }
 
     #[tool(
@@ -451,14 +527,22 @@ impl ClusterTools {
         &self,
         Parameters(params): Parameters<CreateSessionParams>,
     ) -> ToolResult {
+        if let Err(invalid) = params.check() {
+            return invalid_parameter(invalid);
+        }
+        let repo_url = params.repo_url.clone();
         let request = CreateSessionRequest {
             spec: Some(params.into_spec()),
         };
         match self.driver.clone().create_session(request).await {
-            Ok(response) => ok(session_json(
-                &response.into_inner().session.unwrap_or_default(),
-            )),
-            Err(status) => self.driver_error(status),
+            Ok(response) => {
+                let session = response.into_inner().session.unwrap_or_default();
+                ok(
+                    session_json(&session),
+                    &summary::whole_session(&session.session_id),
+                )
+            }
+            Err(status) => self.spec_error(status, repo_url.as_deref()),
         }
     }
 
@@ -466,6 +550,9 @@ impl ClusterTools {
         description = "Send a message to a session and wait up to timeoutSeconds (default 30, at most 50) for the reply. If the reply takes longer, returns the message's turn: call wait_for_reply with it."
     )]
     async fn send_message(&self, Parameters(params): Parameters<SendParams>) -> ToolResult {
+        if let Err(invalid) = params.check() {
+            return invalid_parameter(invalid);
+        }
         let request = SendSessionMessageRequest {
             session_id: params.session_id.clone(),
             text: params.text,
@@ -482,6 +569,9 @@ impl ClusterTools {
         description = "Wait up to timeoutSeconds (default 30, at most 50) for the reply to a session's message (its turn, as send_message returned it)."
     )]
     async fn wait_for_reply(&self, Parameters(params): Parameters<ReplyParams>) -> ToolResult {
+        if let Err(invalid) = params.check() {
+            return invalid_parameter(invalid);
+        }
         let mut events = Vec::new();
         match self
             .follow_turn(
@@ -500,13 +590,20 @@ impl ClusterTools {
 
     #[tool(description = "Close a session: its container and volumes are removed.")]
     async fn close_session(&self, Parameters(params): Parameters<SessionParams>) -> ToolResult {
+        if let Err(invalid) = params.check() {
+            return invalid_parameter(invalid);
+        }
         let request = CloseSessionRequest {
             session_id: params.session_id,
         };
         match self.driver.clone().close_session(request).await {
-            Ok(response) => ok(session_json(
-                &response.into_inner().session.unwrap_or_default(),
-            )),
+            Ok(response) => {
+                let session = response.into_inner().session.unwrap_or_default();
+                ok(
+                    session_json(&session),
+                    &summary::whole_session(&session.session_id),
+                )
+            }
             Err(status) => self.driver_error(status),
         }
     }
@@ -521,7 +618,10 @@ impl ClusterTools {
             .get_cluster_status(GetClusterStatusRequest {})
             .await
         {
-            Ok(response) => ok(summary::cluster_json(&response.into_inner())),
+            Ok(response) => ok(
+                summary::cluster_json(&response.into_inner()),
+                summary::WHOLE_CLUSTER,
+            ),
             Err(status) => self.driver_error(status),
         }
     }
@@ -638,4 +738,51 @@ pub fn serve_http(tools: ClusterTools, listener: TcpListener) -> std::io::Result
         stop,
         server,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tools_schemas_still_describe_their_parameters() {
+        let tools = ClusterTools::tool_router().list_all();
+        let spawn = tools
+            .iter()
+            .find(|tool| tool.name == "spawn_claude_container")
+            .unwrap();
+        let schema = serde_json::to_value(&*spawn.input_schema).unwrap();
+        assert_eq!(schema["required"], json!(["task"]));
+        for parameter in ["task", "repoUrl", "sessionTimeout", "memory", "cpus"] {
+            assert!(schema["properties"].get(parameter).is_some(), "{schema}");
+        }
+        let list = tools.iter().find(|tool| tool.name == "list_tasks").unwrap();
+        let schema = serde_json::to_value(&*list.input_schema).unwrap();
+        assert!(schema["properties"].get("pageToken").is_some(), "{schema}");
+    }
+
+    #[test]
+    fn files_changed_are_noted_once_each_in_order() {
+        let write = |path: &str| Event {
+            kind: Some(Kind::ToolUse(AgentToolUse {
+                name: "Write".into(),
+                input_json: json!({ "file_path": path }).to_string(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let mut files = FilesChanged::default();
+        for event in [write("b.rs"), write("a.rs"), write("b.rs")] {
+            files.note(&event);
+        }
+        files.note(&Event {
+            kind: Some(Kind::ToolUse(AgentToolUse {
+                name: "Edit".into(),
+                input_json: "not json".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        });
+        assert_eq!(files.files, ["b.rs", "a.rs"]);
+    }
 }
