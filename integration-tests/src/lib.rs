@@ -104,6 +104,8 @@ pub struct ServiceProcess {
     pub name: String,
     pub address: String,
     child: Child,
+    /// Everything the process wrote to stderr (its logs), also passed on to the test's stderr.
+    log: std::sync::Arc<std::sync::Mutex<String>>,
     config: PathBuf,
     env: Vec<(String, String)>,
 }
@@ -113,17 +115,24 @@ impl ServiceProcess {
     /// data directory (the driver's store) is `data` beside the config file unless `env` sets
     /// `XDG_DATA_HOME`.
     pub async fn start(subcommand: &str, config: &Path, env: &[(String, String)]) -> Self {
-        let (child, address) = Self::spawn(subcommand, config, env).await;
+        let log = std::sync::Arc::default();
+        let (child, address) = Self::spawn(subcommand, config, env, &log).await;
         ServiceProcess {
             name: subcommand.to_owned(),
             address,
             child,
+            log,
             config: config.to_owned(),
             env: env.to_vec(),
         }
     }
 
-    async fn spawn(subcommand: &str, config: &Path, env: &[(String, String)]) -> (Child, String) {
+    async fn spawn(
+        subcommand: &str,
+        config: &Path,
+        env: &[(String, String)],
+        log: &std::sync::Arc<std::sync::Mutex<String>>,
+    ) -> (Child, String) {
         let data = config
             .parent()
             .expect("a config file lies in a directory")
@@ -140,9 +149,23 @@ impl ServiceProcess {
             )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|err| panic!("cannot start claudecluster {subcommand}: {err}"));
+        let stderr = child.stderr.take().unwrap();
+        let log = log.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("{line}");
+                let mut log = log.lock().unwrap();
+                // Enough for any test to search; a long fuzz run keeps its first 64 MiB.
+                if log.len() < 64 << 20 {
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            }
+        });
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         // `up` runs every service; its address is the driver's.
@@ -186,6 +209,11 @@ impl ServiceProcess {
         send_signal(self.pid(), signal);
     }
 
+    /// What the process has logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
     /// Whether the process still runs.
     pub fn is_alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -209,7 +237,7 @@ impl ServiceProcess {
             1,
         );
         std::fs::write(&self.config, pinned).unwrap();
-        let (child, address) = Self::spawn(&self.name, &self.config, &self.env).await;
+        let (child, address) = Self::spawn(&self.name, &self.config, &self.env, &self.log).await;
         assert_eq!(address, self.address, "restarted on the same address");
         self.child = child;
     }

@@ -433,7 +433,15 @@ async fn credentials_in_a_repository_url_reach_no_client() {
         ended.status_reason
     );
     let listed = cluster.all_tasks().await;
-    let everything = format!("{ended:?} {events:?} {listed:?}");
+    let mut everything = format!("{ended:?} {events:?} {listed:?}");
+    // And no log line of any service.
+    everything.push_str(&cluster.driver.log());
+    everything.push_str(&cluster.scheduler.log());
+    everything.push_str(&cluster.workers[0].log());
+    assert!(
+        cluster.workers[0].log().contains("cannot clone"),
+        "the worker logs the failed clone"
+    );
     assert!(!everything.contains(secret), "the credential leaked");
     cluster.assert_unharmed().await;
 }
