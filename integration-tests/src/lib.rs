@@ -707,3 +707,26 @@ where
     }
     Err(())
 }
+
+/// Runs the venv's Python with `args`: a client that prints one JSON object per line, each
+/// with the `step` it reports on. Returns them by step; fails the test if the client fails.
+pub async fn python_steps(args: &[&str]) -> std::collections::HashMap<String, serde_json::Value> {
+    let output = Command::new(venv_tool("python"))
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the client failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            (value["step"].as_str().unwrap().to_owned(), value)
+        })
+        .collect()
+}

@@ -11,25 +11,9 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 async fn run_client(args: &[&str]) -> HashMap<String, Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/mcp_client.py");
-    let output = tokio::process::Command::new(venv_tool("python"))
-        .arg(script)
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "the MCP client failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-        .lines()
-        .map(|line| {
-            let value: Value = serde_json::from_str(line).unwrap();
-            (value["step"].as_str().unwrap().to_owned(), value)
-        })
-        .collect()
+    let mut all = vec![script.to_str().unwrap()];
+    all.extend_from_slice(args);
+    python_steps(&all).await
 }
 
 fn check_scenario(steps: &HashMap<String, Value>, expect_mine: bool) {

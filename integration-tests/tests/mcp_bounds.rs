@@ -73,31 +73,15 @@ async fn run_client(
     large_task: &str,
     clone_task: &str,
 ) -> HashMap<String, Value> {
-    let output = tokio::process::Command::new(venv_tool("python"))
-        .args([
-            "-c",
-            CLIENT,
-            claudecluster_bin().to_str().unwrap(),
-            &cluster.driver.address,
-            large_task,
-            clone_task,
-        ])
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "the MCP client failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-        .lines()
-        .map(|line| {
-            let value: Value = serde_json::from_str(line).unwrap();
-            (value["step"].as_str().unwrap().to_owned(), value)
-        })
-        .collect()
+    python_steps(&[
+        "-c",
+        CLIENT,
+        claudecluster_bin().to_str().unwrap(),
+        &cluster.driver.address,
+        large_task,
+        clone_task,
+    ])
+    .await
 }
 
 /// A task that waits forever, PENDING, for a worker no test starts, with a long status reason
