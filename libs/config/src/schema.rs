@@ -532,6 +532,18 @@ impl ClusterConfig {
                 REPO_SCHEMES.join(", ")
             ),
         );
+        // The id names the worker's containers, labels and files, and the scheduler takes no
+        // other.
+        check(
+            self.worker.worker_id.as_deref().is_none_or(|id| {
+                (1..=128).contains(&id.len())
+                    && id
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            }),
+            "worker.workerId",
+            "must be 1 to 128 letters, digits, '-', '_' or '.'",
+        );
         let max = &self.worker.max_task_limits;
         let limits = &self.worker.container.resource_limits;
         check(

@@ -257,3 +257,56 @@ fn a_missing_file_and_an_unset_variable_are_reported() {
     let err = load(Some(file.path()), FileLayout::Section("worker"), vars(&[])).unwrap_err();
     assert!(err.to_string().contains("MODE_WITHOUT_DEFAULT"), "{err}");
 }
+
+#[test]
+fn limits_of_what_tasks_may_ask_are_checked_naming_the_key() {
+    let file = write(
+        "allowedRepoSchemes: [https, file]\nmaxTaskLimits:\n  memory: 4GiB\n  budgetUsd: 5\n",
+    );
+    let config = load(Some(file.path()), FileLayout::Section("worker"), vars(&[])).unwrap();
+    assert_eq!(config.worker.allowed_repo_schemes.0, ["https", "file"]);
+    assert_eq!(config.worker.max_task_limits.memory.0, 4 << 30);
+    assert_eq!(config.driver.max_prompt_bytes.0, 512 << 10);
+    for (text, key, message) in [
+        (
+            "allowedRepoSchemes: [https, ftp]\n",
+            "allowedRepoSchemes",
+            "`ftp` is not a scheme; use https, ssh, http, git, file",
+        ),
+        (
+            "maxTaskLimits:\n  memory: 1GiB\n",
+            "container.resourceLimits.memory",
+            "must not be more than worker.maxTaskLimits.memory",
+        ),
+        (
+            "workerId: ../escape\n",
+            "workerId",
+            "must be 1 to 128 letters, digits, '-', '_' or '.'",
+        ),
+    ] {
+        let file = write(text);
+        let err = load(Some(file.path()), FileLayout::Section("worker"), vars(&[])).unwrap_err();
+        let (found_key, _, found_message) = invalid(err);
+        assert_eq!(
+            (found_key.as_str(), found_message.as_str()),
+            (key, message),
+            "{text}"
+        );
+    }
+    let err = load(
+        None,
+        FileLayout::Cluster,
+        vars(&[("CLAUDECLUSTER_DRIVER__MAX_PROMPT_BYTES", "2MiB")]),
+    )
+    .unwrap_err();
+    let (key, origin, message) = invalid(err);
+    assert_eq!(key, "driver.maxPromptBytes");
+    assert_eq!(
+        origin,
+        "environment variable CLAUDECLUSTER_DRIVER__MAX_PROMPT_BYTES"
+    );
+    assert!(
+        message.starts_with("must be from 1 byte to 1MiB"),
+        "{message}"
+    );
+}
