@@ -335,9 +335,18 @@ impl TestCluster {
 
     /// A cluster whose driver gets `driver_yaml` added to its configuration.
     pub async fn start_with_driver(driver_yaml: &str, workers: Vec<WorkerSpec>) -> Self {
+        Self::start_with_env(driver_yaml, &[], workers).await
+    }
+
+    /// A cluster whose services also get the variables `extra_env`.
+    pub async fn start_with_env(
+        driver_yaml: &str,
+        extra_env: &[(&str, &str)],
+        workers: Vec<WorkerSpec>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let api = StandinApi::start().await.unwrap();
-        let env = vec![
+        let mut env = vec![
             ("ANTHROPIC_BASE_URL".to_owned(), api.base_url()),
             (
                 "ANTHROPIC_API_KEY".to_owned(),
@@ -346,6 +355,11 @@ impl TestCluster {
             // A failing API must fail the run at once, not after minutes of retries.
             ("CLAUDE_CODE_MAX_RETRIES".to_owned(), "0".to_owned()),
         ];
+        env.extend(
+            extra_env
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_string())),
+        );
         let scheduler_config = dir.path().join("scheduler.yaml");
         std::fs::write(
             &scheduler_config,
@@ -557,6 +571,50 @@ impl TestCluster {
             .into_inner()
             .session
             .unwrap()
+    }
+
+    /// The secret the cluster's services share: the file they made in the test's data
+    /// directory.
+    pub fn secret(&self) -> claudecluster_grpc::ClusterSecret {
+        let from_env = self
+            .env
+            .iter()
+            .find(|(name, _)| name == claudecluster_grpc::cluster::SECRET_VARIABLE)
+            .map(|(_, value)| value.clone());
+        claudecluster_grpc::ClusterSecret::resolve(
+            from_env,
+            None,
+            &self.dir.path().join("data/claudecluster"),
+        )
+        .unwrap()
+    }
+
+    /// A client of the scheduler that presents the cluster secret, as the driver does.
+    pub fn scheduler_client(
+        &self,
+    ) -> claudecluster_proto::v1::scheduler_service_client::SchedulerServiceClient<
+        claudecluster_grpc::ClusterChannel,
+    > {
+        claudecluster_proto::v1::scheduler_service_client::SchedulerServiceClient::new(
+            claudecluster_grpc::cluster::cluster_channel(&self.scheduler.address, &self.secret())
+                .unwrap(),
+        )
+    }
+
+    /// A client of worker `index` that presents the cluster secret, as the driver does.
+    pub fn worker_client(
+        &self,
+        index: usize,
+    ) -> claudecluster_proto::v1::worker_service_client::WorkerServiceClient<
+        claudecluster_grpc::ClusterChannel,
+    > {
+        claudecluster_proto::v1::worker_service_client::WorkerServiceClient::new(
+            claudecluster_grpc::cluster::cluster_channel(
+                &self.workers[index].address,
+                &self.secret(),
+            )
+            .unwrap(),
+        )
     }
 
     /// Every task the driver holds, page by page.

@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use claudecluster_integration_tests::*;
-use claudecluster_proto::v1::worker_service_client::WorkerServiceClient;
 use claudecluster_proto::v1::*;
 use tonic::Code;
 
@@ -165,8 +164,7 @@ async fn repository_schemes_outside_the_allow_list_are_refused_by_driver_and_wor
     );
 
     // The worker checks again what reaches it without a driver.
-    let mut worker =
-        WorkerServiceClient::new(claudecluster_grpc::channel(&cluster.workers[0].address).unwrap());
+    let mut worker = cluster.worker_client(0);
     let direct = worker
         .execute_task(ExecuteTaskRequest {
             task_id: "direct-1".into(),
@@ -190,8 +188,7 @@ async fn repository_schemes_outside_the_allow_list_are_refused_by_driver_and_wor
 #[tokio::test]
 async fn a_worker_refuses_ids_that_would_leave_its_workspace_root() {
     let mut cluster = TestCluster::start(vec![WorkerSpec::default()]).await;
-    let mut worker =
-        WorkerServiceClient::new(claudecluster_grpc::channel(&cluster.workers[0].address).unwrap());
+    let mut worker = cluster.worker_client(0);
     for (task_id, message) in [
         ("..", "task_id: must be letters, digits, '-' or '_'"),
         ("a/b", "task_id: must be letters, digits, '-' or '_'"),

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use claudecluster_grpc::ClusterChannel;
 use claudecluster_integration_tests::*;
 use claudecluster_proto::v1::driver_service_client::DriverServiceClient;
 use claudecluster_proto::v1::scheduler_service_client::SchedulerServiceClient;
@@ -310,8 +311,8 @@ fn call() -> impl Strategy<Value = Call> {
 #[derive(Clone)]
 struct Clients {
     driver: DriverServiceClient<Channel>,
-    scheduler: SchedulerServiceClient<Channel>,
-    worker: WorkerServiceClient<Channel>,
+    scheduler: SchedulerServiceClient<ClusterChannel>,
+    worker: WorkerServiceClient<ClusterChannel>,
 }
 
 /// Codes a request may be answered with. UNKNOWN, INTERNAL, CANCELLED or a broken connection
@@ -546,11 +547,10 @@ fn generated_requests_to_every_rpc_get_proper_statuses_and_hurt_nothing() {
     // Channels connect lazily, on the runtime they were made in.
     let _entered = runtime.enter();
     let mut cluster = runtime.block_on(TestCluster::start(vec![worker]));
-    let channel = |address: &str| claudecluster_grpc::channel(address).unwrap();
     let clients = Clients {
         driver: cluster_driver(&runtime, &cluster),
-        scheduler: SchedulerServiceClient::new(channel(&cluster.scheduler.address)),
-        worker: WorkerServiceClient::new(channel(&cluster.workers[0].address)),
+        scheduler: cluster.scheduler_client(),
+        worker: cluster.worker_client(0),
     };
 
     let cases = cases();

@@ -323,10 +323,7 @@ async fn a_drained_worker_gets_no_new_work_and_loses_none() {
         }
         found.expect("one long task on each worker")
     };
-    let mut scheduler =
-        claudecluster_proto::v1::scheduler_service_client::SchedulerServiceClient::new(
-            claudecluster_grpc::channel(&cluster.scheduler.address).unwrap(),
-        );
+    let mut scheduler = cluster.scheduler_client();
     let answer = scheduler
         .drain_worker(DrainWorkerRequest {
             worker_id: drained.clone(),
@@ -461,9 +458,7 @@ async fn a_worker_switches_its_execution_mode_without_restarting() {
     let cluster = TestCluster::start(vec![worker]).await;
     let worker_id = cluster.worker_ids[0].clone();
     let pid = cluster.workers[0].pid();
-    let mut worker = claudecluster_proto::v1::worker_service_client::WorkerServiceClient::new(
-        claudecluster_grpc::channel(&cluster.workers[0].address).unwrap(),
-    );
+    let mut worker = cluster.worker_client(0);
     let running = cluster.submit(prompt("SLOW 10 100")).await;
     cluster.wait_for_agent(&running.task_id).await;
 
@@ -549,9 +544,13 @@ async fn the_workers_commands_of_the_cli() {
         ..WorkerSpec::default()
     };
     let cluster = TestCluster::start(vec![worker]).await;
+    // The operator's CLI runs where the services do, and presents the secret they share.
+    let data = cluster.dir.path().join("data");
+    let data = &data;
     let run = |args: Vec<String>| async move {
         let output = tokio::process::Command::new(claudecluster_bin())
             .args(&args)
+            .env("XDG_DATA_HOME", data)
             .output()
             .await
             .unwrap();

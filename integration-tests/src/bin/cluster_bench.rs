@@ -14,7 +14,6 @@ use std::time::Instant;
 
 use claudecluster_integration_tests::*;
 use claudecluster_proto::v1::event::Kind;
-use claudecluster_proto::v1::scheduler_service_client::SchedulerServiceClient;
 use claudecluster_proto::v1::*;
 
 const RUNS: usize = 15;
@@ -157,9 +156,7 @@ async fn placement() -> (f64, f64, f64) {
         let time = |status| status_time(&events, status).unwrap();
         latencies.push((time(TaskStatus::Running) - time(TaskStatus::Pending)) * 1000.0);
     }
-    let mut scheduler = SchedulerServiceClient::new(
-        claudecluster_grpc::channel(&cluster.scheduler.address).unwrap(),
-    );
+    let mut scheduler = cluster.scheduler_client();
     let stats = scheduler
         .get_queue_stats(GetQueueStatsRequest {})
         .await
@@ -472,9 +469,7 @@ async fn mode_switch() {
         ..WorkerSpec::default()
     };
     let cluster = TestCluster::start(vec![worker]).await;
-    let mut client = claudecluster_proto::v1::worker_service_client::WorkerServiceClient::new(
-        claudecluster_grpc::channel(&cluster.workers[0].address).unwrap(),
-    );
+    let mut client = cluster.worker_client(0);
     let mut switches = Vec::new();
     for round in 0..10 {
         let mode = if round % 2 == 0 {

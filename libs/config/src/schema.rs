@@ -17,6 +17,17 @@ pub struct ClusterConfig {
     pub scheduler: SchedulerConfig,
     pub worker: WorkerConfig,
     pub mcp: McpConfig,
+    pub cluster: ClusterAuthConfig,
+}
+
+/// How the services know each other.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ClusterAuthConfig {
+    /// A file holding the secret the services present to each other; when unset (and
+    /// `CLAUDECLUSTER_CLUSTER_SECRET` is not), the services of one host share one made under
+    /// the user's data directory.
+    pub secret_file: Option<PathBuf>,
 }
 
 /// The MCP server: a client of the driver.
@@ -516,6 +527,22 @@ impl ClusterConfig {
             (1..=(1 << 20)).contains(&self.driver.max_prompt_bytes.0),
             "driver.maxPromptBytes",
             "must be from 1 byte to 1MiB: a longer prompt would not fit in a message between services",
+        );
+        // The variable holding the cluster secret must never reach an agent.
+        let leaking = self
+            .worker
+            .agent
+            .pass_env
+            .0
+            .iter()
+            .find(|prefix| "CLAUDECLUSTER_CLUSTER_SECRET".starts_with(prefix.as_str()));
+        check(
+            leaking.is_none(),
+            "worker.agent.passEnv",
+            &format!(
+                "`{}` would pass CLAUDECLUSTER_CLUSTER_SECRET to agents",
+                leaking.map(String::as_str).unwrap_or_default()
+            ),
         );
         let unknown_scheme = self
             .worker

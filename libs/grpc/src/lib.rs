@@ -15,6 +15,9 @@ use tonic::transport::{Channel, Endpoint, Server};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+pub mod cluster;
+
+pub use cluster::{ClusterChannel, ClusterSecret};
 pub use tonic_health;
 
 /// Health of a service, as reported through `grpc.health.v1.Health`.

@@ -672,8 +672,15 @@ pub enum WorkersCommand {
 pub async fn workers(command: WorkersCommand) -> Result<ExitCode, String> {
     use claudecluster_proto::v1::scheduler_service_client::SchedulerServiceClient;
     use claudecluster_proto::v1::worker_service_client::WorkerServiceClient;
+    // The scheduler and the workers take calls from the cluster's own services only: the
+    // operator's CLI presents the secret of this host (or CLAUDECLUSTER_CLUSTER_SECRET).
+    let secret = claudecluster_grpc::ClusterSecret::resolve(
+        std::env::var(claudecluster_grpc::cluster::SECRET_VARIABLE).ok(),
+        None,
+        &claudecluster_config::default_data_dir(),
+    )?;
     let scheduler = |args: &SchedulerArgs| {
-        claudecluster_grpc::channel(&args.scheduler)
+        claudecluster_grpc::cluster::cluster_channel(&args.scheduler, &secret)
             .map(|channel| {
                 SchedulerServiceClient::new(channel)
                     .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
@@ -725,12 +732,15 @@ pub async fn workers(command: WorkersCommand) -> Result<ExitCode, String> {
             else {
                 return Err(format!("`{mode}` is not process_pool or container_agentic"));
             };
-            let mut client = match claudecluster_grpc::channel(&worker_address) {
-                Ok(channel) => WorkerServiceClient::new(channel)
-                    .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES),
-                Err(err) => return Err(format!("bad worker address `{worker_address}`: {err}")),
-            };
+            let mut client =
+                match claudecluster_grpc::cluster::cluster_channel(&worker_address, &secret) {
+                    Ok(channel) => WorkerServiceClient::new(channel)
+                        .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES),
+                    Err(err) => {
+                        return Err(format!("bad worker address `{worker_address}`: {err}"));
+                    }
+                };
             match client
                 .switch_execution_mode(SwitchExecutionModeRequest {
                     execution_mode: mode as i32,

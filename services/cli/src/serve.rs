@@ -77,10 +77,13 @@ async fn start(
 ) -> Result<Running, Box<dyn std::error::Error>> {
     let mut running = Running::default();
     let all = services == Services::All;
+    let secret = cluster_secret(&config)?;
     if all || services == Services::Scheduler {
         let listener =
             claudecluster_grpc::bind(&config.scheduler.listen, "scheduler.listen").await?;
-        let scheduler = claudecluster_scheduler::spawn(config.scheduler.clone(), listener).await?;
+        let scheduler =
+            claudecluster_scheduler::spawn(config.scheduler.clone(), listener, secret.clone())
+                .await?;
         announce("scheduler", scheduler.local_addr);
         if all {
             // Composed in one process, the others use the address actually bound.
@@ -92,17 +95,28 @@ async fn start(
     }
     if all || services == Services::Driver {
         let listener = claudecluster_grpc::bind(&config.driver.listen, "driver.listen").await?;
-        let driver = claudecluster_driver::spawn(config.driver.clone(), listener).await?;
+        let driver =
+            claudecluster_driver::spawn(config.driver.clone(), listener, secret.clone()).await?;
         announce("driver", driver.local_addr);
         running.driver = Some(driver);
     }
     if all || services == Services::Worker {
         let listener = claudecluster_grpc::bind(&config.worker.listen, "worker.listen").await?;
-        let worker = claudecluster_worker::spawn(config.worker.clone(), listener).await?;
+        let worker = claudecluster_worker::spawn(config.worker.clone(), listener, secret).await?;
         announce("worker", worker.local_addr);
         running.worker = Some(worker);
     }
     Ok(running)
+}
+
+/// The secret the services present to each other: `CLAUDECLUSTER_CLUSTER_SECRET`, the file
+/// `cluster.secretFile`, or the one the services of this host share under the data directory.
+pub fn cluster_secret(config: &ClusterConfig) -> Result<claudecluster_grpc::ClusterSecret, String> {
+    claudecluster_grpc::ClusterSecret::resolve(
+        std::env::var(claudecluster_grpc::cluster::SECRET_VARIABLE).ok(),
+        config.cluster.secret_file.as_deref(),
+        &claudecluster_config::default_data_dir(),
+    )
 }
 
 async fn wait_for_signal() {

@@ -4,10 +4,10 @@
 
 use std::time::{Duration, Instant};
 
+use claudecluster_grpc::ClusterChannel as Channel;
 use claudecluster_proto::v1::scheduler_service_client::SchedulerServiceClient;
 use claudecluster_proto::v1::{ListWorkersRequest, TaskNeeds, WorkerInfo};
 use tokio::sync::Mutex;
-use tonic::transport::Channel;
 
 /// How old a view of the workers may be: submissions come much faster than workers change.
 const FRESHNESS: Duration = Duration::from_secs(1);

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use claudecluster_grpc::{ClusterChannel as Channel, ClusterSecret};
 use claudecluster_proto::v1::event::Kind;
 use claudecluster_proto::v1::run_session_request::Message as SessionMessage;
 use claudecluster_proto::v1::scheduler_service_client::SchedulerServiceClient;
@@ -19,7 +20,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
-use tonic::transport::Channel;
 
 use crate::sessions::{SessionEntry, SessionStore};
 use crate::store::{TaskEntry, TaskStore};
@@ -69,6 +69,8 @@ fn is_oversized(status: &tonic::Status) -> bool {
 pub struct Dispatcher {
     /// Attempts a task gets when workers refuse it or are lost while running it.
     max_attempts: u32,
+    /// What the driver presents to the scheduler and the workers.
+    secret: ClusterSecret,
     store: Arc<TaskStore>,
     sessions: Arc<SessionStore>,
     scheduler: SchedulerServiceClient<Channel>,
@@ -84,10 +86,12 @@ impl Dispatcher {
         sessions: Arc<SessionStore>,
         scheduler_address: String,
         max_attempts: u32,
+        secret: ClusterSecret,
     ) -> Result<Self, tonic::transport::Error> {
-        let channel = claudecluster_grpc::channel(&scheduler_address)?;
+        let channel = claudecluster_grpc::cluster::cluster_channel(&scheduler_address, &secret)?;
         Ok(Dispatcher {
             max_attempts,
+            secret,
             store,
             sessions,
             scheduler: SchedulerServiceClient::new(channel)
@@ -113,8 +117,9 @@ impl Dispatcher {
         }
         // A worker that stops answering (SIGSTOP, a dead host) fails its runs' streams within
         // seconds, so that its tasks can go to another worker.
-        let channel = claudecluster_grpc::channel_watched(
+        let channel = claudecluster_grpc::cluster::cluster_channel_watched(
             address,
+            &self.secret,
             WORKER_PING_INTERVAL,
             WORKER_PING_TIMEOUT,
         )?;

@@ -79,7 +79,12 @@ pub fn store_url(config: &DriverConfig) -> String {
 
 /// Starts a driver serving on `listener`: opens the store, takes up the tasks and sessions that
 /// had not ended, and serves.
-pub async fn spawn(config: DriverConfig, listener: TcpListener) -> Result<Handle, StartError> {
+/// Serves the driver on `listener`; it presents `secret` to the scheduler and the workers.
+pub async fn spawn(
+    config: DriverConfig,
+    listener: TcpListener,
+    secret: claudecluster_grpc::ClusterSecret,
+) -> Result<Handle, StartError> {
     let local_addr = listener.local_addr()?;
     let opened = std::time::Instant::now();
     let db = Arc::new(db::Db::open(&store_url(&config), config.store.max_connections).await?);
@@ -105,6 +110,7 @@ pub async fn spawn(config: DriverConfig, listener: TcpListener) -> Result<Handle
             sessions.clone(),
             config.scheduler_address.clone(),
             config.max_attempts,
+            secret,
         )
         .map_err(|source| StartError::SchedulerAddress {
             address: config.scheduler_address.clone(),

@@ -41,18 +41,25 @@ impl Handle {
 }
 
 /// Starts a scheduler serving on `listener`.
-pub async fn spawn(config: SchedulerConfig, listener: TcpListener) -> std::io::Result<Handle> {
+/// Serves the scheduler on `listener`; only callers presenting `secret` (the driver and the
+/// workers) reach its API.
+pub async fn spawn(
+    config: SchedulerConfig,
+    listener: TcpListener,
+    secret: claudecluster_grpc::ClusterSecret,
+) -> std::io::Result<Handle> {
     let local_addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
     let service = SchedulerService::new(config);
     service.start_health_checks(shutdown.clone());
     let (routes, _health) =
         claudecluster_grpc::standard_routes("claudecluster.v1.SchedulerService").await;
-    let routes = routes.add_service(
+    let routes = routes.add_service(tonic::service::interceptor::InterceptedService::new(
         SchedulerServiceServer::new(service)
             .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES),
-    );
+        claudecluster_grpc::cluster::RequireSecret(secret),
+    ));
     let stop = shutdown.clone();
     let join = tokio::spawn(async move {
         claudecluster_grpc::serve(listener, routes, stop.cancelled_owned()).await

@@ -70,7 +70,13 @@ pub enum StartError {
 }
 
 /// Starts a worker serving on `listener` and registering with its scheduler.
-pub async fn spawn(config: WorkerConfig, listener: TcpListener) -> Result<Handle, StartError> {
+/// Serves the worker on `listener` and registers it with the scheduler. Only callers presenting
+/// `secret` (the driver, an operator's CLI) reach its API; it presents `secret` to the scheduler.
+pub async fn spawn(
+    config: WorkerConfig,
+    listener: TcpListener,
+    secret: claudecluster_grpc::ClusterSecret,
+) -> Result<Handle, StartError> {
     let local_addr = listener.local_addr()?;
     let advertised = config
         .advertise_address
@@ -91,14 +97,15 @@ pub async fn spawn(config: WorkerConfig, listener: TcpListener) -> Result<Handle
 
     let (routes, health) =
         claudecluster_grpc::standard_routes("claudecluster.v1.WorkerService").await;
-    let routes = routes.add_service(
+    let routes = routes.add_service(tonic::service::interceptor::InterceptedService::new(
         WorkerServiceServer::new(service::WorkerService::new(
             runtime.clone(),
             advertised.clone(),
         ))
         .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES),
-    );
+        claudecluster_grpc::cluster::RequireSecret(secret.clone()),
+    ));
     let stop_server = CancellationToken::new();
     let server = {
         let stop = stop_server.clone();
@@ -112,6 +119,7 @@ pub async fn spawn(config: WorkerConfig, listener: TcpListener) -> Result<Handle
         health,
         scheduler_address,
         advertised.clone(),
+        secret,
         stop_link.clone(),
     ));
     tracing::info!(

@@ -25,9 +25,10 @@ pub async fn run(
     health: claudecluster_grpc::Health,
     scheduler_address: String,
     advertised: String,
+    secret: claudecluster_grpc::ClusterSecret,
     stop: CancellationToken,
 ) {
-    let channel = match claudecluster_grpc::channel(&scheduler_address) {
+    let channel = match claudecluster_grpc::cluster::cluster_channel(&scheduler_address, &secret) {
         Ok(channel) => channel,
         Err(err) => {
             tracing::error!(address = %scheduler_address, error = %err, "bad scheduler address (`worker.schedulerAddress`)");
@@ -90,7 +91,7 @@ enum LinkEnd {
 async fn session(
     runtime: &Runtime,
     health: &claudecluster_grpc::Health,
-    client: &mut SchedulerServiceClient<tonic::transport::Channel>,
+    client: &mut SchedulerServiceClient<claudecluster_grpc::ClusterChannel>,
     advertised: &str,
     stop: &CancellationToken,
     registered: &mut bool,
