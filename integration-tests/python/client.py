@@ -2,8 +2,10 @@
 
 Usage: client.py GENERATED_DIR DRIVER_ADDRESS PROMPT
 Submits PROMPT, streams the task's events and prints one line per event, then the final
-status; exits 0 when the task completed.
+status; exits 0 when the task completed. With CLAUDECLUSTER_API_KEY set, every call presents
+it as `authorization: Bearer <key>`.
 """
+import os
 import sys
 
 sys.path.insert(0, sys.argv[1])
@@ -14,14 +16,21 @@ from claudecluster.v1 import driver_pb2, driver_pb2_grpc, types_pb2  # noqa: E40
 
 def main() -> int:
     address, prompt = sys.argv[2], sys.argv[3]
+    key = os.environ.get("CLAUDECLUSTER_API_KEY")
+    metadata = [("authorization", f"Bearer {key}")] if key else []
     with grpc.insecure_channel(address) as channel:
         driver = driver_pb2_grpc.DriverServiceStub(channel)
-        task = driver.SubmitTask(
-            driver_pb2.SubmitTaskRequest(spec=types_pb2.TaskSpec(prompt=prompt))
-        ).task
+        try:
+            task = driver.SubmitTask(
+                driver_pb2.SubmitTaskRequest(spec=types_pb2.TaskSpec(prompt=prompt)),
+                metadata=metadata,
+            ).task
+        except grpc.RpcError as error:
+            print(f"refused: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 2
         print(f"submitted {task.task_id}")
         request = driver_pb2.StreamTaskEventsRequest(task_id=task.task_id)
-        for response in driver.StreamTaskEvents(request):
+        for response in driver.StreamTaskEvents(request, metadata=metadata):
             event = response.event
             kind = event.WhichOneof("kind")
             if kind == "status_change":
@@ -30,7 +39,9 @@ def main() -> int:
                 print(f"{event.sequence} text {event.text.text}")
             else:
                 print(f"{event.sequence} {kind}")
-        final = driver.GetTask(driver_pb2.GetTaskRequest(task_id=task.task_id)).task
+        final = driver.GetTask(
+            driver_pb2.GetTaskRequest(task_id=task.task_id), metadata=metadata
+        ).task
         print(f"final {types_pb2.TaskStatus.Name(final.status)} cost {final.result.total_cost_usd:.6f}")
         return 0 if final.status == types_pb2.TASK_STATUS_COMPLETED else 1
 

@@ -18,7 +18,6 @@ use claudecluster_proto::v1::event::Kind;
 use claudecluster_proto::v1::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tonic::transport::Channel;
 
 pub use standin::StandinApi;
 
@@ -270,6 +269,20 @@ pub enum Mode {
     Container,
 }
 
+/// A client of the driver as the tests make it.
+pub type Driver = DriverServiceClient<claudecluster_grpc::ClientChannel>;
+
+/// A client of the driver at `address`, presenting no API key.
+pub fn driver_at(address: &str) -> Driver {
+    DriverServiceClient::new(
+        claudecluster_grpc::client_channel(
+            address,
+            claudecluster_grpc::Bearer::new(None, "").unwrap(),
+        )
+        .unwrap(),
+    )
+}
+
 /// How one worker of a test cluster is set up.
 #[derive(Clone)]
 pub struct WorkerSpec {
@@ -476,8 +489,18 @@ impl TestCluster {
         self.worker_ids.push(worker_id.to_owned());
     }
 
-    pub async fn driver(&self) -> DriverServiceClient<Channel> {
-        DriverServiceClient::new(claudecluster_grpc::channel(&self.driver.address).unwrap())
+    /// A client of the driver, presenting the cluster's `CLAUDECLUSTER_API_KEY` when it was
+    /// started with one (see [`TestCluster::start_with_env`]).
+    pub async fn driver(&self) -> Driver {
+        let key = self
+            .env
+            .iter()
+            .find(|(name, _)| name == "CLAUDECLUSTER_API_KEY")
+            .map(|(_, key)| key.as_str());
+        let bearer = claudecluster_grpc::Bearer::new(key, "the test").unwrap();
+        DriverServiceClient::new(
+            claudecluster_grpc::client_channel(&self.driver.address, bearer).unwrap(),
+        )
     }
 
     /// Waits until the scheduler reports `count` healthy workers.
@@ -666,11 +689,7 @@ impl TestCluster {
 
 /// Sends a message on its own client, so it can run in the background, and collects the events
 /// of its reply until the stream ends.
-pub async fn reply_events(
-    mut driver: DriverServiceClient<Channel>,
-    session_id: String,
-    text: String,
-) -> Vec<Event> {
+pub async fn reply_events(mut driver: Driver, session_id: String, text: String) -> Vec<Event> {
     let request = SendSessionMessageRequest { session_id, text };
     let mut stream = driver
         .send_session_message(request)
@@ -685,11 +704,7 @@ pub async fn reply_events(
 }
 
 /// All events of a task after `after`, until the stream ends (after the terminal status).
-pub async fn collect_events(
-    driver: &mut DriverServiceClient<Channel>,
-    task_id: &str,
-    after: u64,
-) -> Vec<Event> {
+pub async fn collect_events(driver: &mut Driver, task_id: &str, after: u64) -> Vec<Event> {
     let request = StreamTaskEventsRequest {
         task_id: task_id.to_owned(),
         after_sequence: after,
@@ -787,4 +802,24 @@ pub async fn python_steps(args: &[&str]) -> std::collections::HashMap<String, se
             (value["step"].as_str().unwrap().to_owned(), value)
         })
         .collect()
+}
+
+/// Generates the Python gRPC stubs of the project's protos into `out` with grpcio-tools.
+pub async fn python_stubs(out: &Path) {
+    let proto_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    let mut command = Command::new(venv_tool("python"));
+    command
+        .args(["-m", "grpc_tools.protoc"])
+        .arg(format!("-I{}", proto_root.display()))
+        .arg(format!("--python_out={}", out.display()))
+        .arg(format!("--grpc_python_out={}", out.display()));
+    for name in ["types", "driver", "scheduler", "worker"] {
+        command.arg(format!("claudecluster/v1/{name}.proto"));
+    }
+    let output = command.output().await.unwrap();
+    assert!(
+        output.status.success(),
+        "grpc_tools.protoc failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

@@ -149,24 +149,8 @@ async fn a_python_client_generated_from_the_protos_submits_and_streams() {
     let python = venv_tool("python");
     let generated = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let proto_root = root.join("proto");
     let out = generated.path().to_str().unwrap();
-    let proto_include = format!("-I{}", proto_root.display());
-    let python_out = format!("--python_out={out}");
-    let grpc_out = format!("--grpc_python_out={out}");
-    let mut args = vec![
-        "-m",
-        "grpc_tools.protoc",
-        &proto_include,
-        &python_out,
-        &grpc_out,
-    ];
-    let files: Vec<String> = ["types", "driver", "scheduler", "worker"]
-        .iter()
-        .map(|name| format!("claudecluster/v1/{name}.proto"))
-        .collect();
-    args.extend(files.iter().map(String::as_str));
-    stdout_of(&python, &args).await;
+    python_stubs(generated.path()).await;
 
     let script = root.join("integration-tests/python/client.py");
     let output = stdout_of(

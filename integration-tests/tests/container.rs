@@ -236,7 +236,7 @@ async fn warm_agents_take_the_tasks_they_fit_in_both_modes() {
         };
         let cluster = TestCluster::start(vec![worker]).await;
         let mut driver = cluster.driver().await;
-        let warm_ready = |driver: DriverServiceClient| async move {
+        let warm_ready = |driver: Driver| async move {
             let mut driver = driver;
             driver
                 .get_cluster_status(GetClusterStatusRequest {})
@@ -302,9 +302,6 @@ async fn warm_agents_take_the_tasks_they_fit_in_both_modes() {
         drop(cluster);
     }
 }
-
-type DriverServiceClient =
-    claudecluster_proto::v1::driver_service_client::DriverServiceClient<tonic::transport::Channel>;
 
 #[tokio::test]
 async fn an_image_that_does_not_exist_fails_the_task_and_names_the_setting() {

@@ -11,14 +11,12 @@ use std::time::{Duration, Instant};
 
 use claudecluster_grpc::ClusterChannel;
 use claudecluster_integration_tests::*;
-use claudecluster_proto::v1::driver_service_client::DriverServiceClient;
 use claudecluster_proto::v1::scheduler_service_client::SchedulerServiceClient;
 use claudecluster_proto::v1::worker_service_client::WorkerServiceClient;
 use claudecluster_proto::v1::*;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use tonic::Code;
-use tonic::transport::Channel;
 
 /// Text a client could send: empty, ordinary, any unicode (control characters included),
 /// names that mean something to a file system, and sizes up to past the message limit.
@@ -310,7 +308,7 @@ fn call() -> impl Strategy<Value = Call> {
 
 #[derive(Clone)]
 struct Clients {
-    driver: DriverServiceClient<Channel>,
+    driver: Driver,
     scheduler: SchedulerServiceClient<ClusterChannel>,
     worker: WorkerServiceClient<ClusterChannel>,
 }
@@ -628,9 +626,6 @@ fn generated_requests_to_every_rpc_get_proper_statuses_and_hurt_nothing() {
     });
 }
 
-fn cluster_driver(
-    runtime: &tokio::runtime::Runtime,
-    cluster: &TestCluster,
-) -> DriverServiceClient<Channel> {
+fn cluster_driver(runtime: &tokio::runtime::Runtime, cluster: &TestCluster) -> Driver {
     runtime.block_on(cluster.driver())
 }

@@ -72,12 +72,7 @@ async fn wait_for_tool_call(cluster: &TestCluster, task_id: &str, attempt: impl 
 }
 
 /// The events the driver has for a task now, without waiting for its end.
-async fn events_so_far(
-    driver: &mut claudecluster_proto::v1::driver_service_client::DriverServiceClient<
-        tonic::transport::Channel,
-    >,
-    task_id: &str,
-) -> Vec<Event> {
+async fn events_so_far(driver: &mut Driver, task_id: &str) -> Vec<Event> {
     let Ok(response) = driver
         .stream_task_events(StreamTaskEventsRequest {
             task_id: task_id.to_owned(),
@@ -102,9 +97,7 @@ async fn events_so_far(
 /// the last event it saw: what every client of the public API does across a driver restart.
 /// `seen` holds what it has read so far.
 async fn follow_resuming(address: String, task_id: String, seen: Arc<Mutex<Vec<Event>>>) {
-    let channel = claudecluster_grpc::channel(&address).unwrap();
-    let mut driver =
-        claudecluster_proto::v1::driver_service_client::DriverServiceClient::new(channel);
+    let mut driver = driver_at(&address);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     loop {
         assert!(
@@ -485,9 +478,7 @@ async fn sigterm_with_followers_attached_ends_the_embedded_cluster_within_its_gr
         ("CLAUDE_CODE_MAX_RETRIES".to_owned(), "0".to_owned()),
     ];
     let mut up = ServiceProcess::start_up(&config, &env).await;
-    let channel = claudecluster_grpc::channel(&up.address).unwrap();
-    let mut driver =
-        claudecluster_proto::v1::driver_service_client::DriverServiceClient::new(channel);
+    let mut driver = driver_at(&up.address);
     let gate = Gate::new(dir.path(), "never");
     let task_id = driver
         .submit_task(SubmitTaskRequest {
@@ -546,9 +537,7 @@ async fn sigterm_with_followers_attached_ends_the_embedded_cluster_within_its_gr
     // What the cluster recorded survives it: the worker gave the task back when it shut
     // down, and the task runs again when the cluster is back.
     up.restart().await;
-    let mut driver = claudecluster_proto::v1::driver_service_client::DriverServiceClient::new(
-        claudecluster_grpc::channel(&up.address).unwrap(),
-    );
+    let mut driver = driver_at(&up.address);
     gate.open();
     let events = collect_events(&mut driver, &task_id, 0).await;
     let task = driver

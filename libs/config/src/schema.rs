@@ -38,6 +38,9 @@ pub struct McpConfig {
     pub listen: String,
     /// The driver, as host:port.
     pub driver_address: String,
+    /// Serve HTTP beyond loopback with no API key: anyone who reaches it may use the tools.
+    /// Refused unless set.
+    pub insecure: bool,
 }
 
 impl Default for McpConfig {
@@ -45,6 +48,7 @@ impl Default for McpConfig {
         McpConfig {
             listen: "127.0.0.1:50054".into(),
             driver_address: "127.0.0.1:50051".into(),
+            insecure: false,
         }
     }
 }
@@ -69,6 +73,55 @@ pub struct DriverConfig {
     /// under the user's data directory.
     pub data_dir: Option<PathBuf>,
     pub store: StoreConfig,
+    pub auth: AuthConfig,
+    /// Serve on an address other than loopback with no API keys: anyone who reaches it may do
+    /// anything. Refused unless set.
+    pub insecure: bool,
+}
+
+/// Who may call the driver. With no key here and none created (CreateApiKey), the driver takes
+/// every caller, and listens on loopback only.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub api_keys: Vec<ApiKeyConfig>,
+    /// What each key may use unless it says otherwise.
+    pub quotas: QuotaConfig,
+}
+
+/// The scopes a key may hold.
+pub const SCOPES: &[&str] = &["tasks:read", "tasks:write", "sessions", "admin"];
+
+/// A key of a static setup: its id, the hex SHA-256 of the key itself, and its scopes.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    pub id: String,
+    pub sha256: String,
+    pub scopes: StringList,
+    #[serde(default)]
+    pub quotas: Option<QuotaConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct QuotaConfig {
+    /// Requests a second, with bursts of as many.
+    pub requests_per_second: f64,
+    /// Tasks submitted and not yet ended.
+    pub running_tasks: u32,
+    /// Sessions created and not yet closed.
+    pub open_sessions: u32,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        QuotaConfig {
+            requests_per_second: 1000.0,
+            running_tasks: 10_000,
+            open_sessions: 64,
+        }
+    }
 }
 
 impl Default for DriverConfig {
@@ -82,6 +135,8 @@ impl Default for DriverConfig {
             max_prompt_bytes: ByteSize(512 << 10),
             data_dir: None,
             store: StoreConfig::default(),
+            auth: AuthConfig::default(),
+            insecure: false,
         }
     }
 }
@@ -544,6 +599,66 @@ impl ClusterConfig {
                 leaking.map(String::as_str).unwrap_or_default()
             ),
         );
+        let mut key_ids = std::collections::HashSet::new();
+        for key in &self.driver.auth.api_keys {
+            let valid_id = (1..=64).contains(&key.id.len())
+                && key
+                    .id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            check(
+                valid_id,
+                "driver.auth.apiKeys.id",
+                &format!("`{}` must be 1 to 64 letters, digits, '-' or '_'", key.id),
+            );
+            check(
+                key_ids.insert(key.id.as_str()),
+                "driver.auth.apiKeys.id",
+                &format!("`{}` names two keys", key.id),
+            );
+            check(
+                key.sha256.len() == 64
+                    && key
+                        .sha256
+                        .chars()
+                        .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)),
+                "driver.auth.apiKeys.sha256",
+                &format!(
+                    "of key `{}` must be the 64 lowercase hex digits of the key's SHA-256 (`printf %s KEY | sha256sum`)",
+                    key.id
+                ),
+            );
+            let unknown = key
+                .scopes
+                .0
+                .iter()
+                .find(|scope| !SCOPES.contains(&scope.as_str()));
+            check(
+                unknown.is_none() && !key.scopes.0.is_empty(),
+                "driver.auth.apiKeys.scopes",
+                &format!(
+                    "of key `{}` must list some of {}{}",
+                    key.id,
+                    SCOPES.join(", "),
+                    unknown
+                        .map(|scope| format!("; `{scope}` is not one"))
+                        .unwrap_or_default()
+                ),
+            );
+        }
+        for (key, quotas) in std::iter::once(("driver.auth.quotas", &self.driver.auth.quotas))
+            .chain(self.driver.auth.api_keys.iter().filter_map(|key| {
+                key.quotas
+                    .as_ref()
+                    .map(|q| ("driver.auth.apiKeys.quotas", q))
+            }))
+        {
+            check(
+                quotas.requests_per_second.is_finite() && quotas.requests_per_second > 0.0,
+                key,
+                "requestsPerSecond must be above zero",
+            );
+        }
         let unknown_scheme = self
             .worker
             .allowed_repo_schemes

@@ -141,3 +141,52 @@ pub fn reachable_address(local: SocketAddr) -> String {
     }
     address.to_string()
 }
+
+/// Presents an API key (`authorization: Bearer <key>`) on every call of a client; none when
+/// the driver takes no keys.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    /// `None` for no key. A key that cannot be a header value is refused naming `from`.
+    pub fn new(api_key: Option<&str>, from: &str) -> Result<Bearer, String> {
+        match api_key.map(str::trim).filter(|key| !key.is_empty()) {
+            None => Ok(Bearer(None)),
+            Some(key) => format!("Bearer {key}")
+                .parse()
+                .map(|value| Bearer(Some(value)))
+                .map_err(|_| format!("the API key in {from} must be printable ASCII")),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        // A call that names its own key keeps it.
+        if let Some(value) = &self.0
+            && !request.metadata().contains_key("authorization")
+        {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel to the driver that presents an API key.
+pub type ClientChannel = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+
+/// A [`channel`] to the driver presenting `bearer`.
+pub fn client_channel(
+    address: &str,
+    bearer: Bearer,
+) -> Result<ClientChannel, tonic::transport::Error> {
+    Ok(tonic::service::interceptor::InterceptedService::new(
+        channel(address)?,
+        bearer,
+    ))
+}

@@ -5,10 +5,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use claudecluster_grpc::ClientChannel as Channel;
 use claudecluster_proto::v1::driver_service_client::DriverServiceClient;
 use claudecluster_proto::v1::event::Kind;
 use claudecluster_proto::v1::*;
-use tonic::transport::Channel;
 
 use crate::render;
 
@@ -22,6 +22,14 @@ pub struct DriverArgs {
         global = true
     )]
     driver: String,
+    /// The API key, when the driver takes keys.
+    #[arg(
+        long,
+        env = "CLAUDECLUSTER_API_KEY",
+        global = true,
+        hide_env_values = true
+    )]
+    api_key: Option<String>,
 }
 
 #[derive(Args)]
@@ -96,8 +104,12 @@ pub enum TasksCommand {
     },
 }
 
-fn connect(args: &DriverArgs) -> Result<DriverServiceClient<Channel>, String> {
-    claudecluster_grpc::channel(&args.driver)
+pub fn connect(args: &DriverArgs) -> Result<DriverServiceClient<Channel>, String> {
+    let bearer = claudecluster_grpc::Bearer::new(
+        args.api_key.as_deref(),
+        "--api-key / CLAUDECLUSTER_API_KEY",
+    )?;
+    claudecluster_grpc::client_channel(&args.driver, bearer)
         .map(|channel| {
             DriverServiceClient::new(channel)
                 .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
@@ -114,7 +126,7 @@ pub fn report(outcome: Result<ExitCode, String>) -> ExitCode {
     })
 }
 
-fn status_error(status: tonic::Status) -> String {
+pub fn status_error(status: tonic::Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
 }
 

@@ -2,6 +2,7 @@
 //! cluster from a terminal (`run`, `tasks`, `status`).
 
 mod client;
+mod keys;
 mod render;
 mod serve;
 
@@ -46,6 +47,11 @@ enum Command {
     /// List, drain and switch workers (through the scheduler and the worker itself).
     #[command(subcommand)]
     Workers(client::WorkersCommand),
+    /// The driver's API keys.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
+    /// Who did what: the driver's audit log.
+    Audit(client::DriverArgs),
 }
 
 #[derive(Args)]
@@ -70,6 +76,10 @@ struct McpArgs {
     /// The driver (default `mcp.driverAddress`, 127.0.0.1:50051).
     #[arg(long, env = "CLAUDECLUSTER_DRIVER")]
     driver: Option<String>,
+    /// The API key the tools present to the driver (what they spawn belongs to it), and that
+    /// HTTP clients must present to the MCP server.
+    #[arg(long, env = "CLAUDECLUSTER_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
 }
 
 /// A command piped into `head` should end quietly when the pipe closes, as other tools do,
@@ -93,6 +103,8 @@ fn main() -> ExitCode {
             | Command::Status(_)
             | Command::Session(_)
             | Command::Workers(_)
+            | Command::Keys(_)
+            | Command::Audit(_)
     ) {
         end_quietly_on_closed_pipes();
     }
@@ -107,13 +119,22 @@ fn main() -> ExitCode {
             Command::Scheduler(args) => serve::run(serve::Services::Scheduler, args.config).await,
             Command::Worker(args) => serve::run(serve::Services::Worker, args.config).await,
             Command::Mcp(args) => {
-                serve::mcp(args.config, args.http, args.listen, args.driver).await
+                serve::mcp(
+                    args.config,
+                    args.http,
+                    args.listen,
+                    args.driver,
+                    args.api_key,
+                )
+                .await
             }
             Command::Run(args) => client::report(client::run(args).await),
             Command::Tasks(command) => client::report(client::tasks(command).await),
             Command::Status(args) => client::report(client::status(args).await),
             Command::Session(command) => client::report(client::session(command).await),
             Command::Workers(command) => client::report(client::workers(command).await),
+            Command::Keys(command) => client::report(keys::keys(command).await),
+            Command::Audit(args) => client::report(keys::audit(args).await),
         }
     })
 }

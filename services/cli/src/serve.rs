@@ -134,6 +134,7 @@ pub async fn mcp(
     http: bool,
     listen: Option<String>,
     driver: Option<String>,
+    api_key: Option<String>,
 ) -> ExitCode {
     claudecluster_telemetry::init();
     let config = match claudecluster_config::load(
@@ -150,7 +151,17 @@ pub async fn mcp(
     let driver = driver.unwrap_or(config.driver_address);
     // Claude Code tells a stdio MCP server which of its sessions started it.
     let parent = std::env::var("CLAUDE_CODE_SESSION_ID").ok();
-    let tools = match claudecluster_mcp::ClusterTools::new(&driver, parent) {
+    let bearer = match claudecluster_grpc::Bearer::new(
+        api_key.as_deref(),
+        "--api-key / CLAUDECLUSTER_API_KEY",
+    ) {
+        Ok(bearer) => bearer,
+        Err(message) => {
+            eprintln!("claudecluster: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let tools = match claudecluster_mcp::ClusterTools::new(&driver, parent, bearer) {
         Ok(tools) => tools,
         Err(message) => {
             eprintln!("claudecluster: {message}");
@@ -167,9 +178,16 @@ pub async fn mcp(
         };
     }
     let address = listen.unwrap_or(config.listen);
+    let insecure = config.insecure;
     let started = async {
         let listener = claudecluster_grpc::bind(&address, "mcp.listen").await?;
-        claudecluster_mcp::serve_http(tools, listener)
+        let bound = listener.local_addr()?;
+        if api_key.is_none() && !bound.ip().is_loopback() && !insecure {
+            return Err(std::io::Error::other(format!(
+                "refusing to serve the MCP tools on {bound} beyond loopback with no API key: pass --api-key (CLAUDECLUSTER_API_KEY), listen on 127.0.0.1, or set `mcp.insecure: true`"
+            )));
+        }
+        claudecluster_mcp::serve_http(tools, listener, api_key.clone())
     };
     match started.await {
         Ok(server) => {

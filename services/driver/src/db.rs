@@ -20,11 +20,42 @@ struct Migration {
     postgres: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sqlite: include_str!("../migrations/sqlite/0001_initial.sql"),
-    postgres: include_str!("../migrations/postgres/0001_initial.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sqlite: include_str!("../migrations/sqlite/0001_initial.sql"),
+        postgres: include_str!("../migrations/postgres/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        sqlite: include_str!("../migrations/sqlite/0002_keys_and_audit.sql"),
+        postgres: include_str!("../migrations/postgres/0002_keys_and_audit.sql"),
+    },
+];
+
+/// A key made with CreateApiKey, as stored.
+#[derive(Debug, Clone)]
+pub struct KeyRow {
+    pub id: String,
+    pub sha256: String,
+    pub scopes: Vec<String>,
+    /// `KeyQuotas` as protobuf.
+    pub quotas: Vec<u8>,
+    pub created_by: String,
+    pub created_ms: i64,
+    pub revoked_ms: Option<i64>,
+}
+
+/// An audit record as stored.
+#[derive(Debug, Clone)]
+pub struct AuditRow {
+    pub seq: i64,
+    pub time_ms: i64,
+    pub key_id: String,
+    pub action: String,
+    pub subject: String,
+    pub detail: String,
+}
 
 /// Events in one chunk at most, so that a replay reads what it needs and no more.
 const EVENTS_PER_CHUNK: usize = 1024;
@@ -494,6 +525,124 @@ impl Db {
             tx.commit().await?;
         }
         Ok(due.len() as u64)
+    }
+
+    /// Stores a new key; false when its id is taken.
+    pub async fn insert_key(&self, key: &KeyRow) -> Result<bool, DbError> {
+        let inserted = sqlx::query(
+            "INSERT INTO api_keys (id, sha256, scopes, quotas, created_by, created_ms) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .bind(key.id.clone())
+        .bind(key.sha256.clone())
+        .bind(key.scopes.join(" "))
+        .bind(key.quotas.clone())
+        .bind(key.created_by.clone())
+        .bind(key.created_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(inserted.rows_affected() == 1)
+    }
+
+    fn key_row(row: sqlx::any::AnyRow) -> Result<KeyRow, DbError> {
+        let scopes: String = row.try_get("scopes")?;
+        Ok(KeyRow {
+            id: row.try_get("id")?,
+            sha256: row.try_get("sha256")?,
+            scopes: scopes.split_whitespace().map(str::to_owned).collect(),
+            quotas: row.try_get("quotas")?,
+            created_by: row.try_get("created_by")?,
+            created_ms: row.try_get("created_ms")?,
+            revoked_ms: row.try_get("revoked_ms")?,
+        })
+    }
+
+    const KEY_COLUMNS: &str = "id, sha256, scopes, quotas, created_by, created_ms, revoked_ms";
+
+    /// Every stored key, revoked ones too, by id.
+    pub async fn keys(&self) -> Result<Vec<KeyRow>, DbError> {
+        let sql = format!("SELECT {} FROM api_keys ORDER BY id", Self::KEY_COLUMNS);
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(Self::key_row).collect()
+    }
+
+    /// The stored key whose SHA-256 is `sha256`, revoked or not.
+    pub async fn key_by_hash(&self, sha256: &str) -> Result<Option<KeyRow>, DbError> {
+        let sql = format!(
+            "SELECT {} FROM api_keys WHERE sha256 = $1",
+            Self::KEY_COLUMNS
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(sha256.to_owned())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(Self::key_row).transpose()
+    }
+
+    /// Revokes a stored key; the key as it is now, or `None` when there is no such key.
+    pub async fn revoke_key(&self, id: &str) -> Result<Option<KeyRow>, DbError> {
+        sqlx::query("UPDATE api_keys SET revoked_ms = $1 WHERE id = $2 AND revoked_ms IS NULL")
+            .bind(now_ms())
+            .bind(id.to_owned())
+            .execute(&self.pool)
+            .await?;
+        let sql = format!("SELECT {} FROM api_keys WHERE id = $1", Self::KEY_COLUMNS);
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id.to_owned())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(Self::key_row).transpose()
+    }
+
+    /// Whether any stored key is in force.
+    pub async fn has_active_keys(&self) -> Result<bool, DbError> {
+        let row = sqlx::query("SELECT COUNT(*) FROM api_keys WHERE revoked_ms IS NULL")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>(0)? > 0)
+    }
+
+    /// Appends audit records in one transaction.
+    pub async fn append_audit(&self, records: &[AuditRow]) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
+        for record in records {
+            sqlx::query(
+                "INSERT INTO audit (time_ms, key_id, action, subject, detail) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(record.time_ms)
+            .bind(record.key_id.clone())
+            .bind(record.action.clone())
+            .bind(record.subject.clone())
+            .bind(record.detail.clone())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Audit records after `after`, oldest first, at most `limit`.
+    pub async fn audit_page(&self, after: i64, limit: usize) -> Result<Vec<AuditRow>, DbError> {
+        let rows = sqlx::query(
+            "SELECT seq, time_ms, key_id, action, subject, detail FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(AuditRow {
+                    seq: row.try_get("seq")?,
+                    time_ms: row.try_get("time_ms")?,
+                    key_id: row.try_get("key_id")?,
+                    action: row.try_get("action")?,
+                    subject: row.try_get("subject")?,
+                    detail: row.try_get("detail")?,
+                })
+            })
+            .collect()
     }
 
     pub async fn close(&self) {

@@ -31,6 +31,16 @@ pub enum DriverError {
     NotDurable(String),
     #[error("the driver is shutting down; reconnect to resume after sequence {after}")]
     ShuttingDown { after: u64 },
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    QuotaExceeded(String),
+    #[error("an API key `{0}` exists already")]
+    KeyExists(String),
+    #[error("API key `{0}` not found")]
+    KeyNotFound(String),
 }
 
 impl DriverError {
@@ -53,9 +63,13 @@ impl From<DriverError> for Status {
         let message = claudecluster_proto::validate::status_message(error.to_string());
         match error {
             DriverError::InvalidArgument { .. } => Status::invalid_argument(message),
-            DriverError::TaskNotFound(_) | DriverError::SessionNotFound(_) => {
-                Status::not_found(message)
-            }
+            DriverError::TaskNotFound(_)
+            | DriverError::SessionNotFound(_)
+            | DriverError::KeyNotFound(_) => Status::not_found(message),
+            DriverError::Unauthenticated(_) => Status::unauthenticated(message),
+            DriverError::PermissionDenied(_) => Status::permission_denied(message),
+            DriverError::QuotaExceeded(_) => Status::resource_exhausted(message),
+            DriverError::KeyExists(_) => Status::already_exists(message),
             DriverError::SessionEnded { .. } | DriverError::NoContainerWorker => {
                 Status::failed_precondition(message)
             }

@@ -2,6 +2,7 @@
 //! pending tasks to the scheduler, and runs each placed task on its worker.
 
 mod admission;
+mod auth;
 mod batch;
 pub mod benchmark;
 mod db;
@@ -67,6 +68,10 @@ pub enum StartError {
     Store(#[from] db::DbError),
     #[error("cannot take up the stored tasks: {0}")]
     Recovery(#[from] DriverError),
+    #[error(
+        "refusing to serve {address} beyond loopback with no API keys, where anyone who reaches it could do anything: add keys (`driver.auth.apiKeys`), listen on 127.0.0.1, or set `driver.insecure: true`"
+    )]
+    Insecure { address: std::net::SocketAddr },
 }
 
 /// The store's URL: `driver.store.url`, or SQLite in the data directory.
@@ -78,8 +83,7 @@ pub fn store_url(config: &DriverConfig) -> String {
 }
 
 /// Starts a driver serving on `listener`: opens the store, takes up the tasks and sessions that
-/// had not ended, and serves.
-/// Serves the driver on `listener`; it presents `secret` to the scheduler and the workers.
+/// had not ended, and serves. It presents `secret` to the scheduler and the workers.
 pub async fn spawn(
     config: DriverConfig,
     listener: TcpListener,
@@ -88,6 +92,18 @@ pub async fn spawn(
     let local_addr = listener.local_addr()?;
     let opened = std::time::Instant::now();
     let db = Arc::new(db::Db::open(&store_url(&config), config.store.max_connections).await?);
+    let keys_exist = !config.auth.api_keys.is_empty() || db.has_active_keys().await?;
+    if !keys_exist {
+        if !local_addr.ip().is_loopback() && !config.insecure {
+            return Err(StartError::Insecure {
+                address: local_addr,
+            });
+        }
+        tracing::warn!(
+            address = %local_addr,
+            "no API keys: every caller of the driver may do anything; keep it on loopback or add keys (driver.auth.apiKeys)"
+        );
+    }
     let live = Arc::new(store::Live::default());
     let stop = CancellationToken::new();
     let (writer, writer_task) = {
@@ -133,6 +149,7 @@ pub async fn spawn(
             store,
             sessions,
             dispatcher,
+            auth::Auth::new(db.clone(), &config.auth, keys_exist),
             limits,
             stop.clone(),
         ))

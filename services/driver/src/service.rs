@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::admission::Admission;
+use crate::auth::{Auth, Caller, Scope};
 use crate::batch;
 use crate::dispatch::Dispatcher;
 use crate::error::DriverError;
@@ -42,6 +43,7 @@ pub struct DriverService {
     sessions: Arc<SessionStore>,
     dispatcher: Arc<Dispatcher>,
     admission: Admission,
+    auth: Arc<Auth>,
     limits: Limits,
     /// Cancelled when the driver shuts down: open streams end with UNAVAILABLE so that clients
     /// reconnect (to this driver once it is back, or another).
@@ -53,12 +55,14 @@ impl DriverService {
         store: Arc<TaskStore>,
         sessions: Arc<SessionStore>,
         dispatcher: Arc<Dispatcher>,
+        auth: Arc<Auth>,
         limits: Limits,
         stopping: CancellationToken,
     ) -> Self {
         DriverService {
             store,
             sessions,
+            auth,
             admission: Admission::new(dispatcher.scheduler()),
             dispatcher,
             limits,
@@ -74,11 +78,18 @@ impl DriverService {
         })
     }
 
-    async fn session(&self, session_id: &str) -> Result<Arc<SessionEntry>, DriverError> {
+    /// The session `session_id`, if `caller` may see it; another key's is not found, as
+    /// if it did not exist.
+    async fn session(
+        &self,
+        session_id: &str,
+        caller: &Caller,
+    ) -> Result<Arc<SessionEntry>, DriverError> {
         validate::id("session_id", session_id)?;
         self.sessions
             .get(session_id)
             .await?
+            .filter(|session| caller.may_see(&session.owner()))
             .ok_or_else(|| DriverError::SessionNotFound(session_id.to_owned()))
     }
 
@@ -124,23 +135,55 @@ impl DriverService {
         }))
     }
 
-    async fn task(&self, task_id: &str) -> Result<Arc<TaskEntry>, DriverError> {
+    /// The task `task_id`, if `caller` may see it; another key's is not found, as if it did
+    /// not exist.
+    async fn task(&self, task_id: &str, caller: &Caller) -> Result<Arc<TaskEntry>, DriverError> {
         validate::id("task_id", task_id)?;
-        self.store
-            .get(task_id)
+        self.visible_task(task_id, caller)
             .await?
             .ok_or_else(|| DriverError::TaskNotFound(task_id.to_owned()))
     }
 
-    /// The tasks `ids` names, each of which must exist.
-    async fn dependencies(&self, ids: &[String]) -> Result<Vec<Arc<TaskEntry>>, DriverError> {
+    async fn visible_task(
+        &self,
+        task_id: &str,
+        caller: &Caller,
+    ) -> Result<Option<Arc<TaskEntry>>, DriverError> {
+        Ok(self
+            .store
+            .get(task_id)
+            .await?
+            .filter(|entry| caller.may_see(&entry.owner())))
+    }
+
+    /// The tasks `ids` names, each of which must exist and be the caller's.
+    async fn dependencies(
+        &self,
+        ids: &[String],
+        caller: &Caller,
+    ) -> Result<Vec<Arc<TaskEntry>>, DriverError> {
         let mut found = Vec::with_capacity(ids.len());
         for id in ids {
-            found.push(self.store.get(id).await?.ok_or_else(|| {
+            found.push(self.visible_task(id, caller).await?.ok_or_else(|| {
                 DriverError::invalid("spec.depends_on", format!("task {id} not found"))
             })?);
         }
         Ok(found)
+    }
+
+    /// Refuses a submission that would take `caller` past its `runningTasks` quota.
+    fn check_running_quota(&self, caller: &Caller, adding: usize) -> Result<(), DriverError> {
+        let Some(quotas) = caller.quotas else {
+            return Ok(());
+        };
+        let running = self.store.running_owned_by(&caller.key_id);
+        if running + adding > quotas.running_tasks as usize {
+            return Err(DriverError::QuotaExceeded(format!(
+                "key `{}` has {running} tasks not yet ended and may have {} (runningTasks); submit again once some end",
+                caller.key_id, quotas.running_tasks
+            )));
+        }
+        Ok(())
     }
 
     fn scheduler_unavailable(&self, status: Status) -> DriverError {
@@ -204,18 +247,21 @@ impl DriverApi for DriverService {
         &self,
         request: Request<SubmitTaskRequest>,
     ) -> Result<Response<SubmitTaskResponse>, Status> {
+        let caller = self.auth.caller(&request, Scope::TasksWrite).await?;
         let spec = request
             .into_inner()
             .spec
             .ok_or_else(|| DriverError::invalid("spec", "is required"))?;
         validate::task_spec(&spec, self.limits.prompt_bytes).map_err(DriverError::from)?;
         self.check_admitted(&TaskNeeds::of_task(&spec), "").await?;
-        let dependencies = self.dependencies(&spec.depends_on).await?;
-        let (entry, created) = self.store.insert(spec).await?;
+        self.check_running_quota(&caller, 1)?;
+        let dependencies = self.dependencies(&spec.depends_on, &caller).await?;
+        let (entry, created) = self.store.insert(spec, &caller.key_id).await?;
         // The answer is the task as accepted; it may be placed before this call returns.
         let task = entry.public();
         if created {
             tracing::info!(task = %entry.id, "task submitted");
+            self.auth.audit(&caller, "task.submit", &entry.id, "");
             self.dispatcher.start(entry, dependencies).await;
         }
         Ok(Response::new(SubmitTaskResponse { task: Some(task) }))
@@ -225,8 +271,9 @@ impl DriverApi for DriverService {
         &self,
         request: Request<SubmitTasksRequest>,
     ) -> Result<Response<SubmitTasksResponse>, Status> {
+        let caller = self.auth.caller(&request, Scope::TasksWrite).await?;
         let tasks = request.into_inner().tasks;
-        // Ids a batch names that are not its own keys must be existing tasks.
+        // Ids a batch names that are not its own keys must be existing tasks of the caller.
         let mut existing = std::collections::HashSet::new();
         let keys: std::collections::HashSet<&str> =
             tasks.iter().map(|task| task.key.as_str()).collect();
@@ -234,7 +281,7 @@ impl DriverApi for DriverService {
             for dependency in task.spec.iter().flat_map(|spec| &spec.depends_on) {
                 if !keys.contains(dependency.as_str())
                     && !existing.contains(dependency)
-                    && self.store.get(dependency).await?.is_some()
+                    && self.visible_task(dependency, &caller).await?.is_some()
                 {
                     existing.insert(dependency.clone());
                 }
@@ -245,14 +292,19 @@ impl DriverApi for DriverService {
             self.check_admitted(&TaskNeeds::of_task(spec), &format!("tasks[{index}]."))
                 .await?;
         }
-        let entries = self.store.insert_all(planned).await?;
+        self.check_running_quota(&caller, planned.len())?;
+        let entries = self.store.insert_all(planned, &caller.key_id).await?;
+        for entry in &entries {
+            self.auth
+                .audit(&caller, "task.submit", &entry.id, "in a batch");
+        }
         // As a list shows them, so that the answer fits whatever the batch held.
         let tasks = entries
             .iter()
             .map(|entry| listing::listed_task(entry.public()))
             .collect();
         for entry in entries {
-            let dependencies = self.dependencies(&entry.spec().depends_on).await?;
+            let dependencies = self.dependencies(&entry.spec().depends_on, &caller).await?;
             self.dispatcher.start(entry, dependencies).await;
         }
         Ok(Response::new(SubmitTasksResponse { tasks }))
@@ -262,7 +314,8 @@ impl DriverApi for DriverService {
         &self,
         request: Request<GetTaskRequest>,
     ) -> Result<Response<GetTaskResponse>, Status> {
-        let entry = self.task(&request.into_inner().task_id).await?;
+        let caller = self.auth.caller(&request, Scope::TasksRead).await?;
+        let entry = self.task(&request.into_inner().task_id, &caller).await?;
         Ok(Response::new(GetTaskResponse {
             task: Some(entry.public()),
         }))
@@ -272,6 +325,7 @@ impl DriverApi for DriverService {
         &self,
         request: Request<ListTasksRequest>,
     ) -> Result<Response<ListTasksResponse>, Status> {
+        let caller = self.auth.caller(&request, Scope::TasksRead).await?;
         let request = request.into_inner();
         let statuses: Vec<TaskStatus> =
             filter_values(&request.statuses, "statuses", "task status")?;
@@ -282,9 +336,10 @@ impl DriverApi for DriverService {
             .store
             .page(start, limit, &statuses, |task| {
                 let labels = task.spec.as_ref().map(|spec| &spec.labels);
-                selector
-                    .iter()
-                    .all(|(key, value)| labels.and_then(|l| l.get(key)) == Some(value))
+                caller.may_see(&task.owner)
+                    && selector
+                        .iter()
+                        .all(|(key, value)| labels.and_then(|l| l.get(key)) == Some(value))
             })
             .await?;
         Ok(Response::new(ListTasksResponse {
@@ -297,8 +352,9 @@ impl DriverApi for DriverService {
         &self,
         request: Request<CancelTaskRequest>,
     ) -> Result<Response<CancelTaskResponse>, Status> {
+        let caller = self.auth.caller(&request, Scope::TasksWrite).await?;
         let request = request.into_inner();
-        let entry = self.task(&request.task_id).await?;
+        let entry = self.task(&request.task_id, &caller).await?;
         let reason = if request.reason.trim().is_empty() {
             "cancelled by a client".to_owned()
         } else {
@@ -313,6 +369,7 @@ impl DriverApi for DriverService {
             }
         }
         tracing::info!(task = %entry.id, %reason, "cancel requested");
+        self.auth.audit(&caller, "task.cancel", &entry.id, &reason);
         Ok(Response::new(CancelTaskResponse {
             task: Some(entry.public()),
         }))
@@ -324,8 +381,9 @@ impl DriverApi for DriverService {
         &self,
         request: Request<StreamTaskEventsRequest>,
     ) -> Result<Response<Self::StreamTaskEventsStream>, Status> {
+        let caller = self.auth.caller(&request, Scope::TasksRead).await?;
         let request = request.into_inner();
-        let entry = self.task(&request.task_id).await?;
+        let entry = self.task(&request.task_id, &caller).await?;
         let reader = self.reader();
         let after = request.after_sequence;
         Ok(Response::new(self.event_stream(
@@ -336,8 +394,9 @@ impl DriverApi for DriverService {
 
     async fn get_cluster_status(
         &self,
-        _request: Request<GetClusterStatusRequest>,
+        request: Request<GetClusterStatusRequest>,
     ) -> Result<Response<GetClusterStatusResponse>, Status> {
+        self.auth.caller(&request, Scope::TasksRead).await?;
         let mut scheduler = self.dispatcher.scheduler();
         let workers = scheduler
             .list_workers(ListWorkersRequest {})
@@ -363,15 +422,27 @@ impl DriverApi for DriverService {
         &self,
         request: Request<CreateSessionRequest>,
     ) -> Result<Response<CreateSessionResponse>, Status> {
+        let caller = self.auth.caller(&request, Scope::Sessions).await?;
         let spec = request.into_inner().spec.unwrap_or_default();
         validate::session_spec(&spec).map_err(DriverError::from)?;
         self.check_admitted(&TaskNeeds::of_session(&spec), "")
             .await?;
+        if let Some(quotas) = caller.quotas {
+            let open = self.sessions.open_owned_by(&caller.key_id);
+            if open >= quotas.open_sessions as usize {
+                return Err(DriverError::QuotaExceeded(format!(
+                    "key `{}` has {open} sessions open and may have {} (openSessions); close one first",
+                    caller.key_id, quotas.open_sessions
+                ))
+                .into());
+            }
+        }
         if !self.has_container_worker().await? {
             return Err(DriverError::NoContainerWorker.into());
         }
-        let session = self.sessions.insert(spec).await?;
+        let session = self.sessions.insert(spec, &caller.key_id).await?;
         tracing::info!(session = %session.id, "session created");
+        self.auth.audit(&caller, "session.create", &session.id, "");
         let snapshot = session.snapshot();
         self.dispatcher.enqueue_session(&session).await;
         Ok(Response::new(CreateSessionResponse {
@@ -383,7 +454,10 @@ impl DriverApi for DriverService {
         &self,
         request: Request<GetSessionRequest>,
     ) -> Result<Response<GetSessionResponse>, Status> {
-        let session = self.session(&request.into_inner().session_id).await?;
+        let caller = self.auth.caller(&request, Scope::Sessions).await?;
+        let session = self
+            .session(&request.into_inner().session_id, &caller)
+            .await?;
         Ok(Response::new(GetSessionResponse {
             session: Some(session.snapshot()),
         }))
@@ -393,11 +467,17 @@ impl DriverApi for DriverService {
         &self,
         request: Request<ListSessionsRequest>,
     ) -> Result<Response<ListSessionsResponse>, Status> {
+        let caller = self.auth.caller(&request, Scope::Sessions).await?;
         let request = request.into_inner();
         let states: Vec<SessionState> = filter_values(&request.states, "states", "session state")?;
         let (start, limit) = page(&request.page_token, request.page_size)?;
         let states: Vec<i32> = states.into_iter().map(|state| state as i32).collect();
-        let (sessions, next) = self.sessions.page(start, limit, &states).await?;
+        let (sessions, next) = self
+            .sessions
+            .page(start, limit, &states, |session| {
+                caller.may_see(&session.owner)
+            })
+            .await?;
         Ok(Response::new(ListSessionsResponse {
             sessions,
             next_page_token: next.map(|order| order.to_string()).unwrap_or_default(),
@@ -411,8 +491,9 @@ impl DriverApi for DriverService {
         &self,
         request: Request<SendSessionMessageRequest>,
     ) -> Result<Response<Self::SendSessionMessageStream>, Status> {
+        let caller = self.auth.caller(&request, Scope::Sessions).await?;
         let request = request.into_inner();
-        let session = self.session(&request.session_id).await?;
+        let session = self.session(&request.session_id, &caller).await?;
         validate::prompt("text", &request.text, self.limits.prompt_bytes)
             .map_err(DriverError::from)?;
         let (turn, after) = session
@@ -432,8 +513,9 @@ impl DriverApi for DriverService {
         &self,
         request: Request<StreamSessionEventsRequest>,
     ) -> Result<Response<Self::StreamSessionEventsStream>, Status> {
+        let caller = self.auth.caller(&request, Scope::Sessions).await?;
         let request = request.into_inner();
-        let session = self.session(&request.session_id).await?;
+        let session = self.session(&request.session_id, &caller).await?;
         let reader = self.reader();
         let after = request.after_sequence;
         Ok(Response::new(self.event_stream(
@@ -446,13 +528,97 @@ impl DriverApi for DriverService {
         &self,
         request: Request<CloseSessionRequest>,
     ) -> Result<Response<CloseSessionResponse>, Status> {
-        let session = self.session(&request.into_inner().session_id).await?;
+        let caller = self.auth.caller(&request, Scope::Sessions).await?;
+        let session = self
+            .session(&request.into_inner().session_id, &caller)
+            .await?;
         if session.state() != SessionState::Closed {
             self.dispatcher.close_session(&session).await;
             tracing::info!(session = %session.id, "session closed");
+            self.auth.audit(&caller, "session.close", &session.id, "");
         }
         Ok(Response::new(CloseSessionResponse {
             session: Some(session.snapshot()),
+        }))
+    }
+
+    async fn create_api_key(
+        &self,
+        request: Request<CreateApiKeyRequest>,
+    ) -> Result<Response<CreateApiKeyResponse>, Status> {
+        let caller = self.auth.caller(&request, Scope::Admin).await?;
+        let request = request.into_inner();
+        let (key, secret) = self
+            .auth
+            .create(
+                &caller,
+                &request.key_id,
+                request.scopes,
+                request.quotas.unwrap_or_default(),
+            )
+            .await?;
+        Ok(Response::new(CreateApiKeyResponse {
+            key: Some(key),
+            secret,
+        }))
+    }
+
+    async fn list_api_keys(
+        &self,
+        request: Request<ListApiKeysRequest>,
+    ) -> Result<Response<ListApiKeysResponse>, Status> {
+        self.auth.caller(&request, Scope::Admin).await?;
+        Ok(Response::new(ListApiKeysResponse {
+            keys: self.auth.list().await?,
+        }))
+    }
+
+    async fn revoke_api_key(
+        &self,
+        request: Request<RevokeApiKeyRequest>,
+    ) -> Result<Response<RevokeApiKeyResponse>, Status> {
+        let caller = self.auth.caller(&request, Scope::Admin).await?;
+        let key = self
+            .auth
+            .revoke(&caller, &request.into_inner().key_id)
+            .await?;
+        Ok(Response::new(RevokeApiKeyResponse { key: Some(key) }))
+    }
+
+    async fn list_audit_records(
+        &self,
+        request: Request<ListAuditRecordsRequest>,
+    ) -> Result<Response<ListAuditRecordsResponse>, Status> {
+        self.auth.caller(&request, Scope::Admin).await?;
+        let request = request.into_inner();
+        let (after, limit) = page(&request.page_token, request.page_size)?;
+        let rows = self
+            .store
+            .db()
+            .audit_page(after, limit)
+            .await
+            .map_err(DriverError::from)?;
+        let next_page_token = if rows.len() == limit {
+            rows.last()
+                .map(|row| row.seq.to_string())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let records = rows
+            .into_iter()
+            .map(|row| AuditRecord {
+                sequence: row.seq as u64,
+                time: Some(crate::auth::timestamp(row.time_ms)),
+                key_id: row.key_id,
+                action: row.action,
+                subject: row.subject,
+                detail: row.detail,
+            })
+            .collect();
+        Ok(Response::new(ListAuditRecordsResponse {
+            records,
+            next_page_token,
         }))
     }
 }

@@ -139,6 +139,11 @@ impl SessionEntry {
         self.journal.read(|record| record.state())
     }
 
+    /// The id of the key that created the session.
+    pub fn owner(&self) -> String {
+        self.journal.read(|record| record.session.owner.clone())
+    }
+
     pub fn spec(&self) -> SessionSpec {
         self.journal
             .read(|record| record.session.spec.clone().unwrap_or_default())
@@ -347,13 +352,18 @@ impl SessionStore {
     }
 
     /// Records a new session; it is stored when this returns.
-    pub async fn insert(&self, spec: SessionSpec) -> Result<Arc<SessionEntry>, DriverError> {
+    pub async fn insert(
+        &self,
+        spec: SessionSpec,
+        owner: &str,
+    ) -> Result<Arc<SessionEntry>, DriverError> {
         if let Some(reason) = self.writer.failure() {
             return Err(DriverError::NotDurable(reason));
         }
         let id = uuid::Uuid::new_v4().to_string();
         let session = Session {
             session_id: id.clone(),
+            owner: owner.to_owned(),
             spec: Some(spec),
             state: SessionState::Unspecified as i32,
             create_time: Some(SystemTime::now().into()),
@@ -427,11 +437,27 @@ impl SessionStore {
 
     /// Sessions after position `after` in creation order in one of `states` (any when empty),
     /// at most `limit`; and the position where the next page starts.
+    /// Live sessions of `owner` that are not closed: what its `openSessions` quota counts.
+    pub fn open_owned_by(&self, owner: &str) -> usize {
+        self.live
+            .sessions
+            .read()
+            .expect("live session lock poisoned")
+            .values()
+            .filter(|entry| {
+                entry
+                    .journal
+                    .read(|record| record.session.owner == owner && !record.state().is_final())
+            })
+            .count()
+    }
+
     pub async fn page(
         &self,
         after: i64,
         limit: usize,
         states: &[i32],
+        visible: impl Fn(&Session) -> bool,
     ) -> Result<(Vec<Session>, Option<i64>), DriverError> {
         let rows = self
             .db
@@ -450,10 +476,15 @@ impl SessionStore {
                 .expect("live session lock poisoned")
                 .get(&row.id)
                 .cloned();
-            let session = crate::listing::listed_session(match live {
+            let session = match live {
                 Some(entry) => entry.snapshot(),
                 None => self.decode(row)?.snapshot(),
-            });
+            };
+            if !visible(&session) {
+                last = order;
+                continue;
+            }
+            let session = crate::listing::listed_session(session);
             if !budget.admit(&session) {
                 more = true;
                 break;

@@ -123,12 +123,7 @@ impl Record for TaskRecord {
     }
 
     fn row(&self, last_sequence: u64) -> Row {
-        let key = self
-            .task
-            .spec
-            .as_ref()
-            .map(|spec| spec.idempotency_key.clone())
-            .filter(|key| !key.is_empty());
+        let key = key_of(&self.task);
         Row {
             kind: SubjectKind::Task,
             status: self.task.status,
@@ -186,6 +181,11 @@ impl TaskEntry {
 
     pub fn status(&self) -> TaskStatus {
         self.journal.read(|record| record.task.status())
+    }
+
+    /// The id of the key that submitted the task.
+    pub fn owner(&self) -> String {
+        self.journal.read(|record| record.task.owner.clone())
     }
 
     pub fn attempt(&self) -> u32 {
@@ -418,18 +418,23 @@ impl TaskStore {
 
     /// Records a new PENDING task, or returns the task already submitted with the same
     /// idempotency key (and `false`). The task is durable when this returns.
-    pub async fn insert(&self, spec: TaskSpec) -> Result<(Arc<TaskEntry>, bool), DriverError> {
+    pub async fn insert(
+        &self,
+        spec: TaskSpec,
+        owner: &str,
+    ) -> Result<(Arc<TaskEntry>, bool), DriverError> {
         let _serialised = if spec.idempotency_key.is_empty() {
             None
         } else {
             let guard = self.keyed_submits.lock().await;
-            if let Some(existing) = self.find_by_key(&spec.idempotency_key).await? {
+            let key = owned_key(owner, &spec.idempotency_key);
+            if let Some(existing) = self.find_by_key(&key).await? {
                 return Ok((existing, false));
             }
             Some(guard)
         };
         self.refuse_while_failing()?;
-        let entry = self.record(new_task_id(), spec);
+        let entry = self.record(new_task_id(), spec, owner);
         if let Err(err) = entry.durable().await {
             self.give_up(&entry);
             return Err(err);
@@ -464,7 +469,11 @@ impl TaskStore {
             .read()
             .expect("live task lock poisoned")
             .values()
-            .find(|entry| entry.journal.read(|r| key_of(&r.task) == Some(key)))
+            .find(|entry| {
+                entry
+                    .journal
+                    .read(|r| key_of(&r.task).as_deref() == Some(key))
+            })
             .cloned();
         if live.is_some() {
             return Ok(live);
@@ -480,11 +489,12 @@ impl TaskStore {
     pub async fn insert_all(
         &self,
         tasks: Vec<(String, TaskSpec)>,
+        owner: &str,
     ) -> Result<Vec<Arc<TaskEntry>>, DriverError> {
         self.refuse_while_failing()?;
         let entries: Vec<_> = tasks
             .into_iter()
-            .map(|(id, spec)| self.record(id, spec))
+            .map(|(id, spec)| self.record(id, spec, owner))
             .collect();
         for entry in &entries {
             if let Err(err) = entry.durable().await {
@@ -497,9 +507,25 @@ impl TaskStore {
         Ok(entries)
     }
 
-    fn record(&self, id: String, spec: TaskSpec) -> Arc<TaskEntry> {
+    /// Live tasks of `owner` that have not ended: what its `runningTasks` quota counts.
+    pub fn running_owned_by(&self, owner: &str) -> usize {
+        self.live
+            .tasks
+            .read()
+            .expect("live task lock poisoned")
+            .values()
+            .filter(|entry| {
+                entry
+                    .journal
+                    .read(|r| r.task.owner == owner && !r.task.status().is_terminal())
+            })
+            .count()
+    }
+
+    fn record(&self, id: String, spec: TaskSpec, owner: &str) -> Arc<TaskEntry> {
         let task = Task {
             task_id: id.clone(),
+            owner: owner.to_owned(),
             spec: Some(spec.clone()),
             status: TaskStatus::Unspecified as i32,
             attempt: 1,
@@ -661,11 +687,23 @@ impl TaskStore {
     }
 }
 
-fn key_of(task: &Task) -> Option<&str> {
+/// The idempotency key of `task` as stored: in its owner's namespace, so that one key's
+/// submissions never find another's.
+fn key_of(task: &Task) -> Option<String> {
     task.spec
         .as_ref()
         .map(|spec| spec.idempotency_key.as_str())
         .filter(|key| !key.is_empty())
+        .map(|key| owned_key(&task.owner, key))
+}
+
+fn owned_key(owner: &str, key: &str) -> String {
+    if owner.is_empty() {
+        key.to_owned()
+    } else {
+        // A unit separator: no valid idempotency key holds a control character.
+        format!("{owner}\u{1f}{key}")
+    }
 }
 
 #[cfg(test)]
@@ -722,7 +760,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         for url in crate::test_support::store_urls(dir.path()).await {
             let (store, _, _stop) = store_at(&url).await;
-            let (entry, _) = store.insert(spec("hi")).await.unwrap();
+            let (entry, _) = store.insert(spec("hi"), "").await.unwrap();
             let early = {
                 let (tx, mut rx) = mpsc::channel(4);
                 tokio::spawn(entry.clone().follow(reader(&store), 0, tx));
@@ -759,13 +797,13 @@ pub(crate) mod tests {
         for url in crate::test_support::store_urls(dir.path()).await {
             let (id, running_id) = {
                 let (store, _, stop) = store_at(&url).await;
-                let (done, _) = store.insert(spec("done")).await.unwrap();
+                let (done, _) = store.insert(spec("done"), "").await.unwrap();
                 done.assign(1, "w1", "127.0.0.1:1");
                 done.set_status(1, TaskStatus::Running, "", "w1");
                 done.append(1, text("hello"));
                 done.set_status(1, TaskStatus::Completed, "", "w1");
                 done.durable().await.unwrap();
-                let (running, _) = store.insert(spec("running")).await.unwrap();
+                let (running, _) = store.insert(spec("running"), "").await.unwrap();
                 running.assign(1, "w2", "127.0.0.1:2");
                 running.append_from_worker(1, text("partial"), 7);
                 running.durable().await.unwrap();
@@ -802,7 +840,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         for url in crate::test_support::store_urls(dir.path()).await {
             let (store, _, _stop) = store_at(&url).await;
-            let (entry, _) = store.insert(spec("hi")).await.unwrap();
+            let (entry, _) = store.insert(spec("hi"), "").await.unwrap();
             assert!(matches!(
                 entry.cancel("no longer needed"),
                 CancelAction::Dequeue
@@ -824,7 +862,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         for url in crate::test_support::store_urls(dir.path()).await {
             let (store, _, _stop) = store_at(&url).await;
-            let (entry, _) = store.insert(spec("hi")).await.unwrap();
+            let (entry, _) = store.insert(spec("hi"), "").await.unwrap();
             entry.assign(1, "w1", "a:1");
             entry.requeue(2, "lost worker w1".into());
             assert!(entry.append(1, text("stale")).is_none());
@@ -841,15 +879,15 @@ pub(crate) mod tests {
                 idempotency_key: "k1".into(),
                 ..spec("hi")
             };
-            let (first, created) = store.insert(keyed.clone()).await.unwrap();
+            let (first, created) = store.insert(keyed.clone(), "").await.unwrap();
             assert!(created);
-            let (second, created) = store.insert(keyed.clone()).await.unwrap();
+            let (second, created) = store.insert(keyed.clone(), "").await.unwrap();
             assert!(!created);
             assert_eq!(first.id, second.id);
             first.cancel("done with it");
             first.durable().await.unwrap();
             crate::test_support::wait(|| live.tasks.read().unwrap().is_empty()).await;
-            let (third, created) = store.insert(keyed).await.unwrap();
+            let (third, created) = store.insert(keyed, "").await.unwrap();
             assert!(!created);
             assert_eq!(third.id, first.id);
         }
@@ -862,7 +900,7 @@ pub(crate) mod tests {
             let (store, _, _stop) = store_at(&url).await;
             let mut entries = Vec::new();
             for i in 0..5 {
-                entries.push(store.insert(spec(&i.to_string())).await.unwrap().0);
+                entries.push(store.insert(spec(&i.to_string()), "").await.unwrap().0);
             }
             entries[1].cancel("x");
             entries[3].cancel("x");
@@ -889,7 +927,7 @@ pub(crate) mod tests {
         for url in crate::test_support::store_urls(dir.path()).await {
             let (store, live, _stop) = store_at(&url).await;
             // One commit per event: each is a chunk of its own in the store.
-            let (entry, _) = store.insert(spec("hi")).await.unwrap();
+            let (entry, _) = store.insert(spec("hi"), "").await.unwrap();
             entry.assign(1, "w1", "a:1");
             entry.durable().await.unwrap();
             entry.append(1, text("one"));
@@ -920,7 +958,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         for url in crate::test_support::store_urls(dir.path()).await {
             let (store, live, _stop) = store_at(&url).await;
-            let (old, _) = store.insert(spec("old")).await.unwrap();
+            let (old, _) = store.insert(spec("old"), "").await.unwrap();
             old.assign(1, "w1", "a:1");
             for i in 0..3000 {
                 old.append(1, text(&i.to_string()));
@@ -934,7 +972,7 @@ pub(crate) mod tests {
             );
             old.set_status(1, TaskStatus::Completed, "", "w1");
             old.durable().await.unwrap();
-            let (newer, _) = store.insert(spec("newer")).await.unwrap();
+            let (newer, _) = store.insert(spec("newer"), "").await.unwrap();
             newer.append(1, text("kept whole"));
             newer.cancel("not needed");
             newer.durable().await.unwrap();

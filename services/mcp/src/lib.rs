@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use claudecluster_grpc::ClientChannel as Channel;
 use claudecluster_proto::v1::driver_service_client::DriverServiceClient;
 use claudecluster_proto::v1::event::Kind;
 use claudecluster_proto::v1::*;
@@ -30,7 +31,6 @@ use rmcp::{ErrorData, ServerHandler, ServiceExt, tool, tool_handler, tool_router
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 pub use bounds::{
     MAX_ERROR_BYTES, MAX_FILES_CHANGED_BYTES, MAX_LISTED_TEXT_BYTES, MAX_RESULT_BYTES,
@@ -84,8 +84,14 @@ pub struct ClusterTools {
 }
 
 impl ClusterTools {
-    pub fn new(driver_address: &str, parent_session: Option<String>) -> Result<Self, String> {
-        let channel = claudecluster_grpc::channel(driver_address)
+    /// Tools calling the driver at `driver_address`, presenting `bearer` (the MCP server's API
+    /// key): what the tools spawn belongs to that key.
+    pub fn new(
+        driver_address: &str,
+        parent_session: Option<String>,
+        bearer: claudecluster_grpc::Bearer,
+    ) -> Result<Self, String> {
+        let channel = claudecluster_grpc::client_channel(driver_address, bearer)
             .map_err(|err| format!("bad driver address `{driver_address}`: {err}"))?;
         Ok(ClusterTools {
             driver: DriverServiceClient::new(channel)
@@ -715,7 +721,13 @@ impl Handle {
 }
 
 /// Serves the tools over streamable HTTP at `/mcp` on `listener`.
-pub fn serve_http(tools: ClusterTools, listener: TcpListener) -> std::io::Result<Handle> {
+/// Serves the tools over streamable HTTP at `/mcp`. With `api_key`, a request must present it
+/// (`authorization: Bearer <key>`), or is answered 401.
+pub fn serve_http(
+    tools: ClusterTools,
+    listener: TcpListener,
+    api_key: Option<String>,
+) -> std::io::Result<Handle> {
     let local_addr = listener.local_addr()?;
     let stop = CancellationToken::new();
     let mut config = StreamableHttpServerConfig::default();
@@ -725,7 +737,33 @@ pub fn serve_http(tools: ClusterTools, listener: TcpListener) -> std::io::Result
         Arc::new(LocalSessionManager::default()),
         config,
     );
-    let app = axum::Router::new().nest_service("/mcp", service);
+    let expected = api_key.map(|key| Arc::new(format!("Bearer {key}")));
+    let app = axum::Router::new()
+        .nest_service("/mcp", service)
+        .layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                let expected = expected.clone();
+                async move {
+                    if let Some(expected) = expected {
+                        let presented = request
+                            .headers()
+                            .get(axum::http::header::AUTHORIZATION)
+                            .map(|value| value.as_bytes())
+                            .unwrap_or_default();
+                        if !same_bytes(presented, expected.as_bytes()) {
+                            return axum::http::Response::builder()
+                                .status(axum::http::StatusCode::UNAUTHORIZED)
+                                .header(axum::http::header::WWW_AUTHENTICATE, "Bearer")
+                                .body(axum::body::Body::from(
+                                    "this MCP server takes requests with its API key: send `authorization: Bearer <key>`",
+                                ))
+                                .expect("a static response");
+                        }
+                    }
+                    next.run(request).await
+                }
+            },
+        ));
     let shutdown = stop.clone();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -738,6 +776,11 @@ pub fn serve_http(tools: ClusterTools, listener: TcpListener) -> std::io::Result
         stop,
         server,
     })
+}
+
+/// Compares in constant time, so that the answer's timing tells nothing of the key.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |differ, (x, y)| differ | (x ^ y)) == 0
 }
 
 #[cfg(test)]
