@@ -3,7 +3,8 @@
 Usage: client.py GENERATED_DIR DRIVER_ADDRESS PROMPT
 Submits PROMPT, streams the task's events and prints one line per event, then the final
 status; exits 0 when the task completed. With CLAUDECLUSTER_API_KEY set, every call presents
-it as `authorization: Bearer <key>`.
+it as `authorization: Bearer <key>`; with CLAUDECLUSTER_CA (a PEM file), it connects over TLS
+trusting that CA.
 """
 import os
 import sys
@@ -18,7 +19,13 @@ def main() -> int:
     address, prompt = sys.argv[2], sys.argv[3]
     key = os.environ.get("CLAUDECLUSTER_API_KEY")
     metadata = [("authorization", f"Bearer {key}")] if key else []
-    with grpc.insecure_channel(address) as channel:
+    ca = os.environ.get("CLAUDECLUSTER_CA")
+    if ca:
+        with open(ca, "rb") as pem:
+            channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(pem.read()))
+    else:
+        channel = grpc.insecure_channel(address)
+    with channel:
         driver = driver_pb2_grpc.DriverServiceStub(channel)
         try:
             task = driver.SubmitTask(

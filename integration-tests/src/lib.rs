@@ -278,6 +278,7 @@ pub fn driver_at(address: &str) -> Driver {
         claudecluster_grpc::client_channel(
             address,
             claudecluster_grpc::Bearer::new(None, "").unwrap(),
+            None,
         )
         .unwrap(),
     )
@@ -339,6 +340,8 @@ pub struct TestCluster {
     /// The workers' ids, unique to this test (container labels name them).
     pub worker_ids: Vec<String>,
     env: Vec<(String, String)>,
+    /// With TLS: the directory of the cluster's certificates.
+    pub certs: Option<PathBuf>,
 }
 
 impl TestCluster {
@@ -357,7 +360,27 @@ impl TestCluster {
         extra_env: &[(&str, &str)],
         workers: Vec<WorkerSpec>,
     ) -> Self {
+        Self::start_with_tls(driver_yaml, extra_env, None, workers).await
+    }
+
+    /// A cluster whose services speak TLS with the certificates in `certs` (as `claudecluster
+    /// certs init` makes them), when given; the test's clients then do too.
+    pub async fn start_with_tls(
+        driver_yaml: &str,
+        extra_env: &[(&str, &str)],
+        certs: Option<&Path>,
+        workers: Vec<WorkerSpec>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let tls_yaml = |role: &str| match certs {
+            Some(certs) => format!(
+                "tls:\n  ca: {}\n  cert: {}\n  key: {}\n",
+                certs.join("ca.pem").display(),
+                certs.join(format!("{role}.pem")).display(),
+                certs.join(format!("{role}.key")).display()
+            ),
+            None => String::new(),
+        };
         let api = StandinApi::start().await.unwrap();
         let mut env = vec![
             ("ANTHROPIC_BASE_URL".to_owned(), api.base_url()),
@@ -376,7 +399,10 @@ impl TestCluster {
         let scheduler_config = dir.path().join("scheduler.yaml");
         std::fs::write(
             &scheduler_config,
-            "listen: 127.0.0.1:0\nheartbeatInterval: 200ms\nheartbeatTimeout: 1s\n",
+            format!(
+                "listen: 127.0.0.1:0\nheartbeatInterval: 200ms\nheartbeatTimeout: 1s\n{}",
+                tls_yaml("scheduler")
+            ),
         )
         .unwrap();
         let scheduler = ServiceProcess::start("scheduler", &scheduler_config, &env).await;
@@ -384,8 +410,9 @@ impl TestCluster {
         std::fs::write(
             &driver_config,
             format!(
-                "listen: 127.0.0.1:0\nschedulerAddress: {}\n{driver_yaml}",
-                scheduler.address
+                "listen: 127.0.0.1:0\nschedulerAddress: {}\n{}{driver_yaml}",
+                scheduler.address,
+                tls_yaml("driver")
             ),
         )
         .unwrap();
@@ -398,6 +425,7 @@ impl TestCluster {
             workers: Vec::new(),
             worker_ids: Vec::new(),
             env,
+            certs: certs.map(Path::to_path_buf),
         };
         let count = workers.len();
         for spec in workers {
@@ -470,7 +498,16 @@ impl TestCluster {
              labels:\n{labels}\
              {mode}\
              agent:\n  idleTimeout: {idle}ms\n  cancelGracePeriod: {grace}ms\n  env:\n{config_dir}    DISABLE_TELEMETRY: \"1\"\n\
-             {extra}",
+             {tls}{extra}",
+            tls = match &self.certs {
+                Some(certs) => format!(
+                    "tls:\n  ca: {}\n  cert: {}\n  key: {}\n",
+                    certs.join("ca.pem").display(),
+                    certs.join("worker.pem").display(),
+                    certs.join("worker.key").display()
+                ),
+                None => String::new(),
+            },
             scheduler = self.scheduler.address,
             workspaces = root.join("workspaces").display(),
             labels = if labels.is_empty() {
@@ -498,8 +535,11 @@ impl TestCluster {
             .find(|(name, _)| name == "CLAUDECLUSTER_API_KEY")
             .map(|(_, key)| key.as_str());
         let bearer = claudecluster_grpc::Bearer::new(key, "the test").unwrap();
+        let tls = self.certs.as_ref().map(|certs| {
+            claudecluster_grpc::tls::Tls::from_files(&certs.join("ca.pem"), None, None).unwrap()
+        });
         DriverServiceClient::new(
-            claudecluster_grpc::client_channel(&self.driver.address, bearer).unwrap(),
+            claudecluster_grpc::client_channel(&self.driver.address, bearer, tls.as_ref()).unwrap(),
         )
     }
 
@@ -612,6 +652,22 @@ impl TestCluster {
         .unwrap()
     }
 
+    /// What the test's own clients present to the scheduler and workers: the secret, and with
+    /// TLS an admin's certificate.
+    pub fn identity(&self) -> claudecluster_grpc::ClusterIdentity {
+        claudecluster_grpc::ClusterIdentity {
+            secret: self.secret(),
+            tls: self.certs.as_ref().map(|certs| {
+                claudecluster_grpc::tls::Tls::from_files(
+                    &certs.join("ca.pem"),
+                    Some(&certs.join("admin.pem")),
+                    Some(&certs.join("admin.key")),
+                )
+                .unwrap()
+            }),
+        }
+    }
+
     /// A client of the scheduler that presents the cluster secret, as the driver does.
     pub fn scheduler_client(
         &self,
@@ -619,7 +675,7 @@ impl TestCluster {
         claudecluster_grpc::ClusterChannel,
     > {
         claudecluster_proto::v1::scheduler_service_client::SchedulerServiceClient::new(
-            claudecluster_grpc::cluster::cluster_channel(&self.scheduler.address, &self.secret())
+            claudecluster_grpc::cluster::cluster_channel(&self.scheduler.address, &self.identity())
                 .unwrap(),
         )
     }
@@ -634,7 +690,7 @@ impl TestCluster {
         claudecluster_proto::v1::worker_service_client::WorkerServiceClient::new(
             claudecluster_grpc::cluster::cluster_channel(
                 &self.workers[index].address,
-                &self.secret(),
+                &self.identity(),
             )
             .unwrap(),
         )

@@ -75,7 +75,14 @@ async fn without_the_cluster_secret_no_caller_reaches_the_scheduler_or_a_worker(
     )
     .unwrap();
     let mut guessing = WorkerServiceClient::new(
-        claudecluster_grpc::cluster::cluster_channel(&cluster.workers[0].address, &wrong).unwrap(),
+        claudecluster_grpc::cluster::cluster_channel(
+            &cluster.workers[0].address,
+            &claudecluster_grpc::ClusterIdentity {
+                secret: wrong,
+                tls: None,
+            },
+        )
+        .unwrap(),
     );
     assert_eq!(
         guessing

@@ -20,6 +20,17 @@ pub struct ClusterConfig {
     pub cluster: ClusterAuthConfig,
 }
 
+/// TLS files of one service (make them with `claudecluster certs init`): the cluster CA, and
+/// the service's own certificate and key. The driver serves its clients over TLS with them;
+/// between the services it is mutual TLS.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
 /// How the services know each other.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -74,6 +85,7 @@ pub struct DriverConfig {
     pub data_dir: Option<PathBuf>,
     pub store: StoreConfig,
     pub auth: AuthConfig,
+    pub tls: TlsConfig,
     /// Serve on an address other than loopback with no API keys: anyone who reaches it may do
     /// anything. Refused unless set.
     pub insecure: bool,
@@ -136,6 +148,7 @@ impl Default for DriverConfig {
             data_dir: None,
             store: StoreConfig::default(),
             auth: AuthConfig::default(),
+            tls: TlsConfig::default(),
             insecure: false,
         }
     }
@@ -196,6 +209,7 @@ pub struct SchedulerConfig {
     /// A queued task rises one priority level for every interval it waits (a bare number is
     /// milliseconds): a low-priority task is served as critical after three.
     pub aging_interval: Millis,
+    pub tls: TlsConfig,
 }
 
 impl Default for SchedulerConfig {
@@ -205,6 +219,7 @@ impl Default for SchedulerConfig {
             heartbeat_interval: Millis(Duration::from_secs(1)),
             heartbeat_timeout: Millis(Duration::from_secs(5)),
             aging_interval: Millis(Duration::from_secs(60)),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -257,6 +272,7 @@ pub struct WorkerConfig {
     pub allowed_repo_schemes: StringList,
     /// The largest limits and budgets a task may ask of this worker.
     pub max_task_limits: MaxTaskLimits,
+    pub tls: TlsConfig,
 }
 
 /// Every `repo_url` scheme `worker.allowedRepoSchemes` may list.
@@ -312,6 +328,7 @@ impl Default for WorkerConfig {
             clone_timeout: Seconds(Duration::from_secs(300)),
             allowed_repo_schemes: StringList(vec!["https".into(), "ssh".into()]),
             max_task_limits: MaxTaskLimits::default(),
+            tls: TlsConfig::default(),
         }
     }
 }

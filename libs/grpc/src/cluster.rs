@@ -146,49 +146,70 @@ impl Interceptor for PresentSecret {
     }
 }
 
-/// Refuses every call that does not carry the secret.
+/// Refuses every call that does not carry the secret and, over TLS, whose certificate names
+/// none of `roles` (empty: any role of the cluster).
 #[derive(Clone, Debug)]
-pub struct RequireSecret(pub ClusterSecret);
+pub struct RequireSecret(pub ClusterSecret, pub &'static [crate::tls::Role]);
 
 impl Interceptor for RequireSecret {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        if self.0.presented_by(&request) {
-            Ok(request)
-        } else {
-            Err(Status::unauthenticated(
+        if !self.0.presented_by(&request) {
+            tracing::warn!(target: "audit", action = "auth.refused", detail = "no cluster secret presented", "audit");
+            return Err(Status::unauthenticated(
                 "this service takes calls only from the cluster's own services, which present the cluster secret",
-            ))
+            ));
         }
+        if !self.1.is_empty() {
+            crate::tls::require_role(&request, self.1)?;
+        }
+        Ok(request)
+    }
+}
+
+/// What a service presents to the others, and requires of them: the cluster secret, and with
+/// TLS its certificate (mutual TLS with the cluster CA).
+#[derive(Clone, Debug)]
+pub struct ClusterIdentity {
+    pub secret: ClusterSecret,
+    pub tls: Option<crate::tls::Tls>,
+}
+
+impl ClusterIdentity {
+    /// The server side of a service the others call: peers present a certificate of the
+    /// cluster CA.
+    pub fn server_tls(&self) -> Option<tonic::transport::ServerTlsConfig> {
+        self.tls.as_ref().map(|tls| tls.server(false))
     }
 }
 
 /// A channel to another service of the cluster: every call presents the secret.
 pub type ClusterChannel = InterceptedService<Channel, PresentSecret>;
 
-/// A [`crate::channel_watched`] channel that presents `secret`.
+/// A [`crate::channel_watched`] channel that presents `identity`.
 pub fn cluster_channel_watched(
     address: &str,
-    secret: &ClusterSecret,
+    identity: &ClusterIdentity,
     interval: std::time::Duration,
     timeout: std::time::Duration,
 ) -> Result<ClusterChannel, tonic::transport::Error> {
-    let channel = crate::channel_watched(address, interval, timeout)?;
+    let channel = crate::channel_with(address, identity.tls.as_ref(), interval, timeout)?;
     Ok(InterceptedService::new(
         channel,
-        PresentSecret(secret.clone()),
+        PresentSecret(identity.secret.clone()),
     ))
 }
 
-/// A [`crate::channel`] that presents `secret`.
+/// A [`crate::channel`] that presents `identity`.
 pub fn cluster_channel(
     address: &str,
-    secret: &ClusterSecret,
+    identity: &ClusterIdentity,
 ) -> Result<ClusterChannel, tonic::transport::Error> {
-    let channel = crate::channel(address)?;
-    Ok(InterceptedService::new(
-        channel,
-        PresentSecret(secret.clone()),
-    ))
+    cluster_channel_watched(
+        address,
+        identity,
+        std::time::Duration::from_secs(30),
+        std::time::Duration::from_secs(20),
+    )
 }
 
 /// Where the secret file is when none is configured: the user's data directory.
@@ -234,7 +255,7 @@ mod tests {
     #[test]
     fn only_the_exact_secret_passes() {
         let secret = ClusterSecret::from_text("0123456789abcdef0123").unwrap();
-        let mut require = RequireSecret(secret.clone());
+        let mut require = RequireSecret(secret.clone(), &[]);
         let presented = PresentSecret(secret).call(Request::new(())).unwrap();
         assert!(require.call(presented).is_ok());
         let wrong = PresentSecret(ClusterSecret::from_text("0123456789abcdef0124").unwrap())

@@ -16,8 +16,9 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 pub mod cluster;
+pub mod tls;
 
-pub use cluster::{ClusterChannel, ClusterSecret};
+pub use cluster::{ClusterChannel, ClusterIdentity, ClusterSecret};
 pub use tonic_health;
 
 /// Health of a service, as reported through `grpc.health.v1.Health`.
@@ -91,12 +92,17 @@ pub async fn bind(address: &str, setting: &str) -> std::io::Result<TcpListener> 
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     // Without TCP_NODELAY on every accepted connection a small answer can wait ~40 ms for a
     // delayed ACK; tonic sets it only on listeners it binds itself.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    Server::builder()
+    let mut server = Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .trace_fn(|request| tracing::debug_span!("grpc", path = %request.uri().path()))
         .add_routes(routes)
@@ -118,12 +124,26 @@ pub fn channel_watched(
     interval: Duration,
     timeout: Duration,
 ) -> Result<Channel, tonic::transport::Error> {
-    let uri = if address.contains("://") {
-        address.to_owned()
-    } else {
-        format!("http://{address}")
+    channel_with(address, None, interval, timeout)
+}
+
+/// A channel like [`channel_watched`], over TLS when `tls` is given.
+pub fn channel_with(
+    address: &str,
+    tls: Option<&tls::Tls>,
+    interval: Duration,
+    timeout: Duration,
+) -> Result<Channel, tonic::transport::Error> {
+    let uri = match (address.contains("://"), tls) {
+        (true, _) => address.to_owned(),
+        (false, Some(_)) => format!("https://{address}"),
+        (false, None) => format!("http://{address}"),
     };
-    Ok(Endpoint::from_shared(uri)?
+    let mut endpoint = Endpoint::from_shared(uri)?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.client())?;
+    }
+    Ok(endpoint
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(interval)
@@ -180,13 +200,19 @@ impl tonic::service::Interceptor for Bearer {
 /// A channel to the driver that presents an API key.
 pub type ClientChannel = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
 
-/// A [`channel`] to the driver presenting `bearer`.
+/// A [`channel`] to the driver presenting `bearer`, over TLS when `tls` is given.
 pub fn client_channel(
     address: &str,
     bearer: Bearer,
+    tls: Option<&tls::Tls>,
 ) -> Result<ClientChannel, tonic::transport::Error> {
     Ok(tonic::service::interceptor::InterceptedService::new(
-        channel(address)?,
+        channel_with(
+            address,
+            tls,
+            Duration::from_secs(30),
+            Duration::from_secs(20),
+        )?,
         bearer,
     ))
 }

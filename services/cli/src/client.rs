@@ -30,6 +30,39 @@ pub struct DriverArgs {
         hide_env_values = true
     )]
     api_key: Option<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// TLS of a client: the CA that signed the server's certificate, and a certificate of the
+/// client's own where the server asks for one (an admin's, for the scheduler and workers).
+#[derive(Args, Clone, Default)]
+pub struct TlsArgs {
+    /// Connect over TLS, trusting this CA (PEM), e.g. `ca.pem` of `claudecluster certs init`.
+    #[arg(long, env = "CLAUDECLUSTER_CA", global = true)]
+    ca: Option<std::path::PathBuf>,
+    /// A client certificate (PEM), with --key.
+    #[arg(long, env = "CLAUDECLUSTER_CERT", global = true)]
+    cert: Option<std::path::PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, env = "CLAUDECLUSTER_KEY", global = true)]
+    key: Option<std::path::PathBuf>,
+}
+
+impl TlsArgs {
+    pub fn load(&self) -> Result<Option<claudecluster_grpc::tls::Tls>, String> {
+        match (&self.ca, &self.cert, &self.key) {
+            (None, None, None) => Ok(None),
+            (None, _, _) => Err("--cert and --key need --ca".into()),
+            (Some(_), Some(_), None) | (Some(_), None, Some(_)) => {
+                Err("--cert and --key go together".into())
+            }
+            (Some(ca), cert, key) => {
+                claudecluster_grpc::tls::Tls::from_files(ca, cert.as_deref(), key.as_deref())
+                    .map(Some)
+            }
+        }
+    }
 }
 
 #[derive(Args)]
@@ -109,7 +142,8 @@ pub fn connect(args: &DriverArgs) -> Result<DriverServiceClient<Channel>, String
         args.api_key.as_deref(),
         "--api-key / CLAUDECLUSTER_API_KEY",
     )?;
-    claudecluster_grpc::client_channel(&args.driver, bearer)
+    let tls = args.tls.load()?;
+    claudecluster_grpc::client_channel(&args.driver, bearer, tls.as_ref())
         .map(|channel| {
             DriverServiceClient::new(channel)
                 .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
@@ -657,6 +691,8 @@ pub struct SchedulerArgs {
         default_value = "127.0.0.1:50052"
     )]
     scheduler: String,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Subcommand)]
@@ -678,6 +714,8 @@ pub enum WorkersCommand {
         worker_address: String,
         /// process_pool or container_agentic.
         mode: String,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
 }
 
@@ -686,13 +724,20 @@ pub async fn workers(command: WorkersCommand) -> Result<ExitCode, String> {
     use claudecluster_proto::v1::worker_service_client::WorkerServiceClient;
     // The scheduler and the workers take calls from the cluster's own services only: the
     // operator's CLI presents the secret of this host (or CLAUDECLUSTER_CLUSTER_SECRET).
+    // Over TLS, it presents an admin's certificate (`admin.pem` of `claudecluster certs init`).
     let secret = claudecluster_grpc::ClusterSecret::resolve(
         std::env::var(claudecluster_grpc::cluster::SECRET_VARIABLE).ok(),
         None,
         &claudecluster_config::default_data_dir(),
     )?;
+    let identity = |tls: &TlsArgs| {
+        Ok::<_, String>(claudecluster_grpc::ClusterIdentity {
+            secret: secret.clone(),
+            tls: tls.load()?,
+        })
+    };
     let scheduler = |args: &SchedulerArgs| {
-        claudecluster_grpc::cluster::cluster_channel(&args.scheduler, &secret)
+        claudecluster_grpc::cluster::cluster_channel(&args.scheduler, &identity(&args.tls)?)
             .map(|channel| {
                 SchedulerServiceClient::new(channel)
                     .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
@@ -738,21 +783,24 @@ pub async fn workers(command: WorkersCommand) -> Result<ExitCode, String> {
         WorkersCommand::Switch {
             worker_address,
             mode,
+            tls,
         } => {
             let Some(mode) =
                 ExecutionMode::from_label(&mode).filter(|m| *m != ExecutionMode::Unspecified)
             else {
                 return Err(format!("`{mode}` is not process_pool or container_agentic"));
             };
-            let mut client =
-                match claudecluster_grpc::cluster::cluster_channel(&worker_address, &secret) {
-                    Ok(channel) => WorkerServiceClient::new(channel)
-                        .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
-                        .max_encoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES),
-                    Err(err) => {
-                        return Err(format!("bad worker address `{worker_address}`: {err}"));
-                    }
-                };
+            let mut client = match claudecluster_grpc::cluster::cluster_channel(
+                &worker_address,
+                &identity(&tls)?,
+            ) {
+                Ok(channel) => WorkerServiceClient::new(channel)
+                    .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES),
+                Err(err) => {
+                    return Err(format!("bad worker address `{worker_address}`: {err}"));
+                }
+            };
             match client
                 .switch_execution_mode(SwitchExecutionModeRequest {
                     execution_mode: mode as i32,

@@ -52,6 +52,54 @@ enum Command {
     Keys(keys::KeysCommand),
     /// Who did what: the driver's audit log.
     Audit(client::DriverArgs),
+    /// Certificates for TLS between the services and to the driver.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(clap::Subcommand)]
+enum CertsCommand {
+    /// Make a cluster CA and a certificate for the driver, the scheduler, workers and an admin.
+    Init {
+        /// Where the files go.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// A name or address the services are reached at besides localhost (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
+}
+
+fn certs(command: CertsCommand) -> ExitCode {
+    let CertsCommand::Init { dir, hosts } = command;
+    match claudecluster_grpc::tls::make_certificates(&dir, &hosts) {
+        Ok(written) => {
+            for path in &written {
+                eprintln!("wrote {}", path.display());
+            }
+            let path = |name: &str| dir.join(name).display().to_string();
+            println!("# In the file of `claudecluster up` (each service's section takes its own):");
+            for service in ["driver", "scheduler", "worker"] {
+                println!(
+                    "{service}:\n  tls:\n    ca: {}\n    cert: {}\n    key: {}",
+                    path("ca.pem"),
+                    path(&format!("{service}.pem")),
+                    path(&format!("{service}.key"))
+                );
+            }
+            println!(
+                "# Clients: --ca {} (and --cert {} --key {} for `claudecluster workers`)",
+                path("ca.pem"),
+                path("admin.pem"),
+                path("admin.key")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("claudecluster: {message}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Args)]
@@ -80,6 +128,9 @@ struct McpArgs {
     /// HTTP clients must present to the MCP server.
     #[arg(long, env = "CLAUDECLUSTER_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Connect to the driver over TLS, trusting this CA (PEM).
+    #[arg(long, env = "CLAUDECLUSTER_CA")]
+    ca: Option<PathBuf>,
 }
 
 /// A command piped into `head` should end quietly when the pipe closes, as other tools do,
@@ -125,6 +176,7 @@ fn main() -> ExitCode {
                     args.listen,
                     args.driver,
                     args.api_key,
+                    args.ca,
                 )
                 .await
             }
@@ -135,6 +187,7 @@ fn main() -> ExitCode {
             Command::Workers(command) => client::report(client::workers(command).await),
             Command::Keys(command) => client::report(keys::keys(command).await),
             Command::Audit(args) => client::report(keys::audit(args).await),
+            Command::Certs(command) => certs(command),
         }
     })
 }

@@ -78,12 +78,22 @@ async fn start(
     let mut running = Running::default();
     let all = services == Services::All;
     let secret = cluster_secret(&config)?;
+    // Each service presents its own certificate, when it has one.
+    let identity = |tls: &claudecluster_config::TlsConfig, section: &str| {
+        Ok::<_, String>(claudecluster_grpc::ClusterIdentity {
+            secret: secret.clone(),
+            tls: claudecluster_grpc::tls::Tls::load(tls, section)?,
+        })
+    };
     if all || services == Services::Scheduler {
         let listener =
             claudecluster_grpc::bind(&config.scheduler.listen, "scheduler.listen").await?;
-        let scheduler =
-            claudecluster_scheduler::spawn(config.scheduler.clone(), listener, secret.clone())
-                .await?;
+        let scheduler = claudecluster_scheduler::spawn(
+            config.scheduler.clone(),
+            listener,
+            identity(&config.scheduler.tls, "scheduler")?,
+        )
+        .await?;
         announce("scheduler", scheduler.local_addr);
         if all {
             // Composed in one process, the others use the address actually bound.
@@ -95,14 +105,23 @@ async fn start(
     }
     if all || services == Services::Driver {
         let listener = claudecluster_grpc::bind(&config.driver.listen, "driver.listen").await?;
-        let driver =
-            claudecluster_driver::spawn(config.driver.clone(), listener, secret.clone()).await?;
+        let driver = claudecluster_driver::spawn(
+            config.driver.clone(),
+            listener,
+            identity(&config.driver.tls, "driver")?,
+        )
+        .await?;
         announce("driver", driver.local_addr);
         running.driver = Some(driver);
     }
     if all || services == Services::Worker {
         let listener = claudecluster_grpc::bind(&config.worker.listen, "worker.listen").await?;
-        let worker = claudecluster_worker::spawn(config.worker.clone(), listener, secret).await?;
+        let worker = claudecluster_worker::spawn(
+            config.worker.clone(),
+            listener,
+            identity(&config.worker.tls, "worker")?,
+        )
+        .await?;
         announce("worker", worker.local_addr);
         running.worker = Some(worker);
     }
@@ -135,6 +154,7 @@ pub async fn mcp(
     listen: Option<String>,
     driver: Option<String>,
     api_key: Option<String>,
+    ca: Option<PathBuf>,
 ) -> ExitCode {
     claudecluster_telemetry::init();
     let config = match claudecluster_config::load(
@@ -161,7 +181,17 @@ pub async fn mcp(
             return ExitCode::from(2);
         }
     };
-    let tools = match claudecluster_mcp::ClusterTools::new(&driver, parent, bearer) {
+    let tls = match ca
+        .map(|ca| claudecluster_grpc::tls::Tls::from_files(&ca, None, None))
+        .transpose()
+    {
+        Ok(tls) => tls,
+        Err(message) => {
+            eprintln!("claudecluster: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let tools = match claudecluster_mcp::ClusterTools::new(&driver, parent, bearer, tls.as_ref()) {
         Ok(tools) => tools,
         Err(message) => {
             eprintln!("claudecluster: {message}");

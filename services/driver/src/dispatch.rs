@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use claudecluster_grpc::{ClusterChannel as Channel, ClusterSecret};
+use claudecluster_grpc::{ClusterChannel as Channel, ClusterIdentity};
 use claudecluster_proto::v1::event::Kind;
 use claudecluster_proto::v1::run_session_request::Message as SessionMessage;
 use claudecluster_proto::v1::scheduler_service_client::SchedulerServiceClient;
@@ -70,7 +70,7 @@ pub struct Dispatcher {
     /// Attempts a task gets when workers refuse it or are lost while running it.
     max_attempts: u32,
     /// What the driver presents to the scheduler and the workers.
-    secret: ClusterSecret,
+    identity: ClusterIdentity,
     store: Arc<TaskStore>,
     sessions: Arc<SessionStore>,
     scheduler: SchedulerServiceClient<Channel>,
@@ -86,12 +86,12 @@ impl Dispatcher {
         sessions: Arc<SessionStore>,
         scheduler_address: String,
         max_attempts: u32,
-        secret: ClusterSecret,
+        identity: ClusterIdentity,
     ) -> Result<Self, tonic::transport::Error> {
-        let channel = claudecluster_grpc::cluster::cluster_channel(&scheduler_address, &secret)?;
+        let channel = claudecluster_grpc::cluster::cluster_channel(&scheduler_address, &identity)?;
         Ok(Dispatcher {
             max_attempts,
-            secret,
+            identity,
             store,
             sessions,
             scheduler: SchedulerServiceClient::new(channel)
@@ -119,7 +119,7 @@ impl Dispatcher {
         // seconds, so that its tasks can go to another worker.
         let channel = claudecluster_grpc::cluster::cluster_channel_watched(
             address,
-            &self.secret,
+            &self.identity,
             WORKER_PING_INTERVAL,
             WORKER_PING_TIMEOUT,
         )?;

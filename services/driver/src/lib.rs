@@ -69,7 +69,7 @@ pub enum StartError {
     #[error("cannot take up the stored tasks: {0}")]
     Recovery(#[from] DriverError),
     #[error(
-        "refusing to serve {address} beyond loopback with no API keys, where anyone who reaches it could do anything: add keys (`driver.auth.apiKeys`), listen on 127.0.0.1, or set `driver.insecure: true`"
+        "refusing to serve {address} beyond loopback with no API keys and no TLS, where anyone who reaches it could do anything: add keys (`driver.auth.apiKeys`) or TLS (`driver.tls`), listen on 127.0.0.1, or set `driver.insecure: true`"
     )]
     Insecure { address: std::net::SocketAddr },
 }
@@ -83,18 +83,19 @@ pub fn store_url(config: &DriverConfig) -> String {
 }
 
 /// Starts a driver serving on `listener`: opens the store, takes up the tasks and sessions that
-/// had not ended, and serves. It presents `secret` to the scheduler and the workers.
+/// had not ended, and serves. It presents `identity` to the scheduler and the workers, and
+/// serves its clients over TLS with its certificate when it has one.
 pub async fn spawn(
     config: DriverConfig,
     listener: TcpListener,
-    secret: claudecluster_grpc::ClusterSecret,
+    identity: claudecluster_grpc::ClusterIdentity,
 ) -> Result<Handle, StartError> {
     let local_addr = listener.local_addr()?;
     let opened = std::time::Instant::now();
     let db = Arc::new(db::Db::open(&store_url(&config), config.store.max_connections).await?);
     let keys_exist = !config.auth.api_keys.is_empty() || db.has_active_keys().await?;
     if !keys_exist {
-        if !local_addr.ip().is_loopback() && !config.insecure {
+        if !local_addr.ip().is_loopback() && identity.tls.is_none() && !config.insecure {
             return Err(StartError::Insecure {
                 address: local_addr,
             });
@@ -126,7 +127,7 @@ pub async fn spawn(
             sessions.clone(),
             config.scheduler_address.clone(),
             config.max_attempts,
-            secret,
+            identity.clone(),
         )
         .map_err(|source| StartError::SchedulerAddress {
             address: config.scheduler_address.clone(),
@@ -156,10 +157,12 @@ pub async fn spawn(
         .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES),
     );
+    // API clients present keys, not certificates.
+    let tls = identity.tls.as_ref().map(|tls| tls.server(true));
     let server = {
         let stop = stop.clone();
         tokio::spawn(async move {
-            claudecluster_grpc::serve(listener, routes, stop.cancelled_owned()).await
+            claudecluster_grpc::serve(listener, routes, tls, stop.cancelled_owned()).await
         })
     };
     tracing::info!(address = %local_addr, scheduler = %config.scheduler_address, "driver listening");

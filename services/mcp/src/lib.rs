@@ -90,8 +90,9 @@ impl ClusterTools {
         driver_address: &str,
         parent_session: Option<String>,
         bearer: claudecluster_grpc::Bearer,
+        tls: Option<&claudecluster_grpc::tls::Tls>,
     ) -> Result<Self, String> {
-        let channel = claudecluster_grpc::client_channel(driver_address, bearer)
+        let channel = claudecluster_grpc::client_channel(driver_address, bearer, tls)
             .map_err(|err| format!("bad driver address `{driver_address}`: {err}"))?;
         Ok(ClusterTools {
             driver: DriverServiceClient::new(channel)

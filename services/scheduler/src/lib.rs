@@ -41,12 +41,12 @@ impl Handle {
 }
 
 /// Starts a scheduler serving on `listener`.
-/// Serves the scheduler on `listener`; only callers presenting `secret` (the driver and the
+/// Serves the scheduler on `listener`; only callers presenting `identity` (the driver and the
 /// workers) reach its API.
 pub async fn spawn(
     config: SchedulerConfig,
     listener: TcpListener,
-    secret: claudecluster_grpc::ClusterSecret,
+    identity: claudecluster_grpc::ClusterIdentity,
 ) -> std::io::Result<Handle> {
     let local_addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
@@ -58,11 +58,13 @@ pub async fn spawn(
         SchedulerServiceServer::new(service)
             .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES),
-        claudecluster_grpc::cluster::RequireSecret(secret),
+        // Which role may call what is checked per method (see the service).
+        claudecluster_grpc::cluster::RequireSecret(identity.secret.clone(), &[]),
     ));
     let stop = shutdown.clone();
+    let tls = identity.server_tls();
     let join = tokio::spawn(async move {
-        claudecluster_grpc::serve(listener, routes, stop.cancelled_owned()).await
+        claudecluster_grpc::serve(listener, routes, tls, stop.cancelled_owned()).await
     });
     tracing::info!(address = %local_addr, "scheduler listening");
     Ok(Handle {

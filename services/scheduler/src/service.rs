@@ -2,6 +2,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use claudecluster_config::SchedulerConfig;
+use claudecluster_grpc::tls::{Role, require_role};
 use claudecluster_proto::v1::scheduler_service_server::SchedulerService as SchedulerApi;
 use claudecluster_proto::v1::worker_link_request::Message as LinkMessage;
 use claudecluster_proto::v1::worker_link_response::Message as LinkReply;
@@ -130,6 +131,7 @@ impl SchedulerApi for SchedulerService {
         &self,
         request: Request<Streaming<WorkerLinkRequest>>,
     ) -> Result<Response<Self::WorkerLinkStream>, Status> {
+        require_role(&request, &[Role::Worker])?;
         let mut inbound = request.into_inner();
         let Some(LinkMessage::Register(registration)) =
             inbound.message().await?.and_then(|first| first.message)
@@ -195,6 +197,7 @@ impl SchedulerApi for SchedulerService {
         &self,
         request: Request<EnqueueTaskRequest>,
     ) -> Result<Response<EnqueueTaskResponse>, Status> {
+        require_role(&request, &[Role::Driver])?;
         let request = request.into_inner();
         let invalid = |invalid: claudecluster_proto::validate::Invalid| {
             Status::from(SchedulerError::InvalidArgument {
@@ -224,6 +227,7 @@ impl SchedulerApi for SchedulerService {
         &self,
         request: Request<DequeueTaskRequest>,
     ) -> Result<Response<DequeueTaskResponse>, Status> {
+        require_role(&request, &[Role::Driver])?;
         let removed = self.state().dequeue(&request.into_inner().task_id);
         Ok(Response::new(DequeueTaskResponse { removed }))
     }
@@ -232,6 +236,7 @@ impl SchedulerApi for SchedulerService {
         &self,
         request: Request<ReleaseTaskRequest>,
     ) -> Result<Response<ReleaseTaskResponse>, Status> {
+        require_role(&request, &[Role::Driver])?;
         let request = request.into_inner();
         self.state().release(&request.task_id, request.attempt);
         Ok(Response::new(ReleaseTaskResponse {}))
@@ -241,8 +246,9 @@ impl SchedulerApi for SchedulerService {
 
     async fn stream_placements(
         &self,
-        _request: Request<StreamPlacementsRequest>,
+        request: Request<StreamPlacementsRequest>,
     ) -> Result<Response<Self::StreamPlacementsStream>, Status> {
+        require_role(&request, &[Role::Driver])?;
         let (sender, receiver) = mpsc::unbounded_channel();
         self.state().set_placement_stream(sender);
         tracing::info!("driver connected for placements");
@@ -253,6 +259,7 @@ impl SchedulerApi for SchedulerService {
         &self,
         request: Request<DrainWorkerRequest>,
     ) -> Result<Response<DrainWorkerResponse>, Status> {
+        require_role(&request, &[Role::Driver, Role::Admin])?;
         let worker_id = request.into_inner().worker_id;
         let worker = self
             .state()
@@ -265,8 +272,9 @@ impl SchedulerApi for SchedulerService {
 
     async fn list_workers(
         &self,
-        _request: Request<ListWorkersRequest>,
+        request: Request<ListWorkersRequest>,
     ) -> Result<Response<ListWorkersResponse>, Status> {
+        require_role(&request, &[Role::Driver, Role::Admin])?;
         Ok(Response::new(ListWorkersResponse {
             workers: self.state().workers(),
         }))
@@ -274,8 +282,9 @@ impl SchedulerApi for SchedulerService {
 
     async fn get_queue_stats(
         &self,
-        _request: Request<GetQueueStatsRequest>,
+        request: Request<GetQueueStatsRequest>,
     ) -> Result<Response<GetQueueStatsResponse>, Status> {
+        require_role(&request, &[Role::Driver, Role::Admin])?;
         let state = self.state();
         Ok(Response::new(GetQueueStatsResponse {
             queued_tasks: state.queued_tasks() as u64,

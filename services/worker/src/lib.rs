@@ -71,11 +71,11 @@ pub enum StartError {
 
 /// Starts a worker serving on `listener` and registering with its scheduler.
 /// Serves the worker on `listener` and registers it with the scheduler. Only callers presenting
-/// `secret` (the driver, an operator's CLI) reach its API; it presents `secret` to the scheduler.
+/// `identity` (the driver, an operator's CLI) reach its API; it presents its own to the scheduler.
 pub async fn spawn(
     config: WorkerConfig,
     listener: TcpListener,
-    secret: claudecluster_grpc::ClusterSecret,
+    identity: claudecluster_grpc::ClusterIdentity,
 ) -> Result<Handle, StartError> {
     let local_addr = listener.local_addr()?;
     let advertised = config
@@ -104,13 +104,20 @@ pub async fn spawn(
         ))
         .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES),
-        claudecluster_grpc::cluster::RequireSecret(secret.clone()),
+        claudecluster_grpc::cluster::RequireSecret(
+            identity.secret.clone(),
+            &[
+                claudecluster_grpc::tls::Role::Driver,
+                claudecluster_grpc::tls::Role::Admin,
+            ],
+        ),
     ));
     let stop_server = CancellationToken::new();
     let server = {
         let stop = stop_server.clone();
+        let tls = identity.server_tls();
         tokio::spawn(async move {
-            claudecluster_grpc::serve(listener, routes, stop.cancelled_owned()).await
+            claudecluster_grpc::serve(listener, routes, tls, stop.cancelled_owned()).await
         })
     };
     let stop_link = CancellationToken::new();
@@ -119,7 +126,7 @@ pub async fn spawn(
         health,
         scheduler_address,
         advertised.clone(),
-        secret,
+        identity,
         stop_link.clone(),
     ));
     tracing::info!(

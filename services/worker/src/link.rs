@@ -25,10 +25,11 @@ pub async fn run(
     health: claudecluster_grpc::Health,
     scheduler_address: String,
     advertised: String,
-    secret: claudecluster_grpc::ClusterSecret,
+    identity: claudecluster_grpc::ClusterIdentity,
     stop: CancellationToken,
 ) {
-    let channel = match claudecluster_grpc::cluster::cluster_channel(&scheduler_address, &secret) {
+    let channel = match claudecluster_grpc::cluster::cluster_channel(&scheduler_address, &identity)
+    {
         Ok(channel) => channel,
         Err(err) => {
             tracing::error!(address = %scheduler_address, error = %err, "bad scheduler address (`worker.schedulerAddress`)");
