@@ -439,3 +439,84 @@ async fn a_driver_with_no_keys_serves_loopback_only_unless_told_otherwise() {
     assert!(driver.is_alive());
     assert!(driver.log().contains("no API keys"), "it says so at start");
 }
+
+/// An MCP client (the official SDK) over streamable HTTP: `URL KEY`; an empty KEY sends none.
+const MCP_CLIENT: &str = r#"
+import asyncio, json, sys
+import httpx2
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+
+async def main():
+    url, key = sys.argv[1], sys.argv[2]
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    async with httpx2.AsyncClient(headers=headers) as http:
+        raw = await http.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
+                              headers={"accept": "application/json, text/event-stream"})
+        print(json.dumps({"step": "raw", "status": raw.status_code}))
+    try:
+        async with httpx2.AsyncClient(headers=headers) as http:
+            async with streamable_http_client(url, http_client=http) as streams:
+                async with ClientSession(streams[0], streams[1]) as session:
+                    await session.initialize()
+                    listed = await session.call_tool("list_tasks", {})
+                    print(json.dumps({"step": "listed", "text": listed.content[0].text}))
+    except BaseException as error:
+        print(json.dumps({"step": "refused", "error": repr(error)}))
+
+asyncio.run(main())
+"#;
+
+#[tokio::test]
+async fn the_mcp_server_over_http_takes_only_its_key_and_acts_as_it() {
+    let cluster = TestCluster::start_with_env(
+        &keys_yaml(),
+        &[("CLAUDECLUSTER_API_KEY", ADMIN)],
+        vec![WorkerSpec::default()],
+    )
+    .await;
+    let mut driver = driver_at(&cluster.driver.address);
+    let alices = submit(&mut driver, ALICE, parked("alice's")).await.unwrap();
+    let bobs = submit(&mut driver, BOB, parked("bob's")).await.unwrap();
+
+    // The MCP server presents bob's key to the driver, and asks its own clients for it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut server = tokio::process::Command::new(claudecluster_bin())
+        .args(["mcp", "--http", "--listen", &listen, "--driver"])
+        .arg(&cluster.driver.address)
+        .env("CLAUDECLUSTER_API_KEY", BOB)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = tokio::io::BufReader::new(server.stdout.take().unwrap());
+    let mut line = String::new();
+    use tokio::io::AsyncBufReadExt;
+    stdout.read_line(&mut line).await.unwrap();
+    assert!(
+        line.starts_with("claudecluster: mcp listening on "),
+        "{line}"
+    );
+    let url = format!("http://{listen}/mcp");
+
+    let without = python_steps(&["-c", MCP_CLIENT, &url, ""]).await;
+    assert_eq!(without["raw"]["status"], 401, "{without:?}");
+    assert!(without.contains_key("refused"), "{without:?}");
+    let wrong = python_steps(&["-c", MCP_CLIENT, &url, ALICE]).await;
+    assert_eq!(
+        wrong["raw"]["status"], 401,
+        "another key is refused: {wrong:?}"
+    );
+    assert!(wrong.contains_key("refused"), "{wrong:?}");
+    let with = python_steps(&["-c", MCP_CLIENT, &url, BOB]).await;
+    assert_ne!(with["raw"]["status"], 401, "{with:?}");
+    let listed = with["listed"]["text"].as_str().unwrap();
+    assert!(listed.contains(&bobs.task_id), "{listed}");
+    assert!(!listed.contains(&alices.task_id), "{listed}");
+    server.kill().await.unwrap();
+}

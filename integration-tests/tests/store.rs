@@ -216,3 +216,91 @@ async fn a_driver_on_postgresql_restarted_mid_task_attaches_again() {
         (1..=events.len() as u64).collect::<Vec<_>>()
     );
 }
+
+/// A request presenting `key`.
+fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    request
+}
+
+#[tokio::test]
+async fn a_key_revoked_on_one_driver_stops_working_on_every_driver_of_the_store() {
+    let postgres = TestPostgres::start();
+    let admin = "cck_admin_of_both_drivers_0123456789";
+    let hash = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(admin.as_bytes()))
+    };
+    let shared = format!(
+        "store:\n  url: {}\nauth:\n  apiKeys:\n    - {{id: admin, sha256: {hash}, scopes: [admin]}}\n",
+        postgres.url()
+    );
+    let cluster = TestCluster::start_with_env(
+        &shared,
+        &[("CLAUDECLUSTER_API_KEY", admin)],
+        vec![WorkerSpec::default()],
+    )
+    .await;
+    // A second driver on the same database (placing no work: its scheduler is elsewhere).
+    let config = cluster.dir.path().join("second-driver.yaml");
+    std::fs::write(
+        &config,
+        format!("listen: 127.0.0.1:0\nschedulerAddress: 127.0.0.1:1\n{shared}"),
+    )
+    .unwrap();
+    let second = ServiceProcess::start("driver", &config, &[]).await;
+    let mut first = driver_at(&cluster.driver.address);
+    let mut other = driver_at(&second.address);
+
+    let created = first
+        .create_api_key(with_key(
+            CreateApiKeyRequest {
+                key_id: "ci".into(),
+                scopes: vec!["tasks:read".into()],
+                quotas: None,
+            },
+            admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let ci = created.secret;
+    let status = || {
+        let mut other = other.clone();
+        let ci = ci.clone();
+        async move {
+            other
+                .get_cluster_status(with_key(GetClusterStatusRequest {}, &ci))
+                .await
+        }
+    };
+    // The second driver knows the key made on the first.
+    let answered = status().await;
+    assert!(
+        !matches!(&answered, Err(refused) if refused.code() == tonic::Code::Unauthenticated),
+        "{answered:?}"
+    );
+    first
+        .revoke_api_key(with_key(
+            RevokeApiKeyRequest {
+                key_id: "ci".into(),
+            },
+            admin,
+        ))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    wait_until(Duration::from_secs(10), || async {
+        matches!(status().await, Err(refused) if refused.code() == tonic::Code::Unauthenticated)
+    })
+    .await
+    .expect("the other driver refuses the revoked key");
+    eprintln!(
+        "revocation seen by the other driver after {:?}",
+        started.elapsed()
+    );
+    let _ = &mut other;
+}

@@ -170,8 +170,14 @@ async fn only_certificates_of_the_cluster_ca_naming_the_right_role_get_in() {
         dir,
         ca.issue(Role::Worker, &[], Validity::Expired).unwrap(),
     );
+    let self_signed = presenting(
+        &cluster,
+        dir,
+        (other_ca.cert_pem.clone(), other_ca.key_pem.clone()),
+    );
     for (identity, case) in [
         (&no_certificate, "no certificate"),
+        (&self_signed, "a self-signed certificate"),
         (&foreign, "another CA's certificate"),
         (&expired, "an expired certificate"),
     ] {

@@ -662,6 +662,83 @@ async fn limits() {
     );
 }
 
+/// GetTask and a one-turn task with TLS (mutual between the services) and API keys on,
+/// against the same cluster with both off, interleaved in one run.
+async fn security() {
+    use sha2::Digest;
+    const KEY: &str = "cck_bench_0123456789abcdef0123456789abcdef";
+    let plain = TestCluster::start(vec![WorkerSpec {
+        capacity: 1,
+        ..WorkerSpec::default()
+    }])
+    .await;
+    let certs = tempfile::tempdir().unwrap();
+    claudecluster_grpc::tls::make_certificates(certs.path(), &[]).unwrap();
+    let keys = format!(
+        "auth:\n  apiKeys:\n    - {{id: bench, sha256: {}, scopes: [admin]}}\n",
+        hex::encode(sha2::Sha256::digest(KEY.as_bytes()))
+    );
+    let secured = TestCluster::start_with_tls(
+        &keys,
+        &[("CLAUDECLUSTER_API_KEY", KEY)],
+        Some(certs.path()),
+        vec![WorkerSpec {
+            capacity: 1,
+            ..WorkerSpec::default()
+        }],
+    )
+    .await;
+    let plain_task = cluster_run(&plain, prompt("hello bench")).await;
+    let secured_task = cluster_run(&secured, prompt("hello bench")).await;
+    let _ = (plain_task, secured_task);
+    let (mut plain_get, mut secured_get) = (Vec::new(), Vec::new());
+    let task_ids = [
+        plain.submit(prompt("hello")).await.task_id,
+        secured.submit(prompt("hello")).await.task_id,
+    ];
+    let mut plain_driver = plain.driver().await;
+    let mut secured_driver = secured.driver().await;
+    for _ in 0..1000 {
+        let started = Instant::now();
+        plain_driver
+            .get_task(GetTaskRequest {
+                task_id: task_ids[0].clone(),
+            })
+            .await
+            .unwrap();
+        plain_get.push(started.elapsed().as_secs_f64() * 1000.0);
+        let started = Instant::now();
+        secured_driver
+            .get_task(GetTaskRequest {
+                task_id: task_ids[1].clone(),
+            })
+            .await
+            .unwrap();
+        secured_get.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    let (plain_p50, secured_p50) = (median(&mut plain_get), median(&mut secured_get));
+    let (plain_p99, secured_p99) = (
+        percentile(&mut plain_get, 0.99),
+        percentile(&mut secured_get, 0.99),
+    );
+    println!(
+        "| GetTask, TLS and API keys on (1000 calls, one connection) | off: p50 {plain_p50:.3} ms, p99 {plain_p99:.3} ms | p50 {secured_p50:.3} ms, p99 {secured_p99:.3} ms, ratio of p50 {:.2} |",
+        secured_p50 / plain_p50
+    );
+    let (mut plain_runs, mut secured_runs) = (Vec::new(), Vec::new());
+    for _ in 0..9 {
+        plain_runs.push(cluster_run(&plain, prompt("hello bench")).await.0);
+        secured_runs.push(cluster_run(&secured, prompt("hello bench")).await.0);
+    }
+    let (plain_run, secured_run) = (median(&mut plain_runs), median(&mut secured_runs));
+    println!(
+        "| one-turn task, TLS and API keys on (median of 9, interleaved) | off: {:.0} ms | {:.0} ms, ratio {:.3} |",
+        plain_run * 1000.0,
+        secured_run * 1000.0,
+        secured_run / plain_run
+    );
+}
+
 async fn timed_driver(dir: &std::path::Path) -> (ServiceProcess, f64) {
     let config = dir.join("driver.yaml");
     if !config.exists() {
@@ -845,6 +922,9 @@ async fn main() {
     }
     if wants("limits") {
         limits().await;
+    }
+    if wants("security") {
+        security().await;
     }
     if wants("scheduler") {
         placement_at_scale();
