@@ -175,8 +175,33 @@ async fn only_certificates_of_the_cluster_ca_naming_the_right_role_get_in() {
         dir,
         (other_ca.cert_pem.clone(), other_ca.key_pem.clone()),
     );
+    // Without a certificate, the API asks for a role; health answers, for probes.
+    let refused = register(&no_certificate, &scheduler).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert_eq!(
+        refused.message(),
+        "only the worker may call this; the caller's certificate names no role"
+    );
+    let mut health = claudecluster_grpc::tonic_health::pb::health_client::HealthClient::new(
+        claudecluster_grpc::channel_with(
+            &scheduler,
+            no_certificate.tls.as_ref(),
+            std::time::Duration::from_secs(30),
+            std::time::Duration::from_secs(20),
+        )
+        .unwrap(),
+    );
+    assert_eq!(
+        health
+            .check(claudecluster_grpc::tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .status,
+        1,
+        "SERVING"
+    );
     for (identity, case) in [
-        (&no_certificate, "no certificate"),
         (&self_signed, "a self-signed certificate"),
         (&foreign, "another CA's certificate"),
         (&expired, "an expired certificate"),

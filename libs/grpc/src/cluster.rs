@@ -175,10 +175,11 @@ pub struct ClusterIdentity {
 }
 
 impl ClusterIdentity {
-    /// The server side of a service the others call: peers present a certificate of the
-    /// cluster CA.
+    /// The server side of a service the others call. A certificate a peer presents must be
+    /// the cluster CA's; one that presents none still reaches health and reflection (for
+    /// probes), and is refused by the service's own API, which asks for a role.
     pub fn server_tls(&self) -> Option<tonic::transport::ServerTlsConfig> {
-        self.tls.as_ref().map(|tls| tls.server(false))
+        self.tls.as_ref().map(|tls| tls.server(true))
     }
 }
 
