@@ -269,3 +269,73 @@ async fn only_certificates_of_the_cluster_ca_naming_the_right_role_get_in() {
     );
     cluster.assert_unharmed().await;
 }
+
+/// An MCP client (the official SDK) over HTTPS trusting `CA`: `URL CA`.
+const MCP_OVER_TLS: &str = r#"
+import asyncio, json, ssl, sys
+import httpx2
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+
+async def main():
+    url, ca = sys.argv[1], sys.argv[2]
+    trust = ssl.create_default_context(cafile=ca)
+    async with httpx2.AsyncClient(verify=trust) as http:
+        async with streamable_http_client(url, http_client=http) as streams:
+            async with ClientSession(streams[0], streams[1]) as session:
+                await session.initialize()
+                status = await session.call_tool("cluster_status", {})
+                print(json.dumps({"step": "status", "text": status.content[0].text}))
+
+asyncio.run(main())
+"#;
+
+#[tokio::test]
+async fn the_mcp_server_serves_https_and_reaches_the_driver_over_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    certs_init(certs.path()).await;
+    let cluster =
+        TestCluster::start_with_tls("", &[], Some(certs.path()), vec![WorkerSpec::default()]).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let ca = certs.path().join("ca.pem");
+    let mut server = tokio::process::Command::new(claudecluster_bin())
+        .args(["mcp", "--http", "--listen", &listen, "--driver"])
+        .arg(&cluster.driver.address)
+        .arg("--ca")
+        .arg(&ca)
+        .env(
+            "CLAUDECLUSTER_MCP__TLS__CERT",
+            certs.path().join("driver.pem"),
+        )
+        .env(
+            "CLAUDECLUSTER_MCP__TLS__KEY",
+            certs.path().join("driver.key"),
+        )
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = tokio::io::BufReader::new(server.stdout.take().unwrap());
+    let mut line = String::new();
+    use tokio::io::AsyncBufReadExt;
+    stdout.read_line(&mut line).await.unwrap();
+    assert!(
+        line.starts_with("claudecluster: mcp listening on "),
+        "{line}"
+    );
+    let steps = python_steps(&[
+        "-c",
+        MCP_OVER_TLS,
+        &format!("https://{listen}/mcp"),
+        ca.to_str().unwrap(),
+    ])
+    .await;
+    let status = steps["status"]["text"].as_str().unwrap();
+    assert!(status.contains(&cluster.worker_ids[0]), "{status}");
+    server.kill().await.unwrap();
+}

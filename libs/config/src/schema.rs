@@ -52,6 +52,8 @@ pub struct McpConfig {
     /// Serve HTTP beyond loopback with no API key: anyone who reaches it may use the tools.
     /// Refused unless set.
     pub insecure: bool,
+    /// Serve HTTPS with this certificate and key (`ca` is not used).
+    pub tls: TlsConfig,
 }
 
 impl Default for McpConfig {
@@ -60,6 +62,7 @@ impl Default for McpConfig {
             listen: "127.0.0.1:50054".into(),
             driver_address: "127.0.0.1:50051".into(),
             insecure: false,
+            tls: TlsConfig::default(),
         }
     }
 }

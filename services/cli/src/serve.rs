@@ -209,15 +209,39 @@ pub async fn mcp(
     }
     let address = listen.unwrap_or(config.listen);
     let insecure = config.insecure;
+    let tls = match (&config.tls.cert, &config.tls.key) {
+        (Some(cert), Some(key)) => {
+            let read = |path: &PathBuf, key: &str| {
+                std::fs::read(path).map_err(|err| {
+                    format!("cannot read {} (`mcp.tls.{key}`): {err}", path.display())
+                })
+            };
+            match (read(cert, "cert"), read(key, "key")) {
+                (Ok(cert_pem), Ok(key_pem)) => {
+                    Some(claudecluster_mcp::HttpTls { cert_pem, key_pem })
+                }
+                (Err(message), _) | (_, Err(message)) => {
+                    eprintln!("claudecluster: {message}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        (None, None) => None,
+        _ => {
+            eprintln!("claudecluster: `mcp.tls` needs both cert and key");
+            return ExitCode::from(2);
+        }
+    };
+    let has_tls = tls.is_some();
     let started = async {
         let listener = claudecluster_grpc::bind(&address, "mcp.listen").await?;
         let bound = listener.local_addr()?;
-        if api_key.is_none() && !bound.ip().is_loopback() && !insecure {
+        if api_key.is_none() && !has_tls && !bound.ip().is_loopback() && !insecure {
             return Err(std::io::Error::other(format!(
-                "refusing to serve the MCP tools on {bound} beyond loopback with no API key: pass --api-key (CLAUDECLUSTER_API_KEY), listen on 127.0.0.1, or set `mcp.insecure: true`"
+                "refusing to serve the MCP tools on {bound} beyond loopback with no API key and no TLS: pass --api-key (CLAUDECLUSTER_API_KEY), set `mcp.tls`, listen on 127.0.0.1, or set `mcp.insecure: true`"
             )));
         }
-        claudecluster_mcp::serve_http(tools, listener, api_key.clone())
+        claudecluster_mcp::serve_http(tools, listener, api_key.clone(), tls)
     };
     match started.await {
         Ok(server) => {

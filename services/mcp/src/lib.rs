@@ -722,12 +722,19 @@ impl Handle {
 }
 
 /// Serves the tools over streamable HTTP at `/mcp` on `listener`.
-/// Serves the tools over streamable HTTP at `/mcp`. With `api_key`, a request must present it
-/// (`authorization: Bearer <key>`), or is answered 401.
+/// The certificate and key (PEM) the HTTP endpoint serves TLS with.
+pub struct HttpTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+/// Serves the tools over streamable HTTP at `/mcp`, over TLS with `tls`. With `api_key`, a
+/// request must present it (`authorization: Bearer <key>`), or is answered 401.
 pub fn serve_http(
     tools: ClusterTools,
     listener: TcpListener,
     api_key: Option<String>,
+    tls: Option<HttpTls>,
 ) -> std::io::Result<Handle> {
     let local_addr = listener.local_addr()?;
     let stop = CancellationToken::new();
@@ -766,17 +773,79 @@ pub fn serve_http(
             },
         ));
     let shutdown = stop.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-    });
+    let server = match tls {
+        None => tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+        }),
+        Some(tls) => {
+            let acceptor = tls_acceptor(&tls)?;
+            tokio::spawn(serve_tls(listener, app, acceptor, shutdown))
+        }
+    };
     tracing::info!(address = %local_addr, path = "/mcp", "mcp server listening");
     Ok(Handle {
         local_addr,
         stop,
         server,
     })
+}
+
+fn tls_acceptor(tls: &HttpTls) -> std::io::Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let invalid = |what: &str, err: &dyn std::fmt::Display| {
+        std::io::Error::other(format!("the MCP server's TLS {what} is unusable: {err}"))
+    };
+    let certs = CertificateDer::pem_slice_iter(&tls.cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| invalid("certificate", &err))?;
+    let key = PrivateKeyDer::from_pem_slice(&tls.key_pem).map_err(|err| invalid("key", &err))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|err| invalid("setup", &err))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|err| invalid("certificate", &err))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves `app` over TLS until `stop`: each connection is handshaken, then served HTTP/1.1
+/// (what streamable HTTP uses); a failed handshake closes that connection only.
+async fn serve_tls(
+    listener: TcpListener,
+    app: axum::Router,
+    acceptor: tokio_rustls::TlsAcceptor,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            accepted = listener.accept() => accepted?,
+        };
+        let (acceptor, app, stop) = (acceptor.clone(), app.clone(), stop.clone());
+        tokio::spawn(async move {
+            let Ok(stream) = acceptor.accept(stream).await else {
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
 }
 
 /// Compares in constant time, so that the answer's timing tells nothing of the key.
