@@ -879,3 +879,39 @@ pub async fn python_stubs(out: &Path) {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// `claudecluster mcp --http` on a free loopback port, talking to the driver at `driver`, with
+/// `args` and `env` added; returns the process (killed when dropped) and the address it
+/// announced.
+pub async fn start_mcp_http(
+    driver: &str,
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> (Child, String) {
+    let mut server = Command::new(claudecluster_bin())
+        .args([
+            "mcp",
+            "--http",
+            "--listen",
+            "127.0.0.1:0",
+            "--driver",
+            driver,
+        ])
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    let line = lines
+        .next_line()
+        .await
+        .unwrap()
+        .expect("the MCP server announces its address");
+    let address = line
+        .strip_prefix("claudecluster: mcp listening on ")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_owned();
+    (server, address)
+}

@@ -480,28 +480,12 @@ async fn the_mcp_server_over_http_takes_only_its_key_and_acts_as_it() {
     let bobs = submit(&mut driver, BOB, parked("bob's")).await.unwrap();
 
     // The MCP server presents bob's key to the driver, and asks its own clients for it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut server = tokio::process::Command::new(claudecluster_bin())
-        .args(["mcp", "--http", "--listen", &listen, "--driver"])
-        .arg(&cluster.driver.address)
-        .env("CLAUDECLUSTER_API_KEY", BOB)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdout = tokio::io::BufReader::new(server.stdout.take().unwrap());
-    let mut line = String::new();
-    use tokio::io::AsyncBufReadExt;
-    stdout.read_line(&mut line).await.unwrap();
-    assert!(
-        line.starts_with("claudecluster: mcp listening on "),
-        "{line}"
-    );
+    let (mut server, listen) = start_mcp_http(
+        &cluster.driver.address,
+        &[],
+        &[("CLAUDECLUSTER_API_KEY", BOB.as_ref())],
+    )
+    .await;
     let url = format!("http://{listen}/mcp");
 
     let without = python_steps(&["-c", MCP_CLIENT, &url, ""]).await;

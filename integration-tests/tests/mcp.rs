@@ -3,11 +3,9 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Stdio;
 
 use claudecluster_integration_tests::*;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 async fn run_client(args: &[&str]) -> HashMap<String, Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/mcp_client.py");
@@ -169,29 +167,7 @@ async fn the_python_sdk_over_stdio_spawns_waits_cancels_and_talks_to_a_session()
 #[tokio::test]
 async fn the_python_sdk_over_streamable_http_does_the_same() {
     let cluster = TestCluster::start(vec![WorkerSpec::in_mode(Mode::Container)]).await;
-    let mut server = tokio::process::Command::new(claudecluster_bin())
-        .args([
-            "mcp",
-            "--http",
-            "--listen",
-            "127.0.0.1:0",
-            "--driver",
-            &cluster.driver.address,
-        ])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
-    let line = lines
-        .next_line()
-        .await
-        .unwrap()
-        .expect("the MCP server announces its address");
-    let address = line
-        .strip_prefix("claudecluster: mcp listening on ")
-        .expect(&line)
-        .to_owned();
+    let (_server, address) = start_mcp_http(&cluster.driver.address, &[], &[]).await;
     let steps = run_client(&["http", &format!("http://{address}/mcp")]).await;
     check_scenario(&steps, false);
 }

@@ -296,38 +296,22 @@ async fn the_mcp_server_serves_https_and_reaches_the_driver_over_tls() {
     certs_init(certs.path()).await;
     let cluster =
         TestCluster::start_with_tls("", &[], Some(certs.path()), vec![WorkerSpec::default()]).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
     let ca = certs.path().join("ca.pem");
-    let mut server = tokio::process::Command::new(claudecluster_bin())
-        .args(["mcp", "--http", "--listen", &listen, "--driver"])
-        .arg(&cluster.driver.address)
-        .arg("--ca")
-        .arg(&ca)
-        .env(
-            "CLAUDECLUSTER_MCP__TLS__CERT",
-            certs.path().join("driver.pem"),
-        )
-        .env(
-            "CLAUDECLUSTER_MCP__TLS__KEY",
-            certs.path().join("driver.key"),
-        )
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stdout = tokio::io::BufReader::new(server.stdout.take().unwrap());
-    let mut line = String::new();
-    use tokio::io::AsyncBufReadExt;
-    stdout.read_line(&mut line).await.unwrap();
-    assert!(
-        line.starts_with("claudecluster: mcp listening on "),
-        "{line}"
-    );
+    let (mut server, listen) = start_mcp_http(
+        &cluster.driver.address,
+        &["--ca".as_ref(), ca.as_os_str()],
+        &[
+            (
+                "CLAUDECLUSTER_MCP__TLS__CERT",
+                certs.path().join("driver.pem").as_os_str(),
+            ),
+            (
+                "CLAUDECLUSTER_MCP__TLS__KEY",
+                certs.path().join("driver.key").as_os_str(),
+            ),
+        ],
+    )
+    .await;
     let steps = python_steps(&[
         "-c",
         MCP_OVER_TLS,
