@@ -296,6 +296,8 @@ pub struct WorkerSpec {
     pub claude_path: Option<PathBuf>,
     /// Extra YAML appended to the worker's configuration.
     pub extra_yaml: String,
+    /// Extra keys of the worker's `agent:` section, each line indented by two spaces.
+    pub agent_yaml: String,
     /// Container mode: the image, the network, the Docker socket, the warm pool.
     pub image: Option<String>,
     pub network: String,
@@ -313,6 +315,7 @@ impl Default for WorkerSpec {
             grace_period: Duration::from_secs(3),
             claude_path: None,
             extra_yaml: String::new(),
+            agent_yaml: String::new(),
             image: None,
             network: "host".to_owned(),
             docker_socket: None,
@@ -497,7 +500,7 @@ impl TestCluster {
              shutdownGrace: 1\n\
              labels:\n{labels}\
              {mode}\
-             agent:\n  idleTimeout: {idle}ms\n  cancelGracePeriod: {grace}ms\n  env:\n{config_dir}    DISABLE_TELEMETRY: \"1\"\n\
+             agent:\n  idleTimeout: {idle}ms\n  cancelGracePeriod: {grace}ms\n{agent_extra}  env:\n{config_dir}    DISABLE_TELEMETRY: \"1\"\n\
              {tls}{extra}",
             tls = match &self.certs {
                 Some(certs) => format!(
@@ -516,6 +519,7 @@ impl TestCluster {
                 labels
             },
             idle = spec.idle_timeout.as_millis(),
+            agent_extra = spec.agent_yaml,
             grace = spec.grace_period.as_millis(),
             extra = spec.extra_yaml,
         );

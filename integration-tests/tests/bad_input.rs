@@ -470,7 +470,7 @@ async fn oversized_and_malformed_fields_are_refused_naming_them() {
                 )]),
                 ..prompt("hello")
             },
-            "spec.environment: `ANTHROPIC_BASE_URL` is set by the worker and cannot be set by a task",
+            "spec.environment: `ANTHROPIC_BASE_URL` cannot be set by a task: the agent's API endpoint and credentials are the worker's",
         ),
         (
             TaskSpec {
@@ -563,5 +563,100 @@ async fn oversized_and_malformed_fields_are_refused_naming_them() {
     })
     .await
     .unwrap();
+    cluster.assert_unharmed().await;
+}
+
+#[tokio::test]
+async fn variables_the_agent_or_its_credentials_depend_on_are_refused_by_driver_and_worker() {
+    let worker = WorkerSpec {
+        agent_yaml: "  allowedTaskEnv: [DEPLOY_TOKEN]\n".into(),
+        ..WorkerSpec::default()
+    };
+    let mut cluster = TestCluster::start(vec![worker]).await;
+    let mut driver = cluster.driver().await;
+    for name in [
+        "PATH",
+        "HOME",
+        "USER",
+        "SHELL",
+        "LD_PRELOAD",
+        "NODE_OPTIONS",
+        "NODE_TLS_REJECT_UNAUTHORIZED",
+        "NPM_CONFIG_REGISTRY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "SSL_CERT_FILE",
+        "GIT_SSH_COMMAND",
+        "CLAUDE_CONFIG_DIR",
+        "CLAUDE_CODE_OAUTH_TOKEN",
+        "ANTHROPIC_API_KEY",
+        "anthropic_base_url",
+        "https_proxy",
+        "Path",
+    ] {
+        let refused = driver
+            .submit_task(SubmitTaskRequest {
+                spec: Some(TaskSpec {
+                    environment: HashMap::from([(name.to_owned(), "x".to_owned())]),
+                    ..prompt("hello")
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{name}");
+        assert!(
+            refused
+                .message()
+                .starts_with(&format!("spec.environment: `{name}` ")),
+            "{name}: {}",
+            refused.message()
+        );
+        // The worker refuses it too, whoever sends it.
+        let direct = cluster
+            .worker_client(0)
+            .execute_task(ExecuteTaskRequest {
+                task_id: "direct-env".into(),
+                attempt: 1,
+                spec: Some(TaskSpec {
+                    environment: HashMap::from([(name.to_owned(), "x".to_owned())]),
+                    ..prompt("hello")
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(direct.code(), Code::InvalidArgument, "{name}");
+    }
+    // In allow-list mode the worker takes only what it lists: the task fails at once, saying
+    // so, and runs once.
+    let other = cluster
+        .submit(TaskSpec {
+            environment: HashMap::from([("OTHER".to_owned(), "x".to_owned())]),
+            ..prompt("hello")
+        })
+        .await;
+    let (ended, _) = cluster.finish(&other.task_id).await;
+    assert_eq!(ended.status(), TaskStatus::Failed);
+    assert!(
+        ended.status_reason.ends_with(
+            "spec.environment: `OTHER` is not one of the variables this worker lets tasks set (worker.agent.allowedTaskEnv: DEPLOY_TOKEN)"
+        ),
+        "{}",
+        ended.status_reason
+    );
+    assert_eq!(ended.attempt, 1);
+    let listed = cluster
+        .submit(TaskSpec {
+            environment: HashMap::from([("DEPLOY_TOKEN".to_owned(), "x".to_owned())]),
+            ..prompt("hello")
+        })
+        .await;
+    let (ended, _) = cluster.finish(&listed.task_id).await;
+    assert_eq!(
+        ended.status(),
+        TaskStatus::Completed,
+        "{}",
+        ended.status_reason
+    );
     cluster.assert_unharmed().await;
 }

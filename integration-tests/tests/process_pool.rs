@@ -337,7 +337,7 @@ async fn a_tasks_environment_reaches_its_agent_but_no_client_and_cannot_be_the_w
     assert_eq!(refused.code(), Code::InvalidArgument);
     assert_eq!(
         refused.message(),
-        "spec.environment: `ANTHROPIC_BASE_URL` is set by the worker and cannot be set by a task"
+        "spec.environment: `ANTHROPIC_BASE_URL` cannot be set by a task: the agent's API endpoint and credentials are the worker's"
     );
 }
 

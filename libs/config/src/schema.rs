@@ -512,6 +512,9 @@ pub struct AgentConfig {
     pub pass_env: StringList,
     /// Variables set for every agent, after the passed ones.
     pub env: BTreeMap<String, String>,
+    /// When set, a task's `environment` may name only these variables (on top of the rules
+    /// every worker applies).
+    pub allowed_task_env: Option<StringList>,
     /// An output line longer than this is cut, with a marker, so that no event outgrows what
     /// the services' links carry.
     pub max_line_bytes: ByteSize,
@@ -530,6 +533,7 @@ impl Default for AgentConfig {
             append_system_prompt: None,
             pass_env: StringList(vec!["ANTHROPIC_".into(), "CLAUDE_CODE_".into()]),
             env: BTreeMap::new(),
+            allowed_task_env: None,
             max_line_bytes: ByteSize(1 << 20),
         }
     }

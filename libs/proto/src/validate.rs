@@ -251,30 +251,68 @@ fn environment(variables: &std::collections::HashMap<String, String>) -> Result<
         let valid_name = name
             .chars()
             .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            .is_some_and(|c| c.is_ascii_uppercase() || c == '_')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
         if !valid_name {
             let shown: String = name.chars().take(64).collect();
             return invalid(
                 field,
-                format!("`{}` is not a variable name", shown.escape_debug()),
+                format!(
+                    "`{}` is not a variable name of the form [A-Z_][A-Z0-9_]*",
+                    shown.escape_debug()
+                ),
             );
         }
-        if name.starts_with("ANTHROPIC_")
-            || name.starts_with("CLAUDE_CODE_")
-            || name == "CLAUDE_CONFIG_DIR"
-            || name == "CLAUDECLUSTER_AGENT"
-        {
-            return invalid(
-                field,
-                format!("`{name}` is set by the worker and cannot be set by a task"),
-            );
+        if let Some(why) = reserved_variable(name) {
+            return invalid(field, format!("`{name}` cannot be set by a task: {why}"));
         }
         if value.contains('\n') || value.contains('\0') {
             return invalid(field, format!("the value of `{name}` must be one line"));
         }
     }
     Ok(())
+}
+
+/// Why a task may not set the variable `name`, if it may not: what the agent, its tools or its
+/// credentials depend on stays the worker's. Case-insensitive, so that `anthropic_base_url`
+/// (which some tools read too) is refused like `ANTHROPIC_BASE_URL`.
+pub fn reserved_variable(name: &str) -> Option<&'static str> {
+    let name = name.to_ascii_uppercase();
+    const PREFIXES: &[(&str, &str)] = &[
+        (
+            "ANTHROPIC_",
+            "the agent's API endpoint and credentials are the worker's",
+        ),
+        ("CLAUDE", "the agent's own settings are the worker's"),
+        ("LD_", "it changes what every program loads"),
+        (
+            "NODE_",
+            "it changes how the agent's runtime starts and trusts TLS",
+        ),
+        ("NPM_CONFIG_", "it changes where packages come from"),
+        ("SSL_", "it changes which certificates are trusted"),
+        ("GIT_", "it changes what git runs and where it connects"),
+    ];
+    const NAMES: &[(&str, &str)] = &[
+        (
+            "PATH",
+            "it decides which programs run, the agent among them",
+        ),
+        ("HOME", "the agent's home is the worker's to give"),
+        ("USER", "the agent's user is the worker's to give"),
+        ("SHELL", "it decides what runs the agent's commands"),
+    ];
+    PREFIXES
+        .iter()
+        .find(|(prefix, _)| name.starts_with(prefix))
+        .or_else(|| NAMES.iter().find(|(reserved, _)| name == *reserved))
+        .map(|(_, why)| *why)
+        .or_else(|| {
+            (name.ends_with("_PROXY") || name == "PROXY")
+                .then_some("where the agent's traffic goes is the worker's egress policy")
+        })
 }
 
 fn resource_limits(limits: &ResourceLimits) -> Result<(), Invalid> {

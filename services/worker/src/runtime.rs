@@ -160,6 +160,27 @@ impl Runtime {
         }
     }
 
+    /// Refuses a variable outside `worker.agent.allowedTaskEnv`, when that is set.
+    fn check_task_environment(&self, spec: &TaskSpec) -> Result<(), WorkerError> {
+        let Some(allowed) = &self.config.agent.allowed_task_env else {
+            return Ok(());
+        };
+        match spec
+            .environment
+            .keys()
+            .find(|name| !allowed.0.contains(name))
+        {
+            Some(name) => Err(WorkerError::InvalidArgument {
+                field: "spec.environment",
+                message: format!(
+                    "`{name}` is not one of the variables this worker lets tasks set (worker.agent.allowedTaskEnv: {})",
+                    allowed.0.join(", ")
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// What this worker accepts of a task: its repository schemes and largest limits.
     pub fn admits(&self) -> WorkerAdmits {
         admits(&self.config)
@@ -475,6 +496,7 @@ impl Runtime {
         // A request may come from anything that reaches this port, not only a driver that
         // checked it.
         validate::task_spec(&execution.spec, validate::PROMPT_BYTES_CEILING)?;
+        self.check_task_environment(&execution.spec)?;
         if let Some(refusal) = self.admits().refusal(&TaskNeeds::of_task(&execution.spec)) {
             return Err(refusal.into());
         }
