@@ -53,6 +53,8 @@ impl RecordedRequest {
 #[derive(Default)]
 struct Shared {
     requests: Mutex<Vec<RecordedRequest>>,
+    /// API keys answered 429, as a rate-limited account would be.
+    rate_limited: Mutex<Vec<String>>,
 }
 
 /// A running stand-in API on a loopback port.
@@ -105,6 +107,15 @@ impl StandinApi {
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared.requests.lock().unwrap().clone()
     }
+
+    /// Answers every request presenting `api_key` with 429 from now on.
+    pub fn rate_limit(&self, api_key: &str) {
+        self.shared
+            .rate_limited
+            .lock()
+            .unwrap()
+            .push(api_key.to_owned());
+    }
 }
 
 impl Drop for StandinApi {
@@ -125,10 +136,20 @@ async fn messages(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let limited = api_key
+        .as_ref()
+        .is_some_and(|key| shared.rate_limited.lock().unwrap().contains(key));
     shared.requests.lock().unwrap().push(RecordedRequest {
         api_key,
         body: body.clone(),
     });
+    if limited {
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "stand-in rate limit for this key",
+        );
+    }
     let streaming = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
     match script(&body) {
         Script::Error(status) => {

@@ -276,6 +276,45 @@ pub struct WorkerConfig {
     /// The largest limits and budgets a task may ask of this worker.
     pub max_task_limits: MaxTaskLimits,
     pub tls: TlsConfig,
+    pub credential_proxy: CredentialProxyConfig,
+}
+
+/// The worker's credential proxy: agents get a token of their own and the proxy's address; the
+/// real credentials stay with the worker.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct CredentialProxyConfig {
+    /// Off, agents get the worker's credentials themselves (as `agent.passEnv` passes them).
+    pub enabled: bool,
+    /// Where the proxy listens; by default a free port on loopback, or on every address when
+    /// containers off the host's network must reach it.
+    pub listen: Option<String>,
+    /// Where requests go; defaults to the worker's `ANTHROPIC_BASE_URL`, else Anthropic's API.
+    pub upstream: Option<String>,
+    /// API keys (`x-api-key`), used in turn; the worker's `ANTHROPIC_API_KEY` when none.
+    pub api_keys: StringList,
+    /// Auth or Claude subscription tokens (`authorization: Bearer`); the worker's
+    /// `ANTHROPIC_AUTH_TOKEN` and `CLAUDE_CODE_OAUTH_TOKEN` when none.
+    pub auth_tokens: StringList,
+    /// Files holding one credential each (an API key unless it starts with `bearer:`).
+    pub credential_files: Vec<PathBuf>,
+    /// A credential the upstream answered 429 or 529 rests this long (a bare number is
+    /// seconds).
+    pub cool_down: Seconds,
+}
+
+impl Default for CredentialProxyConfig {
+    fn default() -> Self {
+        CredentialProxyConfig {
+            enabled: true,
+            listen: None,
+            upstream: None,
+            api_keys: StringList::default(),
+            auth_tokens: StringList::default(),
+            credential_files: Vec::new(),
+            cool_down: Seconds(Duration::from_secs(60)),
+        }
+    }
 }
 
 /// Every `repo_url` scheme `worker.allowedRepoSchemes` may list.
@@ -332,6 +371,7 @@ impl Default for WorkerConfig {
             allowed_repo_schemes: StringList(vec!["https".into(), "ssh".into()]),
             max_task_limits: MaxTaskLimits::default(),
             tls: TlsConfig::default(),
+            credential_proxy: CredentialProxyConfig::default(),
         }
     }
 }

@@ -5,6 +5,7 @@ mod error;
 mod events;
 pub mod execution;
 mod link;
+pub mod proxy;
 mod run_log;
 mod runs;
 mod runtime;
@@ -67,9 +68,10 @@ pub enum StartError {
     Container(String),
     #[error("{0}")]
     WorkerId(#[from] worker_id::WorkerIdError),
+    #[error("the credential proxy (`worker.credentialProxy`): {0}")]
+    Proxy(String),
 }
 
-/// Starts a worker serving on `listener` and registering with its scheduler.
 /// Serves the worker on `listener` and registers it with the scheduler. Only callers presenting
 /// `identity` (the driver, an operator's CLI) reach its API; it presents its own to the scheduler.
 pub async fn spawn(
@@ -93,7 +95,11 @@ pub async fn spawn(
         .await
         .map_err(StartError::Container)?;
     let scheduler_address = config.scheduler_address.clone();
-    let runtime = Arc::new(Runtime::new(worker_id.clone(), config, providers));
+    let proxy = match config.credential_proxy.enabled {
+        true => Some(start_proxy(&config).await?),
+        false => None,
+    };
+    let runtime = Arc::new(Runtime::new(worker_id.clone(), config, providers, proxy));
 
     let (routes, health) =
         claudecluster_grpc::standard_routes("claudecluster.v1.WorkerService").await;
@@ -146,4 +152,76 @@ pub async fn spawn(
         link,
         server,
     })
+}
+
+/// Starts the worker's credential proxy with the credentials its configuration or environment
+/// names.
+async fn start_proxy(config: &WorkerConfig) -> Result<Arc<proxy::CredentialProxy>, StartError> {
+    use proxy::Credential;
+    let settings = &config.credential_proxy;
+    // Containers off the host's network reach the proxy at the host's gateway, not loopback.
+    let containers_off_host = config
+        .modes()
+        .contains(&claudecluster_config::ExecutionModeSetting::ContainerAgentic)
+        && config.container.network != "host";
+    let listen = settings.listen.clone().unwrap_or_else(|| {
+        if containers_off_host {
+            "0.0.0.0:0".to_owned()
+        } else {
+            "127.0.0.1:0".to_owned()
+        }
+    });
+    let listener = claudecluster_grpc::bind(&listen, "worker.credentialProxy.listen").await?;
+    let env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+    let upstream = settings
+        .upstream
+        .clone()
+        .or_else(|| env("ANTHROPIC_BASE_URL"))
+        .unwrap_or_else(|| "https://api.anthropic.com".to_owned());
+    let mut credentials: Vec<Credential> = settings
+        .api_keys
+        .0
+        .iter()
+        .cloned()
+        .map(Credential::ApiKey)
+        .chain(
+            settings
+                .auth_tokens
+                .0
+                .iter()
+                .cloned()
+                .map(Credential::Bearer),
+        )
+        .collect();
+    for path in &settings.credential_files {
+        let text = std::fs::read_to_string(path).map_err(|err| {
+            StartError::Proxy(format!(
+                "cannot read {} (`credentialFiles`): {err}",
+                path.display()
+            ))
+        })?;
+        let text = text.trim();
+        credentials.push(match text.strip_prefix("bearer:") {
+            Some(token) => Credential::Bearer(token.trim().to_owned()),
+            None => Credential::ApiKey(text.to_owned()),
+        });
+    }
+    if credentials.is_empty() {
+        credentials.extend(env("ANTHROPIC_API_KEY").map(Credential::ApiKey));
+        credentials.extend(env("ANTHROPIC_AUTH_TOKEN").map(Credential::Bearer));
+        credentials.extend(env("CLAUDE_CODE_OAUTH_TOKEN").map(Credential::Bearer));
+    }
+    if credentials.is_empty() {
+        tracing::warn!(
+            "the credential proxy has no credential: agents' requests will be refused upstream (set ANTHROPIC_API_KEY or worker.credentialProxy)"
+        );
+    }
+    proxy::CredentialProxy::start(
+        listener,
+        "127.0.0.1",
+        &upstream,
+        credentials,
+        settings.cool_down.get(),
+    )
+    .map_err(StartError::Proxy)
 }

@@ -31,6 +31,7 @@ use crate::execution::{
     AgentHandle, AgentInput, AgentLaunch, AgentOptions, ExecutionProvider, Limits, ProviderHealth,
     Providers, WarmPool, WarmTemplate, agent_env, warm_agent_args,
 };
+use crate::proxy::{CREDENTIAL_VARIABLES, CredentialProxy, Grant};
 use crate::run_log::{LogBounds, RunLog};
 use crate::runs::{Runs, TaskRun, WorkId};
 use crate::workspace::Workspaces;
@@ -55,6 +56,9 @@ const RUNS_DIR: &str = ".runs";
 pub struct Runtime {
     pub worker_id: String,
     config: WorkerConfig,
+    /// Where agents reach the Messages API, holding the real credentials; `None` when agents
+    /// hold them themselves (`worker.credentialProxy.enabled: false`).
+    proxy: Option<Arc<CredentialProxy>>,
     /// Swapped whole when the worker switches modes.
     providers: std::sync::RwLock<Arc<Providers>>,
     warm_pools: Mutex<HashMap<ExecutionMode, Arc<WarmPool>>>,
@@ -76,8 +80,14 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    pub fn new(worker_id: String, config: WorkerConfig, providers: Providers) -> Self {
-        Self::with_log_bounds(worker_id, config, providers, LogBounds::default())
+    /// A runtime whose agents reach the Messages API through `proxy`, when given.
+    pub fn new(
+        worker_id: String,
+        config: WorkerConfig,
+        providers: Providers,
+        proxy: Option<Arc<CredentialProxy>>,
+    ) -> Self {
+        Self::with_log_bounds(worker_id, config, providers, LogBounds::default(), proxy)
     }
 
     pub(crate) fn with_log_bounds(
@@ -85,6 +95,7 @@ impl Runtime {
         config: WorkerConfig,
         providers: Providers,
         log_bounds: LogBounds,
+        proxy: Option<Arc<CredentialProxy>>,
     ) -> Self {
         let capacity = config.capacity();
         let workspaces = Workspaces::new(Workspaces::root_for(&config))
@@ -98,6 +109,7 @@ impl Runtime {
         }
         let runtime = Runtime {
             worker_id,
+            proxy,
             slots: Arc::new(Semaphore::new(capacity as usize)),
             config,
             providers: std::sync::RwLock::new(Arc::new(providers)),
@@ -121,8 +133,9 @@ impl Runtime {
         let options = AgentOptions::resolve(None, &self.config.agent);
         let template = WarmTemplate {
             args: warm_agent_args(&options),
-            env: agent_env(&self.config.agent, std::env::vars(), []),
+            env: self.worker_env(agent_env(&self.config.agent, std::env::vars(), [])),
             options,
+            proxy: self.proxy.clone(),
         };
         let providers = self.providers();
         let mut pools = self.warm_pools.lock().expect("warm pool lock poisoned");
@@ -179,6 +192,29 @@ impl Runtime {
             }),
             None => Ok(()),
         }
+    }
+
+    /// `env` without the worker's own credentials when agents go through the proxy.
+    fn worker_env(&self, mut env: Vec<(String, String)>) -> Vec<(String, String)> {
+        if self.proxy.is_some() {
+            env.retain(|(name, _)| !CREDENTIAL_VARIABLES.contains(&name.as_str()));
+        }
+        env
+    }
+
+    /// An agent's environment, and with the proxy the grant of its own token, which stands in
+    /// for the worker's credentials; `holder` names the agent in the proxy's logs.
+    pub(crate) fn agent_environment(
+        &self,
+        task_env: impl IntoIterator<Item = (String, String)>,
+        holder: &str,
+    ) -> (Vec<(String, String)>, Option<Grant>) {
+        let mut env = self.worker_env(agent_env(&self.config.agent, std::env::vars(), task_env));
+        let grant = self.proxy.as_ref().map(|proxy| proxy.grant(holder));
+        if let Some(grant) = &grant {
+            env.extend(grant.agent_env());
+        }
+        (env, grant)
     }
 
     /// What this worker accepts of a task: its repository schemes and largest limits.
@@ -713,21 +749,22 @@ impl Runtime {
             .map_err(|err| err.0)?;
         // The prompt goes in on stdin, as a stream-json message, not on the command line: one
         // argument may not exceed 128 KiB on Linux, and a prompt may.
+        let (env, grant) = self.agent_environment(
+            spec.environment.clone(),
+            &format!("task {} attempt {}", execution.task_id, execution.attempt),
+        );
         let launch = AgentLaunch {
             task_id: execution.task_id.clone(),
             attempt: execution.attempt,
             args: warm_agent_args(options),
-            env: agent_env(
-                &self.config.agent,
-                std::env::vars(),
-                spec.environment.clone(),
-            ),
+            env,
             workspace: workspace.clone(),
             input: AgentInput::StreamJson,
             limits,
             mounts: Vec::new(),
         };
-        let agent = provider.launch(launch).await.map_err(|err| err.0)?;
+        let mut agent = provider.launch(launch).await.map_err(|err| err.0)?;
+        agent.grant = grant;
         let input = agent
             .input
             .as_ref()

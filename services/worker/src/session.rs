@@ -34,7 +34,7 @@ use crate::error::WorkerError;
 use crate::execution::supervisor::{Cancellation, STDERR_TAIL, handle_line};
 use crate::execution::{
     AgentControl, AgentExit, AgentHandle, AgentInput, AgentLaunch, AgentOptions, ExecutionProvider,
-    Limits, OutputLine, agent_env, warm_agent_args,
+    Limits, OutputLine, warm_agent_args,
 };
 use crate::run_log::RunLog;
 use crate::runs::{LiveSession, SessionRecord, WorkId};
@@ -523,7 +523,9 @@ impl Actor {
             args.push("--resume".to_owned());
             args.push(id.clone());
         }
-        let mut env = agent_env(&config.agent, std::env::vars(), []);
+        let (mut env, grant) = self
+            .runtime
+            .agent_environment([], &format!("session {}", self.session_id));
         env.push(("CLAUDE_CONFIG_DIR".to_owned(), CONFIG_MOUNT.to_owned()));
         let limits = self
             .spec
@@ -545,7 +547,8 @@ impl Actor {
             limits,
             mounts: vec![(self.config_dir.clone(), CONFIG_MOUNT.to_owned())],
         };
-        let handle = self.provider.launch(launch).await.map_err(|err| err.0)?;
+        let mut handle = self.provider.launch(launch).await.map_err(|err| err.0)?;
+        handle.grant = grant;
         Ok(LiveAgent::new(handle))
     }
 

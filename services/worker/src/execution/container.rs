@@ -40,6 +40,9 @@ const DOCKER_API: ClientVersion = ClientVersion {
     major_version: 1,
     minor_version: 41,
 };
+/// The name a container off the host's network reaches the host (and the worker's credential
+/// proxy) by.
+const PROXY_HOST: &str = "host.docker.internal";
 const LABEL_MANAGED: &str = "claudecluster.managed";
 const LABEL_WORKER: &str = "claudecluster.worker";
 /// The workspace root of the worker that made the container: a worker that restarts on the
@@ -346,6 +349,7 @@ impl ExecutionProvider for ContainerProvider {
         let name = format!("claudecluster-{}-{}", launch.task_id, launch.attempt);
         let (network_mode, own_network) = self.network_for(&name).await?;
         let description = format!("container {name} on network {network_mode}");
+        let on_host_network = network_mode == "host";
         let defaults = self.settings.limits;
         let memory = if launch.limits.memory_bytes > 0 {
             launch.limits.memory_bytes
@@ -401,6 +405,9 @@ impl ExecutionProvider for ContainerProvider {
                 pids_limit: (pids > 0).then_some(i64::from(pids)),
                 security_opt: Some(vec!["no-new-privileges".to_owned()]),
                 cap_drop: Some(vec!["ALL".to_owned()]),
+                // Off the host's network, the container reaches the worker's credential proxy
+                // at the host's gateway.
+                extra_hosts: (!on_host_network).then(|| vec![format!("{PROXY_HOST}:host-gateway")]),
                 network_mode: Some(network_mode),
                 ..Default::default()
             }),
@@ -442,6 +449,11 @@ impl ExecutionProvider for ContainerProvider {
         let mut writer = attached.input;
         let mut preamble = String::new();
         for (key, value) in &launch.env {
+            let value = if key == "ANTHROPIC_BASE_URL" && !on_host_network {
+                value.replacen("://127.0.0.1:", &format!("://{PROXY_HOST}:"), 1)
+            } else {
+                value.clone()
+            };
             if value.contains('\n') {
                 tracing::warn!(variable = %key, "a variable with a newline cannot be passed to a container agent");
                 continue;
@@ -515,6 +527,7 @@ impl ExecutionProvider for ContainerProvider {
             }),
             input,
             description,
+            grant: None,
         })
     }
 }

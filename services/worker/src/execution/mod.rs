@@ -93,6 +93,9 @@ pub struct AgentHandle {
     pub input: Option<mpsc::Sender<String>>,
     /// What runs the agent, for people: `process 1234`, `container … on network …`.
     pub description: String,
+    /// The agent's token at the credential proxy: revoked when the handle is dropped, which
+    /// is when the agent has ended.
+    pub grant: Option<crate::proxy::Grant>,
 }
 
 /// Stopping an agent and releasing what it held.

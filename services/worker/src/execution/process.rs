@@ -201,6 +201,7 @@ impl ExecutionProvider for ProcessPoolProvider {
             control: Box::new(LocalProcess { pid }),
             input,
             description: format!("process {pid}"),
+            grant: None,
         })
     }
 }

@@ -105,6 +105,8 @@ where
         control,
         mut input,
         description: _,
+        // Held until the agent has ended, then revoked.
+        grant: _grant,
     } = agent;
     let started = Instant::now();
     let deadline = started + supervision.timeout;
@@ -382,6 +384,7 @@ mod tests {
             control: Box::new(control.clone()),
             input: None,
             description: "a fake agent".into(),
+            grant: None,
         };
         (FakeAgent { lines, control }, handle)
     }

@@ -46,6 +46,8 @@ pub struct WarmTemplate {
     pub args: Vec<String>,
     /// Holds secrets: never log values.
     pub env: Vec<(String, String)>,
+    /// Each agent gets a token of its own here, when the worker runs a credential proxy.
+    pub proxy: Option<Arc<crate::proxy::CredentialProxy>>,
 }
 
 pub struct WarmPool {
@@ -142,17 +144,23 @@ impl WarmPool {
             .adopt_workspace(&workspace)
             .await
             .map_err(|err| err.0)?;
+        let grant = self.template.proxy.as_ref().map(|proxy| proxy.grant(&name));
+        let mut env = self.template.env.clone();
+        if let Some(grant) = &grant {
+            env.extend(grant.agent_env());
+        }
         let launch = AgentLaunch {
             task_id: name,
             attempt: 0,
             args: self.template.args.clone(),
-            env: self.template.env.clone(),
+            env,
             workspace: workspace.clone(),
             input: AgentInput::StreamJson,
             limits: Limits::default(),
             mounts: Vec::new(),
         };
-        let handle = self.provider.launch(launch).await.map_err(|err| err.0)?;
+        let mut handle = self.provider.launch(launch).await.map_err(|err| err.0)?;
+        handle.grant = grant;
         Ok(WarmAgent { handle, workspace })
     }
 

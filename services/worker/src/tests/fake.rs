@@ -144,6 +144,7 @@ impl ExecutionProvider for FakeProvider {
             control: Box::new(FakeControl(agent)),
             input,
             description: "a fake agent".into(),
+            grant: None,
         })
     }
 }

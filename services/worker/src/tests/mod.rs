@@ -58,6 +58,7 @@ impl Worker {
             "worker-test".into(),
             config,
             Providers::new(vec![provider]),
+            None,
         ));
         let service = WorkerService::new(runtime.clone(), "127.0.0.1:1".into());
         Worker {

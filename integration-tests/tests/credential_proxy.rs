@@ -1,0 +1,133 @@
+//! The worker's credential proxy: agents hold a token of their own, never the real key; the
+//! upstream (the stand-in API) sees only the real key; a finished run's token is refused; a
+//! rate-limited credential is set aside.
+
+use std::time::Duration;
+
+use claudecluster_integration_tests::*;
+use claudecluster_proto::v1::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const REAL_KEY: &str = "sk-ant-standin-secret";
+
+/// The HTTP status the proxy at `base_url` answers a Messages request presenting `token`.
+async fn status_for(base_url: &str, token: &str) -> u16 {
+    let address = base_url.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let body = r#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":"hi"}]}"#;
+    let request = format!(
+        "POST /v1/messages HTTP/1.1\r\nhost: {address}\r\nx-api-key: {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|status| status.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer}"))
+}
+
+/// What the agent sees as its key and base URL, through a Bash call.
+fn print_credentials() -> TaskSpec {
+    with_tools(
+        "BASH echo $ANTHROPIC_API_KEY $ANTHROPIC_BASE_URL ${ANTHROPIC_AUTH_TOKEN:-none}",
+        &["Bash"],
+    )
+}
+
+async fn agent_credentials(cluster: &TestCluster) -> (String, String, Vec<Event>) {
+    let task = cluster.submit(print_credentials()).await;
+    let (ended, events) = cluster.finish(&task.task_id).await;
+    assert_eq!(
+        ended.status(),
+        TaskStatus::Completed,
+        "{}",
+        ended.status_reason
+    );
+    let text = ended.result.unwrap().text;
+    let mut words = text.trim_start_matches("MOCK_DONE ").split_whitespace();
+    let token = words.next().unwrap().to_owned();
+    let base_url = words.next().unwrap().to_owned();
+    assert_eq!(words.next(), Some("none"), "no auth token either: {text}");
+    (token, base_url, events)
+}
+
+async fn proxy_holds_the_key(mode: Mode) {
+    let mut cluster = TestCluster::start(vec![WorkerSpec::in_mode(mode)]).await;
+    let (token, base_url, events) = agent_credentials(&cluster).await;
+    assert!(token.starts_with("cct_"), "{token}");
+    assert_ne!(
+        base_url,
+        cluster.api.base_url(),
+        "the agent talks to the proxy"
+    );
+    // The stand-in saw only the real key, on every request.
+    let requests = cluster.api.requests();
+    assert!(!requests.is_empty());
+    assert!(
+        requests
+            .iter()
+            .all(|request| request.api_key.as_deref() == Some(REAL_KEY)),
+        "{:?}",
+        requests.iter().map(|r| &r.api_key).collect::<Vec<_>>()
+    );
+    // Neither events nor any service's log holds the real key.
+    let mut everything = format!("{events:?}");
+    everything.push_str(&cluster.driver.log());
+    everything.push_str(&cluster.workers[0].log());
+    assert!(!everything.contains(REAL_KEY));
+    // The finished run's token is refused; a token nobody granted too.
+    assert_eq!(status_for(&base_url, &token).await, 401);
+    assert_eq!(status_for(&base_url, "cct_made_up").await, 401);
+    assert_eq!(status_for(&base_url, REAL_KEY).await, 401);
+    cluster.assert_unharmed().await;
+}
+
+#[tokio::test]
+async fn a_process_agent_holds_only_its_own_token() {
+    proxy_holds_the_key(Mode::ProcessPool).await;
+}
+
+#[tokio::test]
+async fn a_container_agent_holds_only_its_own_token() {
+    proxy_holds_the_key(Mode::Container).await;
+}
+
+#[tokio::test]
+async fn a_rate_limited_credential_is_set_aside_and_tasks_complete_on_the_next() {
+    let worker = WorkerSpec {
+        extra_yaml:
+            "credentialProxy:\n  apiKeys: [sk-ant-limited, sk-ant-second]\n  coolDown: 60\n".into(),
+        ..WorkerSpec::default()
+    };
+    let cluster = TestCluster::start(vec![worker]).await;
+    cluster.api.rate_limit("sk-ant-limited");
+    for round in 0..3 {
+        let task = cluster.submit(prompt(&format!("hello {round}"))).await;
+        let (ended, _) =
+            tokio::time::timeout(Duration::from_secs(60), cluster.finish(&task.task_id))
+                .await
+                .unwrap();
+        assert_eq!(
+            ended.status(),
+            TaskStatus::Completed,
+            "{}",
+            ended.status_reason
+        );
+    }
+    let keys: Vec<_> = cluster
+        .api
+        .requests()
+        .into_iter()
+        .filter_map(|request| request.api_key)
+        .collect();
+    assert!(keys.iter().any(|key| key == "sk-ant-second"), "{keys:?}");
+    // Set aside after its first 429, the limited key was tried once.
+    assert_eq!(
+        keys.iter().filter(|key| *key == "sk-ant-limited").count(),
+        1,
+        "{keys:?}"
+    );
+}
