@@ -645,3 +645,31 @@ async fn dockerd_stopped_and_started_under_load_fails_or_reruns_every_task_and_l
     .await
     .expect("no container is left once the daemon is back");
 }
+
+#[tokio::test]
+async fn a_container_agent_writes_only_to_its_workspace_and_scratch_space() {
+    let cluster = TestCluster::start(vec![container_worker()]).await;
+    let task = cluster
+        .submit(with_tools(
+            "BASH touch /home/agent/planted 2>&1 | sed 's/.*: //'; touch /workspace/made /tmp/scratch && echo ok",
+            &["Bash"],
+        ))
+        .await;
+    let (ended, _) = cluster.finish(&task.task_id).await;
+    assert_eq!(
+        ended.status(),
+        TaskStatus::Completed,
+        "{}",
+        ended.status_reason
+    );
+    assert_eq!(
+        ended.result.unwrap().text,
+        "MOCK_DONE Read-only file system"
+    );
+    let workspace = ended.workspace;
+    assert!(
+        std::path::Path::new(&workspace).join("made").exists(),
+        "the workspace is writable: {workspace}"
+    );
+    no_containers_left(&cluster.worker_ids[0]).await;
+}

@@ -490,6 +490,8 @@ pub struct ContainerConfig {
     pub docker_host: Option<String>,
     /// Containers kept started, with their agent booted and waiting for a task (0: none).
     pub warm_pool_size: u32,
+    /// A Docker runtime other than the default, such as `runsc` (gVisor).
+    pub runtime: Option<String>,
 }
 
 impl Default for ContainerConfig {
@@ -504,6 +506,7 @@ impl Default for ContainerConfig {
             user: "1000:1000".into(),
             docker_host: None,
             warm_pool_size: 0,
+            runtime: None,
         }
     }
 }

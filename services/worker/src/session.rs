@@ -134,6 +134,8 @@ struct LiveAgent {
     exit: oneshot::Receiver<AgentExit>,
     control: Box<dyn AgentControl>,
     input: mpsc::Sender<String>,
+    /// The agent's token at the credential proxy, revoked with the agent.
+    _grant: Option<crate::proxy::Grant>,
 }
 
 impl LiveAgent {
@@ -143,6 +145,7 @@ impl LiveAgent {
             exit: handle.exit,
             control: handle.control,
             input: handle.input.expect("session agents read stdin"),
+            _grant: handle.grant,
         }
     }
 
@@ -154,6 +157,8 @@ impl LiveAgent {
             exit,
             control,
             input,
+            // Revoked once this returns: the agent has ended.
+            _grant,
         } = self;
         drop(input);
         let drain = tokio::spawn(async move { while output.recv().await.is_some() {} });

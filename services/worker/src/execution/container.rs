@@ -50,10 +50,12 @@ const LABEL_WORKER: &str = "claudecluster.worker";
 const LABEL_HOME: &str = "claudecluster.home";
 const LABEL_TASK: &str = "claudecluster.task";
 const LABEL_ATTEMPT: &str = "claudecluster.attempt";
-/// Reads `NAME=value` lines from stdin until an empty line, exports them, then becomes the
-/// agent (`$1` says whether the agent keeps stdin).
+/// Reads `NAME=value` lines from stdin until an empty line, exports them, makes the agent's
+/// home (on the writable `/tmp`), then becomes the agent (`$1` says whether the agent keeps
+/// stdin).
 const ENTRYPOINT: &str = r#"mode=$1; shift
 while IFS= read -r line && [ -n "$line" ]; do export "$line"; done
+mkdir -p "$HOME"
 if [ "$mode" = stdin ]; then exec "$@"; fi
 exec "$@" </dev/null"#;
 
@@ -70,7 +72,13 @@ pub struct ContainerSettings {
     pub socket: String,
     /// Limits of a task that sets none.
     pub limits: Limits,
+    /// A Docker runtime other than the default (`runsc`, …).
+    pub runtime: Option<String>,
 }
+
+/// The agent's home in its container: on the tmpfs at `/tmp`, the root filesystem being
+/// read-only.
+const AGENT_HOME: &str = "/tmp/home";
 
 impl ContainerSettings {
     pub fn from_config(config: &WorkerConfig, worker_id: &str) -> Self {
@@ -94,6 +102,7 @@ impl ContainerSettings {
                 cpus: container.resource_limits.cpu,
                 pids: container.resource_limits.pids,
             },
+            runtime: container.runtime.clone(),
         }
     }
 }
@@ -405,6 +414,14 @@ impl ExecutionProvider for ContainerProvider {
                 pids_limit: (pids > 0).then_some(i64::from(pids)),
                 security_opt: Some(vec!["no-new-privileges".to_owned()]),
                 cap_drop: Some(vec!["ALL".to_owned()]),
+                // Sealed: the workspace (and a session's own mounts) are the only writable
+                // places that outlive the container; the home and scratch space are tmpfs.
+                readonly_rootfs: Some(true),
+                tmpfs: Some(HashMap::from([(
+                    "/tmp".to_owned(),
+                    "rw,nosuid,nodev,mode=1777".to_owned(),
+                )])),
+                runtime: self.settings.runtime.clone(),
                 // Off the host's network, the container reaches the worker's credential proxy
                 // at the host's gateway.
                 extra_hosts: (!on_host_network).then(|| vec![format!("{PROXY_HOST}:host-gateway")]),
@@ -447,7 +464,8 @@ impl ExecutionProvider for ContainerProvider {
         tracing::debug!(task = %launch.task_id, container = %id, "agent container started");
 
         let mut writer = attached.input;
-        let mut preamble = String::new();
+        // First, so that nothing the launch sets can move it.
+        let mut preamble = format!("HOME={AGENT_HOME}\n");
         for (key, value) in &launch.env {
             let value = if key == "ANTHROPIC_BASE_URL" && !on_host_network {
                 value.replacen("://127.0.0.1:", &format!("://{PROXY_HOST}:"), 1)
