@@ -131,3 +131,58 @@ async fn a_rate_limited_credential_is_set_aside_and_tasks_complete_on_the_next()
         "{keys:?}"
     );
 }
+
+#[tokio::test]
+async fn the_proxy_counts_what_a_run_spends_and_holds_it_to_its_budget() {
+    // A dollar per thousand tokens: the stand-in's 120 tokens an answer cost $0.12.
+    let worker = WorkerSpec {
+        extra_yaml: "credentialProxy:\n  prices:\n    default: {input: 1000, output: 1000}\n"
+            .into(),
+        ..WorkerSpec::default()
+    };
+    let mut cluster = TestCluster::start(vec![worker]).await;
+
+    let counted = cluster.submit(prompt("hello")).await;
+    let (ended, _) = cluster.finish(&counted.task_id).await;
+    assert_eq!(
+        ended.status(),
+        TaskStatus::Completed,
+        "{}",
+        ended.status_reason
+    );
+    let requests = cluster.api.requests().len() as u64;
+    let usage = ended
+        .metered_usage
+        .expect("the proxy's count is on the task");
+    assert_eq!(usage.input_tokens, 100 * requests, "{usage:?}");
+    assert!(usage.output_tokens > 0, "{usage:?}");
+    let expected = (usage.input_tokens + usage.output_tokens) as f64 / 1000.0;
+    assert!(
+        (ended.metered_cost_usd - expected).abs() < 1e-9,
+        "{} against {expected}",
+        ended.metered_cost_usd
+    );
+
+    // A tool call takes two answers; the budget is spent after the first.
+    let budgeted = cluster
+        .submit(TaskSpec {
+            agent: Some(AgentOptions {
+                allowed_tools: vec!["Bash".into()],
+                max_budget_usd: 0.05,
+                ..Default::default()
+            }),
+            ..prompt("BASH echo hi")
+        })
+        .await;
+    let (ended, _) = cluster.finish(&budgeted.task_id).await;
+    assert_eq!(ended.status(), TaskStatus::Failed);
+    assert!(
+        ended
+            .status_reason
+            .contains("the task's budget of $0.05 (agent.max_budget_usd) is spent"),
+        "{}",
+        ended.status_reason
+    );
+    assert!(ended.metered_cost_usd >= 0.05, "{}", ended.metered_cost_usd);
+    cluster.assert_unharmed().await;
+}

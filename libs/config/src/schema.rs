@@ -301,6 +301,35 @@ pub struct CredentialProxyConfig {
     /// A credential the upstream answered 429 or 529 rests this long (a bare number is
     /// seconds).
     pub cool_down: Seconds,
+    /// Dollars per million tokens, by model name prefix (the longest that matches), for the
+    /// proxy's count of what a run spent; models matching none are priced as `default`.
+    pub prices: BTreeMap<String, ModelPrice>,
+}
+
+/// Dollars per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ModelPrice {
+    pub input: f64,
+    pub output: f64,
+    pub cache_write: f64,
+    pub cache_read: f64,
+}
+
+/// Anthropic's list prices (dollars per million tokens) as of this release.
+pub fn default_prices() -> BTreeMap<String, ModelPrice> {
+    let price = |input: f64, output: f64| ModelPrice {
+        input,
+        output,
+        cache_write: input * 1.25,
+        cache_read: input * 0.1,
+    };
+    BTreeMap::from([
+        ("claude-opus".to_owned(), price(15.0, 75.0)),
+        ("claude-sonnet".to_owned(), price(3.0, 15.0)),
+        ("claude-haiku".to_owned(), price(1.0, 5.0)),
+        ("default".to_owned(), price(15.0, 75.0)),
+    ])
 }
 
 impl Default for CredentialProxyConfig {
@@ -313,6 +342,7 @@ impl Default for CredentialProxyConfig {
             auth_tokens: StringList::default(),
             credential_files: Vec::new(),
             cool_down: Seconds(Duration::from_secs(60)),
+            prices: default_prices(),
         }
     }
 }

@@ -91,6 +91,10 @@ impl Record for TaskRecord {
                 let now = Some(SystemTime::now().into());
                 task.set_status(status);
                 task.status_reason = change.reason.clone();
+                if change.metered_usage.is_some() {
+                    task.metered_usage = change.metered_usage;
+                    task.metered_cost_usd = change.metered_cost_usd;
+                }
                 if !change.worker_id.is_empty() {
                     task.worker_id = change.worker_id.clone();
                 }
@@ -243,8 +247,7 @@ impl TaskEntry {
                 status: status as i32,
                 reason: reason.into(),
                 worker_id: worker_id.to_owned(),
-                workspace: String::new(),
-                runner: String::new(),
+                ..StatusChange::default()
             }),
         )
         .is_some()
@@ -273,8 +276,7 @@ impl TaskEntry {
                         status: TaskStatus::Assigned as i32,
                         reason: format!("placed on worker {worker_id}"),
                         worker_id: worker_id.to_owned(),
-                        workspace: String::new(),
-                        runner: String::new(),
+                        ..StatusChange::default()
                     })),
                     ..Event::default()
                 },

@@ -117,8 +117,7 @@ pub fn status_change(status: v1::TaskStatus, reason: impl Into<String>, worker_i
         status: status as i32,
         reason: reason.into(),
         worker_id: worker_id.to_owned(),
-        workspace: String::new(),
-        runner: String::new(),
+        ..v1::StatusChange::default()
     })
 }
 
@@ -129,5 +128,6 @@ pub fn running(reason: String, worker_id: &str, workspace: &std::path::Path, run
         worker_id: worker_id.to_owned(),
         workspace: workspace.display().to_string(),
         runner: runner.to_owned(),
+        ..v1::StatusChange::default()
     })
 }

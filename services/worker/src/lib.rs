@@ -222,6 +222,7 @@ async fn start_proxy(config: &WorkerConfig) -> Result<Arc<proxy::CredentialProxy
         &upstream,
         credentials,
         settings.cool_down.get(),
+        settings.prices.clone(),
     )
     .map_err(StartError::Proxy)
 }

@@ -13,8 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use claudecluster_config::ModelPrice;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming};
 use hyper::{Request, Response, StatusCode, Uri};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -77,10 +78,110 @@ struct PooledCredential {
     resting_until: Option<Instant>,
 }
 
+/// What a run spent by the proxy's count: tokens from the upstream's answers, priced by the
+/// worker's table, and the budget it may not pass.
+#[derive(Default)]
+pub struct Meter {
+    state: Mutex<MeterState>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct MeterState {
+    input: u64,
+    output: u64,
+    cache_write: u64,
+    cache_read: u64,
+    cost_usd: f64,
+    budget_usd: Option<f64>,
+}
+
+impl Meter {
+    /// Requests after `usd` is spent are refused.
+    pub fn set_budget(&self, usd: Option<f64>) {
+        self.state.lock().expect("meter lock poisoned").budget_usd = usd.filter(|usd| *usd > 0.0);
+    }
+
+    /// The tokens counted so far, and their price.
+    pub fn usage(&self) -> (claudecluster_proto::v1::TokenUsage, f64) {
+        let state = *self.state.lock().expect("meter lock poisoned");
+        (
+            claudecluster_proto::v1::TokenUsage {
+                input_tokens: state.input,
+                output_tokens: state.output,
+                cache_creation_input_tokens: state.cache_write,
+                cache_read_input_tokens: state.cache_read,
+            },
+            state.cost_usd,
+        )
+    }
+
+    /// Why no further request may go upstream, when the budget is spent.
+    fn spent(&self) -> Option<String> {
+        let state = *self.state.lock().expect("meter lock poisoned");
+        let budget = state.budget_usd?;
+        (state.cost_usd >= budget).then(|| {
+            format!(
+                "the task's budget of ${budget:.2} (agent.max_budget_usd) is spent: ${:.4} by the worker's count",
+                state.cost_usd
+            )
+        })
+    }
+
+    fn add(&self, usage: Usage, price: ModelPrice) {
+        let mut state = self.state.lock().expect("meter lock poisoned");
+        state.input += usage.input;
+        state.output += usage.output;
+        state.cache_write += usage.cache_write;
+        state.cache_read += usage.cache_read;
+        state.cost_usd += (usage.input as f64 * price.input
+            + usage.output as f64 * price.output
+            + usage.cache_write as f64 * price.cache_write
+            + usage.cache_read as f64 * price.cache_read)
+            / 1_000_000.0;
+    }
+}
+
+/// Tokens of one answer.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Usage {
+    input: u64,
+    output: u64,
+    cache_write: u64,
+    cache_read: u64,
+}
+
+impl Usage {
+    /// Reads a `usage` object: `message_start` and JSON answers carry all of it,
+    /// `message_delta` the output so far.
+    fn read(&mut self, usage: &serde_json::Value) {
+        let field = |name: &str| usage.get(name).and_then(serde_json::Value::as_u64);
+        if let Some(input) = field("input_tokens") {
+            self.input = input;
+        }
+        if let Some(written) = field("cache_creation_input_tokens") {
+            self.cache_write = written;
+        }
+        if let Some(read) = field("cache_read_input_tokens") {
+            self.cache_read = read;
+        }
+        if let Some(output) = field("output_tokens") {
+            self.output = self.output.max(output);
+        }
+    }
+}
+
 /// What a granted token may do; dropped, it is revoked.
 pub struct Grant {
     token: String,
     proxy: Arc<CredentialProxy>,
+    meter: Arc<Meter>,
+}
+
+impl Grant {
+    /// What the run holding this grant spent.
+    pub fn meter(&self) -> Arc<Meter> {
+        self.meter.clone()
+    }
 }
 
 impl Grant {
@@ -113,6 +214,7 @@ impl Drop for Grant {
 struct GrantRecord {
     /// Who holds it, for logs: a task and attempt, a session, or a warm agent.
     holder: String,
+    meter: Arc<Meter>,
 }
 
 pub struct CredentialProxy {
@@ -123,6 +225,7 @@ pub struct CredentialProxy {
     credentials: Mutex<Vec<PooledCredential>>,
     next_credential: Mutex<usize>,
     cool_down: Duration,
+    prices: std::collections::BTreeMap<String, ModelPrice>,
     grants: Mutex<HashMap<String, GrantRecord>>,
     tls: tokio_rustls::TlsConnector,
     stop: CancellationToken,
@@ -146,6 +249,7 @@ impl CredentialProxy {
         upstream: &str,
         credentials: Vec<Credential>,
         cool_down: Duration,
+        prices: std::collections::BTreeMap<String, ModelPrice>,
     ) -> Result<Arc<CredentialProxy>, String> {
         let address = listener
             .local_addr()
@@ -175,6 +279,7 @@ impl CredentialProxy {
             ),
             next_credential: Mutex::new(0),
             cool_down,
+            prices,
             grants: Mutex::default(),
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls_config)),
             stop: CancellationToken::new(),
@@ -200,16 +305,30 @@ impl CredentialProxy {
             uuid::Uuid::new_v4().simple(),
             uuid::Uuid::new_v4().simple()
         );
+        let meter = Arc::new(Meter::default());
         self.grants.lock().expect("proxy lock poisoned").insert(
             token.clone(),
             GrantRecord {
                 holder: holder.to_owned(),
+                meter: meter.clone(),
             },
         );
         Grant {
             token,
             proxy: self.clone(),
+            meter,
         }
+    }
+
+    /// The price of `model`: the longest prefix of the table that matches, else `default`.
+    fn price_of(&self, model: &str) -> ModelPrice {
+        self.prices
+            .iter()
+            .filter(|(prefix, _)| model.starts_with(prefix.as_str()))
+            .max_by_key(|(prefix, _)| prefix.len())
+            .or_else(|| self.prices.get_key_value("default"))
+            .map(|(_, price)| *price)
+            .unwrap_or_default()
     }
 
     pub fn stop(&self) {
@@ -255,14 +374,14 @@ impl CredentialProxy {
                     .and_then(|value| value.strip_prefix("Bearer "))
             })
             .map(str::to_owned);
-        let holder = presented.as_ref().and_then(|token| {
+        let granted = presented.as_ref().and_then(|token| {
             self.grants
                 .lock()
                 .expect("proxy lock poisoned")
                 .get(token)
-                .map(|grant| grant.holder.clone())
+                .map(|grant| (grant.holder.clone(), grant.meter.clone()))
         });
-        let Some(holder) = holder else {
+        let Some((holder, meter)) = granted else {
             return error_response(
                 StatusCode::UNAUTHORIZED,
                 "authentication_error",
@@ -282,6 +401,15 @@ impl CredentialProxy {
                 );
             }
         };
+        if let Some(spent) = meter.spent() {
+            tracing::info!(%holder, "refused a request past the task's budget");
+            return error_response(StatusCode::BAD_REQUEST, "invalid_request_error", &spent);
+        }
+        let model = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|request| request.get("model")?.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let price = self.price_of(&model);
         let tries = self
             .credentials
             .lock()
@@ -304,7 +432,13 @@ impl CredentialProxy {
                 }
                 Ok(response) => {
                     let (parts, body) = response.into_parts();
-                    return Response::from_parts(parts, body.boxed());
+                    let metered = MeteredBody {
+                        inner: body,
+                        scanner: Scanner::default(),
+                        meter: meter.clone(),
+                        price,
+                    };
+                    return Response::from_parts(parts, metered.boxed());
                 }
                 Err(message) => {
                     tracing::warn!(%holder, error = %message, "cannot reach the upstream");
@@ -418,6 +552,108 @@ impl Drop for CredentialProxy {
     }
 }
 
+/// An answer passed through as it comes, its usage counted on the way.
+struct MeteredBody {
+    inner: Incoming,
+    scanner: Scanner,
+    meter: Arc<Meter>,
+    price: ModelPrice,
+}
+
+impl Body for MeteredBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let data = data.clone();
+                    self.scanner.feed(&data);
+                }
+            }
+            std::task::Poll::Ready(None) => {
+                let usage = self.scanner.finish();
+                let price = self.price;
+                self.meter.add(usage, price);
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Finds the usage in an answer: the `data:` lines of Server-Sent Events, or a JSON body.
+#[derive(Default)]
+struct Scanner {
+    line: Vec<u8>,
+    /// The body so far, for a JSON answer (not events); given up past a bound.
+    whole: Vec<u8>,
+    events: bool,
+    usage: Usage,
+}
+
+/// The most of a JSON answer kept to read its usage.
+const JSON_ANSWER_BYTES: usize = 4 << 20;
+
+impl Scanner {
+    fn feed(&mut self, data: &[u8]) {
+        for &byte in data {
+            if byte == b'\n' {
+                let line = std::mem::take(&mut self.line);
+                self.read_line(&line);
+            } else if self.line.len() < JSON_ANSWER_BYTES {
+                self.line.push(byte);
+            }
+        }
+        if !self.events && self.whole.len() + data.len() <= JSON_ANSWER_BYTES {
+            self.whole.extend_from_slice(data);
+        }
+    }
+
+    fn read_line(&mut self, line: &[u8]) {
+        let Some(data) = line.strip_prefix(b"data:") else {
+            if line.starts_with(b"event:") {
+                self.events = true;
+                self.whole.clear();
+            }
+            return;
+        };
+        self.events = true;
+        let Ok(event) = serde_json::from_slice::<serde_json::Value>(data) else {
+            return;
+        };
+        if let Some(usage) = event
+            .pointer("/message/usage")
+            .or_else(|| event.get("usage"))
+        {
+            self.usage.read(usage);
+        }
+    }
+
+    fn finish(&mut self) -> Usage {
+        if !self.events
+            && let Ok(answer) = serde_json::from_slice::<serde_json::Value>(&self.whole)
+            && let Some(usage) = answer.get("usage")
+        {
+            self.usage.read(usage);
+        }
+        self.usage
+    }
+}
+
 /// Sends one request on a connection of its own.
 async fn send<T>(io: T, request: Request<Full<Bytes>>) -> Result<Response<Incoming>, String>
 where
@@ -484,6 +720,7 @@ mod tests {
                 Credential::ApiKey("two".into()),
             ],
             Duration::from_secs(60),
+            Default::default(),
         )
         .unwrap();
         assert_eq!(
@@ -505,6 +742,43 @@ mod tests {
         );
     }
 
+    #[test]
+    fn usage_is_read_from_events_and_from_json_answers() {
+        let mut events = Scanner::default();
+        events.feed(b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":100,\"cache_read_input_tokens\":7,\"output_tokens\":1}}}\n\n");
+        events.feed(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":");
+        events.feed(b"20}}\n\n");
+        assert_eq!(
+            events.finish(),
+            Usage {
+                input: 100,
+                output: 20,
+                cache_write: 0,
+                cache_read: 7
+            }
+        );
+        let mut json = Scanner::default();
+        json.feed(br#"{"type":"message","usage":{"input_tokens":5,"output_tokens":3}}"#);
+        assert_eq!(json.finish().output, 3);
+        let meter = Meter::default();
+        meter.set_budget(Some(0.01));
+        assert!(meter.spent().is_none());
+        meter.add(
+            Usage {
+                input: 10_000,
+                ..Usage::default()
+            },
+            ModelPrice {
+                input: 3.0,
+                ..ModelPrice::default()
+            },
+        );
+        assert_eq!(
+            meter.spent().unwrap(),
+            "the task's budget of $0.01 (agent.max_budget_usd) is spent: $0.0300 by the worker's count"
+        );
+    }
+
     #[tokio::test]
     async fn a_dropped_grant_is_revoked() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -514,6 +788,7 @@ mod tests {
             "http://127.0.0.1:9",
             Vec::new(),
             Duration::from_secs(60),
+            Default::default(),
         )
         .unwrap();
         let grant = proxy.grant("task t attempt 1");

@@ -17,7 +17,7 @@ use claudecluster_agent_protocol::user_message_line;
 use claudecluster_config::{ExecutionModeSetting, WorkerConfig};
 use claudecluster_proto::v1::event::Kind;
 use claudecluster_proto::v1::{
-    Event, ExecutionMode, RunningWork, TaskNeeds, TaskSpec, TaskStatus, WorkerAdmits,
+    Event, ExecutionMode, RunningWork, TaskNeeds, TaskSpec, TaskStatus, TokenUsage, WorkerAdmits,
 };
 use claudecluster_proto::validate;
 use futures_util::Stream;
@@ -31,7 +31,7 @@ use crate::execution::{
     AgentHandle, AgentInput, AgentLaunch, AgentOptions, ExecutionProvider, Limits, ProviderHealth,
     Providers, WarmPool, WarmTemplate, agent_env, warm_agent_args,
 };
-use crate::proxy::{CREDENTIAL_VARIABLES, CredentialProxy, Grant};
+use crate::proxy::{CREDENTIAL_VARIABLES, CredentialProxy, Grant, Meter};
 use crate::run_log::{LogBounds, RunLog};
 use crate::runs::{Runs, TaskRun, WorkId};
 use crate::workspace::Workspaces;
@@ -59,6 +59,8 @@ pub struct Runtime {
     /// Where agents reach the Messages API, holding the real credentials; `None` when agents
     /// hold them themselves (`worker.credentialProxy.enabled: false`).
     proxy: Option<Arc<CredentialProxy>>,
+    /// What each running attempt spent by the proxy's count, by task and attempt.
+    meters: Mutex<HashMap<(String, u32), Arc<Meter>>>,
     /// Swapped whole when the worker switches modes.
     providers: std::sync::RwLock<Arc<Providers>>,
     warm_pools: Mutex<HashMap<ExecutionMode, Arc<WarmPool>>>,
@@ -110,6 +112,7 @@ impl Runtime {
         let runtime = Runtime {
             worker_id,
             proxy,
+            meters: Mutex::default(),
             slots: Arc::new(Semaphore::new(capacity as usize)),
             config,
             providers: std::sync::RwLock::new(Arc::new(providers)),
@@ -192,6 +195,29 @@ impl Runtime {
             }),
             None => Ok(()),
         }
+    }
+
+    /// Counts what `execution` spends at the proxy, and holds it to the task's budget.
+    fn meter(&self, execution: &Execution, meter: Arc<Meter>) {
+        let budget = execution
+            .spec
+            .agent
+            .as_ref()
+            .map(|agent| agent.max_budget_usd);
+        meter.set_budget(budget);
+        self.meters
+            .lock()
+            .expect("meter lock poisoned")
+            .insert((execution.task_id.clone(), execution.attempt), meter);
+    }
+
+    /// What the attempt spent by the proxy's count; its meter is let go.
+    fn metered(&self, task_id: &str, attempt: u32) -> Option<(TokenUsage, f64)> {
+        self.meters
+            .lock()
+            .expect("meter lock poisoned")
+            .remove(&(task_id.to_owned(), attempt))
+            .map(|meter| meter.usage())
     }
 
     /// `env` without the worker's own credentials when agents go through the proxy.
@@ -733,6 +759,9 @@ impl Runtime {
                 .send(user_message_line(&spec.prompt))
                 .await
                 .map_err(|_| "the warm agent went away before its task".to_owned())?;
+            if let Some(grant) = &warm.handle.grant {
+                self.meter(execution, grant.meter());
+            }
             let how = format!(
                 "warm agent handed out in {:.3} ms",
                 handed_out.elapsed().as_secs_f64() * 1000.0
@@ -763,6 +792,9 @@ impl Runtime {
             limits,
             mounts: Vec::new(),
         };
+        if let Some(grant) = &grant {
+            self.meter(execution, grant.meter());
+        }
         let mut agent = provider.launch(launch).await.map_err(|err| err.0)?;
         agent.grant = grant;
         let input = agent
@@ -948,7 +980,15 @@ impl Admission {
         // The slot is free before the terminal event goes out: whoever reacts to it by sending
         // the next task must find room.
         drop(slot);
-        end.finish_with(events.event(events::status_change(status, reason, &runtime.worker_id)));
+        let mut kind = events::status_change(status, reason, &runtime.worker_id);
+        if let (Kind::StatusChange(change), Some((usage, cost))) = (
+            &mut kind,
+            runtime.metered(&execution.task_id, execution.attempt),
+        ) {
+            change.metered_usage = Some(usage);
+            change.metered_cost_usd = cost;
+        }
+        end.finish_with(events.event(kind));
     }
 }
 
