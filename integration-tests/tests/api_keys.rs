@@ -117,6 +117,16 @@ async fn keys_scopes_ownership_quotas_revocation_and_the_audit_log() {
         "key `reader` lacks the scope `tasks:write`"
     );
 
+    // An agent that may run any command needs a scope of its own.
+    let unrestricted = submit(&mut driver, ALICE, with_tools("BASH echo hi", &["Bash"]))
+        .await
+        .unwrap_err();
+    assert_eq!(unrestricted.code(), Code::PermissionDenied);
+    assert_eq!(
+        unrestricted.message(),
+        "key `alice` lacks the scope `unrestricted`"
+    );
+
     // Two keys cannot see each other's tasks; an admin sees both.
     let alices = submit(&mut driver, ALICE, prompt("hello")).await.unwrap();
     assert_eq!(alices.owner, "alice");

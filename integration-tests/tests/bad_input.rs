@@ -660,3 +660,74 @@ async fn variables_the_agent_or_its_credentials_depend_on_are_refused_by_driver_
     );
     cluster.assert_unharmed().await;
 }
+
+#[tokio::test]
+async fn agents_run_unrestricted_only_where_the_worker_permits_it() {
+    let strict = WorkerSpec {
+        agent_yaml: "  permits:\n    unrestrictedBash: false\n".into(),
+        ..WorkerSpec::default()
+    };
+    let mut cluster = TestCluster::start(vec![strict]).await;
+    let worker_id = cluster.worker_ids[0].clone();
+    let mut driver = cluster.driver().await;
+    let submit = |agent: AgentOptions| {
+        let mut driver = driver.clone();
+        async move {
+            driver
+                .submit_task(SubmitTaskRequest {
+                    spec: Some(TaskSpec {
+                        agent: Some(agent),
+                        ..prompt("BASH echo hi")
+                    }),
+                })
+                .await
+        }
+    };
+    let bypass = submit(AgentOptions {
+        permission_mode: "bypassPermissions".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(bypass.code(), Code::InvalidArgument);
+    assert_eq!(
+        bypass.message(),
+        format!(
+            "spec.agent.permission_mode: `bypassPermissions` is not permitted by worker.agent.permits.bypassPermissions on worker {worker_id}, and no registered worker (1) admits it"
+        )
+    );
+    let bash = submit(AgentOptions {
+        allowed_tools: vec!["Bash".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(bash.code(), Code::InvalidArgument);
+    assert!(
+        bash.message().starts_with(
+            "spec.agent.allowed_tools: unrestricted `Bash` is not permitted by worker.agent.permits.unrestrictedBash"
+        ),
+        "{}",
+        bash.message()
+    );
+    // Bash restricted to named commands is fine.
+    let named = submit(AgentOptions {
+        allowed_tools: vec!["Bash(echo:*)".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .task
+    .unwrap();
+    let (ended, _) = cluster.finish(&named.task_id).await;
+    assert_eq!(
+        ended.status(),
+        TaskStatus::Completed,
+        "{}",
+        ended.status_reason
+    );
+    assert_eq!(ended.result.unwrap().text, "MOCK_DONE hi");
+    let _ = &mut driver;
+    cluster.assert_unharmed().await;
+}

@@ -739,6 +739,46 @@ async fn security() {
     );
 }
 
+/// Tasks with the credential proxy against the CLI talking to the stand-in directly
+/// (`credentialProxy.enabled: false`), interleaved in one run.
+async fn proxy() {
+    let worker = |yaml: &str| WorkerSpec {
+        capacity: 1,
+        extra_yaml: yaml.to_owned(),
+        ..WorkerSpec::default()
+    };
+    let direct = TestCluster::start(vec![worker("credentialProxy:\n  enabled: false\n")]).await;
+    let proxied = TestCluster::start(vec![worker("")]).await;
+    cluster_run(&direct, prompt("hello bench")).await;
+    cluster_run(&proxied, prompt("hello bench")).await;
+    let (mut direct_runs, mut proxied_runs) = (Vec::new(), Vec::new());
+    for _ in 0..9 {
+        direct_runs.push(cluster_run(&direct, prompt("hello bench")).await.0);
+        proxied_runs.push(cluster_run(&proxied, prompt("hello bench")).await.0);
+    }
+    let (direct_run, proxied_run) = (median(&mut direct_runs), median(&mut proxied_runs));
+    println!(
+        "| one-turn task through the credential proxy (median of 9, interleaved) | CLI to the stand-in directly: {:.0} ms | {:.0} ms, ratio {:.3} |",
+        direct_run * 1000.0,
+        proxied_run * 1000.0,
+        proxied_run / direct_run
+    );
+    // One answer streamed as 20,000 text deltas (a token each), as fast as the stand-in sends.
+    const DELTAS: f64 = 20_000.0;
+    let (mut direct_rates, mut proxied_rates) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let (time, _) = cluster_run(&direct, prompt("SLOW 20000 0")).await;
+        direct_rates.push(DELTAS / time);
+        let (time, _) = cluster_run(&proxied, prompt("SLOW 20000 0")).await;
+        proxied_rates.push(DELTAS / time);
+    }
+    let (direct_rate, proxied_rate) = (median(&mut direct_rates), median(&mut proxied_rates));
+    println!(
+        "| streamed tokens through the proxy, one answer of 20,000 deltas (median of 3) | directly: {direct_rate:.0} tokens/s | {proxied_rate:.0} tokens/s, ratio {:.3} |",
+        proxied_rate / direct_rate
+    );
+}
+
 async fn timed_driver(dir: &std::path::Path) -> (ServiceProcess, f64) {
     let config = dir.join("driver.yaml");
     if !config.exists() {
@@ -925,6 +965,9 @@ async fn main() {
     }
     if wants("security") {
         security().await;
+    }
+    if wants("proxy") {
+        proxy().await;
     }
     if wants("scheduler") {
         placement_at_scale();

@@ -105,7 +105,13 @@ pub struct AuthConfig {
 }
 
 /// The scopes a key may hold.
-pub const SCOPES: &[&str] = &["tasks:read", "tasks:write", "sessions", "admin"];
+pub const SCOPES: &[&str] = &[
+    "tasks:read",
+    "tasks:write",
+    "sessions",
+    "unrestricted",
+    "admin",
+];
 
 /// A key of a static setup: its id, the hex SHA-256 of the key itself, and its scopes.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -588,6 +594,8 @@ pub struct AgentConfig {
     /// When set, a task's `environment` may name only these variables (on top of the rules
     /// every worker applies).
     pub allowed_task_env: Option<StringList>,
+    /// What agents of this worker may be let do.
+    pub permits: Permits,
     /// An output line longer than this is cut, with a marker, so that no event outgrows what
     /// the services' links carry.
     pub max_line_bytes: ByteSize,
@@ -607,7 +615,27 @@ impl Default for AgentConfig {
             pass_env: StringList(vec!["ANTHROPIC_".into(), "CLAUDE_CODE_".into()]),
             env: BTreeMap::new(),
             allowed_task_env: None,
+            permits: Permits::default(),
             max_line_bytes: ByteSize(1 << 20),
+        }
+    }
+}
+
+/// What a task may let its agent do on this worker.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Permits {
+    /// `permission_mode: bypassPermissions`: the agent asks for nothing.
+    pub bypass_permissions: bool,
+    /// `Bash` with no pattern in `allowed_tools`: any command.
+    pub unrestricted_bash: bool,
+}
+
+impl Default for Permits {
+    fn default() -> Self {
+        Permits {
+            bypass_permissions: false,
+            unrestricted_bash: true,
         }
     }
 }

@@ -21,11 +21,28 @@ pub fn repo_scheme(url: &str) -> Option<&str> {
     }
 }
 
+/// Whether `agent` asks for what only a permissive worker allows: `bypassPermissions`, or Bash
+/// with no pattern restricting its commands.
+fn unrestricted(agent: &crate::v1::AgentOptions) -> (bool, bool) {
+    (
+        agent.permission_mode == "bypassPermissions",
+        agent.allowed_tools.iter().any(|tool| tool.trim() == "Bash"),
+    )
+}
+
 impl TaskNeeds {
+    /// Whether the task asks for `bypassPermissions` or unrestricted Bash.
+    pub fn is_unrestricted(&self) -> bool {
+        self.bypass_permissions || self.unrestricted_bash
+    }
+
     pub fn of_task(spec: &TaskSpec) -> TaskNeeds {
         let limits = spec.limits.unwrap_or_default();
         let agent = spec.agent.clone().unwrap_or_default();
+        let (bypass_permissions, unrestricted_bash) = unrestricted(&agent);
         TaskNeeds {
+            bypass_permissions,
+            unrestricted_bash,
             repo_scheme: repo_scheme(&spec.repo_url).unwrap_or("").to_owned(),
             memory_bytes: limits.memory_bytes,
             cpus: limits.cpus,
@@ -39,7 +56,10 @@ impl TaskNeeds {
     pub fn of_session(spec: &SessionSpec) -> TaskNeeds {
         let limits = spec.limits.unwrap_or_default();
         let agent = spec.agent.clone().unwrap_or_default();
+        let (bypass_permissions, unrestricted_bash) = unrestricted(&agent);
         TaskNeeds {
+            bypass_permissions,
+            unrestricted_bash,
             repo_scheme: repo_scheme(&spec.repo_url).unwrap_or("").to_owned(),
             memory_bytes: limits.memory_bytes,
             cpus: limits.cpus,
@@ -81,6 +101,20 @@ impl WorkerAdmits {
                     needs.repo_scheme,
                     self.repo_schemes.join(", ")
                 ),
+            });
+        }
+        if needs.bypass_permissions && !self.bypass_permissions {
+            return Some(Refusal {
+                field: "spec.agent.permission_mode",
+                message:
+                    "`bypassPermissions` is not permitted by worker.agent.permits.bypassPermissions"
+                        .into(),
+            });
+        }
+        if needs.unrestricted_bash && !self.unrestricted_bash {
+            return Some(Refusal {
+                field: "spec.agent.allowed_tools",
+                message: "unrestricted `Bash` is not permitted by worker.agent.permits.unrestrictedBash; name the commands, as `Bash(git:*)`".into(),
             });
         }
         let above = |field: &'static str, asked: String, allowed: String, key: &str| {
@@ -156,6 +190,8 @@ mod tests {
             max_timeout_seconds: 3600,
             max_budget_usd: 10.0,
             max_turns: 100,
+            bypass_permissions: false,
+            unrestricted_bash: true,
         }
     }
 
@@ -178,6 +214,7 @@ mod tests {
             timeout_seconds: 3600,
             max_budget_usd: 10.0,
             max_turns: 100,
+            ..Default::default()
         };
         assert_eq!(admits().refusal(&at), None);
         assert_eq!(admits().refusal(&TaskNeeds::default()), None);

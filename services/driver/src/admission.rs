@@ -115,6 +115,7 @@ mod tests {
                 max_timeout_seconds: 3600,
                 max_budget_usd: 10.0,
                 max_turns: 100,
+                ..Default::default()
             }),
             ..Default::default()
         }

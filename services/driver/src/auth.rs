@@ -29,6 +29,9 @@ pub enum Scope {
     TasksRead,
     TasksWrite,
     Sessions,
+    /// Tasks and sessions whose agents ask for nothing (`bypassPermissions`) or may run any
+    /// Bash command.
+    Unrestricted,
     Admin,
 }
 
@@ -38,6 +41,7 @@ impl Scope {
             Scope::TasksRead => "tasks:read",
             Scope::TasksWrite => "tasks:write",
             Scope::Sessions => "sessions",
+            Scope::Unrestricted => "unrestricted",
             Scope::Admin => "admin",
         }
     }
@@ -304,6 +308,19 @@ impl Auth {
         }
         self.take_request(&key)?;
         Ok(caller)
+    }
+
+    /// Refuses `caller` unless it holds `scope` too; the refusal is audited.
+    pub fn require(&self, caller: &Caller, scope: Scope) -> Result<(), DriverError> {
+        if caller.has(scope) {
+            return Ok(());
+        }
+        self.refused(&caller.key_id, &format!("lacks the scope {}", scope.name()));
+        Err(DriverError::PermissionDenied(format!(
+            "key `{}` lacks the scope `{}`",
+            caller.key_id,
+            scope.name()
+        )))
     }
 
     /// Spends one request of the key's rate.

@@ -253,7 +253,11 @@ impl DriverApi for DriverService {
             .spec
             .ok_or_else(|| DriverError::invalid("spec", "is required"))?;
         validate::task_spec(&spec, self.limits.prompt_bytes).map_err(DriverError::from)?;
-        self.check_admitted(&TaskNeeds::of_task(&spec), "").await?;
+        let needs = TaskNeeds::of_task(&spec);
+        if needs.is_unrestricted() {
+            self.auth.require(&caller, Scope::Unrestricted)?;
+        }
+        self.check_admitted(&needs, "").await?;
         self.check_running_quota(&caller, 1)?;
         let dependencies = self.dependencies(&spec.depends_on, &caller).await?;
         let (entry, created) = self.store.insert(spec, &caller.key_id).await?;
@@ -289,7 +293,11 @@ impl DriverApi for DriverService {
         }
         let planned = batch::plan(tasks, self.limits, |id| existing.contains(id))?;
         for (index, (_, spec)) in planned.iter().enumerate() {
-            self.check_admitted(&TaskNeeds::of_task(spec), &format!("tasks[{index}]."))
+            let needs = TaskNeeds::of_task(spec);
+            if needs.is_unrestricted() {
+                self.auth.require(&caller, Scope::Unrestricted)?;
+            }
+            self.check_admitted(&needs, &format!("tasks[{index}]."))
                 .await?;
         }
         self.check_running_quota(&caller, planned.len())?;
@@ -425,8 +433,11 @@ impl DriverApi for DriverService {
         let caller = self.auth.caller(&request, Scope::Sessions).await?;
         let spec = request.into_inner().spec.unwrap_or_default();
         validate::session_spec(&spec).map_err(DriverError::from)?;
-        self.check_admitted(&TaskNeeds::of_session(&spec), "")
-            .await?;
+        let needs = TaskNeeds::of_session(&spec);
+        if needs.is_unrestricted() {
+            self.auth.require(&caller, Scope::Unrestricted)?;
+        }
+        self.check_admitted(&needs, "").await?;
         if let Some(quotas) = caller.quotas {
             let open = self.sessions.open_owned_by(&caller.key_id);
             if open >= quotas.open_sessions as usize {

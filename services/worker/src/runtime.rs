@@ -820,6 +820,8 @@ pub fn admits(config: &WorkerConfig) -> WorkerAdmits {
         max_timeout_seconds: u32::try_from(max.timeout.get().as_secs()).unwrap_or(u32::MAX),
         max_budget_usd: max.budget_usd,
         max_turns: max.turns,
+        bypass_permissions: config.agent.permits.bypass_permissions,
+        unrestricted_bash: config.agent.permits.unrestricted_bash,
     }
 }
 
