@@ -18,9 +18,10 @@ use super::{signal, spawner};
 /// agent's own (see [`agent_home`]).
 const HOST_ENV: &[&str] = &["PATH", "USER", "LOGNAME", "LANG", "LC_ALL", "TMPDIR", "TZ"];
 
-/// Where an agent whose workspace is `<root>/<name>` keeps its home: `<root>/.homes/<name>`,
-/// outside its workspace and removed when it ends. An agent with the worker's own home would
-/// share settings, hooks and shell start-up files with the worker and every other agent.
+/// Where an agent whose workspace is `<root>/<name>` keeps its home (and its Claude Code
+/// configuration, `.claude` in it): `<root>/.homes/<name>`, outside its workspace and removed
+/// when it ends. An agent with the worker's own home would share settings, hooks, transcripts
+/// and shell start-up files with the worker and every other agent.
 fn agent_home(workspace: &Path) -> PathBuf {
     let root = workspace.parent().unwrap_or(workspace);
     let name = workspace.file_name().unwrap_or_default();
@@ -146,6 +147,9 @@ impl ExecutionProvider for ProcessPoolProvider {
             .env("HOME", &home)
             .env(AGENT_MARK, &mark)
             .envs(launch.env.iter().map(|(k, v)| (k, v)))
+            // Last, so that no setting shares one agent's settings, hooks and transcripts
+            // with the next.
+            .env("CLAUDE_CONFIG_DIR", home.join(".claude"))
             .current_dir(&launch.workspace)
             // A silent open stdin makes the CLI wait 3 s for input; /dev/null does not.
             .stdin(match launch.input {
