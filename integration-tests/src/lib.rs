@@ -298,6 +298,8 @@ pub struct WorkerSpec {
     pub extra_yaml: String,
     /// Extra keys of the worker's `agent:` section, each line indented by two spaces.
     pub agent_yaml: String,
+    /// Extra keys of the worker's `processPool:` section, each line indented by two spaces.
+    pub pool_yaml: String,
     /// Container mode: the image, the network, the Docker socket, the warm pool.
     pub image: Option<String>,
     pub network: String,
@@ -316,6 +318,7 @@ impl Default for WorkerSpec {
             claude_path: None,
             extra_yaml: String::new(),
             agent_yaml: String::new(),
+            pool_yaml: String::new(),
             image: None,
             network: "host".to_owned(),
             docker_socket: None,
@@ -460,7 +463,7 @@ impl TestCluster {
         let mode = match spec.mode {
             Mode::ProcessPool => format!(
                 "executionMode: process_pool\n\
-                 processPool:\n  maxProcesses: {capacity}\n  claudeCodePath: {claude}\n  warmPoolSize: {warm}\n",
+                 processPool:\n  maxProcesses: {capacity}\n  claudeCodePath: {claude}\n  warmPoolSize: {warm}\n{pool}",
                 capacity = spec.capacity,
                 claude = spec
                     .claude_path
@@ -468,6 +471,7 @@ impl TestCluster {
                     .unwrap_or_else(claude_bin)
                     .display(),
                 warm = spec.warm_pool_size,
+                pool = spec.pool_yaml,
             ),
             Mode::Container => format!(
                 "executionMode: container_agentic\n\

@@ -186,3 +186,91 @@ async fn the_proxy_counts_what_a_run_spends_and_holds_it_to_its_budget() {
     assert!(ended.metered_cost_usd >= 0.05, "{}", ended.metered_cost_usd);
     cluster.assert_unharmed().await;
 }
+
+/// The pinned CLI where any user can run it: the cache under root's home is closed to others.
+fn cli_for_everyone() -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::path::Path::new("/var/tmp/claudecluster-cli");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cli = dir.join("claude");
+    let source = std::fs::canonicalize(claude_bin()).unwrap();
+    let same = std::fs::metadata(&cli)
+        .ok()
+        .zip(std::fs::metadata(&source).ok())
+        .is_some_and(|(a, b)| a.len() == b.len());
+    if !same {
+        let partial = dir.join(format!("claude.{}", std::process::id()));
+        if std::fs::hard_link(&source, &partial).is_err() {
+            std::fs::copy(&source, &partial).unwrap();
+        }
+        std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&partial, &cli).unwrap();
+    }
+    cli
+}
+
+#[tokio::test]
+async fn process_agents_of_their_own_uids_read_neither_each_other_nor_the_worker() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut cluster = TestCluster::start(vec![]).await;
+    // Agents of other uids must reach their workspaces under the test's directory.
+    std::fs::set_permissions(cluster.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    cluster
+        .add_worker(WorkerSpec {
+            claude_path: Some(cli_for_everyone()),
+            pool_yaml: "  runAs: {uid: 23000, count: 8}\n".into(),
+            ..WorkerSpec::default()
+        })
+        .await;
+    let _ = &mut cluster;
+    cluster.wait_for_healthy_workers(1).await;
+    let gate = cluster.dir.path().join("gate");
+    let holding = cluster
+        .submit(with_tools(
+            &format!(
+                "BASH while [ ! -e {} ]; do sleep 0.05; done; echo done",
+                gate.display()
+            ),
+            &["Bash"],
+        ))
+        .await;
+    cluster.wait_for_agent(&holding.task_id).await;
+    let pid = cluster
+        .task(&holding.task_id)
+        .await
+        .runner
+        .strip_prefix("process ")
+        .unwrap()
+        .to_owned();
+    let secret = cluster.dir.path().join("data/claudecluster/cluster-secret");
+    let probe = cluster
+        .submit(with_tools(
+            &format!(
+                "BASH echo $(cat /proc/{pid}/environ >/dev/null 2>&1 && echo read-env || echo no-env) $(cat {} >/dev/null 2>&1 && echo read-secret || echo no-secret) $(id -u)",
+                secret.display()
+            ),
+            &["Bash"],
+        ))
+        .await;
+    let (ended, _) = cluster.finish(&probe.task_id).await;
+    std::fs::write(&gate, "").unwrap();
+    assert_eq!(
+        ended.status(),
+        TaskStatus::Completed,
+        "{}",
+        ended.status_reason
+    );
+    let text = ended.result.unwrap().text;
+    let words: Vec<&str> = text.trim_start_matches("MOCK_DONE ").split(' ').collect();
+    assert_eq!(&words[..2], ["no-env", "no-secret"], "{text}");
+    let uid: u32 = words[2].parse().unwrap();
+    assert!((23_000..23_008).contains(&uid), "{text}");
+    let (held, _) = cluster.finish(&holding.task_id).await;
+    assert_eq!(
+        held.status(),
+        TaskStatus::Completed,
+        "{}",
+        held.status_reason
+    );
+}

@@ -493,6 +493,17 @@ pub struct ProcessPoolConfig {
     pub claude_code_path: String,
     /// Agents kept started and waiting for a task (0: none).
     pub warm_pool_size: u32,
+    /// Run each agent as a uid of its own from this range (the worker must run as root), so
+    /// that agents can read neither the worker's files nor each other's.
+    pub run_as: Option<RunAs>,
+}
+
+/// `count` uids from `uid` on, their groups of the same numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RunAs {
+    pub uid: u32,
+    pub count: u32,
 }
 
 impl Default for ProcessPoolConfig {
@@ -502,6 +513,7 @@ impl Default for ProcessPoolConfig {
             process_timeout: Millis(Duration::from_secs(3600)),
             claude_code_path: "claude".into(),
             warm_pool_size: 0,
+            run_as: None,
         }
     }
 }
@@ -724,6 +736,18 @@ impl ClusterConfig {
                 leaking.map(String::as_str).unwrap_or_default()
             ),
         );
+        if let Some(run_as) = &self.worker.process_pool.run_as {
+            check(
+                run_as.uid > 0,
+                "worker.processPool.runAs.uid",
+                "must not be root's (0)",
+            );
+            check(
+                run_as.count >= self.worker.capacity() + self.worker.process_pool.warm_pool_size,
+                "worker.processPool.runAs.count",
+                "must cover every agent at once: the worker's capacity and its warm pool",
+            );
+        }
         let mut key_ids = std::collections::HashSet::new();
         for key in &self.driver.auth.api_keys {
             let valid_id = (1..=64).contains(&key.id.len())

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use claudecluster_proto::v1::ExecutionMode;
@@ -99,13 +100,63 @@ pub fn stop_leftover_agents(root: &Path) {
 
 pub struct ProcessPoolProvider {
     claude_path: String,
+    /// With `processPool.runAs`: the uids agents run as, and those taken.
+    users: Option<Arc<AgentUsers>>,
+}
+
+/// A range of uids, one per running agent, so that agents can read neither the worker's
+/// files nor each other's (nor each other's environment in `/proc`).
+pub struct AgentUsers {
+    first: u32,
+    count: u32,
+    taken: Mutex<std::collections::BTreeSet<u32>>,
+}
+
+impl AgentUsers {
+    pub fn new(first: u32, count: u32) -> AgentUsers {
+        AgentUsers {
+            first,
+            count,
+            taken: Mutex::default(),
+        }
+    }
+
+    fn take(&self) -> Option<u32> {
+        let mut taken = self.taken.lock().expect("uid lock poisoned");
+        let uid =
+            (self.first..self.first.saturating_add(self.count)).find(|uid| !taken.contains(uid))?;
+        taken.insert(uid);
+        Some(uid)
+    }
+
+    fn give_back(&self, uid: u32) {
+        self.taken.lock().expect("uid lock poisoned").remove(&uid);
+    }
+}
+
+/// Makes `path` and everything under it `uid`'s (and group `uid`'s), not following links.
+fn chown_tree(path: &Path, uid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(uid))?;
+    if std::fs::symlink_metadata(path)?.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            chown_tree(&entry?.path(), uid)?;
+        }
+    }
+    Ok(())
 }
 
 impl ProcessPoolProvider {
     pub fn new(claude_path: impl Into<String>) -> Self {
         ProcessPoolProvider {
             claude_path: claude_path.into(),
+            users: None,
         }
+    }
+
+    /// Agents run as uids of `users`, one each.
+    pub fn running_as(mut self, users: AgentUsers) -> Self {
+        self.users = Some(Arc::new(users));
+        self
     }
 
     fn launch_error(&self, err: std::io::Error) -> LaunchError {
@@ -134,6 +185,33 @@ impl ExecutionProvider for ProcessPoolProvider {
         tokio::fs::create_dir_all(&home)
             .await
             .map_err(|err| LaunchError(format!("cannot create {}: {err}", home.display())))?;
+        let uid = match &self.users {
+            None => None,
+            Some(users) => {
+                let uid = users.take().ok_or_else(|| {
+                    LaunchError(
+                        "every uid of worker.processPool.runAs is taken by a running agent".into(),
+                    )
+                })?;
+                let (workspace, agent_home) = (launch.workspace.clone(), home.clone());
+                let owned = tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::PermissionsExt;
+                    chown_tree(&workspace, uid)?;
+                    chown_tree(&agent_home, uid)?;
+                    std::fs::set_permissions(&agent_home, std::fs::Permissions::from_mode(0o700))?;
+                    std::fs::set_permissions(&workspace, std::fs::Permissions::from_mode(0o700))
+                })
+                .await
+                .expect("chown does not panic");
+                if let Err(err) = owned {
+                    users.give_back(uid);
+                    return Err(LaunchError(format!(
+                        "cannot give the agent's workspace and home to uid {uid} (worker.processPool.runAs): {err}"
+                    )));
+                }
+                Some(uid)
+            }
+        };
         let mark = agent_mark(&launch.workspace);
         let mut command = Command::new(&self.claude_path);
         command
@@ -161,9 +239,19 @@ impl ExecutionProvider for ProcessPoolProvider {
             // Its own process group, so that tools the agent started die with it.
             .process_group(0)
             .kill_on_drop(true);
-        let mut child = spawner::spawn(command)
-            .await
-            .map_err(|err| self.launch_error(err))?;
+        if let Some(uid) = uid {
+            command.uid(uid).gid(uid);
+        }
+        let users = self.users.clone();
+        let mut child = match spawner::spawn(command).await {
+            Ok(child) => child,
+            Err(err) => {
+                if let (Some(users), Some(uid)) = (&users, uid) {
+                    users.give_back(uid);
+                }
+                return Err(self.launch_error(err));
+            }
+        };
         let pid = child.id().expect("a just-spawned child has a pid");
         tracing::debug!(task = %launch.task_id, pid, "agent process started");
 
@@ -183,6 +271,9 @@ impl ExecutionProvider for ProcessPoolProvider {
             let _ = signal::send(pid, signal::SIGKILL, true);
             let _ = tokio::task::spawn_blocking(move || kill_marked(|value| value == mark)).await;
             let _ = tokio::fs::remove_dir_all(&home).await;
+            if let (Some(users), Some(uid)) = (users, uid) {
+                users.give_back(uid);
+            }
             let exit = match status {
                 Ok(status) => {
                     use std::os::unix::process::ExitStatusExt;

@@ -15,15 +15,45 @@ pub struct Providers {
     providers: Vec<Arc<dyn ExecutionProvider>>,
 }
 
+/// Agents of another uid reach their workspaces only if every directory above the workspace
+/// root lets others through (`o+x`); the root itself is made so.
+fn check_traversable(root: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(root)
+        .map_err(|err| format!("cannot make {}: {err}", root.display()))?;
+    let _ = std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711));
+    for dir in root.ancestors().skip(1) {
+        let mode = std::fs::metadata(dir)
+            .map_err(|err| format!("cannot read {}: {err}", dir.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o001 == 0 {
+            return Err(format!(
+                "agents of worker.processPool.runAs cannot reach the workspace root {}: {} does not let others through (chmod o+x, or move worker.workspaceRoot)",
+                root.display(),
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Providers {
     /// The providers of every mode `config` asks for, the default first.
     pub async fn for_config(config: &WorkerConfig, worker_id: &str) -> Result<Self, String> {
         let mut providers: Vec<Arc<dyn ExecutionProvider>> = Vec::new();
         for mode in config.modes() {
             match mode {
-                ExecutionModeSetting::ProcessPool => providers.push(Arc::new(
-                    ProcessPoolProvider::new(config.process_pool.claude_code_path.clone()),
-                )),
+                ExecutionModeSetting::ProcessPool => {
+                    let mut provider =
+                        ProcessPoolProvider::new(config.process_pool.claude_code_path.clone());
+                    if let Some(run_as) = &config.process_pool.run_as {
+                        check_traversable(&crate::workspace::Workspaces::root_for(config))?;
+                        provider = provider
+                            .running_as(super::process::AgentUsers::new(run_as.uid, run_as.count));
+                    }
+                    providers.push(Arc::new(provider));
+                }
                 ExecutionModeSetting::ContainerAgentic => {
                     let settings = ContainerSettings::from_config(config, worker_id);
                     let provider = ContainerProvider::new(settings).map_err(|err| err.0)?;
