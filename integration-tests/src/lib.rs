@@ -300,6 +300,8 @@ pub struct WorkerSpec {
     pub agent_yaml: String,
     /// Extra keys of the worker's `processPool:` section, each line indented by two spaces.
     pub pool_yaml: String,
+    /// Extra keys of the worker's `container:` section, each line indented by two spaces.
+    pub container_yaml: String,
     /// Container mode: the image, the network, the Docker socket, the warm pool.
     pub image: Option<String>,
     pub network: String,
@@ -319,6 +321,7 @@ impl Default for WorkerSpec {
             extra_yaml: String::new(),
             agent_yaml: String::new(),
             pool_yaml: String::new(),
+            container_yaml: String::new(),
             image: None,
             network: "host".to_owned(),
             docker_socket: None,
@@ -475,11 +478,12 @@ impl TestCluster {
             ),
             Mode::Container => format!(
                 "executionMode: container_agentic\n\
-                 container:\n  image: {image}\n  maxContainers: {capacity}\n  network: {network}\n  warmPoolSize: {warm}\n{socket}",
+                 container:\n  image: {image}\n  maxContainers: {capacity}\n  network: {network}\n  warmPoolSize: {warm}\n{socket}{container_extra}",
                 image = spec.image.clone().unwrap_or_else(docker::agent_image),
                 capacity = spec.capacity,
                 network = spec.network,
                 warm = spec.warm_pool_size,
+                container_extra = spec.container_yaml,
                 socket = spec
                     .docker_socket
                     .as_ref()

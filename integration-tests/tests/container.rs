@@ -59,7 +59,11 @@ async fn a_running_container_has_the_user_limits_capabilities_labels_and_network
         host["SecurityOpt"],
         serde_json::json!(["no-new-privileges"])
     );
-    assert_eq!(host["NetworkMode"], "host");
+    // egress: proxy-only (the default): an internal network of its own, not the host's.
+    let network = format!("claudecluster-{}-1-egress", task.task_id);
+    assert_eq!(host["NetworkMode"], network.as_str());
+    assert_eq!(host["ReadonlyRootfs"], true);
+    assert!(host["Tmpfs"].get("/tmp").is_some(), "{}", host["Tmpfs"]);
     let workspace = cluster.workspaces(&worker_id).join(&task.task_id);
     assert_eq!(
         host["Binds"],
@@ -87,7 +91,7 @@ async fn a_running_container_has_the_user_limits_capabilities_labels_and_network
     let running = cluster.task(&task.task_id).await;
     assert!(
         running.status_reason.contains(&format!(
-            "container claudecluster-{}-1 on network host",
+            "container claudecluster-{}-1 on network {network}",
             task.task_id
         )),
         "{}",
@@ -113,16 +117,18 @@ async fn a_running_container_has_the_user_limits_capabilities_labels_and_network
 async fn a_per_task_network_is_made_for_the_task_and_removed_with_it() {
     let worker = WorkerSpec {
         network: "per_task".to_owned(),
+        container_yaml: "  egress: open\n".into(),
         ..container_worker()
     };
     let cluster = TestCluster::start(vec![worker]).await;
     let worker_id = cluster.worker_ids[0].clone();
     let task = cluster.submit(prompt("hello")).await;
     let (ended, events) = cluster.finish(&task.task_id).await;
-    // Alone on its own network, the agent cannot reach the stand-in API on the host's loopback.
+    // Alone on its own network, the agent still reaches the API: through the worker's proxy,
+    // at the host's gateway.
     assert_eq!(
         ended.status(),
-        TaskStatus::Failed,
+        TaskStatus::Completed,
         "{}",
         ended.status_reason
     );

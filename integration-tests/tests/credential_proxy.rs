@@ -78,7 +78,10 @@ async fn proxy_holds_the_key(mode: Mode) {
     everything.push_str(&cluster.driver.log());
     everything.push_str(&cluster.workers[0].log());
     assert!(!everything.contains(REAL_KEY));
-    // The finished run's token is refused; a token nobody granted too.
+    // The finished run's token is refused; a token nobody granted too. (A container reached
+    // the proxy at its network's gateway, gone with it; the proxy also listens on loopback.)
+    let port = base_url.rsplit(':').next().unwrap();
+    let base_url = format!("http://127.0.0.1:{port}");
     assert_eq!(status_for(&base_url, &token).await, 401);
     assert_eq!(status_for(&base_url, "cct_made_up").await, 401);
     assert_eq!(status_for(&base_url, REAL_KEY).await, 401);
@@ -273,4 +276,71 @@ async fn process_agents_of_their_own_uids_read_neither_each_other_nor_the_worker
         "{}",
         held.status_reason
     );
+}
+
+/// What an agent of `cluster` finds trying to reach `port` on `host` (a shell word, evaluated
+/// in the agent's Bash): `reached` or `unreachable`.
+async fn reach_from_agent(cluster: &TestCluster, host: &str, port: u16) -> String {
+    let task = cluster
+        .submit(with_tools(
+            &format!(
+                "BASH timeout 3 bash -c \"echo > /dev/tcp/{host}/{port}\" 2>/dev/null && echo reached || echo unreachable"
+            ),
+            &["Bash"],
+        ))
+        .await;
+    let (ended, _) = cluster.finish(&task.task_id).await;
+    assert_eq!(
+        ended.status(),
+        TaskStatus::Completed,
+        "{}",
+        ended.status_reason
+    );
+    ended
+        .result
+        .unwrap()
+        .text
+        .trim_start_matches("MOCK_DONE ")
+        .to_owned()
+}
+
+/// The address the agent reaches the worker's proxy at: the host, as the agent sees it.
+const PROXY_HOST: &str = "$(h=${ANTHROPIC_BASE_URL#http://}; echo ${h%:*})";
+
+#[tokio::test]
+async fn a_container_with_proxy_only_egress_reaches_the_api_and_nothing_else() {
+    // A server on every address of the host.
+    let server = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let port = server.local_addr().unwrap().port();
+    let accepting = tokio::spawn(async move {
+        while let Ok((connection, _)) = server.accept().await {
+            drop(connection);
+        }
+    });
+
+    let open = TestCluster::start(vec![WorkerSpec {
+        network: "per_task".into(),
+        container_yaml: "  egress: open\n".into(),
+        ..WorkerSpec::in_mode(Mode::Container)
+    }])
+    .await;
+    assert_eq!(
+        reach_from_agent(&open, PROXY_HOST, port).await,
+        "reached",
+        "with open egress the host's server is reachable: the probe can tell"
+    );
+
+    // The default: the agent completes through the proxy, and reaches neither the host's
+    // other services nor anything else.
+    let sealed = TestCluster::start(vec![WorkerSpec::in_mode(Mode::Container)]).await;
+    assert_eq!(
+        reach_from_agent(&sealed, PROXY_HOST, port).await,
+        "unreachable"
+    );
+    assert_eq!(
+        reach_from_agent(&sealed, "127.0.0.1", sealed.api.address().port()).await,
+        "unreachable",
+        "the API only through the proxy"
+    );
+    accepting.abort();
 }

@@ -540,6 +540,21 @@ pub struct ContainerConfig {
     pub warm_pool_size: u32,
     /// A Docker runtime other than the default, such as `runsc` (gVisor).
     pub runtime: Option<String>,
+    /// What agent containers may reach.
+    pub egress: Egress,
+}
+
+/// What an agent container may reach over the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Egress {
+    /// An internal network whose one way out is the worker's credential proxy.
+    #[default]
+    ProxyOnly,
+    /// No network at all (the agent cannot reach the API either).
+    None,
+    /// `container.network` decides, as Docker does.
+    Open,
 }
 
 impl Default for ContainerConfig {
@@ -555,6 +570,7 @@ impl Default for ContainerConfig {
             docker_host: None,
             warm_pool_size: 0,
             runtime: None,
+            egress: Egress::default(),
         }
     }
 }

@@ -163,7 +163,8 @@ async fn start_proxy(config: &WorkerConfig) -> Result<Arc<proxy::CredentialProxy
     let containers_off_host = config
         .modes()
         .contains(&claudecluster_config::ExecutionModeSetting::ContainerAgentic)
-        && config.container.network != "host";
+        && (config.container.egress != claudecluster_config::Egress::Open
+            || config.container.network != "host");
     let listen = settings.listen.clone().unwrap_or_else(|| {
         if containers_off_host {
             "0.0.0.0:0".to_owned()

@@ -74,6 +74,7 @@ pub struct ContainerSettings {
     pub limits: Limits,
     /// A Docker runtime other than the default (`runsc`, …).
     pub runtime: Option<String>,
+    pub egress: claudecluster_config::Egress,
 }
 
 /// The agent's home in its container: on the tmpfs at `/tmp`, the root filesystem being
@@ -103,6 +104,7 @@ impl ContainerSettings {
                 pids: container.resource_limits.pids,
             },
             runtime: container.runtime.clone(),
+            egress: container.egress,
         }
     }
 }
@@ -204,9 +206,25 @@ impl ContainerProvider {
     }
 
     /// The network mode for a container named `name`, creating its own network if so set.
-    async fn network_for(&self, name: &str) -> Result<(String, Option<String>), LaunchError> {
+    /// The network of the container named `name`; the network made for it alone, if any; and
+    /// the host name or address it reaches the worker's credential proxy at (`None`: loopback).
+    async fn network_for(
+        &self,
+        name: &str,
+        proxy_port: Option<u16>,
+    ) -> Result<(String, Option<String>, Option<String>), LaunchError> {
+        use claudecluster_config::Egress;
+        match self.settings.egress {
+            Egress::None => return Ok(("none".to_owned(), None, None)),
+            Egress::ProxyOnly => {
+                let (network, gateway) = self.egress_network(name, proxy_port).await?;
+                return Ok((network.clone(), Some(network), Some(gateway)));
+            }
+            Egress::Open => {}
+        }
+        let proxy_host = (self.settings.network != "host").then(|| PROXY_HOST.to_owned());
         if self.settings.network != "per_task" {
-            return Ok((self.settings.network.clone(), None));
+            return Ok((self.settings.network.clone(), None, proxy_host));
         }
         let network = format!("{name}-net");
         let request = NetworkCreateRequest {
@@ -219,7 +237,55 @@ impl ContainerProvider {
             .create_network(request)
             .await
             .map_err(|err| self.launch_error(err))?;
-        Ok((network.clone(), Some(network)))
+        Ok((network.clone(), Some(network), proxy_host))
+    }
+
+    /// An internal network of the container's own for `egress: proxy-only`, removed with it,
+    /// and the host's address on it, where the proxy listens: Docker gives an internal network
+    /// no route out, so the host's address on it is the one thing its containers reach.
+    async fn egress_network(
+        &self,
+        container: &str,
+        proxy_port: Option<u16>,
+    ) -> Result<(String, String), LaunchError> {
+        let name = format!("{container}-egress");
+        let request = NetworkCreateRequest {
+            name: name.clone(),
+            driver: Some("bridge".to_owned()),
+            internal: Some(true),
+            labels: Some(owner_labels(&self.settings)),
+            // Named by us, so that the host's firewall rules for it can be too.
+            options: Some(HashMap::from([(
+                "com.docker.network.bridge.name".to_owned(),
+                egress_interface(&name),
+            )])),
+            ..Default::default()
+        };
+        self.docker
+            .create_network(request)
+            .await
+            .map_err(|err| self.launch_error(err))?;
+        let gateway = match self.docker.inspect_network(&name, None).await {
+            Ok(inspected) => inspected
+                .ipam
+                .and_then(|ipam| ipam.config)
+                .and_then(|configs| configs.into_iter().find_map(|config| config.gateway)),
+            Err(_) => None,
+        };
+        match gateway {
+            Some(gateway) => {
+                if let Some(port) = proxy_port {
+                    close_host_except(&egress_interface(&name), port).await;
+                }
+                Ok((name, gateway))
+            }
+            None => {
+                self.discard(None, Some(&name)).await;
+                Err(LaunchError(format!(
+                    "the network {name} has no gateway address for the proxy"
+                )))
+            }
+        }
     }
 
     async fn discard(&self, container: Option<&str>, network: Option<&str>) {
@@ -306,12 +372,92 @@ async fn release(
             .push(Leftover::Container(id.to_owned()));
     }
     if let Some(name) = network
+        && name.ends_with("-egress")
+    {
+        open_host_again(&egress_interface(name)).await;
+    }
+    if let Some(name) = network
         && docker.remove_network(name).await.is_err()
     {
         leftovers
             .lock()
             .unwrap()
             .push(Leftover::Network(name.to_owned()));
+    }
+}
+
+/// The bridge interface of egress network `network`: at most 15 characters, as Linux wants.
+fn egress_interface(network: &str) -> String {
+    // FNV-1a, so that the name is the same whenever it is worked out.
+    let hash = network
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    format!("cce{:012x}", hash & 0xffff_ffff_ffff)
+}
+
+/// With `egress: proxy-only`, the host answers a container on `interface` only on the
+/// proxy's port: Docker's internal network keeps it from the outside, not from the host's own
+/// services. Needs iptables and root; without them the rest of the host stays reachable, and
+/// the worker says so.
+async fn close_host_except(interface: &str, proxy_port: u16) {
+    let port = proxy_port.to_string();
+    let rules: [&[&str]; 2] = [
+        &["-I", "INPUT", "-i", interface, "-j", "DROP"],
+        &[
+            "-I", "INPUT", "-i", interface, "-p", "tcp", "--dport", &port, "-j", "ACCEPT",
+        ],
+    ];
+    for rule in rules {
+        let added = tokio::process::Command::new("iptables")
+            .args(rule)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .await;
+        match added {
+            Ok(output) if output.status.success() => {}
+            Ok(output) => {
+                tracing::warn!(interface, error = %String::from_utf8_lossy(&output.stderr).trim(), "cannot close the host's other ports to an agent container (egress: proxy-only)");
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(interface, error = %err, "cannot run iptables to close the host's other ports to an agent container (egress: proxy-only)");
+                return;
+            }
+        }
+    }
+}
+
+/// Takes back what [`close_host_except`] added for `interface`.
+async fn open_host_again(interface: &str) {
+    loop {
+        // Each call removes one rule naming the interface; none left ends it.
+        let listed = tokio::process::Command::new("iptables")
+            .args(["-S", "INPUT"])
+            .output()
+            .await;
+        let Ok(listed) = listed else { return };
+        let text = String::from_utf8_lossy(&listed.stdout);
+        let Some(rule) = text
+            .lines()
+            .find(|line| line.split_whitespace().any(|word| word == interface))
+        else {
+            return;
+        };
+        let mut args: Vec<&str> = rule.split_whitespace().collect();
+        if args.first() != Some(&"-A") {
+            return;
+        }
+        args[0] = "-D";
+        let removed = tokio::process::Command::new("iptables")
+            .args(&args)
+            .output()
+            .await;
+        if !matches!(removed, Ok(output) if output.status.success()) {
+            return;
+        }
     }
 }
 
@@ -356,9 +502,15 @@ impl ExecutionProvider for ContainerProvider {
 
     async fn launch(&self, launch: AgentLaunch) -> Result<AgentHandle, LaunchError> {
         let name = format!("claudecluster-{}-{}", launch.task_id, launch.attempt);
-        let (network_mode, own_network) = self.network_for(&name).await?;
+        // The port of the worker's credential proxy, from the agent's base URL.
+        let proxy_port = launch
+            .env
+            .iter()
+            .find(|(key, _)| key == "ANTHROPIC_BASE_URL")
+            .and_then(|(_, url)| url.strip_prefix("http://127.0.0.1:")?.parse().ok());
+        let (network_mode, own_network, proxy_host) = self.network_for(&name, proxy_port).await?;
         let description = format!("container {name} on network {network_mode}");
-        let on_host_network = network_mode == "host";
+
         let defaults = self.settings.limits;
         let memory = if launch.limits.memory_bytes > 0 {
             launch.limits.memory_bytes
@@ -424,7 +576,8 @@ impl ExecutionProvider for ContainerProvider {
                 runtime: self.settings.runtime.clone(),
                 // Off the host's network, the container reaches the worker's credential proxy
                 // at the host's gateway.
-                extra_hosts: (!on_host_network).then(|| vec![format!("{PROXY_HOST}:host-gateway")]),
+                extra_hosts: (proxy_host.as_deref() == Some(PROXY_HOST))
+                    .then(|| vec![format!("{PROXY_HOST}:host-gateway")]),
                 network_mode: Some(network_mode),
                 ..Default::default()
             }),
@@ -467,10 +620,11 @@ impl ExecutionProvider for ContainerProvider {
         // First, so that nothing the launch sets can move it.
         let mut preamble = format!("HOME={AGENT_HOME}\n");
         for (key, value) in &launch.env {
-            let value = if key == "ANTHROPIC_BASE_URL" && !on_host_network {
-                value.replacen("://127.0.0.1:", &format!("://{PROXY_HOST}:"), 1)
-            } else {
-                value.clone()
+            let value = match &proxy_host {
+                Some(host) if key == "ANTHROPIC_BASE_URL" => {
+                    value.replacen("://127.0.0.1:", &format!("://{host}:"), 1)
+                }
+                _ => value.clone(),
             };
             if value.contains('\n') {
                 tracing::warn!(variable = %key, "a variable with a newline cannot be passed to a container agent");
