@@ -292,8 +292,8 @@ pub struct WorkerConfig {
 pub struct CredentialProxyConfig {
     /// Off, agents get the worker's credentials themselves (as `agent.passEnv` passes them).
     pub enabled: bool,
-    /// Where the proxy listens; by default a free port on loopback, or on every address when
-    /// containers off the host's network must reach it.
+    /// Where the proxy listens; by default a free port on every address, where containers
+    /// reach it at their network's gateway (its tokens guard it).
     pub listen: Option<String>,
     /// Where requests go; defaults to the worker's `ANTHROPIC_BASE_URL`, else Anthropic's API.
     pub upstream: Option<String>,

@@ -159,19 +159,12 @@ pub async fn spawn(
 async fn start_proxy(config: &WorkerConfig) -> Result<Arc<proxy::CredentialProxy>, StartError> {
     use proxy::Credential;
     let settings = &config.credential_proxy;
-    // Containers off the host's network reach the proxy at the host's gateway, not loopback.
-    let containers_off_host = config
-        .modes()
-        .contains(&claudecluster_config::ExecutionModeSetting::ContainerAgentic)
-        && (config.container.egress != claudecluster_config::Egress::Open
-            || config.container.network != "host");
-    let listen = settings.listen.clone().unwrap_or_else(|| {
-        if containers_off_host {
-            "0.0.0.0:0".to_owned()
-        } else {
-            "127.0.0.1:0".to_owned()
-        }
-    });
+    // Containers reach the proxy at their network's gateway, not loopback; and a worker may
+    // switch to container mode while it runs. Its tokens guard it on every address.
+    let listen = settings
+        .listen
+        .clone()
+        .unwrap_or_else(|| "0.0.0.0:0".to_owned());
     let listener = claudecluster_grpc::bind(&listen, "worker.credentialProxy.listen").await?;
     let env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
     let upstream = settings
