@@ -62,13 +62,14 @@ fi
 docker ps -aq --filter label=claudecluster.managed=true --filter status=exited | xargs -r docker rm -v >/dev/null 2>&1 || true
 docker network ls -q --filter label=claudecluster.managed=true | xargs -r docker network rm >/dev/null 2>&1 || true
 if [ "$(id -u)" -eq 0 ] && command -v iptables >/dev/null 2>&1; then
-  iptables -S INPUT 2>/dev/null | grep -o -- '-i cce[0-9a-f]*' | sort -u | while read -r _ interface; do
-    [ -e "/sys/class/net/$interface" ] && continue
-    while rule="$(iptables -S INPUT | grep -m1 -- "-i $interface ")"; do
-      # shellcheck disable=SC2086
-      iptables -D ${rule#-A } 2>/dev/null || break
+  { iptables -S INPUT 2>/dev/null || true; } | { grep -o -- '-i cce[0-9a-f]*' || true; } | sort -u |
+    while read -r _ interface; do
+      [ -e "/sys/class/net/$interface" ] && continue
+      while rule="$(iptables -S INPUT | grep -m1 -- "-i $interface ")"; do
+        # shellcheck disable=SC2086
+        iptables -D ${rule#-A } 2>/dev/null || break
+      done
     done
-  done
 fi
 
 # A throwaway PostgreSQL for the store's tests: its own data directory under the cache, on a
