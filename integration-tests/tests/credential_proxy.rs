@@ -344,3 +344,58 @@ async fn a_container_with_proxy_only_egress_reaches_the_api_and_nothing_else() {
     );
     accepting.abort();
 }
+
+/// The status line the proxy answers a tunnel to `target` with, asked from inside an agent.
+fn tunnel_probe(target: &str) -> TaskSpec {
+    with_tools(
+        &format!(
+            "BASH h=${{ANTHROPIC_BASE_URL#http://}}; exec 3<>/dev/tcp/${{h%:*}}/${{h#*:}}; printf \"CONNECT {target} HTTP/1.1\\r\\nHost: {target}\\r\\nProxy-Authorization: Bearer $ANTHROPIC_API_KEY\\r\\n\\r\\n\" >&3; head -n1 <&3 | tr -d '\\r'"
+        ),
+        &["Bash"],
+    )
+}
+
+#[tokio::test]
+async fn a_container_tunnels_through_the_proxy_to_allowed_hosts_only() {
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = server.local_addr().unwrap().port();
+    let (reached_tx, mut reached) = tokio::sync::mpsc::channel::<()>(4);
+    let accepting = tokio::spawn(async move {
+        while let Ok((connection, _)) = server.accept().await {
+            let _ = reached_tx.send(()).await;
+            drop(connection);
+        }
+    });
+    let cluster = TestCluster::start(vec![WorkerSpec {
+        container_yaml: "  egressAllow: [localhost]\n".into(),
+        ..WorkerSpec::in_mode(Mode::Container)
+    }])
+    .await;
+    let answer = |spec: TaskSpec| {
+        let cluster = &cluster;
+        async move {
+            let task = cluster.submit(spec).await;
+            let (ended, _) = cluster.finish(&task.task_id).await;
+            assert_eq!(
+                ended.status(),
+                TaskStatus::Completed,
+                "{}",
+                ended.status_reason
+            );
+            ended.result.unwrap().text
+        }
+    };
+    assert_eq!(
+        answer(tunnel_probe(&format!("localhost:{port}"))).await,
+        "MOCK_DONE HTTP/1.1 200 OK"
+    );
+    tokio::time::timeout(Duration::from_secs(10), reached.recv())
+        .await
+        .expect("the tunnel reached the allowed host")
+        .unwrap();
+    assert_eq!(
+        answer(tunnel_probe(&format!("127.0.0.1:{port}"))).await,
+        "MOCK_DONE HTTP/1.1 403 Forbidden"
+    );
+    accepting.abort();
+}

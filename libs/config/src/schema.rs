@@ -542,6 +542,9 @@ pub struct ContainerConfig {
     pub runtime: Option<String>,
     /// What agent containers may reach.
     pub egress: Egress,
+    /// Hosts agents may reach through the worker's proxy (HTTP CONNECT), for package
+    /// registries and git hosts; `.example.com` allows every host under it.
+    pub egress_allow: StringList,
 }
 
 /// What an agent container may reach over the network.
@@ -571,6 +574,7 @@ impl Default for ContainerConfig {
             warm_pool_size: 0,
             runtime: None,
             egress: Egress::default(),
+            egress_allow: StringList::default(),
         }
     }
 }

@@ -217,6 +217,7 @@ async fn start_proxy(config: &WorkerConfig) -> Result<Arc<proxy::CredentialProxy
         credentials,
         settings.cool_down.get(),
         settings.prices.clone(),
+        config.container.egress_allow.0.clone(),
     )
     .map_err(StartError::Proxy)
 }

@@ -185,12 +185,66 @@ impl Grant {
 }
 
 impl Grant {
-    /// The variables that point an agent at the proxy with this grant's token.
+    /// The variables that point an agent at the proxy with this grant's token; with hosts to
+    /// tunnel to, the proxy is its HTTP(S) proxy too.
     pub fn agent_env(&self) -> Vec<(String, String)> {
-        vec![
-            ("ANTHROPIC_BASE_URL".to_owned(), self.proxy.agent_base_url()),
+        let base = self.proxy.agent_base_url();
+        let mut env = vec![
+            ("ANTHROPIC_BASE_URL".to_owned(), base.clone()),
             ("ANTHROPIC_API_KEY".to_owned(), self.token.clone()),
-        ]
+        ];
+        if !self.proxy.allowed_hosts.is_empty() {
+            let through = base.replacen("http://", &format!("http://agent:{}@", self.token), 1);
+            env.push(("HTTPS_PROXY".to_owned(), through.clone()));
+            env.push(("HTTP_PROXY".to_owned(), through));
+            env.push(("NO_PROXY".to_owned(), "127.0.0.1,localhost".to_owned()));
+        }
+        env
+    }
+}
+
+/// The token in a `Proxy-Authorization` value: `Bearer <token>`, or Basic with the token as
+/// the password.
+fn proxy_token(value: &str) -> Option<String> {
+    if let Some(token) = value.strip_prefix("Bearer ") {
+        return Some(token.trim().to_owned());
+    }
+    let encoded = value.strip_prefix("Basic ")?.trim();
+    let decoded = decode_base64(encoded)?;
+    let text = String::from_utf8(decoded).ok()?;
+    text.split_once(':').map(|(_, token)| token.to_owned())
+}
+
+fn decode_base64(text: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    let mut bits = 0u32;
+    let mut count = 0;
+    for c in text.bytes().filter(|c| *c != b'=') {
+        bits = (bits << 6) | u32::from(value(c)?);
+        count += 6;
+        if count >= 8 {
+            count -= 8;
+            out.push((bits >> count) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// Whether `host` is `allowed`, or under it when `allowed` starts with a dot.
+fn host_matches(host: &str, allowed: &str) -> bool {
+    let host = host.to_ascii_lowercase();
+    let allowed = allowed.to_ascii_lowercase();
+    match allowed.strip_prefix('.') {
+        Some(domain) => host == domain || host.ends_with(&allowed),
+        None => host == allowed,
     }
 }
 
@@ -226,6 +280,8 @@ pub struct CredentialProxy {
     next_credential: Mutex<usize>,
     cool_down: Duration,
     prices: std::collections::BTreeMap<String, ModelPrice>,
+    /// Hosts agents may open tunnels to (`container.egressAllow`).
+    allowed_hosts: Vec<String>,
     grants: Mutex<HashMap<String, GrantRecord>>,
     tls: tokio_rustls::TlsConnector,
     stop: CancellationToken,
@@ -250,6 +306,7 @@ impl CredentialProxy {
         credentials: Vec<Credential>,
         cool_down: Duration,
         prices: std::collections::BTreeMap<String, ModelPrice>,
+        allowed_hosts: Vec<String>,
     ) -> Result<Arc<CredentialProxy>, String> {
         let address = listener
             .local_addr()
@@ -280,6 +337,7 @@ impl CredentialProxy {
             next_credential: Mutex::new(0),
             cool_down,
             prices,
+            allowed_hosts,
             grants: Mutex::default(),
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls_config)),
             stop: CancellationToken::new(),
@@ -356,12 +414,16 @@ impl CredentialProxy {
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .with_upgrades()
                     .await;
             });
         }
     }
 
     async fn handle(&self, request: Request<Incoming>) -> Response<BoxBody<Bytes, hyper::Error>> {
+        if request.method() == hyper::Method::CONNECT {
+            return self.tunnel(request);
+        }
         let presented = request
             .headers()
             .get("x-api-key")
@@ -453,6 +515,65 @@ impl CredentialProxy {
             }
             None => error_response(StatusCode::BAD_GATEWAY, "api_error", "no credential"),
         }
+    }
+
+    /// A tunnel to an allowed host (`container.egressAllow`), for an agent that presents its
+    /// token as `Proxy-Authorization` (Basic with the token as password, or Bearer).
+    fn tunnel(&self, request: Request<Incoming>) -> Response<BoxBody<Bytes, hyper::Error>> {
+        let presented = request
+            .headers()
+            .get(hyper::header::PROXY_AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(proxy_token);
+        let granted = presented.is_some_and(|token| {
+            self.grants
+                .lock()
+                .expect("proxy lock poisoned")
+                .contains_key(&token)
+        });
+        if !granted {
+            return error_response(
+                StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+                "authentication_error",
+                "a tunnel needs a token the worker granted, as Proxy-Authorization",
+            );
+        }
+        let Some(authority) = request.uri().authority().cloned() else {
+            return error_response(StatusCode::BAD_REQUEST, "invalid_request_error", "no host");
+        };
+        let host = authority.host().to_owned();
+        if !self
+            .allowed_hosts
+            .iter()
+            .any(|allowed| host_matches(&host, allowed))
+        {
+            tracing::info!(%host, "refused a tunnel to a host not on container.egressAllow");
+            return error_response(
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                &format!("`{host}` is not on the worker's container.egressAllow"),
+            );
+        }
+        let port = authority.port_u16().unwrap_or(443);
+        tokio::spawn(async move {
+            let upgraded = match hyper::upgrade::on(request).await {
+                Ok(upgraded) => upgraded,
+                Err(err) => {
+                    tracing::debug!(error = %err, "a tunnel was not taken up");
+                    return;
+                }
+            };
+            let Ok(mut target) = TcpStream::connect((host.as_str(), port)).await else {
+                return;
+            };
+            let mut upgraded = hyper_util::rt::TokioIo::new(upgraded);
+            let _ = tokio::io::copy_bidirectional(&mut upgraded, &mut target).await;
+        });
+        Response::new(
+            Full::new(Bytes::new())
+                .map_err(|never| match never {})
+                .boxed(),
+        )
     }
 
     /// The next credential not resting, in turn; a resting one when all are.
@@ -721,6 +842,7 @@ mod tests {
             ],
             Duration::from_secs(60),
             Default::default(),
+            Vec::new(),
         )
         .unwrap();
         assert_eq!(
@@ -789,6 +911,7 @@ mod tests {
             Vec::new(),
             Duration::from_secs(60),
             Default::default(),
+            Vec::new(),
         )
         .unwrap();
         let grant = proxy.grant("task t attempt 1");

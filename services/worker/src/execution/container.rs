@@ -624,6 +624,9 @@ impl ExecutionProvider for ContainerProvider {
                 Some(host) if key == "ANTHROPIC_BASE_URL" => {
                     value.replacen("://127.0.0.1:", &format!("://{host}:"), 1)
                 }
+                Some(host) if key == "HTTPS_PROXY" || key == "HTTP_PROXY" => {
+                    value.replacen("@127.0.0.1:", &format!("@{host}:"), 1)
+                }
                 _ => value.clone(),
             };
             if value.contains('\n') {
