@@ -54,6 +54,23 @@ async fn agent_credentials(cluster: &TestCluster) -> (String, String, Vec<Event>
     (token, base_url, events)
 }
 
+/// Everything written under `dir`, as text.
+fn files_under(dir: &std::path::Path) -> String {
+    let mut text = String::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return text;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            text.push_str(&files_under(&path));
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            text.push_str(&String::from_utf8_lossy(&bytes));
+        }
+    }
+    text
+}
+
 async fn proxy_holds_the_key(mode: Mode) {
     let mut cluster = TestCluster::start(vec![WorkerSpec::in_mode(mode)]).await;
     let (token, base_url, events) = agent_credentials(&cluster).await;
@@ -73,8 +90,9 @@ async fn proxy_holds_the_key(mode: Mode) {
         "{:?}",
         requests.iter().map(|r| &r.api_key).collect::<Vec<_>>()
     );
-    // Neither events nor any service's log holds the real key.
+    // Neither events, any service's log, nor any file the agent left holds the real key.
     let mut everything = format!("{events:?}");
+    everything.push_str(&files_under(&cluster.workspaces(&cluster.worker_ids[0])));
     everything.push_str(&cluster.driver.log());
     everything.push_str(&cluster.workers[0].log());
     assert!(!everything.contains(REAL_KEY));

@@ -376,13 +376,22 @@ async fn release(
     {
         open_host_again(&egress_interface(name)).await;
     }
-    if let Some(name) = network
-        && docker.remove_network(name).await.is_err()
-    {
-        leftovers
-            .lock()
-            .unwrap()
-            .push(Leftover::Network(name.to_owned()));
+    if let Some(name) = network {
+        // Docker may still be letting go of the container's endpoint on it for a moment.
+        let mut removed = false;
+        for _ in 0..10 {
+            if docker.remove_network(name).await.is_ok() {
+                removed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if !removed {
+            leftovers
+                .lock()
+                .unwrap()
+                .push(Leftover::Network(name.to_owned()));
+        }
     }
 }
 
