@@ -15,7 +15,7 @@ use claudecluster_proto::v1::scheduler_service_client::SchedulerServiceClient;
 use claudecluster_proto::v1::worker_service_client::WorkerServiceClient;
 use claudecluster_proto::v1::*;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
+use proptest::test_runner::TestRunner;
 use tonic::Code;
 
 /// Text a client could send: empty, ordinary, any unicode (control characters included),
@@ -524,13 +524,6 @@ async fn send(clients: &mut Clients, call: Call) -> Result<(), tonic::Status> {
     Ok(())
 }
 
-fn cases() -> u32 {
-    std::env::var("CLAUDECLUSTER_FUZZ_CASES")
-        .ok()
-        .and_then(|cases| cases.parse().ok())
-        .unwrap_or(300)
-}
-
 #[test]
 fn generated_requests_to_every_rpc_get_proper_statuses_and_hurt_nothing() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -551,12 +544,8 @@ fn generated_requests_to_every_rpc_get_proper_statuses_and_hurt_nothing() {
         worker: cluster.worker_client(0),
     };
 
-    let cases = cases();
-    let mut runner = TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let cases = claudecluster_fuzzing::cases(300);
+    let mut runner = TestRunner::new(claudecluster_fuzzing::config(cases));
     let started = Instant::now();
     let codes: std::cell::RefCell<HashMap<String, u32>> = Default::default();
     let outcome = runner.run(&call(), |call| {

@@ -6,54 +6,14 @@
 //! `CLAUDECLUSTER_FUZZ_CASES=100000 cargo nextest run -p claudecluster-agent-protocol fuzz --no-capture`.
 //! Each target prints how many cases it ran and how fast.
 
-use std::cell::Cell;
 use std::path::Path;
-use std::time::Instant;
 
 use claudecluster_agent_protocol::parse_line;
 use proptest::prelude::*;
 use proptest::sample::Index;
-use proptest::test_runner::{Config, TestRunner};
 use serde_json::Value;
 
-const DEFAULT_CASES: u32 = 256;
-
-fn cases() -> u32 {
-    match std::env::var("CLAUDECLUSTER_FUZZ_CASES") {
-        Ok(text) => text
-            .parse()
-            .unwrap_or_else(|_| panic!("CLAUDECLUSTER_FUZZ_CASES={text:?} is not a number")),
-        Err(_) => DEFAULT_CASES,
-    }
-}
-
-/// Runs `check` on `cases()` inputs from `strategy` and prints the rate, so that a long run
-/// can be quoted. A failure panics with the smallest input proptest shrank it to.
-fn fuzz<S: Strategy>(target: &str, strategy: S, check: impl Fn(S::Value)) {
-    let cases = cases();
-    let config = Config {
-        cases,
-        // A failing input is printed; persisting it would write files into the repository.
-        failure_persistence: None,
-        ..Config::default()
-    };
-    let inputs_checked = Cell::new(0_u64);
-    let started = Instant::now();
-    let outcome = TestRunner::new(config).run(&strategy, |input| {
-        inputs_checked.set(inputs_checked.get() + 1);
-        check(input);
-        Ok(())
-    });
-    let elapsed = started.elapsed();
-    if let Err(failure) = outcome {
-        panic!("{target}: {failure}");
-    }
-    eprintln!(
-        "{target}: {} cases in {elapsed:.2?}, {:.0} cases/second",
-        inputs_checked.get(),
-        inputs_checked.get() as f64 / elapsed.as_secs_f64()
-    );
-}
+use claudecluster_fuzzing::fuzz;
 
 /// The property every target checks: an answer, and an error that says something.
 fn parses_or_explains(line: &str) {

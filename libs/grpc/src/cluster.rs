@@ -4,7 +4,7 @@
 //! workers' services refuse a call without it (`UNAUTHENTICATED`). Agents never get it: a
 //! worker starts them with an environment of their own. Health and reflection stay open.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use tonic::metadata::{Ascii, MetadataValue};
@@ -211,15 +211,6 @@ pub fn cluster_channel(
         std::time::Duration::from_secs(30),
         std::time::Duration::from_secs(20),
     )
-}
-
-/// Where the secret file is when none is configured: the user's data directory.
-pub fn default_secret_dir() -> PathBuf {
-    std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share")))
-        .unwrap_or_else(std::env::temp_dir)
-        .join("claudecluster")
 }
 
 #[cfg(test)]
