@@ -606,6 +606,19 @@ impl TestCluster {
         panic!("task {task_id} ended before its agent started");
     }
 
+    /// Runs `spec` to its end, which must be COMPLETED, and returns the agent's result text.
+    pub async fn completed_text(&self, spec: TaskSpec) -> String {
+        let task = self.submit(spec).await;
+        let (ended, _) = self.finish(&task.task_id).await;
+        assert_eq!(
+            ended.status(),
+            TaskStatus::Completed,
+            "{}",
+            ended.status_reason
+        );
+        ended.result.expect("a completed task has a result").text
+    }
+
     /// The task's current record.
     pub async fn task(&self, task_id: &str) -> Task {
         self.driver()

@@ -299,25 +299,14 @@ async fn process_agents_of_their_own_uids_read_neither_each_other_nor_the_worker
 /// What an agent of `cluster` finds trying to reach `port` on `host` (a shell word, evaluated
 /// in the agent's Bash): `reached` or `unreachable`.
 async fn reach_from_agent(cluster: &TestCluster, host: &str, port: u16) -> String {
-    let task = cluster
-        .submit(with_tools(
+    cluster
+        .completed_text(with_tools(
             &format!(
                 "BASH timeout 3 bash -c \"echo > /dev/tcp/{host}/{port}\" 2>/dev/null && echo reached || echo unreachable"
             ),
             &["Bash"],
         ))
-        .await;
-    let (ended, _) = cluster.finish(&task.task_id).await;
-    assert_eq!(
-        ended.status(),
-        TaskStatus::Completed,
-        "{}",
-        ended.status_reason
-    );
-    ended
-        .result
-        .unwrap()
-        .text
+        .await
         .trim_start_matches("MOCK_DONE ")
         .to_owned()
 }
@@ -389,22 +378,10 @@ async fn a_container_tunnels_through_the_proxy_to_allowed_hosts_only() {
         ..WorkerSpec::in_mode(Mode::Container)
     }])
     .await;
-    let answer = |spec: TaskSpec| {
-        let cluster = &cluster;
-        async move {
-            let task = cluster.submit(spec).await;
-            let (ended, _) = cluster.finish(&task.task_id).await;
-            assert_eq!(
-                ended.status(),
-                TaskStatus::Completed,
-                "{}",
-                ended.status_reason
-            );
-            ended.result.unwrap().text
-        }
-    };
     assert_eq!(
-        answer(tunnel_probe(&format!("localhost:{port}"))).await,
+        cluster
+            .completed_text(tunnel_probe(&format!("localhost:{port}")))
+            .await,
         "MOCK_DONE HTTP/1.1 200 OK"
     );
     tokio::time::timeout(Duration::from_secs(10), reached.recv())
@@ -412,7 +389,9 @@ async fn a_container_tunnels_through_the_proxy_to_allowed_hosts_only() {
         .expect("the tunnel reached the allowed host")
         .unwrap();
     assert_eq!(
-        answer(tunnel_probe(&format!("127.0.0.1:{port}"))).await,
+        cluster
+            .completed_text(tunnel_probe(&format!("127.0.0.1:{port}")))
+            .await,
         "MOCK_DONE HTTP/1.1 403 Forbidden"
     );
     accepting.abort();
