@@ -72,6 +72,12 @@ impl Upstream {
     }
 }
 
+/// The credentials, and which one is next.
+struct Pool {
+    credentials: Vec<PooledCredential>,
+    next: usize,
+}
+
 struct PooledCredential {
     credential: Credential,
     /// Set aside until then, after a 429 or 529.
@@ -276,8 +282,7 @@ pub struct CredentialProxy {
     /// The base URL agents get, as they reach the proxy.
     agent_url: String,
     upstream: Upstream,
-    credentials: Mutex<Vec<PooledCredential>>,
-    next_credential: Mutex<usize>,
+    credentials: Mutex<Pool>,
     cool_down: Duration,
     prices: std::collections::BTreeMap<String, ModelPrice>,
     /// Hosts agents may open tunnels to (`container.egressAllow`).
@@ -325,16 +330,16 @@ impl CredentialProxy {
             address,
             agent_url: format!("http://{agent_host}:{}", address.port()),
             upstream,
-            credentials: Mutex::new(
-                credentials
+            credentials: Mutex::new(Pool {
+                credentials: credentials
                     .into_iter()
                     .map(|credential| PooledCredential {
                         credential,
                         resting_until: None,
                     })
                     .collect(),
-            ),
-            next_credential: Mutex::new(0),
+                next: 0,
+            }),
             cool_down,
             prices,
             allowed_hosts,
@@ -476,6 +481,7 @@ impl CredentialProxy {
             .credentials
             .lock()
             .expect("proxy lock poisoned")
+            .credentials
             .len()
             .max(1);
         let mut last = None;
@@ -578,28 +584,28 @@ impl CredentialProxy {
 
     /// The next credential not resting, in turn; a resting one when all are.
     fn take_credential(&self) -> Option<Credential> {
-        let credentials = self.credentials.lock().expect("proxy lock poisoned");
-        if credentials.is_empty() {
+        let mut pool = self.credentials.lock().expect("proxy lock poisoned");
+        let count = pool.credentials.len();
+        if count == 0 {
             return None;
         }
-        let mut next = self.next_credential.lock().expect("proxy lock poisoned");
         let now = Instant::now();
-        for offset in 0..credentials.len() {
-            let index = (*next + offset) % credentials.len();
-            let pooled = &credentials[index];
-            if pooled.resting_until.is_none_or(|until| until <= now) {
-                *next = (index + 1) % credentials.len();
-                return Some(pooled.credential.clone());
-            }
-        }
-        let index = *next % credentials.len();
-        *next = (index + 1) % credentials.len();
-        Some(credentials[index].credential.clone())
+        let index = (0..count)
+            .map(|offset| (pool.next + offset) % count)
+            .find(|index| {
+                pool.credentials[*index]
+                    .resting_until
+                    .is_none_or(|until| until <= now)
+            })
+            .unwrap_or(pool.next % count);
+        pool.next = (index + 1) % count;
+        Some(pool.credentials[index].credential.clone())
     }
 
     fn rest(&self, credential: &Credential) {
-        let mut credentials = self.credentials.lock().expect("proxy lock poisoned");
-        if let Some(pooled) = credentials
+        let mut pool = self.credentials.lock().expect("proxy lock poisoned");
+        if let Some(pooled) = pool
+            .credentials
             .iter_mut()
             .find(|pooled| &pooled.credential == credential)
         {
