@@ -34,12 +34,13 @@ apt_install() {
 }
 
 # Debian packages: the Docker engine (docker.io), debootstrap for the offline
-# agent image, git for cloning task repositories.
+# agent image, git for cloning task repositories, tmux for the terminal view's test.
 missing=()
 command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 command -v git >/dev/null 2>&1 || missing+=(git)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v tmux >/dev/null 2>&1 || missing+=(tmux)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 if [ "${#missing[@]}" -gt 0 ]; then
   log "installing ${missing[*]}"

@@ -5,6 +5,7 @@
 //! message saying how to install it (`scripts/setup.sh`), it never passes by skipping.
 
 pub mod docker;
+pub mod otlp;
 pub mod postgres;
 pub mod standin;
 
@@ -102,6 +103,8 @@ pub fn venv_tool(name: &str) -> PathBuf {
 pub struct ServiceProcess {
     pub name: String,
     pub address: String,
+    /// Where it serves `/metrics`, when `telemetry.metricsListen` is set.
+    pub metrics: Option<String>,
     child: Child,
     /// Everything the process wrote to stderr (its logs), also passed on to the test's stderr.
     log: std::sync::Arc<std::sync::Mutex<String>>,
@@ -115,10 +118,11 @@ impl ServiceProcess {
     /// `XDG_DATA_HOME`.
     pub async fn start(subcommand: &str, config: &Path, env: &[(String, String)]) -> Self {
         let log = std::sync::Arc::default();
-        let (child, address) = Self::spawn(subcommand, config, env, &log).await;
+        let (child, address, metrics) = Self::spawn(subcommand, config, env, &log).await;
         ServiceProcess {
             name: subcommand.to_owned(),
             address,
+            metrics,
             child,
             log,
             config: config.to_owned(),
@@ -131,7 +135,7 @@ impl ServiceProcess {
         config: &Path,
         env: &[(String, String)],
         log: &std::sync::Arc<std::sync::Mutex<String>>,
-    ) -> (Child, String) {
+    ) -> (Child, String, Option<String>) {
         let data = config
             .parent()
             .expect("a config file lies in a directory")
@@ -174,10 +178,14 @@ impl ServiceProcess {
             subcommand
         };
         let marker = format!("claudecluster: {service} listening on ");
+        let mut metrics = None;
         let address = tokio::time::timeout(Duration::from_secs(60), async {
             while let Some(line) = lines.next_line().await.unwrap() {
                 if let Some(address) = line.strip_prefix(&marker) {
                     return address.to_owned();
+                }
+                if let Some(address) = line.strip_prefix("claudecluster: metrics listening on ") {
+                    metrics = Some(address.to_owned());
                 }
             }
             panic!("claudecluster {subcommand} exited before listening")
@@ -186,7 +194,7 @@ impl ServiceProcess {
         .unwrap_or_else(|_| panic!("claudecluster {subcommand} did not listen within 60 s"));
         // Keep reading stdout so the process never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        (child, address)
+        (child, address, metrics)
     }
 
     /// Starts `claudecluster up --config <config>`; its address is the driver's.
@@ -236,7 +244,9 @@ impl ServiceProcess {
             1,
         );
         std::fs::write(&self.config, pinned).unwrap();
-        let (child, address) = Self::spawn(&self.name, &self.config, &self.env, &self.log).await;
+        let (child, address, metrics) =
+            Self::spawn(&self.name, &self.config, &self.env, &self.log).await;
+        self.metrics = metrics;
         assert_eq!(address, self.address, "restarted on the same address");
         self.child = child;
     }
@@ -847,6 +857,22 @@ pub fn status_time(events: &[Event], status: TaskStatus) -> Option<f64> {
 }
 
 /// Polls `condition` every 20 ms until it holds or `limit` passes.
+/// Polls `found` until it yields a value, for at most `limit`.
+pub async fn wait_for<T, F, Fut>(limit: Duration, mut found: F) -> Result<T, ()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if let Some(value) = found().await {
+            return Ok(value);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(())
+}
+
 pub async fn wait_until<F, Fut>(limit: Duration, mut condition: F) -> Result<(), ()>
 where
     F: FnMut() -> Fut,

@@ -934,6 +934,120 @@ async fn driver_throughput(name: &str, driver_yaml: &str) {
     );
 }
 
+/// Tasks a second for `count` one-turn tasks submitted at once.
+async fn task_rate(cluster: &TestCluster, count: usize) -> f64 {
+    let started = Instant::now();
+    let mut runs = Vec::new();
+    for index in 0..count {
+        let spec = prompt(&format!("throughput {index}"));
+        runs.push(async move { run_to_end(cluster, spec).await });
+    }
+    for (_, status) in futures_util::future::join_all(runs).await {
+        assert_eq!(status, TaskStatus::Completed);
+    }
+    count as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Latencies in ms of `count` GetTask calls one after another.
+async fn get_task_latencies(cluster: &TestCluster, task_id: &str, count: usize) -> Vec<f64> {
+    let mut driver = cluster.driver().await;
+    let mut latencies = Vec::with_capacity(count);
+    for _ in 0..count {
+        let started = Instant::now();
+        driver
+            .get_task(GetTaskRequest {
+                task_id: task_id.to_owned(),
+            })
+            .await
+            .unwrap();
+        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    latencies
+}
+
+/// Reads every `/metrics` of `addresses` once a second, as Prometheus would, until aborted.
+fn scrape_every_second(addresses: Vec<String>) -> tokio::task::JoinHandle<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tokio::spawn(async move {
+        loop {
+            for address in &addresses {
+                if let Ok(mut stream) = tokio::net::TcpStream::connect(address).await {
+                    let _ = stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await;
+                    let mut body = Vec::new();
+                    let _ = stream.read_to_end(&mut body).await;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    })
+}
+
+/// Task throughput and GetTask latency with traces (exported to an OTLP receiver on loopback)
+/// and metrics (scraped every second) on, against a cluster with both off, in one run: the
+/// two clusters take turns.
+async fn telemetry() {
+    const TASKS: usize = 24;
+    const ROUNDS: usize = 3;
+    const GETS: usize = 1000;
+    let worker = || WorkerSpec {
+        capacity: 4,
+        ..WorkerSpec::default()
+    };
+    let receiver = claudecluster_integration_tests::otlp::OtlpReceiver::start().await;
+    let off = TestCluster::start(vec![worker()]).await;
+    let on = TestCluster::start_with_env(
+        "",
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint),
+            ("CLAUDECLUSTER_TELEMETRY__METRICS_LISTEN", "127.0.0.1:0"),
+        ],
+        vec![worker()],
+    )
+    .await;
+    let scraper = scrape_every_second(
+        [&on.driver, &on.scheduler, &on.workers[0]]
+            .iter()
+            .filter_map(|service| service.metrics.clone())
+            .collect(),
+    );
+    // Warm both up: the first run of the CLI pays for its own start-up caches.
+    task_rate(&off, 4).await;
+    task_rate(&on, 4).await;
+    let (mut rate_off, mut rate_on) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        rate_off.push(task_rate(&off, TASKS).await);
+        rate_on.push(task_rate(&on, TASKS).await);
+    }
+    let finished_off = off.submit(prompt("read me")).await;
+    off.finish(&finished_off.task_id).await;
+    let finished_on = on.submit(prompt("read me")).await;
+    on.finish(&finished_on.task_id).await;
+    let (mut get_off, mut get_on) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        get_off.extend(get_task_latencies(&off, &finished_off.task_id, GETS).await);
+        get_on.extend(get_task_latencies(&on, &finished_on.task_id, GETS).await);
+    }
+    scraper.abort();
+    assert!(
+        receiver.spans().len() > ROUNDS * TASKS,
+        "the cluster with traces on exported them"
+    );
+    let (rate_off, rate_on) = (median(&mut rate_off), median(&mut rate_on));
+    println!(
+        "| task throughput, traces and metrics on ({TASKS} one-turn tasks at once, median of {ROUNDS}; {} spans received) | off: {rate_off:.2} tasks/s | {rate_on:.2} tasks/s, ratio {:.3} |",
+        receiver.spans().len(),
+        rate_on / rate_off
+    );
+    println!(
+        "| GetTask latency, traces and metrics on ({} calls each) | off: p50 {:.3} ms, p99 {:.3} ms | p50 {:.3} ms, p99 {:.3} ms |",
+        ROUNDS * GETS,
+        percentile(&mut get_off, 0.5),
+        percentile(&mut get_off, 0.99),
+        percentile(&mut get_on, 0.5),
+        percentile(&mut get_on, 0.99),
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let only: Option<String> = std::env::args().nth(1);
@@ -968,6 +1082,9 @@ async fn main() {
     }
     if wants("proxy") {
         proxy().await;
+    }
+    if wants("telemetry") {
+        telemetry().await;
     }
     if wants("scheduler") {
         placement_at_scale();

@@ -59,6 +59,9 @@ pub fn load(
     Ok(config)
 }
 
+/// The section of the process rather than of one service.
+const TELEMETRY_SECTION: &str = "telemetry";
+
 fn read_file(
     path: &Path,
     layout: FileLayout,
@@ -82,10 +85,17 @@ fn read_file(
         FileLayout::Cluster => values,
         FileLayout::Section(section) => {
             let origin = path.display().to_string();
-            Map::from([(
+            // A service's own file may also hold the process's `telemetry` section.
+            let mut values = values;
+            let telemetry = values.remove(TELEMETRY_SECTION);
+            let mut root = Map::from([(
                 section.to_owned(),
                 Value::new(Some(&origin), ValueKind::Table(values)),
-            )])
+            )]);
+            if let Some(telemetry) = telemetry {
+                root.insert(TELEMETRY_SECTION.to_owned(), telemetry);
+            }
+            root
         }
     })
 }

@@ -18,6 +18,30 @@ pub struct ClusterConfig {
     pub worker: WorkerConfig,
     pub mcp: McpConfig,
     pub cluster: ClusterAuthConfig,
+    /// Logs, traces and metrics of the process. A service's own file (`claudecluster worker
+    /// --config worker.yaml`) may hold this section beside its keys.
+    pub telemetry: TelemetryConfig,
+}
+
+/// Logs, traces and metrics of one process.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// `text` (default) or `json`: one JSON object a line, carrying the trace and span ids.
+    pub log_format: LogFormat,
+    /// The OTLP/gRPC collector spans are exported to (`http://collector:4317`); when unset,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`; when both are unset, spans are not exported.
+    pub otlp_endpoint: Option<String>,
+    /// Where Prometheus text is served on `/metrics` (host:port); unset: not served.
+    pub metrics_listen: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// TLS files of one service (make them with `claudecluster certs init`): the cluster CA, and
@@ -92,6 +116,53 @@ pub struct DriverConfig {
     /// Serve on an address other than loopback with no API keys: anyone who reaches it may do
     /// anything. Refused unless set.
     pub insecure: bool,
+    /// What the whole cluster may spend; each key's own budget is in its quotas.
+    pub budget: BudgetConfig,
+    /// Webhooks told of finished tasks, answered session messages, denied permissions,
+    /// unhealthy workers and spent budgets.
+    pub notifications: NotificationsConfig,
+}
+
+/// A spending limit in USD, per UTC day and per UTC month (0: none), over the cost agents
+/// report for tasks and session messages that ended in the period.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct BudgetConfig {
+    pub usd_per_day: f64,
+    pub usd_per_month: f64,
+    /// What happens to running work when the budget is spent: `finish` (it runs to its end;
+    /// only new tasks and messages are refused) or `stop` (it is cancelled).
+    pub when_spent: WhenSpent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenSpent {
+    #[default]
+    Finish,
+    Stop,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct NotificationsConfig {
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// One receiver of notifications: each is POSTed as JSON, signed with HMAC-SHA256 of the body
+/// under `secret` (header `X-ClaudeCluster-Signature: sha256=<hex>`), and retried with back-off.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `http://` or `https://`.
+    pub url: String,
+    /// Which events it gets (`task.finished`, `session.replied`, `task.permission_denied`,
+    /// `worker.unhealthy`, `budget.reached`); empty: all.
+    #[serde(default)]
+    pub events: StringList,
+    /// The signing secret; unset: bodies are not signed.
+    #[serde(default)]
+    pub secret: Option<String>,
 }
 
 /// Who may call the driver. With no key here and none created (CreateApiKey), the driver takes
@@ -133,6 +204,9 @@ pub struct QuotaConfig {
     pub running_tasks: u32,
     /// Sessions created and not yet closed.
     pub open_sessions: u32,
+    /// What the key may spend in USD per UTC day and per UTC month (0: no limit).
+    pub budget_usd_per_day: f64,
+    pub budget_usd_per_month: f64,
 }
 
 impl Default for QuotaConfig {
@@ -141,6 +215,8 @@ impl Default for QuotaConfig {
             requests_per_second: 1000.0,
             running_tasks: 10_000,
             open_sessions: 64,
+            budget_usd_per_day: 0.0,
+            budget_usd_per_month: 0.0,
         }
     }
 }
@@ -159,6 +235,8 @@ impl Default for DriverConfig {
             auth: AuthConfig::default(),
             tls: TlsConfig::default(),
             insecure: false,
+            budget: BudgetConfig::default(),
+            notifications: NotificationsConfig::default(),
         }
     }
 }

@@ -310,3 +310,41 @@ fn limits_of_what_tasks_may_ask_are_checked_naming_the_key() {
         "{message}"
     );
 }
+
+#[test]
+fn a_service_file_may_hold_the_process_telemetry_beside_its_keys() {
+    let file = write(
+        "listen: 127.0.0.1:0\ntelemetry:\n  logFormat: json\n  metricsListen: 127.0.0.1:9464\nbudget:\n  usdPerDay: 5\n  whenSpent: stop\n",
+    );
+    let config = load(Some(file.path()), FileLayout::Section("driver"), vars(&[])).unwrap();
+    assert_eq!(
+        config.telemetry.log_format,
+        claudecluster_config::LogFormat::Json
+    );
+    assert_eq!(
+        config.telemetry.metrics_listen.as_deref(),
+        Some("127.0.0.1:9464")
+    );
+    assert_eq!(config.driver.budget.usd_per_day, 5.0);
+    assert_eq!(
+        config.driver.budget.when_spent,
+        claudecluster_config::WhenSpent::Stop
+    );
+    // The standard variable form works too, and a bad value names its key.
+    let config = load(
+        None,
+        FileLayout::Section("worker"),
+        vars(&[(
+            "CLAUDECLUSTER_TELEMETRY__OTLP_ENDPOINT",
+            "http://collector:4317",
+        )]),
+    )
+    .unwrap();
+    assert_eq!(
+        config.telemetry.otlp_endpoint.as_deref(),
+        Some("http://collector:4317")
+    );
+    let bad = write("telemetry:\n  logFormat: yaml\n");
+    let err = load(Some(bad.path()), FileLayout::Section("worker"), vars(&[])).unwrap_err();
+    assert!(err.to_string().contains("telemetry.logFormat"), "{err}");
+}

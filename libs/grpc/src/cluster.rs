@@ -142,6 +142,7 @@ impl Interceptor for PresentSecret {
         request
             .metadata_mut()
             .insert(SECRET_HEADER, (*self.0.0).clone());
+        claudecluster_telemetry::propagation::inject(request.metadata_mut());
         Ok(request)
     }
 }

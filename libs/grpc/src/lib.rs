@@ -104,7 +104,7 @@ pub async fn serve(
     }
     server
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .trace_fn(|request| tracing::debug_span!("grpc", path = %request.uri().path()))
+        .trace_fn(claudecluster_telemetry::propagation::server_span)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
@@ -185,6 +185,7 @@ impl tonic::service::Interceptor for Bearer {
         &mut self,
         mut request: tonic::Request<()>,
     ) -> Result<tonic::Request<()>, tonic::Status> {
+        claudecluster_telemetry::propagation::inject(request.metadata_mut());
         // A call that names its own key keeps it.
         if let Some(value) = &self.0
             && !request.metadata().contains_key("authorization")

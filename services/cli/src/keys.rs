@@ -25,6 +25,12 @@ pub enum KeysCommand {
         /// Sessions open at once.
         #[arg(long)]
         open_sessions: Option<u32>,
+        /// USD the key may spend per UTC day.
+        #[arg(long)]
+        budget_usd_per_day: Option<f64>,
+        /// USD the key may spend per UTC month.
+        #[arg(long)]
+        budget_usd_per_month: Option<f64>,
         #[command(flatten)]
         driver: DriverArgs,
     },
@@ -51,6 +57,8 @@ pub async fn keys(command: KeysCommand) -> Result<ExitCode, String> {
             requests_per_second,
             running_tasks,
             open_sessions,
+            budget_usd_per_day,
+            budget_usd_per_month,
             driver,
         } => {
             let request = CreateApiKeyRequest {
@@ -60,6 +68,8 @@ pub async fn keys(command: KeysCommand) -> Result<ExitCode, String> {
                     requests_per_second: requests_per_second.unwrap_or_default(),
                     running_tasks: running_tasks.unwrap_or_default(),
                     open_sessions: open_sessions.unwrap_or_default(),
+                    budget_usd_per_day: budget_usd_per_day.unwrap_or_default(),
+                    budget_usd_per_month: budget_usd_per_month.unwrap_or_default(),
                 }),
             };
             let response = connect(&driver)?

@@ -5,6 +5,8 @@ mod client;
 mod keys;
 mod render;
 mod serve;
+mod top;
+mod usage;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +43,8 @@ enum Command {
     Tasks(client::TasksCommand),
     /// Show workers and queues.
     Status(client::DriverArgs),
+    /// A live view of workers, queues, running tasks and sessions, until `q`.
+    Top(top::TopArgs),
     /// Open long-lived agents and talk to them.
     #[command(subcommand)]
     Session(client::SessionCommand),
@@ -52,6 +56,9 @@ enum Command {
     Keys(keys::KeysCommand),
     /// Who did what: the driver's audit log.
     Audit(client::DriverArgs),
+    /// What the work cost: cost and tokens by task tree, session, key, worker and model, and
+    /// the budgets.
+    Usage(usage::UsageArgs),
     /// Certificates for TLS between the services and to the driver.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -152,10 +159,12 @@ fn main() -> ExitCode {
         Command::Run(_)
             | Command::Tasks(_)
             | Command::Status(_)
+            | Command::Top(_)
             | Command::Session(_)
             | Command::Workers(_)
             | Command::Keys(_)
             | Command::Audit(_)
+            | Command::Usage(_)
     ) {
         end_quietly_on_closed_pipes();
     }
@@ -183,10 +192,12 @@ fn main() -> ExitCode {
             Command::Run(args) => client::report(client::run(args).await),
             Command::Tasks(command) => client::report(client::tasks(command).await),
             Command::Status(args) => client::report(client::status(args).await),
+            Command::Top(args) => client::report(top::top(args).await),
             Command::Session(command) => client::report(client::session(command).await),
             Command::Workers(command) => client::report(client::workers(command).await),
             Command::Keys(command) => client::report(keys::keys(command).await),
             Command::Audit(args) => client::report(keys::audit(args).await),
+            Command::Usage(args) => client::report(usage::usage(args).await),
             Command::Certs(command) => certs(command),
         }
     })

@@ -19,7 +19,6 @@ fn announce(service: &str, address: std::net::SocketAddr) {
 }
 
 pub async fn run(services: Services, config_file: Option<PathBuf>) -> ExitCode {
-    claudecluster_telemetry::init();
     let layout = match services {
         Services::All => FileLayout::Cluster,
         Services::Driver => FileLayout::Section("driver"),
@@ -34,11 +33,39 @@ pub async fn run(services: Services, config_file: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let service = match services {
+        Services::All => "claudecluster",
+        Services::Driver => "claudecluster-driver",
+        Services::Scheduler => "claudecluster-scheduler",
+        Services::Worker => "claudecluster-worker",
+    };
+    let telemetry = match claudecluster_telemetry::init_with(service, &config.telemetry) {
+        Ok(telemetry) => telemetry,
+        Err(err) => {
+            eprintln!("claudecluster: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let metrics = match &config.telemetry.metrics_listen {
+        Some(address) => match claudecluster_telemetry::metrics::serve(address).await {
+            Ok(server) => {
+                announce("metrics", server.local_addr);
+                Some(server)
+            }
+            Err(err) => {
+                eprintln!("claudecluster: {err}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     match start(services, config).await {
         Ok(running) => {
             wait_for_signal().await;
             tracing::info!("shutting down");
             running.shutdown().await;
+            drop(metrics);
+            telemetry.shutdown();
             ExitCode::SUCCESS
         }
         Err(err) => {

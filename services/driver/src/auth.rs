@@ -53,6 +53,9 @@ pub struct Quotas {
     pub requests_per_second: f64,
     pub running_tasks: u32,
     pub open_sessions: u32,
+    /// USD per UTC day and month; 0: no limit.
+    pub budget_usd_per_day: f64,
+    pub budget_usd_per_month: f64,
 }
 
 impl Quotas {
@@ -61,6 +64,8 @@ impl Quotas {
             requests_per_second: config.requests_per_second,
             running_tasks: config.running_tasks,
             open_sessions: config.open_sessions,
+            budget_usd_per_day: config.budget_usd_per_day,
+            budget_usd_per_month: config.budget_usd_per_month,
         }
     }
 
@@ -82,6 +87,16 @@ impl Quotas {
             } else {
                 defaults.open_sessions
             },
+            budget_usd_per_day: if asked.budget_usd_per_day > 0.0 {
+                asked.budget_usd_per_day
+            } else {
+                defaults.budget_usd_per_day
+            },
+            budget_usd_per_month: if asked.budget_usd_per_month > 0.0 {
+                asked.budget_usd_per_month
+            } else {
+                defaults.budget_usd_per_month
+            },
         }
     }
 
@@ -90,6 +105,8 @@ impl Quotas {
             requests_per_second: self.requests_per_second,
             running_tasks: self.running_tasks,
             open_sessions: self.open_sessions,
+            budget_usd_per_day: self.budget_usd_per_day,
+            budget_usd_per_month: self.budget_usd_per_month,
         }
     }
 }
@@ -414,6 +431,17 @@ impl Auth {
                 "quotas.requests_per_second",
                 "must be zero (the default) or more",
             ));
+        }
+        for (field, value) in [
+            ("quotas.budget_usd_per_day", quotas.budget_usd_per_day),
+            ("quotas.budget_usd_per_month", quotas.budget_usd_per_month),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(DriverError::invalid(
+                    field,
+                    "must be zero (no limit) or more",
+                ));
+            }
         }
         if self.configured.values().any(|key| key.id == key_id) {
             return Err(DriverError::KeyExists(key_id.to_owned()));

@@ -31,7 +31,31 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/sqlite/0002_keys_and_audit.sql"),
         postgres: include_str!("../migrations/postgres/0002_keys_and_audit.sql"),
     },
+    Migration {
+        version: 3,
+        sqlite: include_str!("../migrations/sqlite/0003_usage.sql"),
+        postgres: include_str!("../migrations/postgres/0003_usage.sql"),
+    },
 ];
+
+/// What one task run or session message cost, as stored.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UsageRow {
+    pub subject: String,
+    /// The session message; 0 for a task.
+    pub turn: u32,
+    pub session: bool,
+    pub time_ms: i64,
+    /// The root task of the task's tree; empty for a session.
+    pub tree: String,
+    pub owner: String,
+    pub worker: String,
+    pub model: String,
+    pub cost_usd: f64,
+    pub metered_cost_usd: f64,
+    pub tokens: claudecluster_proto::v1::TokenUsage,
+    pub metered_tokens: claudecluster_proto::v1::TokenUsage,
+}
 
 /// A key made with CreateApiKey, as stored.
 #[derive(Debug, Clone)]
@@ -640,6 +664,67 @@ impl Db {
                     action: row.try_get("action")?,
                     subject: row.try_get("subject")?,
                     detail: row.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Records what a run cost; a row already recorded (after a restart) stays as it was.
+    pub async fn insert_usage(&self, row: &UsageRow) -> Result<(), DbError> {
+        use prost::Message;
+        sqlx::query(
+            "INSERT INTO usage_records (subject, turn, session, time_ms, tree, owner, worker, model, cost_usd, metered_cost_usd, tokens, metered_tokens) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (subject, turn) DO NOTHING",
+        )
+        .bind(row.subject.clone())
+        .bind(i64::from(row.turn))
+        .bind(i64::from(row.session))
+        .bind(row.time_ms)
+        .bind(row.tree.clone())
+        .bind(row.owner.clone())
+        .bind(row.worker.clone())
+        .bind(row.model.clone())
+        .bind(row.cost_usd)
+        .bind(row.metered_cost_usd)
+        .bind(row.tokens.encode_to_vec())
+        .bind(row.metered_tokens.encode_to_vec())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The usage recorded from `from_ms` (inclusive) to `to_ms` (exclusive).
+    pub async fn usage_between(&self, from_ms: i64, to_ms: i64) -> Result<Vec<UsageRow>, DbError> {
+        use prost::Message;
+        let rows = sqlx::query(
+            "SELECT subject, turn, session, time_ms, tree, owner, worker, model, cost_usd, metered_cost_usd, tokens, metered_tokens \
+             FROM usage_records WHERE time_ms >= $1 AND time_ms < $2",
+        )
+        .bind(from_ms)
+        .bind(to_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let tokens =
+                    |column: &str| -> Result<claudecluster_proto::v1::TokenUsage, DbError> {
+                        let bytes: Vec<u8> = row.try_get(column)?;
+                        claudecluster_proto::v1::TokenUsage::decode(bytes.as_slice())
+                            .map_err(|err| DbError::Corrupt(format!("usage record: {err}")))
+                    };
+                Ok(UsageRow {
+                    subject: row.try_get("subject")?,
+                    turn: row.try_get::<i64, _>("turn")? as u32,
+                    session: row.try_get::<i64, _>("session")? != 0,
+                    time_ms: row.try_get("time_ms")?,
+                    tree: row.try_get("tree")?,
+                    owner: row.try_get("owner")?,
+                    worker: row.try_get("worker")?,
+                    model: row.try_get("model")?,
+                    cost_usd: row.try_get("cost_usd")?,
+                    metered_cost_usd: row.try_get("metered_cost_usd")?,
+                    tokens: tokens("tokens")?,
+                    metered_tokens: tokens("metered_tokens")?,
                 })
             })
             .collect()

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use claudecluster_grpc::{ClusterChannel as Channel, ClusterIdentity};
 use claudecluster_proto::v1::event::Kind;
@@ -16,13 +16,18 @@ use claudecluster_proto::v1::{
     SessionClose, SessionOpen, SessionState, SessionTurn, StreamPlacementsRequest,
     StreamPlacementsResponse, TaskStatus,
 };
+use claudecluster_telemetry::propagation::TraceParent;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
+use tracing::Instrument;
 
+use crate::metrics::{metrics, mode_label};
+use crate::notify::{self, Notifier};
 use crate::sessions::{SessionEntry, SessionStore};
 use crate::store::{TaskEntry, TaskStore};
+use crate::usage::Usage;
 
 /// After asking a worker to cancel, how long its stream may take to end before the driver
 /// ends the task itself.
@@ -41,6 +46,8 @@ const WORKER_PING_TIMEOUT: Duration = Duration::from_secs(3);
 const REATTACH_PATIENCE: Duration = Duration::from_secs(5);
 /// Messages a session's stream holds on their way out: the first, one turn and a close.
 const SESSION_INPUT_BUFFER: usize = 4;
+/// How often the driver looks at the workers' health for notifications.
+const WORKER_WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How a run ended without an outcome.
 enum RunEnd {
@@ -78,6 +85,8 @@ pub struct Dispatcher {
     workers: Mutex<HashMap<String, WorkerServiceClient<Channel>>>,
     /// The streams of the sessions followed here, by session, for closing them.
     session_links: Mutex<HashMap<String, Arc<SessionLink>>>,
+    usage: Arc<Usage>,
+    notifier: Arc<Notifier>,
 }
 
 impl Dispatcher {
@@ -87,6 +96,8 @@ impl Dispatcher {
         scheduler_address: String,
         max_attempts: u32,
         identity: ClusterIdentity,
+        usage: Arc<Usage>,
+        notifier: Arc<Notifier>,
     ) -> Result<Self, tonic::transport::Error> {
         let channel = claudecluster_grpc::cluster::cluster_channel(&scheduler_address, &identity)?;
         Ok(Dispatcher {
@@ -100,6 +111,8 @@ impl Dispatcher {
             scheduler_address,
             workers: Mutex::default(),
             session_links: Mutex::default(),
+            usage,
+            notifier,
         })
     }
 
@@ -251,7 +264,20 @@ impl Dispatcher {
             self.release(&task_id, attempt).await;
             return;
         }
+        let span = tracing::info_span!(
+            "task.run",
+            otel.name = "run task",
+            task.id = %task_id,
+            task.attempt = attempt,
+            worker.id = %worker_id,
+        );
+        entry
+            .trace
+            .lock()
+            .expect("trace lock poisoned")
+            .adopt(&span);
         self.follow_run(entry, attempt, worker_id, worker_address, false)
+            .instrument(span)
             .await;
     }
 
@@ -261,7 +287,9 @@ impl Dispatcher {
         let attempt = entry.attempt();
         let (worker_id, worker_address, _) = entry.placement();
         tracing::info!(task = %entry.id, worker = %worker_id, attempt, "attaching to the task's run again");
+        let span = tracing::info_span!("task.run", otel.name = "attach to task", task.id = %entry.id, task.attempt = attempt, worker.id = %worker_id);
         self.follow_run(entry, attempt, worker_id, worker_address, true)
+            .instrument(span)
             .await;
     }
 
@@ -278,6 +306,7 @@ impl Dispatcher {
             .execute(&entry, attempt, &worker_id, &worker_address, attach)
             .await;
         self.release(&entry.id, attempt).await;
+        let ended_here = ended.is_ok() || matches!(ended, Err(RunEnd::Failed(_)));
         match ended {
             Ok(()) => {}
             Err(RunEnd::NotStarted(reason)) => {
@@ -319,6 +348,95 @@ impl Dispatcher {
                     );
                 }
             }
+        }
+        if ended_here || entry.status().is_terminal() {
+            self.task_ended(&entry).await;
+        }
+    }
+
+    /// Accounts for a task that ended: its cost, its metrics and its notification.
+    async fn task_ended(&self, entry: &TaskEntry) {
+        let task = entry.snapshot();
+        if !task.status().is_terminal() {
+            return;
+        }
+        let mode = mode_label(task.spec.as_ref().map_or(0, |spec| spec.execution_mode));
+        metrics()
+            .tasks_ended
+            .get_or_create(&vec![
+                ("state", task.status().label().to_owned()),
+                ("mode", mode),
+            ])
+            .inc();
+        if let Some(result) = &task.result {
+            metrics()
+                .agent_turns
+                .get_or_create(&vec![("kind", "task".to_owned())])
+                .inc_by(u64::from(result.num_turns));
+        }
+        self.usage.task_ended(&task).await;
+        let result = task.result.clone().unwrap_or_default();
+        self.notifier.notify(
+            notify::TASK_FINISHED,
+            serde_json::json!({
+                "taskId": task.task_id,
+                "status": task.status().label(),
+                "reason": task.status_reason,
+                "workerId": task.worker_id,
+                "owner": task.owner,
+                "costUsd": result.total_cost_usd,
+                "meteredCostUsd": task.metered_cost_usd,
+                "numTurns": result.num_turns,
+                "isError": result.is_error,
+            }),
+        );
+        if self.usage.stops_when_spent() && self.usage.is_spent(&task.owner) {
+            self.stop_spent(&task.owner);
+        }
+    }
+
+    /// Cancels the running work a spent budget covers (`driver.budget.whenSpent: stop`).
+    fn stop_spent(&self, owner: &str) {
+        // The cluster's budget covers every task; a key's, the key's own.
+        let cluster_spent = self.usage.is_spent("");
+        let scope = if cluster_spent { None } else { Some(owner) };
+        for entry in self.store.live_owned_by(scope) {
+            entry.cancel("a budget is spent (driver.budget.whenSpent: stop)");
+        }
+    }
+
+    /// Sees what each event of a task tells beyond its log: the agent's identity (for the
+    /// trees of the tasks it spawns), its first event's latency, tool calls and denials.
+    fn observe_task_event(&self, entry: &TaskEntry, kind: &Kind) {
+        match kind {
+            Kind::Init(init) => {
+                let task = entry.snapshot();
+                self.usage.agent_started(&task, &init.agent_session_id);
+                if let Some(created) = task.create_time
+                    && let Ok(created) = SystemTime::try_from(created)
+                    && let Ok(waited) = SystemTime::now().duration_since(created)
+                {
+                    metrics().first_event_latency.observe(waited.as_secs_f64());
+                }
+            }
+            Kind::ToolUse(tool) => {
+                metrics()
+                    .tool_calls
+                    .get_or_create(&vec![("tool", tool.name.clone())])
+                    .inc();
+            }
+            Kind::PermissionDenied(denied) => {
+                self.notifier.notify(
+                    notify::PERMISSION_DENIED,
+                    serde_json::json!({
+                        "taskId": entry.id,
+                        "tool": denied.tool_name,
+                        "toolUseId": denied.tool_use_id,
+                        "message": denied.message,
+                    }),
+                );
+            }
+            _ => {}
         }
     }
 
@@ -419,6 +537,7 @@ impl Dispatcher {
                             return Err(RunEnd::GivenBack(change.reason.clone()));
                         }
                         let terminal = matches!(&kind, Kind::StatusChange(change) if change.status().is_terminal());
+                        self.observe_task_event(entry, &kind);
                         entry.append_from_worker(attempt, kind, run_sequence);
                         if terminal {
                             return Ok(());
@@ -475,31 +594,36 @@ impl Dispatcher {
     /// Hands a new task to the scheduler, or, when it depends on others, waits for them
     /// first: it runs once all completed, and is cancelled when one did not.
     pub async fn start(self: &Arc<Self>, entry: Arc<TaskEntry>, dependencies: Vec<Arc<TaskEntry>>) {
+        *entry.trace.lock().expect("trace lock poisoned") = TraceParent::current();
         if dependencies.is_empty() {
             self.enqueue(&entry).await;
             return;
         }
         let this = self.clone();
-        tokio::spawn(async move {
-            for dependency in dependencies {
-                dependency.ended().await;
-                let done = dependency.snapshot();
-                if done.status() != TaskStatus::Completed {
-                    let reason = format!(
-                        "dependency {} {}: {}",
-                        done.task_id,
-                        done.status().label(),
-                        done.status_reason
-                    );
-                    entry.cancel(&reason);
-                    return;
+        let waiting = tracing::info_span!("task.dependencies", otel.name = "wait for dependencies", task.id = %entry.id);
+        tokio::spawn(
+            async move {
+                for dependency in dependencies {
+                    dependency.ended().await;
+                    let done = dependency.snapshot();
+                    if done.status() != TaskStatus::Completed {
+                        let reason = format!(
+                            "dependency {} {}: {}",
+                            done.task_id,
+                            done.status().label(),
+                            done.status_reason
+                        );
+                        entry.cancel(&reason);
+                        return;
+                    }
+                }
+                entry.unblock();
+                if entry.status() == TaskStatus::Pending {
+                    this.enqueue(&entry).await;
                 }
             }
-            entry.unblock();
-            if entry.status() == TaskStatus::Pending {
-                this.enqueue(&entry).await;
-            }
-        });
+            .instrument(waiting),
+        );
     }
 
     /// Hands a session to the scheduler: it holds a slot of a container worker while it lives.
@@ -530,6 +654,29 @@ impl Dispatcher {
     /// stream: records everything the worker streams about it and sends it its messages one at
     /// a time, until the session ends.
     pub async fn run_session(
+        &self,
+        session: Arc<SessionEntry>,
+        worker_id: &str,
+        worker_address: &str,
+        attach: bool,
+    ) {
+        let span = tracing::info_span!(
+            "session.run",
+            otel.name = "run session",
+            session.id = %session.id,
+            worker.id = %worker_id,
+        );
+        session
+            .trace
+            .lock()
+            .expect("trace lock poisoned")
+            .adopt(&span);
+        self.follow_session(session, worker_id, worker_address, attach)
+            .instrument(span)
+            .await
+    }
+
+    async fn follow_session(
         &self,
         session: Arc<SessionEntry>,
         worker_id: &str,
@@ -586,13 +733,34 @@ impl Dispatcher {
         // Whether the stream was opened again since the last event: a second break without
         // progress means the worker is gone.
         let mut reattached = false;
+        // The turn being answered, as a span of the session's trace.
+        let mut turn_span: Option<tracing::Span> = None;
         let lost = loop {
             let broke = tokio::select! {
                 message = events.message() => match message {
                     Ok(Some(response)) => {
                         reattached = false;
                         if let Some(event) = response.event {
+                            if matches!(event.kind, Some(Kind::Result(_))) {
+                                // The turn's span ends with its answer.
+                                turn_span.take();
+                            }
+                            let answered = match &event.kind {
+                                Some(Kind::Result(result)) => Some((
+                                    event.turn,
+                                    result.clone(),
+                                    session.snapshot().total_cost_usd,
+                                )),
+                                Some(Kind::ToolUse(tool)) => {
+                                    metrics().tool_calls.get_or_create(&vec![("tool", tool.name.clone())]).inc();
+                                    None
+                                }
+                                _ => None,
+                            };
                             session.append_from_worker(event, response.run_sequence);
+                            if let Some((turn, result, cost_before)) = answered {
+                                self.session_replied(&session, turn, &result, cost_before).await;
+                            }
                         }
                         if session.state().is_final() {
                             break String::new();
@@ -605,7 +773,9 @@ impl Dispatcher {
                 // One message at a time, once the previous one is answered. One that does not
                 // get onto a broken stream is the one in flight: it goes on the next.
                 Some((turn, text)) = session.next_message() => {
-                    let _ = input.send(turn_message(turn, text)).await;
+                    let span = tracing::info_span!("session.turn", otel.name = "session turn", session.turn = turn);
+                    let _ = input.send(turn_message(turn, text)).instrument(span.clone()).await;
+                    turn_span.replace(span);
                     continue;
                 }
             };
@@ -633,6 +803,72 @@ impl Dispatcher {
         // A stream that ends before the session did means the worker is gone.
         session.set_state(SessionState::Lost, lost, worker_id, 0);
         self.release(&session.id, 0).await;
+    }
+
+    /// Accounts for a session's answer: its cost, its metrics and its notification.
+    async fn session_replied(
+        &self,
+        session: &SessionEntry,
+        turn: u32,
+        result: &claudecluster_proto::v1::AgentResult,
+        cost_before: f64,
+    ) {
+        let snapshot = session.snapshot();
+        metrics()
+            .agent_turns
+            .get_or_create(&vec![("kind", "session".to_owned())])
+            .inc_by(u64::from(result.num_turns));
+        self.usage
+            .session_replied(&snapshot, turn, result, cost_before)
+            .await;
+        if self.usage.stops_when_spent() && self.usage.is_spent(&snapshot.owner) {
+            self.stop_spent(&snapshot.owner);
+        }
+        self.notifier.notify(
+            notify::SESSION_REPLIED,
+            serde_json::json!({
+                "sessionId": snapshot.session_id,
+                "turn": turn,
+                "text": result.text.chars().take(4096).collect::<String>(),
+                "isError": result.is_error,
+                "costUsd": (result.total_cost_usd - cost_before).max(0.0),
+                "owner": snapshot.owner,
+            }),
+        );
+    }
+
+    /// Tells the webhooks of workers that turn unhealthy, as the scheduler sees them, until
+    /// `stop`.
+    pub async fn watch_workers(self: Arc<Self>, stop: CancellationToken) {
+        let mut healthy: HashMap<String, bool> = HashMap::new();
+        let mut ticker = tokio::time::interval(WORKER_WATCH_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let Ok(workers) = self
+                .scheduler
+                .clone()
+                .list_workers(claudecluster_proto::v1::ListWorkersRequest {})
+                .await
+            else {
+                continue;
+            };
+            for worker in workers.into_inner().workers {
+                let was = healthy.insert(worker.worker_id.clone(), worker.healthy);
+                if !worker.healthy && was == Some(true) {
+                    self.notifier.notify(
+                        notify::WORKER_UNHEALTHY,
+                        serde_json::json!({
+                            "workerId": worker.worker_id,
+                            "address": worker.address,
+                            "reason": worker.health_reason,
+                        }),
+                    );
+                }
+            }
+        }
     }
 
     /// Registers the stream about to be opened to a session, for [`Dispatcher::close_session`].

@@ -10,11 +10,14 @@ mod dispatch;
 mod error;
 mod journal;
 mod listing;
+mod metrics;
+mod notify;
 mod service;
 mod sessions;
 mod store;
 #[cfg(test)]
 mod test_support;
+mod usage;
 
 mod writer;
 
@@ -68,6 +71,8 @@ pub enum StartError {
     Store(#[from] db::DbError),
     #[error("cannot take up the stored tasks: {0}")]
     Recovery(#[from] DriverError),
+    #[error("{0}")]
+    Notifications(String),
     #[error(
         "refusing to serve {address} beyond loopback with no API keys and no TLS, where anyone who reaches it could do anything: add keys (`driver.auth.apiKeys`) or TLS (`driver.tls`), listen on 127.0.0.1, or set `driver.insecure: true`"
     )]
@@ -121,6 +126,10 @@ pub async fn spawn(
         live.clone(),
     ));
     let sessions = Arc::new(sessions::SessionStore::new(db.clone(), writer, live));
+    metrics::observe(Arc::downgrade(&store));
+    let notifier =
+        notify::Notifier::start(&config.notifications).map_err(StartError::Notifications)?;
+    let usage = usage::Usage::load(db.clone(), config.budget.clone(), notifier.clone()).await?;
     let dispatcher = Arc::new(
         dispatch::Dispatcher::new(
             store.clone(),
@@ -128,6 +137,8 @@ pub async fn spawn(
             config.scheduler_address.clone(),
             config.max_attempts,
             identity.clone(),
+            usage.clone(),
+            notifier.clone(),
         )
         .map_err(|source| StartError::SchedulerAddress {
             address: config.scheduler_address.clone(),
@@ -137,6 +148,7 @@ pub async fn spawn(
     recover(&store, &sessions, &dispatcher).await?;
     tracing::info!(store = %db.place, elapsed_ms = opened.elapsed().as_millis() as u64, "store open");
     tokio::spawn(dispatcher.clone().follow_placements(stop.clone()));
+    tokio::spawn(dispatcher.clone().watch_workers(stop.clone()));
     tokio::spawn(compact_logs(db.clone(), config.store.clone(), stop.clone()));
     let (routes, _health) =
         claudecluster_grpc::standard_routes("claudecluster.v1.DriverService").await;
@@ -152,6 +164,7 @@ pub async fn spawn(
             dispatcher,
             auth::Auth::new(db.clone(), &config.auth, keys_exist),
             limits,
+            usage,
             stop.clone(),
         ))
         .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)

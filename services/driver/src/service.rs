@@ -45,6 +45,7 @@ pub struct DriverService {
     admission: Admission,
     auth: Arc<Auth>,
     limits: Limits,
+    usage: Arc<crate::usage::Usage>,
     /// Cancelled when the driver shuts down: open streams end with UNAVAILABLE so that clients
     /// reconnect (to this driver once it is back, or another).
     stopping: CancellationToken,
@@ -57,6 +58,7 @@ impl DriverService {
         dispatcher: Arc<Dispatcher>,
         auth: Arc<Auth>,
         limits: Limits,
+        usage: Arc<crate::usage::Usage>,
         stopping: CancellationToken,
     ) -> Self {
         DriverService {
@@ -66,6 +68,7 @@ impl DriverService {
             admission: Admission::new(dispatcher.scheduler()),
             dispatcher,
             limits,
+            usage,
             stopping,
         }
     }
@@ -105,6 +108,7 @@ impl DriverService {
     /// A response stream fed by `follow`.
     fn event_stream<T, F, Fut>(
         &self,
+        kind: &'static str,
         follow: F,
         wrap: fn(Event) -> T,
     ) -> Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>
@@ -115,7 +119,12 @@ impl DriverService {
     {
         let (events, followed) = mpsc::channel(128);
         tokio::spawn(follow(events));
-        Box::pin(ReceiverStream::new(followed).map(move |event| event.map(wrap)))
+        // Counted as a subscriber for as long as the client holds the stream.
+        let subscriber = crate::metrics::Subscriber::new(kind);
+        Box::pin(ReceiverStream::new(followed).map(move |event| {
+            let _counted = &subscriber;
+            event.map(wrap)
+        }))
     }
 
     /// Whether any registered worker runs container mode; sessions need one.
@@ -169,6 +178,13 @@ impl DriverService {
             })?);
         }
         Ok(found)
+    }
+
+    /// Refuses new work when a budget that covers `caller` is spent.
+    fn check_budget(&self, caller: &Caller) -> Result<(), DriverError> {
+        self.usage
+            .check(&caller.key_id, caller.quotas.as_ref())
+            .map_err(DriverError::QuotaExceeded)
     }
 
     /// Refuses a submission that would take `caller` past its `runningTasks` quota.
@@ -259,6 +275,7 @@ impl DriverApi for DriverService {
         }
         self.check_admitted(&needs, "").await?;
         self.check_running_quota(&caller, 1)?;
+        self.check_budget(&caller)?;
         let dependencies = self.dependencies(&spec.depends_on, &caller).await?;
         let (entry, created) = self.store.insert(spec, &caller.key_id).await?;
         // The answer is the task as accepted; it may be placed before this call returns.
@@ -301,6 +318,7 @@ impl DriverApi for DriverService {
                 .await?;
         }
         self.check_running_quota(&caller, planned.len())?;
+        self.check_budget(&caller)?;
         let entries = self.store.insert_all(planned, &caller.key_id).await?;
         for entry in &entries {
             self.auth
@@ -395,6 +413,7 @@ impl DriverApi for DriverService {
         let reader = self.reader();
         let after = request.after_sequence;
         Ok(Response::new(self.event_stream(
+            "task",
             move |out| entry.follow(reader, after, out),
             task_event,
         )))
@@ -455,6 +474,8 @@ impl DriverApi for DriverService {
         tracing::info!(session = %session.id, "session created");
         self.auth.audit(&caller, "session.create", &session.id, "");
         let snapshot = session.snapshot();
+        *session.trace.lock().expect("trace lock poisoned") =
+            claudecluster_telemetry::propagation::TraceParent::current();
         self.dispatcher.enqueue_session(&session).await;
         Ok(Response::new(CreateSessionResponse {
             session: Some(snapshot),
@@ -507,11 +528,13 @@ impl DriverApi for DriverService {
         let session = self.session(&request.session_id, &caller).await?;
         validate::prompt("text", &request.text, self.limits.prompt_bytes)
             .map_err(DriverError::from)?;
+        self.check_budget(&caller)?;
         let (turn, after) = session
             .queue_message(request.text, self.limits.session_queue)
             .await?;
         let reader = self.reader();
         Ok(Response::new(self.event_stream(
+            "session",
             move |out| session.follow_turn(reader, turn, after, out),
             reply_event,
         )))
@@ -530,6 +553,7 @@ impl DriverApi for DriverService {
         let reader = self.reader();
         let after = request.after_sequence;
         Ok(Response::new(self.event_stream(
+            "session",
             move |out| session.follow(reader, after, out),
             session_event,
         )))
@@ -594,6 +618,37 @@ impl DriverApi for DriverService {
             .revoke(&caller, &request.into_inner().key_id)
             .await?;
         Ok(Response::new(RevokeApiKeyResponse { key: Some(key) }))
+    }
+
+    async fn get_usage(
+        &self,
+        request: Request<GetUsageRequest>,
+    ) -> Result<Response<GetUsageResponse>, Status> {
+        let caller = self.auth.caller(&request, Scope::TasksRead).await?;
+        let request = request.into_inner();
+        let millis = |field: &'static str, time: Option<claudecluster_proto::Timestamp>| {
+            time.map(|time| {
+                std::time::SystemTime::try_from(time)
+                    .ok()
+                    .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|since| since.as_millis() as i64)
+                    .ok_or_else(|| DriverError::invalid(field, "is not a time after 1970"))
+            })
+            .transpose()
+        };
+        let from = millis("start_time", request.start_time)?.unwrap_or(0);
+        let to = millis("end_time", request.end_time)?.unwrap_or(i64::MAX);
+        if from > to {
+            return Err(DriverError::invalid("start_time", "is after end_time").into());
+        }
+        // A key sees its own work; an admin (or anyone, on a driver without keys) all of it.
+        let owner = (!caller.is_admin()).then_some(caller.key_id.as_str());
+        let usage = self
+            .usage
+            .report(from, to, owner)
+            .await
+            .map_err(DriverError::from)?;
+        Ok(Response::new(usage))
     }
 
     async fn list_audit_records(

@@ -74,7 +74,12 @@ impl Record for SessionRecord {
                 }
                 session.last_activity_time = Some(SystemTime::now().into());
             }
-            Some(Kind::Init(init)) => session.agent_session_id = init.agent_session_id.clone(),
+            Some(Kind::Init(init)) => {
+                session.agent_session_id = init.agent_session_id.clone();
+                if !init.model.is_empty() {
+                    session.model = init.model.clone();
+                }
+            }
             Some(Kind::Result(result)) => {
                 session.turns += 1;
                 // The agent reports its cost cumulatively over its conversation, resumes included.
@@ -123,6 +128,8 @@ impl Record for SessionRecord {
 pub struct SessionEntry {
     pub id: String,
     pub journal: Arc<Journal<SessionRecord>>,
+    /// The trace of the request that created the session; its run and turns join it.
+    pub trace: std::sync::Mutex<claudecluster_telemetry::propagation::TraceParent>,
 }
 
 impl SessionEntry {
@@ -348,6 +355,7 @@ impl SessionStore {
         Arc::new(SessionEntry {
             journal: Journal::new(id.clone(), record, last_sequence, self.writer.clone()),
             id,
+            trace: Default::default(),
         })
     }
 

@@ -4,6 +4,7 @@
 //! recent events), so memory stays flat however many finished tasks are kept. A finished task
 //! is read back from the store when asked for.
 
+use claudecluster_telemetry::propagation::TraceParent;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -111,6 +112,8 @@ impl Record for TaskRecord {
                 }
             }
             Some(Kind::Result(result)) => task.result = Some(result.clone()),
+            Some(Kind::ToolUse(tool)) => task.last_tool = tool.name.clone(),
+            Some(Kind::Init(init)) if !init.model.is_empty() => task.model = init.model.clone(),
             _ => {}
         }
         task.attempt = task.attempt.max(event.attempt);
@@ -146,6 +149,8 @@ pub struct TaskEntry {
     pub id: String,
     journal: Arc<Journal<TaskRecord>>,
     cancel: CancellationToken,
+    /// The trace of the request that submitted the task, which its placement and run join.
+    pub trace: std::sync::Mutex<TraceParent>,
 }
 
 /// What a cancel request found.
@@ -510,6 +515,48 @@ impl TaskStore {
     }
 
     /// Live tasks of `owner` that have not ended: what its `runningTasks` quota counts.
+    /// Tasks not yet ended, by status label and requested mode.
+    pub fn live_counts(&self) -> HashMap<(String, String), u64> {
+        let mut counts = HashMap::new();
+        for entry in self
+            .live
+            .tasks
+            .read()
+            .expect("live task lock poisoned")
+            .values()
+        {
+            let (status, mode) = entry.journal.read(|r| {
+                (
+                    r.task.status(),
+                    r.task.spec.as_ref().map_or(0, |spec| spec.execution_mode),
+                )
+            });
+            if !status.is_terminal() {
+                *counts
+                    .entry((status.label().to_owned(), crate::metrics::mode_label(mode)))
+                    .or_default() += 1;
+            }
+        }
+        counts
+    }
+
+    /// Tasks of `owner` not yet ended, to stop when its budget is spent.
+    pub fn live_owned_by(&self, owner: Option<&str>) -> Vec<Arc<TaskEntry>> {
+        self.live
+            .tasks
+            .read()
+            .expect("live task lock poisoned")
+            .values()
+            .filter(|entry| {
+                entry.journal.read(|r| {
+                    owner.is_none_or(|owner| r.task.owner == owner)
+                        && !r.task.status().is_terminal()
+                })
+            })
+            .cloned()
+            .collect()
+    }
+
     pub fn running_owned_by(&self, owner: &str) -> usize {
         self.live
             .tasks
@@ -558,6 +605,7 @@ impl TaskStore {
             journal: Journal::new(id.clone(), record, last_sequence, self.writer.clone()),
             id,
             cancel: CancellationToken::new(),
+            trace: Default::default(),
         })
     }
 

@@ -154,7 +154,12 @@ async fn commit(db: &Db, batch: &[Arc<dyn Persist>], settled: &Settled) -> Resul
         writes.push(unwritten.write);
     }
     if !writes.is_empty() {
+        let started = std::time::Instant::now();
         db.commit(&writes).await.map_err(|err| err.to_string())?;
+        crate::metrics::metrics()
+            .store_latency
+            .get_or_create(&vec![("operation", "commit".to_owned())])
+            .observe(started.elapsed().as_secs_f64());
     }
     for (journal, up_to, changes) in taken {
         if journal.written(up_to, changes) {

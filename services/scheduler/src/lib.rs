@@ -8,6 +8,7 @@
 
 pub mod benchmark;
 mod error;
+mod metrics;
 mod placement;
 mod service;
 mod state;

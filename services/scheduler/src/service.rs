@@ -24,8 +24,10 @@ pub struct SchedulerService {
 
 impl SchedulerService {
     pub fn new(config: SchedulerConfig) -> Self {
+        let state = Arc::new(Mutex::new(State::new(config.heartbeat_timeout.get())));
+        crate::metrics::observe(Arc::downgrade(&state));
         SchedulerService {
-            state: Arc::new(Mutex::new(State::new(config.heartbeat_timeout.get()))),
+            state,
             config: Arc::new(config),
         }
     }

@@ -31,6 +31,8 @@ struct QueuedTask {
     /// The priority it was queued with; aging may have raised its rank since.
     priority: i32,
     queued_at: Instant,
+    /// From enqueue to placement, in the trace of the request that enqueued it.
+    span: tracing::Span,
 }
 
 #[derive(Debug)]
@@ -336,6 +338,13 @@ impl State {
                     requirements: requirements.clone(),
                     priority: priority_rank(priority),
                     queued_at: Instant::now(),
+                    span: tracing::info_span!(
+                        "task.queued",
+                        otel.name = "queue and place",
+                        task.id = %task_id,
+                        task.attempt = attempt,
+                        worker.id = tracing::field::Empty,
+                    ),
                 },
             );
         }
@@ -439,6 +448,12 @@ impl State {
             }
             let task = self.queue.remove(&key).expect("key taken from the queue");
             self.queued.remove(&task.task_id);
+            task.span.record("worker.id", worker_id.as_str());
+            let metrics = crate::metrics::metrics();
+            metrics.placements.inc();
+            metrics
+                .placement_latency
+                .observe(task.queued_at.elapsed().as_secs_f64());
             tracing::debug!(task = %task.task_id, worker = %worker_id, "placed");
             self.add_placement(
                 task.task_id,

@@ -5,6 +5,7 @@ mod error;
 mod events;
 pub mod execution;
 mod link;
+mod metrics;
 pub mod proxy;
 mod run_log;
 mod runs;
@@ -14,6 +15,7 @@ mod session;
 mod switch;
 #[cfg(test)]
 mod tests;
+mod trace;
 mod worker_id;
 mod workspace;
 
@@ -100,6 +102,7 @@ pub async fn spawn(
         false => None,
     };
     let runtime = Arc::new(Runtime::new(worker_id.clone(), config, providers, proxy));
+    metrics::observe(Arc::downgrade(&runtime));
 
     let (routes, health) =
         claudecluster_grpc::standard_routes("claudecluster.v1.WorkerService").await;

@@ -6,12 +6,14 @@
 //! `worker.driverLossTimeout`. Whatever holds a slot holds it through a [`Slot`], which gives
 //! it back when dropped, however the run ends.
 
+use crate::metrics::mode_label;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
+use tracing::Instrument;
 
 use claudecluster_agent_protocol::user_message_line;
 use claudecluster_config::{ExecutionModeSetting, WorkerConfig};
@@ -291,6 +293,20 @@ impl Runtime {
     #[cfg(test)]
     pub fn free_slots(&self) -> usize {
         self.slots.available_permits()
+    }
+
+    /// Slots no run holds.
+    pub(crate) fn available_slots(&self) -> usize {
+        self.slots.available_permits()
+    }
+
+    pub(crate) fn idle_warm_agents_by_mode(&self) -> Vec<(ExecutionMode, usize)> {
+        self.warm_pools
+            .lock()
+            .expect("warm pool lock poisoned")
+            .iter()
+            .map(|(mode, pool)| (*mode, pool.idle_count()))
+            .collect()
     }
 
     pub fn idle_warm_agents(&self) -> u32 {
@@ -653,6 +669,13 @@ impl Runtime {
         Ok(run.log.clone())
     }
 
+    fn has_warm_pool(&self, mode: ExecutionMode) -> bool {
+        self.warm_pools
+            .lock()
+            .expect("warm pool lock poisoned")
+            .contains_key(&mode)
+    }
+
     /// A warm agent for a task of `mode` with `options` and `limits`, if one fits and is ready.
     fn warm_agent(
         &self,
@@ -726,7 +749,9 @@ impl Runtime {
             grace_period: self.config.agent.cancel_grace_period.get(),
             max_line_bytes: self.config.agent.max_line_bytes.0 as usize,
         };
+        let spans = crate::trace::AgentSpans::start("agent run");
         supervisor::supervise(agent, supervision, cancel, |kind| {
+            spans.observe(&kind);
             events.emit(kind);
             std::future::ready(())
         })
@@ -743,8 +768,14 @@ impl Runtime {
         limits: Limits,
     ) -> Result<(AgentHandle, PathBuf, String), String> {
         let spec = &execution.spec;
-        if let Some(warm) = self.warm_agent(provider.mode(), options, limits, spec) {
+        let mode = provider.mode();
+        let metrics = crate::metrics::metrics();
+        metrics.runs.get_or_create(&mode_label(mode)).inc();
+        if let Some(warm) = self.warm_agent(mode, options, limits, spec) {
             let handed_out = std::time::Instant::now();
+            // Not entered (it would be held across awaits): it lasts until the hand-out ends.
+            let _handout =
+                tracing::info_span!("agent.warm_handout", otel.name = "hand out a warm agent");
             if !spec.repo_url.is_empty() {
                 self.workspaces
                     .clone_into(&spec.repo_url, &warm.workspace)
@@ -762,15 +793,28 @@ impl Runtime {
             if let Some(grant) = &warm.handle.grant {
                 self.meter(execution, grant.meter());
             }
+            let elapsed = handed_out.elapsed();
+            metrics.warm_hits.get_or_create(&mode_label(mode)).inc();
+            metrics
+                .warm_handout_latency
+                .get_or_create(&mode_label(mode))
+                .observe(elapsed.as_secs_f64());
             let how = format!(
                 "warm agent handed out in {:.3} ms",
-                handed_out.elapsed().as_secs_f64() * 1000.0
+                elapsed.as_secs_f64() * 1000.0
             );
             return Ok((warm.handle, warm.workspace, how));
+        }
+        if self.has_warm_pool(mode) {
+            metrics.warm_misses.get_or_create(&mode_label(mode)).inc();
         }
         let workspace = self
             .workspaces
             .prepare(&execution.task_id, execution.attempt, &spec.repo_url)
+            .instrument(tracing::info_span!(
+                "agent.workspace",
+                otel.name = "prepare the workspace"
+            ))
             .await?;
         provider
             .adopt_workspace(&workspace)
@@ -795,7 +839,26 @@ impl Runtime {
         if let Some(grant) = &grant {
             self.meter(execution, grant.meter());
         }
-        let mut agent = provider.launch(launch).await.map_err(|err| err.0)?;
+        let launching = std::time::Instant::now();
+        let launch_span = match mode {
+            ExecutionMode::ContainerAgentic => {
+                tracing::info_span!("agent.launch", otel.name = "create and start the container")
+            }
+            _ => tracing::info_span!("agent.launch", otel.name = "spawn the agent process"),
+        };
+        let launched = provider
+            .launch(launch)
+            .instrument(launch_span.clone())
+            .await;
+        if let Err(err) = &launched {
+            claudecluster_telemetry::propagation::record_error(&launch_span, &err.0);
+        }
+        drop(launch_span);
+        let mut agent = launched.map_err(|err| err.0)?;
+        metrics
+            .launch_latency
+            .get_or_create(&mode_label(mode))
+            .observe(launching.elapsed().as_secs_f64());
         agent.grant = grant;
         let input = agent
             .input

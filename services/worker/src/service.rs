@@ -1,5 +1,6 @@
 use std::pin::Pin;
 use std::sync::Arc;
+use tracing::Instrument;
 
 use claudecluster_proto::v1::run_session_request::Message as SessionMessage;
 use claudecluster_proto::v1::worker_service_server::WorkerService as WorkerApi;
@@ -113,6 +114,12 @@ impl WorkerApi for WorkerService {
                     .attach_task(&request.task_id, attempt, request.after_run_sequence)?;
             log.follow(request.after_run_sequence).left_stream()
         } else {
+            let span = tracing::info_span!(
+                "task.execute",
+                otel.name = "execute task",
+                task.id = %request.task_id,
+                task.attempt = attempt,
+            );
             let execution = Execution {
                 task_id: request.task_id,
                 attempt,
@@ -121,7 +128,7 @@ impl WorkerApi for WorkerService {
             let admission = self.runtime.admit(execution).await?;
             // Following before the run starts: the caller is attached from its first event.
             let events = admission.follow();
-            tokio::spawn(admission.run());
+            tokio::spawn(admission.run().instrument(span));
             events.right_stream()
         };
         let stream = events.map(|item| {

@@ -90,6 +90,7 @@ impl Workspaces {
 /// Clones `repo_url` into `dir`, which must be empty, giving up after `timeout`. git asks no
 /// questions (no terminal prompt) and may not run commands for a URL (`ext::`). Errors show
 /// the URL without its credentials.
+#[tracing::instrument(name = "workspace.clone", skip_all, fields(otel.name = "clone the repository"))]
 async fn clone(repo_url: &str, dir: &Path, timeout: Duration) -> Result<(), String> {
     let shown = claudecluster_proto::without_credentials(repo_url);
     let cloning = Command::new("git")

@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tracing::Instrument;
 
 use async_trait::async_trait;
 use bollard::container::LogOutput;
@@ -596,7 +597,15 @@ impl ExecutionProvider for ContainerProvider {
             name: Some(name.clone()),
             ..Default::default()
         };
-        let id = match self.docker.create_container(Some(options), body).await {
+        let id = match self
+            .docker
+            .create_container(Some(options), body)
+            .instrument(tracing::info_span!(
+                "container.create",
+                otel.name = "create the container"
+            ))
+            .await
+        {
             Ok(created) => created.id,
             Err(err) => {
                 self.discard(None, own_network.as_deref()).await;
@@ -619,7 +628,15 @@ impl ExecutionProvider for ContainerProvider {
                 return Err(self.launch_error(err));
             }
         };
-        if let Err(err) = self.docker.start_container(&id, None).await {
+        if let Err(err) = self
+            .docker
+            .start_container(&id, None)
+            .instrument(tracing::info_span!(
+                "container.start",
+                otel.name = "start the container"
+            ))
+            .await
+        {
             self.discard(Some(&id), own_network.as_deref()).await;
             return Err(self.launch_error(err));
         }
