@@ -608,3 +608,137 @@ async fn usage_rolls_up_over_a_task_tree_and_a_session_to_the_sum_of_their_resul
 fn prost_types_timestamp(seconds: i64) -> claudecluster_proto::Timestamp {
     claudecluster_proto::Timestamp { seconds, nanos: 0 }
 }
+
+const ALICE: &str = "cck_alice_0123456789abcdef0123456789";
+const BOB: &str = "cck_bob_0123456789abcdef0123456789ab";
+const ADMIN: &str = "cck_admin_0123456789abcdef012345678";
+
+fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    request
+}
+
+async fn submit_as(driver: &mut Driver, key: &str, spec: TaskSpec) -> Result<Task, tonic::Status> {
+    driver
+        .submit_task(with_key(SubmitTaskRequest { spec: Some(spec) }, key))
+        .await
+        .map(|response| response.into_inner().task.unwrap())
+}
+
+async fn task_as(driver: &mut Driver, key: &str, task_id: &str) -> Task {
+    driver
+        .get_task(with_key(
+            GetTaskRequest {
+                task_id: task_id.to_owned(),
+            },
+            key,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+}
+
+async fn wait_for_status(driver: &Driver, key: &str, task_id: &str, status: TaskStatus) -> Task {
+    wait_for(Duration::from_secs(60), || {
+        let mut driver = driver.clone();
+        async move {
+            let task = task_as(&mut driver, key, task_id).await;
+            (task.status() == status).then_some(task)
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("task {task_id} did not become {status:?}"))
+}
+
+#[tokio::test]
+async fn a_spent_key_budget_stops_that_keys_running_work_and_refuses_its_next_task() {
+    use sha2::Digest;
+    let sha256 = |key: &str| hex::encode(sha2::Sha256::digest(key.as_bytes()));
+    let cluster = TestCluster::start_with_env(
+        &format!(
+            "budget:\n  whenSpent: stop\nauth:\n  apiKeys:\n\
+             \x20   - {{id: alice, sha256: {}, scopes: [tasks:read, tasks:write], quotas: {{budgetUsdPerMonth: 0.000001}}}}\n\
+             \x20   - {{id: bob, sha256: {}, scopes: [tasks:read, tasks:write]}}\n\
+             \x20   - {{id: admin, sha256: {}, scopes: [admin]}}\n",
+            sha256(ALICE),
+            sha256(BOB),
+            sha256(ADMIN),
+        ),
+        &[("CLAUDECLUSTER_API_KEY", ADMIN)],
+        vec![WorkerSpec {
+            capacity: 3,
+            ..WorkerSpec::in_mode(Mode::ProcessPool)
+        }],
+    )
+    .await;
+    let mut driver = cluster.driver().await;
+    let long = || prompt("SLOW 240 250");
+    let alices_long = submit_as(&mut driver, ALICE, long()).await.unwrap();
+    let bobs_long = submit_as(&mut driver, BOB, long()).await.unwrap();
+    wait_for_status(&driver, ALICE, &alices_long.task_id, TaskStatus::Running).await;
+    wait_for_status(&driver, BOB, &bobs_long.task_id, TaskStatus::Running).await;
+
+    // Alice's quick task is admitted (nothing is spent yet) and spends her budget.
+    let quick = submit_as(&mut driver, ALICE, prompt("quick"))
+        .await
+        .unwrap();
+    wait_for_status(&driver, ALICE, &quick.task_id, TaskStatus::Completed).await;
+    let stopped =
+        wait_for_status(&driver, ALICE, &alices_long.task_id, TaskStatus::Cancelled).await;
+    assert!(
+        stopped.status_reason.contains("budget"),
+        "{}",
+        stopped.status_reason
+    );
+    assert_eq!(
+        task_as(&mut driver, BOB, &bobs_long.task_id).await.status(),
+        TaskStatus::Running,
+        "another key's work goes on"
+    );
+
+    let refused = submit_as(&mut driver, ALICE, prompt("more"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("budget `key:alice`") && refused.message().contains("per month"),
+        "{}",
+        refused.message()
+    );
+    submit_as(&mut driver, BOB, prompt("bob goes on"))
+        .await
+        .expect("bob has no budget");
+
+    // Alice sees her own usage and budget only.
+    let usage = driver
+        .get_usage(with_key(GetUsageRequest::default(), ALICE))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        usage.api_keys.iter().all(|r| r.key == "alice"),
+        "{:?}",
+        usage.api_keys
+    );
+    let budget = usage
+        .budgets
+        .iter()
+        .find(|b| b.budget == "key:alice" && b.period == "month")
+        .unwrap_or_else(|| panic!("{:?}", usage.budgets));
+    assert!(budget.spent && budget.spent_usd > budget.limit_usd);
+    driver
+        .cancel_task(with_key(
+            CancelTaskRequest {
+                task_id: bobs_long.task_id.clone(),
+                ..Default::default()
+            },
+            BOB,
+        ))
+        .await
+        .unwrap();
+}
