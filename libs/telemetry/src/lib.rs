@@ -10,7 +10,7 @@
 //!   `telemetry.metricsListen` ([`metrics`]).
 
 mod logs;
-pub use logs::rfc3339;
+pub use logs::{civil_from_days, rfc3339};
 pub mod metrics;
 pub mod propagation;
 

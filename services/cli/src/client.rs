@@ -137,6 +137,13 @@ pub enum TasksCommand {
     },
 }
 
+impl DriverArgs {
+    /// The driver's address, as given.
+    pub fn address(&self) -> &str {
+        &self.driver
+    }
+}
+
 pub fn connect(args: &DriverArgs) -> Result<DriverServiceClient<Channel>, String> {
     let bearer = claudecluster_grpc::Bearer::new(
         args.api_key.as_deref(),

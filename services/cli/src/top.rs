@@ -5,7 +5,7 @@ use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use clap::{ArgMatches, Args, FromArgMatches};
+use clap::Args;
 use claudecluster_grpc::ClientChannel as Channel;
 use claudecluster_proto::Timestamp;
 use claudecluster_proto::v1::driver_service_client::DriverServiceClient;
@@ -18,14 +18,8 @@ use tokio::sync::mpsc;
 
 use crate::client::{self, DriverArgs};
 
-/// The flags of `top`, and the driver's address for the header line.
-pub struct TopArgs {
-    options: TopOptions,
-    address: String,
-}
-
 #[derive(Args)]
-struct TopOptions {
+pub struct TopArgs {
     /// Milliseconds between refreshes.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..))]
     interval: u64,
@@ -36,56 +30,13 @@ struct TopOptions {
     driver: DriverArgs,
 }
 
-// `DriverArgs` keeps the address to itself, so it is read off the parsed flags here, before
-// they are handed on.
-impl FromArgMatches for TopArgs {
-    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
-        Self::from_arg_matches_mut(&mut matches.clone())
-    }
-
-    fn from_arg_matches_mut(matches: &mut ArgMatches) -> Result<Self, clap::Error> {
-        let address = driver_address(matches).unwrap_or_default();
-        let options = TopOptions::from_arg_matches_mut(matches)?;
-        Ok(TopArgs { options, address })
-    }
-
-    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
-        self.update_from_arg_matches_mut(&mut matches.clone())
-    }
-
-    fn update_from_arg_matches_mut(&mut self, matches: &mut ArgMatches) -> Result<(), clap::Error> {
-        if let Some(address) = driver_address(matches) {
-            self.address = address;
-        }
-        self.options.update_from_arg_matches_mut(matches)
-    }
-}
-
-impl Args for TopArgs {
-    fn augment_args(command: clap::Command) -> clap::Command {
-        TopOptions::augment_args(command)
-    }
-
-    fn augment_args_for_update(command: clap::Command) -> clap::Command {
-        TopOptions::augment_args_for_update(command)
-    }
-}
-
-fn driver_address(matches: &ArgMatches) -> Option<String> {
-    matches
-        .try_get_one::<String>("driver")
-        .ok()
-        .flatten()
-        .cloned()
-}
-
 pub async fn top(args: TopArgs) -> Result<ExitCode, String> {
-    let TopArgs { options, address } = args;
-    let client = client::connect(&options.driver)?;
-    if options.once || !io::stdout().is_terminal() {
+    let client = client::connect(&args.driver)?;
+    let address = args.driver.address().to_owned();
+    if args.once || !io::stdout().is_terminal() {
         return snapshot(&client, address).await;
     }
-    live(client, address, Duration::from_millis(options.interval)).await
+    live(client, address, Duration::from_millis(args.interval)).await
 }
 
 /// One frame as plain text: the whole of every table, cut to the terminal's width only when

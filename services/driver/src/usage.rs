@@ -69,15 +69,8 @@ fn periods(ms: i64) -> (i64, i64) {
 }
 
 fn year_month(day: i64) -> (i64, i64) {
-    // Howard Hinnant's civil_from_days, to year and month.
-    let z = day + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(month <= 2), month)
+    let (year, month, _) = claudecluster_telemetry::civil_from_days(day);
+    (year, i64::from(month))
 }
 
 /// The first millisecond of the UTC month that holds `ms`.
