@@ -857,6 +857,17 @@ pub fn status_time(events: &[Event], status: TaskStatus) -> Option<f64> {
 }
 
 /// Polls `condition` every 20 ms until it holds or `limit` passes.
+/// A request presenting the API key `key` (none when empty), whatever the client presents.
+pub fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if !key.is_empty() {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    }
+    request
+}
+
 /// Polls `found` until it yields a value, for at most `limit`.
 pub async fn wait_for<T, F, Fut>(limit: Duration, mut found: F) -> Result<T, ()>
 where

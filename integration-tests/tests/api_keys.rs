@@ -34,17 +34,6 @@ fn keys_yaml() -> String {
     )
 }
 
-/// A request presenting `key`.
-fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    if !key.is_empty() {
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    }
-    request
-}
-
 async fn submit(driver: &mut Driver, key: &str, spec: TaskSpec) -> Result<Task, tonic::Status> {
     driver
         .submit_task(with_key(SubmitTaskRequest { spec: Some(spec) }, key))

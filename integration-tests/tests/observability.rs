@@ -613,14 +613,6 @@ const ALICE: &str = "cck_alice_0123456789abcdef0123456789";
 const BOB: &str = "cck_bob_0123456789abcdef0123456789ab";
 const ADMIN: &str = "cck_admin_0123456789abcdef012345678";
 
-fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    request
-}
-
 async fn submit_as(driver: &mut Driver, key: &str, spec: TaskSpec) -> Result<Task, tonic::Status> {
     driver
         .submit_task(with_key(SubmitTaskRequest { spec: Some(spec) }, key))

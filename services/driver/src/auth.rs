@@ -71,32 +71,15 @@ impl Quotas {
 
     /// `asked`, with what it leaves at zero taken from `defaults`.
     fn or(asked: &KeyQuotas, defaults: Quotas) -> Quotas {
+        fn set_or<T: PartialOrd + Default>(asked: T, default: T) -> T {
+            if asked > T::default() { asked } else { default }
+        }
         Quotas {
-            requests_per_second: if asked.requests_per_second > 0.0 {
-                asked.requests_per_second
-            } else {
-                defaults.requests_per_second
-            },
-            running_tasks: if asked.running_tasks > 0 {
-                asked.running_tasks
-            } else {
-                defaults.running_tasks
-            },
-            open_sessions: if asked.open_sessions > 0 {
-                asked.open_sessions
-            } else {
-                defaults.open_sessions
-            },
-            budget_usd_per_day: if asked.budget_usd_per_day > 0.0 {
-                asked.budget_usd_per_day
-            } else {
-                defaults.budget_usd_per_day
-            },
-            budget_usd_per_month: if asked.budget_usd_per_month > 0.0 {
-                asked.budget_usd_per_month
-            } else {
-                defaults.budget_usd_per_month
-            },
+            requests_per_second: set_or(asked.requests_per_second, defaults.requests_per_second),
+            running_tasks: set_or(asked.running_tasks, defaults.running_tasks),
+            open_sessions: set_or(asked.open_sessions, defaults.open_sessions),
+            budget_usd_per_day: set_or(asked.budget_usd_per_day, defaults.budget_usd_per_day),
+            budget_usd_per_month: set_or(asked.budget_usd_per_month, defaults.budget_usd_per_month),
         }
     }
 
