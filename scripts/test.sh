@@ -13,6 +13,9 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 step() { printf '\n== %s\n' "$*"; }
 
+step "kubernetes manifests (schemas and references, no cluster)"
+scripts/validate-kubernetes.sh
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
