@@ -454,6 +454,12 @@ impl TestCluster {
         cluster
     }
 
+    /// Starts another driver process with the first one's configuration (on a port of its
+    /// own): on a shared PostgreSQL store, a standby.
+    pub async fn start_another_driver(&self) -> ServiceProcess {
+        ServiceProcess::start("driver", &self.driver.config, &self.env).await
+    }
+
     /// Starts one more worker process; its id is added to `worker_ids`.
     pub async fn add_worker(&mut self, spec: WorkerSpec) -> String {
         let worker_id = format!(
@@ -856,7 +862,46 @@ pub fn status_time(events: &[Event], status: TaskStatus) -> Option<f64> {
         .map(|time| time.seconds as f64 + f64::from(time.nanos) / 1e9)
 }
 
-/// Polls `condition` every 20 ms until it holds or `limit` passes.
+/// Follows a task's events to its end through `driver`, opening the stream again after the
+/// last event seen whenever it breaks, as clients do. Returns the sequences seen.
+pub async fn follow_resuming(driver: Driver, task_id: String) -> Vec<u64> {
+    let mut seen: Vec<u64> = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "task {task_id} did not end: {seen:?}"
+        );
+        let after = seen.last().copied().unwrap_or(0);
+        let opened = driver
+            .clone()
+            .stream_task_events(StreamTaskEventsRequest {
+                task_id: task_id.clone(),
+                after_sequence: after,
+            })
+            .await;
+        let mut stream = match opened {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Until the stream breaks (the leader's end); then it is opened again after the last
+        // event seen.
+        while let Ok(Some(response)) = stream.message().await {
+            let event = response.event.unwrap();
+            seen.push(event.sequence);
+            if let Some(event::Kind::StatusChange(change)) = &event.kind
+                && change.status().is_terminal()
+            {
+                return seen;
+            }
+        }
+    }
+}
+
 /// A request presenting the API key `key` (none when empty), whatever the client presents.
 pub fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
@@ -884,6 +929,7 @@ where
     Err(())
 }
 
+/// Polls `condition` every 20 ms until it holds or `limit` passes.
 pub async fn wait_until<F, Fut>(limit: Duration, mut condition: F) -> Result<(), ()>
 where
     F: FnMut() -> Fut,

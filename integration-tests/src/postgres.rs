@@ -90,6 +90,28 @@ impl TestPostgres {
         );
     }
 
+    /// Runs one SQL statement with psql and returns what it printed, unaligned.
+    pub fn sql(&self, statement: &str) -> String {
+        let output = as_postgres(&pg_bin().join("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args(["-d", "postgres", "-tAc", statement])
+            .output()
+            .expect("run psql");
+        assert!(
+            output.status.success(),
+            "psql failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
     /// Stops the server at once (`-m immediate`: as if it crashed).
     pub fn stop(&self) {
         self.pg_ctl(&["-m", "immediate", "-w", "stop"]);

@@ -934,6 +934,83 @@ async fn driver_throughput(name: &str, driver_yaml: &str) {
     );
 }
 
+/// Failover of the driver: two drivers on one PostgreSQL, three tasks streaming to a client
+/// given both addresses, `kill -9` of the leader; the time until the standby serves, and the
+/// events the client did not get. The killed driver comes back as the next standby.
+async fn failover() {
+    const ROUNDS: usize = 5;
+    let postgres = claudecluster_integration_tests::postgres::TestPostgres::start();
+    let mut cluster = TestCluster::start_with_driver(
+        &format!("store:\n  url: {}\n", postgres.url()),
+        vec![WorkerSpec {
+            capacity: 3,
+            ..WorkerSpec::default()
+        }],
+    )
+    .await;
+    let mut standby = cluster.start_another_driver().await;
+    let (mut times, mut events, mut lost) = (Vec::new(), 0, 0);
+    for round in 0..ROUNDS {
+        let both = driver_at(&format!("{},{}", cluster.driver.address, standby.address));
+        let mut followers = Vec::new();
+        for index in 0..3 {
+            let task = both
+                .clone()
+                .submit_task(SubmitTaskRequest {
+                    spec: Some(prompt(&format!("SLOW 20 100 round {round} task {index}"))),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .task
+                .unwrap();
+            cluster.wait_for_agent(&task.task_id).await;
+            followers.push((
+                task.task_id.clone(),
+                tokio::spawn(follow_resuming(both.clone(), task.task_id)),
+            ));
+        }
+        cluster.driver.kill().await;
+        let killed = Instant::now();
+        let address = standby.address.clone();
+        wait_until(std::time::Duration::from_secs(30), || {
+            let mut driver = driver_at(&address);
+            async move {
+                driver
+                    .get_cluster_status(GetClusterStatusRequest {})
+                    .await
+                    .is_ok()
+            }
+        })
+        .await
+        .expect("the standby took over");
+        times.push(killed.elapsed().as_secs_f64() * 1000.0);
+        for (task_id, follower) in followers {
+            let seen = follower.await.unwrap();
+            let task = driver_at(&address)
+                .get_task(GetTaskRequest { task_id })
+                .await
+                .unwrap()
+                .into_inner()
+                .task
+                .unwrap();
+            assert_eq!(task.status(), TaskStatus::Completed);
+            events += task.last_sequence;
+            lost += (1..=task.last_sequence)
+                .filter(|sequence| !seen.contains(sequence))
+                .count();
+        }
+        // The killed driver comes back, now as the standby.
+        cluster.driver.restart().await;
+        std::mem::swap(&mut cluster.driver, &mut standby);
+    }
+    let max = times.iter().copied().fold(0.0, f64::max);
+    println!(
+        "| driver failover: `kill -9` of the leader to the standby serving, 3 tasks streaming (median of {ROUNDS}) | max {max:.0} ms | median {:.0} ms; events lost: {lost} of {events} |",
+        median(&mut times)
+    );
+}
+
 /// Tasks a second for `count` one-turn tasks submitted at once.
 async fn task_rate(cluster: &TestCluster, count: usize) -> f64 {
     let started = Instant::now();
@@ -1085,6 +1162,9 @@ async fn main() {
     }
     if wants("telemetry") {
         telemetry().await;
+    }
+    if wants("failover") {
+        failover().await;
     }
     if wants("scheduler") {
         placement_at_scale();

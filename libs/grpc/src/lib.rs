@@ -16,6 +16,8 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 pub mod cluster;
+pub mod failover;
+pub use failover::Failover;
 pub mod tls;
 
 pub use cluster::{ClusterChannel, ClusterIdentity, ClusterSecret};
@@ -40,6 +42,19 @@ impl Health {
             .set_service_status(self.service_name, status)
             .await;
         self.reporter.set_service_status("", status).await;
+    }
+
+    /// Reports the service alone as serving or not; the server as a whole (the empty name,
+    /// what liveness probes ask) stays as it is. A standby is alive but does not serve.
+    pub async fn set_service_serving(&self, serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.reporter
+            .set_service_status(self.service_name, status)
+            .await;
     }
 }
 
@@ -198,22 +213,41 @@ impl tonic::service::Interceptor for Bearer {
     }
 }
 
-/// A channel to the driver that presents an API key.
-pub type ClientChannel = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+/// A channel to the driver (or to one of several, see [`failover`]) that presents an API key.
+pub type ClientChannel = tonic::service::interceptor::InterceptedService<Failover, Bearer>;
 
-/// A [`channel`] to the driver presenting `bearer`, over TLS when `tls` is given.
+/// A [`channel`] to the driver at `address` presenting `bearer`, over TLS when `tls` is given.
+/// `address` may name several drivers separated by commas (a leader and its standbys): calls
+/// go to the one that leads.
 pub fn client_channel(
     address: &str,
     bearer: Bearer,
     tls: Option<&tls::Tls>,
 ) -> Result<ClientChannel, tonic::transport::Error> {
-    Ok(tonic::service::interceptor::InterceptedService::new(
+    let channels = address
+        .split(',')
+        .map(str::trim)
+        .filter(|address| !address.is_empty())
+        .map(|address| {
+            channel_with(
+                address,
+                tls,
+                Duration::from_secs(30),
+                Duration::from_secs(20),
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if channels.is_empty() {
+        // Parsing the empty address gives the error that names it.
         channel_with(
             address,
             tls,
             Duration::from_secs(30),
             Duration::from_secs(20),
-        )?,
+        )?;
+    }
+    Ok(tonic::service::interceptor::InterceptedService::new(
+        Failover::new(channels),
         bearer,
     ))
 }

@@ -61,12 +61,18 @@ pub async fn run(services: Services, config_file: Option<PathBuf>) -> ExitCode {
     };
     match start(services, config).await {
         Ok(running) => {
-            wait_for_signal().await;
+            let code = tokio::select! {
+                _ = wait_for_signal() => ExitCode::SUCCESS,
+                _ = running.driver_lost() => {
+                    eprintln!("claudecluster: the driver lost its lead on the store; stopping");
+                    ExitCode::FAILURE
+                }
+            };
             tracing::info!("shutting down");
             running.shutdown().await;
             drop(metrics);
             telemetry.shutdown();
-            ExitCode::SUCCESS
+            code
         }
         Err(err) => {
             eprintln!("claudecluster: {err}");
@@ -83,6 +89,14 @@ struct Running {
 }
 
 impl Running {
+    /// Resolves when the driver run here stops on its own; never without one.
+    async fn driver_lost(&self) {
+        match &self.driver {
+            Some(driver) => driver.lost().await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Stops the worker first (its tasks end and are recorded), then the driver, then the
     /// scheduler.
     async fn shutdown(self) {

@@ -13,6 +13,11 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, AssertSqlSafe, Row as _};
 
+/// PostgreSQL advisory locks of the drivers sharing a database: one migrates at a time, and one
+/// leads.
+const MIGRATION_LOCK: i64 = 0x636c_7573_7465_7200;
+pub const LEADER_LOCK: i64 = 0x636c_7573_7465_7201;
+
 /// A schema migration: its version and its statements for each backend.
 struct Migration {
     version: i64,
@@ -262,14 +267,40 @@ impl Db {
             version,
             message: err.to_string(),
         };
+        // On one connection, under a lock on PostgreSQL: drivers that start together on one
+        // database (a leader and its standby) migrate one after the other.
+        let mut conn = self.pool.acquire().await.map_err(|err| failed(0, err))?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_lock($1)")
+                .bind(MIGRATION_LOCK)
+                .execute(&mut *conn)
+                .await
+                .map_err(|err| failed(0, err))?;
+        }
+        let migrated = self.migrate_on(&mut conn).await;
+        if self.backend == Backend::Postgres {
+            let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(MIGRATION_LOCK)
+                .execute(&mut *conn)
+                .await;
+        }
+        migrated
+    }
+
+    async fn migrate_on(&self, conn: &mut sqlx::AnyConnection) -> Result<(), DbError> {
+        let failed = |version: i64, err: sqlx::Error| DbError::Migrate {
+            place: self.place.clone(),
+            version,
+            message: err.to_string(),
+        };
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_ms BIGINT NOT NULL)",
         )
-        .execute(&self.pool)
+        .execute(&mut *conn)
         .await
         .map_err(|err| failed(0, err))?;
         let applied: Option<i64> = sqlx::query("SELECT MAX(version) FROM schema_migrations")
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *conn)
             .await
             .and_then(|row| row.try_get(0))
             .map_err(|err| failed(0, err))?;
@@ -279,9 +310,7 @@ impl Db {
                 Backend::Sqlite => migration.sqlite,
                 Backend::Postgres => migration.postgres,
             };
-            let mut tx = self
-                .pool
-                .begin()
+            let mut tx = sqlx::Connection::begin(&mut *conn)
                 .await
                 .map_err(|err| failed(migration.version, err))?;
             let code: String = script
@@ -732,6 +761,11 @@ impl Db {
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+
+    /// A connection of its own, out of the pool, for a lock that lasts as long as it does.
+    pub async fn dedicated_connection(&self) -> Result<sqlx::AnyConnection, DbError> {
+        Ok(self.pool.acquire().await?.detach())
     }
 
     /// Overwrites the stored chunk that starts at `sequence` with bytes that are no events, as a

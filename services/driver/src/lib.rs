@@ -9,6 +9,7 @@ mod db;
 mod dispatch;
 mod error;
 mod journal;
+mod leader;
 mod listing;
 mod metrics;
 mod notify;
@@ -36,6 +37,10 @@ pub use error::DriverError;
 pub struct Handle {
     pub local_addr: SocketAddr,
     stop: CancellationToken,
+    /// Cancelled when the driver stops on its own: it lost its lead on a shared store.
+    lost: CancellationToken,
+    /// Ends with the lock this driver leads by, when it leads.
+    leading: JoinHandle<Option<leader::Leadership>>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     writer: JoinHandle<()>,
     db: Arc<db::Db>,
@@ -52,8 +57,18 @@ impl Handle {
             .await
             .expect("the driver's server task panicked");
         let _ = self.writer.await;
+        // Gives up the lead once the last writes are stored: a standby takes over at once.
+        if let Ok(Some(leadership)) = self.leading.await {
+            leadership.release().await;
+        }
         self.db.close().await;
         served
+    }
+
+    /// Resolves when the driver stopped serving on its own: it could not keep or take the lead
+    /// on its store. The process should then end (and be started again).
+    pub async fn lost(&self) {
+        self.lost.cancelled().await
     }
 }
 
@@ -98,6 +113,7 @@ pub async fn spawn(
     let local_addr = listener.local_addr()?;
     let opened = std::time::Instant::now();
     let db = Arc::new(db::Db::open(&store_url(&config), config.store.max_connections).await?);
+    tracing::info!(store = %db.place, elapsed_ms = opened.elapsed().as_millis() as u64, "store open");
     let keys_exist = !config.auth.api_keys.is_empty() || db.has_active_keys().await?;
     if !keys_exist {
         if !local_addr.ip().is_loopback() && identity.tls.is_none() && !config.insecure {
@@ -145,31 +161,81 @@ pub async fn spawn(
             source,
         })?,
     );
-    recover(&store, &sessions, &dispatcher).await?;
-    tracing::info!(store = %db.place, elapsed_ms = opened.elapsed().as_millis() as u64, "store open");
-    tokio::spawn(dispatcher.clone().follow_placements(stop.clone()));
-    tokio::spawn(dispatcher.clone().watch_workers(stop.clone()));
-    tokio::spawn(compact_logs(db.clone(), config.store.clone(), stop.clone()));
-    let (routes, _health) =
+    let (routes, health) =
         claudecluster_grpc::standard_routes("claudecluster.v1.DriverService").await;
     let limits = service::Limits {
         session_queue: config.session_queue_limit as usize,
         batch_size: config.max_batch_size as usize,
         prompt_bytes: config.max_prompt_bytes.0 as usize,
     };
-    let routes = routes.add_service(
+    // A standby answers health checks (NOT_SERVING) and refuses the API until it leads.
+    let leading = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let routes = routes.add_service(tonic::service::interceptor::InterceptedService::new(
         DriverServiceServer::new(service::DriverService::new(
-            store,
-            sessions,
-            dispatcher,
+            store.clone(),
+            sessions.clone(),
+            dispatcher.clone(),
             auth::Auth::new(db.clone(), &config.auth, keys_exist),
             limits,
-            usage,
+            usage.clone(),
             stop.clone(),
         ))
         .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES),
-    );
+        LeaderGate(leading.clone()),
+    ));
+    let lost = CancellationToken::new();
+    let lead = Lead {
+        db: db.clone(),
+        store,
+        sessions,
+        dispatcher,
+        usage,
+        store_config: config.store.clone(),
+        stop: stop.clone(),
+        leading,
+        health,
+    };
+    // Leading at once (SQLite, or the lock was free) takes up the stored work before the
+    // driver says it listens; a standby takes it up when it takes over.
+    let leading = match leader::try_lead(&db).await? {
+        leader::Attempt::Leads(leadership) => {
+            lead.take_over().await?;
+            tokio::spawn(leadership.keep(stop.clone(), lost.clone()))
+        }
+        leader::Attempt::Waits(standby) => {
+            lead.health.set_service_serving(false).await;
+            let (stop, lost) = (stop.clone(), lost.clone());
+            tokio::spawn(async move {
+                match standby.wait(&stop).await {
+                    Ok(Some(leadership)) => match lead.take_over().await {
+                        Ok(()) => leadership.keep(stop, lost).await,
+                        Err(err) => {
+                            tracing::error!(error = %err, "cannot take up the stored work after taking the lead");
+                            lost.cancel();
+                            Some(leadership)
+                        }
+                    },
+                    Ok(None) => None,
+                    Err(err) => {
+                        tracing::error!(error = %err, "lost the store while standing by");
+                        lost.cancel();
+                        None
+                    }
+                }
+            })
+        }
+    };
+    // A leader that lost its lock stops serving at once.
+    {
+        let (stop, lost) = (stop.clone(), lost.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = lost.cancelled() => stop.cancel(),
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
     // API clients present keys, not certificates.
     let tls = identity.tls.as_ref().map(|tls| tls.server(true));
     let server = {
@@ -182,6 +248,8 @@ pub async fn spawn(
     Ok(Handle {
         local_addr,
         stop,
+        lost,
+        leading,
         server,
         writer: writer_task,
         db,
@@ -244,6 +312,55 @@ async fn recover(
         );
     }
     Ok(())
+}
+
+/// What a driver needs to take the lead: the stored work to take up and the loops to start.
+struct Lead {
+    db: Arc<db::Db>,
+    store: Arc<store::TaskStore>,
+    sessions: Arc<sessions::SessionStore>,
+    dispatcher: Arc<dispatch::Dispatcher>,
+    usage: Arc<usage::Usage>,
+    store_config: claudecluster_config::StoreConfig,
+    stop: CancellationToken,
+    leading: Arc<std::sync::atomic::AtomicBool>,
+    health: claudecluster_grpc::Health,
+}
+
+impl Lead {
+    async fn take_over(&self) -> Result<(), StartError> {
+        let started = std::time::Instant::now();
+        self.usage.reload().await?;
+        recover(&self.store, &self.sessions, &self.dispatcher).await?;
+        tokio::spawn(self.dispatcher.clone().follow_placements(self.stop.clone()));
+        tokio::spawn(compact_logs(
+            self.db.clone(),
+            self.store_config.clone(),
+            self.stop.clone(),
+        ));
+        tokio::spawn(self.dispatcher.clone().watch_workers(self.stop.clone()));
+        self.leading
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.health.set_service_serving(true).await;
+        tracing::info!(store = %self.db.place, elapsed_ms = started.elapsed().as_millis() as u64, "leading: took up the stored work");
+        Ok(())
+    }
+}
+
+/// Refuses the API while this driver does not lead.
+#[derive(Clone)]
+struct LeaderGate(Arc<std::sync::atomic::AtomicBool>);
+
+impl tonic::service::Interceptor for LeaderGate {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if self.0.load(std::sync::atomic::Ordering::Acquire) {
+            Ok(request)
+        } else {
+            Err(tonic::Status::unavailable(
+                "this driver is a standby: another driver leads on its store; call that one (clients given several driver addresses switch by themselves)",
+            ))
+        }
+    }
 }
 
 /// Compacts finished tasks' logs past their retention, every minute until `stop`.

@@ -114,8 +114,6 @@ impl Usage {
         cluster_budget: BudgetConfig,
         notifier: Arc<Notifier>,
     ) -> Result<Arc<Usage>, DbError> {
-        let now = now_ms();
-        let rows = db.usage_between(month_start_ms(now), i64::MAX).await?;
         let usage = Usage {
             db,
             cluster_budget,
@@ -124,13 +122,22 @@ impl Usage {
             roots: Mutex::default(),
             quotas: Mutex::default(),
         };
-        {
-            let mut spend = usage.spend.lock().expect("spend lock poisoned");
-            for row in &rows {
-                spend.add(row);
-            }
-        }
+        usage.reload().await?;
         Ok(Arc::new(usage))
+    }
+
+    /// Reads this month's spending again (a standby that takes over).
+    pub async fn reload(&self) -> Result<(), DbError> {
+        let rows = self
+            .db
+            .usage_between(month_start_ms(now_ms()), i64::MAX)
+            .await?;
+        let mut spend = self.spend.lock().expect("spend lock poisoned");
+        *spend = Spend::default();
+        for row in &rows {
+            spend.add(row);
+        }
+        Ok(())
     }
 
     /// The root of `task`'s tree: the root of the task whose agent spawned it, or itself.

@@ -1,0 +1,198 @@
+//! A standby driver: two driver processes on one PostgreSQL; `kill -9` of the leader while
+//! tasks run and clients stream their events; the standby takes over, and the clients, given
+//! both addresses, follow it with no event lost.
+
+use std::time::{Duration, Instant};
+
+use claudecluster_integration_tests::postgres::TestPostgres;
+use claudecluster_integration_tests::*;
+use claudecluster_proto::v1::*;
+
+#[tokio::test]
+async fn the_standby_takes_over_when_the_leader_is_killed_and_no_event_is_lost() {
+    let postgres = TestPostgres::start();
+    let mut cluster = TestCluster::start_with_driver(
+        &format!("store:\n  url: {}\n", postgres.url()),
+        vec![WorkerSpec {
+            capacity: 3,
+            ..WorkerSpec::in_mode(Mode::ProcessPool)
+        }],
+    )
+    .await;
+    let standby = cluster.start_another_driver().await;
+    // The standby is alive and says it does not serve the API.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        claudecluster_grpc::channel(&standby.address).unwrap(),
+    );
+    let serving = |health: tonic_health::pb::HealthCheckResponse| health.status;
+    let check = |service: &str| tonic_health::pb::HealthCheckRequest {
+        service: service.to_owned(),
+    };
+    assert_eq!(
+        serving(health.check(check("")).await.unwrap().into_inner()),
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    assert_eq!(
+        serving(
+            health
+                .check(check("claudecluster.v1.DriverService"))
+                .await
+                .unwrap()
+                .into_inner()
+        ),
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
+    let refused = driver_at(&standby.address)
+        .get_cluster_status(GetClusterStatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert!(
+        refused.message().contains("standby"),
+        "{}",
+        refused.message()
+    );
+
+    // A client given both addresses, the standby first, reaches the leader.
+    let both = driver_at(&format!("{},{}", standby.address, cluster.driver.address));
+    let mut tasks = Vec::new();
+    for index in 0..3 {
+        let task = both
+            .clone()
+            .submit_task(SubmitTaskRequest {
+                spec: Some(prompt(&format!("SLOW 40 100 {index}"))),
+            })
+            .await
+            .expect("the leader takes the task")
+            .into_inner()
+            .task
+            .unwrap();
+        tasks.push(task.task_id);
+    }
+    let followers: Vec<_> = tasks
+        .iter()
+        .map(|task_id| tokio::spawn(follow_resuming(both.clone(), task_id.clone())))
+        .collect();
+    // Kill the leader while the agents stream.
+    for task_id in &tasks {
+        cluster.wait_for_agent(task_id).await;
+    }
+    cluster.driver.kill().await;
+    let killed = Instant::now();
+    let took_over = wait_for(Duration::from_secs(30), || {
+        let mut standby = driver_at(&standby.address);
+        async move {
+            standby
+                .get_cluster_status(GetClusterStatusRequest {})
+                .await
+                .ok()
+                .map(|_| killed.elapsed())
+        }
+    })
+    .await
+    .expect("the standby took over");
+    eprintln!(
+        "failover: the standby served {} ms after the kill",
+        took_over.as_millis()
+    );
+
+    for (task_id, follower) in tasks.iter().zip(followers) {
+        let seen = follower.await.unwrap();
+        let task = driver_at(&standby.address)
+            .get_task(GetTaskRequest {
+                task_id: task_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .unwrap();
+        assert_eq!(
+            task.status(),
+            TaskStatus::Completed,
+            "{}",
+            task.status_reason
+        );
+        assert_eq!(task.attempt, 1, "the run went on on its worker, not again");
+        assert!(task.result.unwrap().text.contains("chunk 40"));
+        let expected: Vec<u64> = (1..=task.last_sequence).collect();
+        assert_eq!(seen, expected, "every event once, in order, none lost");
+    }
+    // The new leader runs new work.
+    let after = both
+        .clone()
+        .submit_task(SubmitTaskRequest {
+            spec: Some(prompt("after the failover")),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    let seen = follow_resuming(both, after.task_id.clone()).await;
+    assert!(!seen.is_empty());
+    drop(standby);
+}
+
+#[tokio::test]
+async fn a_leader_that_loses_its_lock_stops_and_the_standby_takes_over() {
+    let postgres = TestPostgres::start();
+    let mut cluster = TestCluster::start_with_driver(
+        &format!("store:\n  url: {}\n", postgres.url()),
+        vec![WorkerSpec::in_mode(Mode::ProcessPool)],
+    )
+    .await;
+    let standby = cluster.start_another_driver().await;
+    let both = driver_at(&format!("{},{}", cluster.driver.address, standby.address));
+    let task = both
+        .clone()
+        .submit_task(SubmitTaskRequest {
+            spec: Some(prompt("SLOW 30 100")),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    cluster.wait_for_agent(&task.task_id).await;
+    let follower = tokio::spawn(follow_resuming(both.clone(), task.task_id.clone()));
+
+    // The database ends the leader's lock connection (an administrator, a failover of the
+    // database, a network cut): the leader may no longer write, so it stops.
+    let terminated = postgres.sql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' AND granted",
+    );
+    assert_eq!(terminated, "1", "one connection held the leader's lock");
+    wait_until(Duration::from_secs(15), || {
+        let alive = cluster.driver.is_alive();
+        async move { !alive }
+    })
+    .await
+    .expect("the leader stopped");
+    assert!(
+        cluster
+            .driver
+            .log()
+            .contains("lost the connection that holds the leader's lock"),
+        "the leader says why it stopped"
+    );
+
+    let seen = follower.await.unwrap();
+    let ended = driver_at(&standby.address)
+        .get_task(GetTaskRequest {
+            task_id: task.task_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(
+        ended.status(),
+        TaskStatus::Completed,
+        "{}",
+        ended.status_reason
+    );
+    assert_eq!(ended.attempt, 1);
+    assert_eq!(seen, (1..=ended.last_sequence).collect::<Vec<_>>());
+}
