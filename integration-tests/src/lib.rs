@@ -457,7 +457,13 @@ impl TestCluster {
     /// Starts another driver process with the first one's configuration (on a port of its
     /// own): on a shared PostgreSQL store, a standby.
     pub async fn start_another_driver(&self) -> ServiceProcess {
-        ServiceProcess::start("driver", &self.driver.config, &self.env).await
+        // A file of its own: a restart pins the address it listens on in it.
+        let config = self
+            .dir
+            .path()
+            .join(format!("driver-{}.yaml", uuid::Uuid::new_v4().simple()));
+        std::fs::copy(&self.driver.config, &config).unwrap();
+        ServiceProcess::start("driver", &config, &self.env).await
     }
 
     /// Starts one more worker process; its id is added to `worker_ids`.
@@ -882,8 +888,19 @@ pub async fn follow_resuming(driver: Driver, task_id: String) -> Vec<u64> {
             .await;
         let mut stream = match opened {
             Ok(response) => response.into_inner(),
+            // The driver went away under the call (a reset connection reads as UNKNOWN), or a
+            // standby answered: try again, as the CLI does.
             Err(status) => {
-                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                assert!(
+                    matches!(
+                        status.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::Unknown
+                            | tonic::Code::Cancelled
+                            | tonic::Code::Aborted
+                    ),
+                    "{status:?}"
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }

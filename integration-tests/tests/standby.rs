@@ -73,6 +73,13 @@ async fn the_standby_takes_over_when_the_leader_is_killed_and_no_event_is_lost()
         .iter()
         .map(|task_id| tokio::spawn(follow_resuming(both.clone(), task_id.clone())))
         .collect();
+    // And the CLI, given both addresses too, follows the first task's events.
+    let cli = tokio::process::Command::new(claudecluster_bin())
+        .args(["tasks", "events", &tasks[0], "--driver"])
+        .arg(format!("{},{}", cluster.driver.address, standby.address))
+        .stdin(std::process::Stdio::null())
+        .output();
+    let cli = tokio::spawn(cli);
     // Kill the leader while the agents stream.
     for task_id in &tasks {
         cluster.wait_for_agent(task_id).await;
@@ -118,6 +125,17 @@ async fn the_standby_takes_over_when_the_leader_is_killed_and_no_event_is_lost()
         let expected: Vec<u64> = (1..=task.last_sequence).collect();
         assert_eq!(seen, expected, "every event once, in order, none lost");
     }
+    let cli = cli.await.unwrap().expect("run the CLI");
+    let printed = String::from_utf8_lossy(&cli.stdout);
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    assert!(
+        printed.contains("chunk 1 ") && printed.contains("chunk 40"),
+        "the CLI printed the agent's whole answer: {printed}"
+    );
     // The new leader runs new work.
     let after = both
         .clone()

@@ -14,7 +14,7 @@ use crate::render;
 
 #[derive(Args, Clone)]
 pub struct DriverArgs {
-    /// The driver's address.
+    /// The driver's address; several, separated by commas, for a leader and its standbys.
     #[arg(
         long,
         env = "CLAUDECLUSTER_DRIVER",

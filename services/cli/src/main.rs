@@ -128,7 +128,8 @@ struct McpArgs {
     /// The HTTP address (default `mcp.listen`, 127.0.0.1:50054).
     #[arg(long)]
     listen: Option<String>,
-    /// The driver (default `mcp.driverAddress`, 127.0.0.1:50051).
+    /// The driver (default `mcp.driverAddress`, 127.0.0.1:50051); several, separated by commas,
+    /// for a leader and its standbys.
     #[arg(long, env = "CLAUDECLUSTER_DRIVER")]
     driver: Option<String>,
     /// The API key the tools present to the driver (what they spawn belongs to it), and that
