@@ -23,6 +23,8 @@ async fn one_trace_holds_a_task_from_the_client_through_every_service_to_each_to
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
             ("CLAUDECLUSTER_TELEMETRY__LOG_FORMAT", "json"),
+            // The agent retries an API error once, announcing it.
+            ("CLAUDE_CODE_MAX_RETRIES", "1"),
         ],
         vec![WorkerSpec::in_mode(Mode::ProcessPool)],
     )
@@ -127,6 +129,43 @@ async fn one_trace_holds_a_task_from_the_client_through_every_service_to_each_to
     assert_eq!(tools[0].parent_span_id, agent.span_id);
     assert_eq!(tools[0].attributes["tool.name"], "Write");
     assert_eq!(tools[0].attributes["tool.error"], "false");
+
+    // An API error the agent retries: one span for the retry, under the agent's run.
+    let failing = cluster.submit(prompt("ERROR 529")).await;
+    let (failed, _) = cluster.finish(&failing.task_id).await;
+    assert_eq!(
+        failed.status(),
+        TaskStatus::Failed,
+        "{}",
+        failed.status_reason
+    );
+    let (agent, retries) = wait_for(Duration::from_secs(30), || {
+        let receiver = receiver.clone();
+        let task_id = failing.task_id.clone();
+        async move {
+            let spans = receiver.spans();
+            let execute = spans.iter().find(|s| {
+                s.name == "execute task"
+                    && s.attributes.get("task.id").map(String::as_str) == Some(task_id.as_str())
+            })?;
+            let agent = spans
+                .iter()
+                .find(|s| s.name == "agent run" && s.parent_span_id == execute.span_id)?
+                .clone();
+            let retries: Vec<ReceivedSpan> = spans
+                .iter()
+                .filter(|s| s.name == "API retry" && s.trace_id == agent.trace_id)
+                .cloned()
+                .collect();
+            (!retries.is_empty()).then_some((agent, retries))
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no API retry span: {:#?}", receiver.spans()));
+    assert_eq!(retries.len(), 1, "{retries:#?}");
+    assert_eq!(retries[0].parent_span_id, agent.span_id);
+    assert_eq!(retries[0].attributes["http.response.status_code"], "529");
+    assert_eq!(retries[0].attributes["retry.attempt"], "1");
 
     // The JSON log lines lead to the trace.
     let submitted = cluster
