@@ -400,17 +400,24 @@ async fn start_webhooks() -> (Webhooks, String) {
 
 impl Webhooks {
     async fn wait_for(&self, event: &str) -> serde_json::Value {
+        self.wait_for_where(event, |_| true).await
+    }
+
+    /// The first `event` notification whose body `wanted` accepts.
+    async fn wait_for_where(
+        &self,
+        event: &str,
+        wanted: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let received = self.received.clone();
         wait_for(Duration::from_secs(30), || {
-            let received = received.clone();
-            async move {
-                received
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .find(|(kind, _, _)| kind == event)
-                    .cloned()
-            }
+            let found = received
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(kind, _, json)| kind == event && wanted(json))
+                .cloned();
+            async move { found }
         })
         .await
         .map(|(_, signed, json)| {
@@ -437,6 +444,29 @@ async fn a_spent_budget_refuses_new_work_and_each_notification_arrives_signed_af
         vec![WorkerSpec::in_mode(Mode::ProcessPool)],
     )
     .await;
+    // A task that never runs (no worker matches it), cancelled: it finished too.
+    let parked = cluster
+        .submit(TaskSpec {
+            worker_selector: [("pool".to_owned(), "nowhere".to_owned())].into(),
+            ..prompt("parked")
+        })
+        .await;
+    cluster
+        .driver()
+        .await
+        .cancel_task(CancelTaskRequest {
+            task_id: parked.task_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let cancelled = hooks
+        .wait_for_where("task.finished", |json| {
+            json["data"]["taskId"] == parked.task_id
+        })
+        .await;
+    assert_eq!(cancelled["data"]["status"], "cancelled");
+
     // Asks for a tool it was not allowed: the agent's permission is denied.
     let task = cluster.submit(prompt("WRITE denied.txt nope")).await;
     let (ended, _) = cluster.finish(&task.task_id).await;
@@ -464,8 +494,11 @@ async fn a_spent_budget_refuses_new_work_and_each_notification_arrives_signed_af
         refused.message()
     );
 
-    let finished = hooks.wait_for("task.finished").await;
-    assert_eq!(finished["data"]["taskId"], task.task_id);
+    let finished = hooks
+        .wait_for_where("task.finished", |json| {
+            json["data"]["taskId"] == task.task_id
+        })
+        .await;
     assert_eq!(finished["data"]["status"], "completed");
     let denied = hooks.wait_for("task.permission_denied").await;
     assert_eq!(denied["data"]["taskId"], task.task_id);

@@ -26,7 +26,7 @@ use tracing::Instrument;
 use crate::metrics::{metrics, mode_label};
 use crate::notify::{self, Notifier};
 use crate::sessions::{SessionEntry, SessionStore};
-use crate::store::{TaskEntry, TaskStore};
+use crate::store::{CancelAction, TaskEntry, TaskStore};
 use crate::usage::Usage;
 
 /// After asking a worker to cancel, how long its stream may take to end before the driver
@@ -354,8 +354,9 @@ impl Dispatcher {
         }
     }
 
-    /// Accounts for a task that ended: its cost, its metrics and its notification.
-    async fn task_ended(&self, entry: &TaskEntry) {
+    /// Accounts for a task that ended: its cost, its metrics and its notification. Also for
+    /// one cancelled before it ran, which cost nothing.
+    pub async fn task_ended(&self, entry: &TaskEntry) {
         let task = entry.snapshot();
         if !task.status().is_terminal() {
             return;
@@ -374,7 +375,10 @@ impl Dispatcher {
                 .get_or_create(&vec![("kind", "task".to_owned())])
                 .inc_by(u64::from(result.num_turns));
         }
-        self.usage.task_ended(&task).await;
+        let ran = !task.worker_id.is_empty() || task.result.is_some();
+        if ran {
+            self.usage.task_ended(&task).await;
+        }
         let result = task.result.clone().unwrap_or_default();
         self.notifier.notify(
             notify::TASK_FINISHED,
@@ -390,18 +394,23 @@ impl Dispatcher {
                 "isError": result.is_error,
             }),
         );
-        if self.usage.stops_when_spent() && self.usage.is_spent(&task.owner) {
-            self.stop_spent(&task.owner);
+        if ran && self.usage.stops_when_spent() && self.usage.is_spent(&task.owner) {
+            Box::pin(self.stop_spent(&task.owner)).await;
         }
     }
 
-    /// Cancels the running work a spent budget covers (`driver.budget.whenSpent: stop`).
-    fn stop_spent(&self, owner: &str) {
+    /// Cancels the work a spent budget covers (`driver.budget.whenSpent: stop`).
+    async fn stop_spent(&self, owner: &str) {
         // The cluster's budget covers every task; a key's, the key's own.
         let cluster_spent = self.usage.is_spent("");
         let scope = if cluster_spent { None } else { Some(owner) };
         for entry in self.store.live_owned_by(scope) {
-            entry.cancel("a budget is spent (driver.budget.whenSpent: stop)");
+            if let CancelAction::Dequeue =
+                entry.cancel("a budget is spent (driver.budget.whenSpent: stop)")
+            {
+                self.dequeue(&entry.id).await;
+                self.task_ended(&entry).await;
+            }
         }
     }
 
@@ -613,7 +622,9 @@ impl Dispatcher {
                             done.status().label(),
                             done.status_reason
                         );
-                        entry.cancel(&reason);
+                        if let CancelAction::Dequeue = entry.cancel(&reason) {
+                            this.task_ended(&entry).await;
+                        }
                         return;
                     }
                 }
@@ -822,7 +833,7 @@ impl Dispatcher {
             .session_replied(&snapshot, turn, result, cost_before)
             .await;
         if self.usage.stops_when_spent() && self.usage.is_spent(&snapshot.owner) {
-            self.stop_spent(&snapshot.owner);
+            self.stop_spent(&snapshot.owner).await;
         }
         self.notifier.notify(
             notify::SESSION_REPLIED,

@@ -388,7 +388,10 @@ impl DriverApi for DriverService {
         };
         match entry.cancel(&reason) {
             CancelAction::AlreadyEnded => {}
-            CancelAction::Dequeue => self.dispatcher.dequeue(&entry.id).await,
+            CancelAction::Dequeue => {
+                self.dispatcher.dequeue(&entry.id).await;
+                self.dispatcher.task_ended(&entry).await;
+            }
             CancelAction::StopOnWorker => {
                 // The answer is more useful once the task has actually stopped.
                 let _ = tokio::time::timeout(CANCEL_WAIT, entry.ended()).await;
