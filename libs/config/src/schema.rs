@@ -23,6 +23,35 @@ pub struct ClusterConfig {
     pub telemetry: TelemetryConfig,
 }
 
+/// Where and how a worker with `container.orchestrator: kubernetes` makes its agents' pods.
+/// The worker reaches the API as `kubectl` would: in a pod, with its service account; outside,
+/// with `KUBECONFIG`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// The namespace of the agents' pods; default: the worker's own (in a pod), or the
+    /// kubeconfig's.
+    pub namespace: Option<String>,
+    /// How agent pods reach the worker's credential proxy: the worker pod's IP (`POD_IP`) by
+    /// default.
+    pub proxy_host: Option<String>,
+    /// How long an agent's pod may take to start (image pull included).
+    pub start_timeout: Seconds,
+    /// `IfNotPresent`, `Always` or `Never`.
+    pub image_pull_policy: String,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            namespace: None,
+            proxy_host: None,
+            start_timeout: Seconds(Duration::from_secs(300)),
+            image_pull_policy: "IfNotPresent".into(),
+        }
+    }
+}
+
 /// Logs, traces and metrics of one process.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
@@ -361,6 +390,8 @@ pub struct WorkerConfig {
     pub max_task_limits: MaxTaskLimits,
     pub tls: TlsConfig,
     pub credential_proxy: CredentialProxyConfig,
+    /// Container mode on Kubernetes (`container.orchestrator: kubernetes`).
+    pub kubernetes: KubernetesConfig,
 }
 
 /// The worker's credential proxy: agents get a token of their own and the proxy's address; the
@@ -486,6 +517,7 @@ impl Default for WorkerConfig {
             max_task_limits: MaxTaskLimits::default(),
             tls: TlsConfig::default(),
             credential_proxy: CredentialProxyConfig::default(),
+            kubernetes: KubernetesConfig::default(),
         }
     }
 }
@@ -999,10 +1031,13 @@ impl ClusterConfig {
             "must name the claude executable",
         );
         check(
-            worker.container.orchestrator == "docker",
+            matches!(
+                worker.container.orchestrator.as_str(),
+                "docker" | "kubernetes"
+            ),
             "worker.container.orchestrator",
             &format!(
-                "`{}` is not supported; the only orchestrator is `docker`",
+                "`{}` is not supported: `docker` or `kubernetes`",
                 worker.container.orchestrator
             ),
         );

@@ -348,3 +348,27 @@ fn a_service_file_may_hold_the_process_telemetry_beside_its_keys() {
     let err = load(Some(bad.path()), FileLayout::Section("worker"), vars(&[])).unwrap_err();
     assert!(err.to_string().contains("telemetry.logFormat"), "{err}");
 }
+
+#[test]
+fn the_kubernetes_orchestrator_is_taken_and_others_are_named() {
+    let file = write(
+        "executionMode: container_agentic\ncontainer:\n  orchestrator: kubernetes\nkubernetes:\n  namespace: agents\n  startTimeout: 2m\n",
+    );
+    let config = load(Some(file.path()), FileLayout::Section("worker"), vars(&[])).unwrap();
+    assert_eq!(config.worker.container.orchestrator, "kubernetes");
+    assert_eq!(
+        config.worker.kubernetes.namespace.as_deref(),
+        Some("agents")
+    );
+    assert_eq!(
+        config.worker.kubernetes.start_timeout.get(),
+        Duration::from_secs(120)
+    );
+    let bad = write("container:\n  orchestrator: nomad\n");
+    let err = load(Some(bad.path()), FileLayout::Section("worker"), vars(&[])).unwrap_err();
+    assert!(
+        err.to_string().contains("container.orchestrator")
+            && err.to_string().contains("`docker` or `kubernetes`"),
+        "{err}"
+    );
+}

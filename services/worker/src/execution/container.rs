@@ -54,7 +54,7 @@ const LABEL_ATTEMPT: &str = "claudecluster.attempt";
 /// Reads `NAME=value` lines from stdin until an empty line, exports them, makes the agent's
 /// home (on the writable `/tmp`), then becomes the agent (`$1` says whether the agent keeps
 /// stdin).
-const ENTRYPOINT: &str = r#"mode=$1; shift
+pub(super) const ENTRYPOINT: &str = r#"mode=$1; shift
 while IFS= read -r line && [ -n "$line" ]; do export "$line"; done
 mkdir -p "$HOME"
 if [ "$mode" = stdin ]; then exec "$@"; fi
@@ -643,25 +643,7 @@ impl ExecutionProvider for ContainerProvider {
         tracing::debug!(task = %launch.task_id, container = %id, "agent container started");
 
         let mut writer = attached.input;
-        // First, so that nothing the launch sets can move it.
-        let mut preamble = format!("HOME={AGENT_HOME}\n");
-        for (key, value) in &launch.env {
-            let value = match &proxy_host {
-                Some(host) if key == "ANTHROPIC_BASE_URL" => {
-                    value.replacen("://127.0.0.1:", &format!("://{host}:"), 1)
-                }
-                Some(host) if key == "HTTPS_PROXY" || key == "HTTP_PROXY" => {
-                    value.replacen("@127.0.0.1:", &format!("@{host}:"), 1)
-                }
-                _ => value.clone(),
-            };
-            if value.contains('\n') {
-                tracing::warn!(variable = %key, "a variable with a newline cannot be passed to a container agent");
-                continue;
-            }
-            preamble.push_str(&format!("{key}={value}\n"));
-        }
-        preamble.push('\n');
+        let preamble = env_preamble(&launch.env, proxy_host.as_deref());
         if let Err(err) = writer.write_all(preamble.as_bytes()).await {
             self.discard(Some(&id), own_network.as_deref()).await;
             return Err(LaunchError(format!(
@@ -731,6 +713,33 @@ impl ExecutionProvider for ContainerProvider {
             grant: None,
         })
     }
+}
+
+/// The agent's environment as [`ENTRYPOINT`] reads it from stdin: `NAME=value` lines and an
+/// empty one. Passed this way, not in the container's or pod's definition, so that whoever
+/// may read those (`docker inspect`, the Kubernetes API) does not read the agent's token.
+/// The worker's proxy, at 127.0.0.1 for the worker, is at `proxy_host` for the agent.
+pub(super) fn env_preamble(env: &[(String, String)], proxy_host: Option<&str>) -> String {
+    // First, so that nothing the launch sets can move it.
+    let mut preamble = format!("HOME={AGENT_HOME}\n");
+    for (key, value) in env {
+        let value = match proxy_host {
+            Some(host) if key == "ANTHROPIC_BASE_URL" => {
+                value.replacen("://127.0.0.1:", &format!("://{host}:"), 1)
+            }
+            Some(host) if key == "HTTPS_PROXY" || key == "HTTP_PROXY" => {
+                value.replacen("@127.0.0.1:", &format!("@{host}:"), 1)
+            }
+            _ => value.clone(),
+        };
+        if value.contains('\n') {
+            tracing::warn!(variable = %key, "a variable with a newline cannot be passed to a container agent");
+            continue;
+        }
+        preamble.push_str(&format!("{key}={value}\n"));
+    }
+    preamble.push('\n');
+    preamble
 }
 
 /// Waits for the container to stop and says how it ended, naming the cause when Docker knows

@@ -8,6 +8,7 @@
 
 mod command;
 mod container;
+pub mod kubernetes;
 mod output;
 mod process;
 mod signal;
@@ -25,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use command::{AgentOptions, agent_args, agent_env, warm_agent_args};
 pub use container::{ContainerProvider, ContainerSettings};
+pub use kubernetes::{KubernetesProvider, KubernetesSettings};
 pub use output::{LineSplitter, OutputLine, OutputStream, forward_lines};
 pub use process::{ProcessPoolProvider, stop_leftover_agents};
 pub use unified::Providers;

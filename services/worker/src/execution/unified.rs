@@ -7,7 +7,8 @@ use claudecluster_config::{ExecutionModeSetting, WorkerConfig};
 use claudecluster_proto::v1::ExecutionMode;
 
 use super::{
-    ContainerProvider, ContainerSettings, ExecutionProvider, ProcessPoolProvider, ProviderHealth,
+    ContainerProvider, ContainerSettings, ExecutionProvider, KubernetesProvider,
+    KubernetesSettings, ProcessPoolProvider, ProviderHealth,
 };
 
 pub struct Providers {
@@ -52,6 +53,15 @@ impl Providers {
                         provider = provider
                             .running_as(super::process::AgentUsers::new(run_as.uid, run_as.count));
                     }
+                    providers.push(Arc::new(provider));
+                }
+                ExecutionModeSetting::ContainerAgentic
+                    if config.container.orchestrator == "kubernetes" =>
+                {
+                    let settings = KubernetesSettings::from_config(config, worker_id);
+                    let provider = KubernetesProvider::connect(settings)
+                        .await
+                        .map_err(|err| err.0)?;
                     providers.push(Arc::new(provider));
                 }
                 ExecutionModeSetting::ContainerAgentic => {
