@@ -771,7 +771,15 @@ impl Runtime {
         let mode = provider.mode();
         let metrics = crate::metrics::metrics();
         metrics.runs.get_or_create(&mode_label(mode)).inc();
-        if let Some(warm) = self.warm_agent(mode, options, limits, spec) {
+        // Where the agent's workspace is not the worker's, the agent's container clones the
+        // repository itself, and a warm agent (started without one) cannot take it.
+        let clones_in_agent = provider.clones_in_agent() && !spec.repo_url.is_empty();
+        let warm = if clones_in_agent {
+            None
+        } else {
+            self.warm_agent(mode, options, limits, spec)
+        };
+        if let Some(warm) = warm {
             let handed_out = std::time::Instant::now();
             // Not entered (it would be held across awaits): it lasts until the hand-out ends.
             let _handout =
@@ -808,9 +816,10 @@ impl Runtime {
         if self.has_warm_pool(mode) {
             metrics.warm_misses.get_or_create(&mode_label(mode)).inc();
         }
+        let cloned_here = if clones_in_agent { "" } else { &spec.repo_url };
         let workspace = self
             .workspaces
-            .prepare(&execution.task_id, execution.attempt, &spec.repo_url)
+            .prepare(&execution.task_id, execution.attempt, cloned_here)
             .instrument(tracing::info_span!(
                 "agent.workspace",
                 otel.name = "prepare the workspace"
@@ -835,6 +844,7 @@ impl Runtime {
             input: AgentInput::StreamJson,
             limits,
             mounts: Vec::new(),
+            repo_url: clones_in_agent.then(|| spec.repo_url.clone()),
         };
         if let Some(grant) = &grant {
             self.meter(execution, grant.meter());

@@ -551,6 +551,7 @@ impl Actor {
             input: AgentInput::StreamJson,
             limits,
             mounts: vec![(self.config_dir.clone(), CONFIG_MOUNT.to_owned())],
+            repo_url: None,
         };
         let mut handle = self.provider.launch(launch).await.map_err(|err| err.0)?;
         handle.grant = grant;

@@ -52,11 +52,18 @@ const LABEL_HOME: &str = "claudecluster.home";
 const LABEL_TASK: &str = "claudecluster.task";
 const LABEL_ATTEMPT: &str = "claudecluster.attempt";
 /// Reads `NAME=value` lines from stdin until an empty line, exports them, makes the agent's
-/// home (on the writable `/tmp`), then becomes the agent (`$1` says whether the agent keeps
-/// stdin).
+/// home (on the writable `/tmp`), clones the task's repository into the working directory when
+/// the environment names one (`CLAUDECLUSTER_REPO_URL`: a pod's workspace is its own), then
+/// becomes the agent (`$1` says whether the agent keeps stdin). git's own messages could show
+/// the URL's credentials, so a failed clone says only the URL without them.
 pub(super) const ENTRYPOINT: &str = r#"mode=$1; shift
 while IFS= read -r line && [ -n "$line" ]; do export "$line"; done
 mkdir -p "$HOME"
+if [ -n "${CLAUDECLUSTER_REPO_URL:-}" ]; then
+  GIT_TERMINAL_PROMPT=0 git -c protocol.ext.allow=never clone --quiet -- "$CLAUDECLUSTER_REPO_URL" . </dev/null >/dev/null 2>&1 \
+    || { echo "cannot clone $CLAUDECLUSTER_REPO_SHOWN into the agent's workspace" >&2; exit 97; }
+  unset CLAUDECLUSTER_REPO_URL CLAUDECLUSTER_REPO_SHOWN
+fi
 if [ "$mode" = stdin ]; then exec "$@"; fi
 exec "$@" </dev/null"#;
 

@@ -465,7 +465,15 @@ impl ExecutionProvider for KubernetesProvider {
         let started = async {
             self.wait_running(&name).await?;
             let mut io = self.attach.attach(&self.pods, &name).await?;
-            let preamble = env_preamble(&launch.env, self.settings.proxy_host.as_deref());
+            let mut env = launch.env.clone();
+            if let Some(repo_url) = &launch.repo_url {
+                env.push(("CLAUDECLUSTER_REPO_URL".to_owned(), repo_url.clone()));
+                env.push((
+                    "CLAUDECLUSTER_REPO_SHOWN".to_owned(),
+                    claudecluster_proto::without_credentials(repo_url),
+                ));
+            }
+            let preamble = env_preamble(&env, self.settings.proxy_host.as_deref());
             io.stdin
                 .write_all(preamble.as_bytes())
                 .await
@@ -531,15 +539,20 @@ impl ExecutionProvider for KubernetesProvider {
     }
 
     async fn adopt_workspace(&self, workspace: &Path) -> Result<(), LaunchError> {
+        // The pod's workspace is its own: nothing the worker put in its directory reaches it.
         let holds_files = std::fs::read_dir(workspace)
             .map(|mut entries| entries.next().is_some())
             .unwrap_or(false);
         if holds_files {
             return Err(LaunchError(
-                "the kubernetes orchestrator does not carry a repository into the agent's pod yet; run tasks with a repo_url on a Docker or process-pool worker".to_owned(),
+                "the agent's pod cannot see the worker's workspace; its repository is cloned in the pod".to_owned(),
             ));
         }
         Ok(())
+    }
+
+    fn clones_in_agent(&self) -> bool {
+        true
     }
 }
 
@@ -734,6 +747,7 @@ mod tests {
             input: AgentInput::StreamJson,
             limits: Limits::default(),
             mounts: Vec::new(),
+            repo_url: None,
         }
     }
 
@@ -922,7 +936,117 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_workspace_with_a_repository_is_refused() {
+    async fn a_repository_is_cloned_in_the_pod_and_its_url_stays_out_of_the_pod() {
+        let shared = Shared::default();
+        let attach = Arc::new(MemoryAttach::default());
+        let provider = provider(&shared, attach.clone());
+        assert!(provider.clones_in_agent());
+        let url = "https://user:sekret@git.example.com/team/repo.git";
+        let _handle = provider
+            .launch(AgentLaunch {
+                repo_url: Some(url.to_owned()),
+                ..launch()
+            })
+            .await
+            .unwrap();
+        let created = requests(&shared, "POST");
+        assert!(!created[0].1.to_string().contains("git.example.com"));
+        let (agent_stdin, _stdout) = attach.ends.lock().unwrap().take().unwrap();
+        let mut stdin = BufReader::new(agent_stdin);
+        let mut preamble = String::new();
+        while !preamble.ends_with("\n\n") {
+            stdin.read_line(&mut preamble).await.unwrap();
+        }
+        assert!(preamble.contains(&format!("CLAUDECLUSTER_REPO_URL={url}\n")));
+        assert!(
+            preamble
+                .contains("CLAUDECLUSTER_REPO_SHOWN=https://***@git.example.com/team/repo.git\n"),
+            "{preamble}"
+        );
+    }
+
+    /// Runs the agent containers' entrypoint with `/bin/sh` in `dir`, `preamble` on stdin.
+    fn entrypoint(dir: &Path, preamble: &str, command: &[&str]) -> std::process::Output {
+        use std::io::Write;
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", ENTRYPOINT, "claudecluster-agent", "none"])
+            .args(command)
+            .current_dir(dir)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(preamble.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    #[test]
+    fn the_entrypoint_clones_the_repository_and_a_failed_clone_hides_its_credentials() {
+        let scratch = tempfile::tempdir().unwrap();
+        let source = scratch.path().join("source");
+        let git = |args: &[&str]| {
+            let status = std::process::Command::new("git")
+                .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+                .args(args)
+                .current_dir(&source)
+                .status()
+                .unwrap();
+            assert!(status.success(), "git {args:?}");
+        };
+        std::fs::create_dir(&source).unwrap();
+        std::fs::write(source.join("NOTES.md"), "cloned in the pod\n").unwrap();
+        git(&["init", "-q"]);
+        git(&["add", "NOTES.md"]);
+        git(&["commit", "-q", "-m", "first"]);
+        let workspace = scratch.path().join("workspace");
+        std::fs::create_dir(&workspace).unwrap();
+        let home = scratch.path().join("home");
+        let cloned = entrypoint(
+            &workspace,
+            &format!(
+                "HOME={}\nCLAUDECLUSTER_REPO_URL=file://{}\nCLAUDECLUSTER_REPO_SHOWN=file://{}\n\n",
+                home.display(),
+                source.display(),
+                source.display()
+            ),
+            &["cat", "NOTES.md"],
+        );
+        assert!(cloned.status.success(), "{cloned:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&cloned.stdout),
+            "cloned in the pod\n"
+        );
+
+        let elsewhere = scratch.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let failed = entrypoint(
+            &elsewhere,
+            &format!(
+                "HOME={}\nCLAUDECLUSTER_REPO_URL=https://user:sekret@127.0.0.1:1/repo.git\nCLAUDECLUSTER_REPO_SHOWN=https://***@127.0.0.1:1/repo.git\n\n",
+                home.display()
+            ),
+            &["echo", "the agent must not start"],
+        );
+        assert_eq!(failed.status.code(), Some(97));
+        let said = String::from_utf8_lossy(&failed.stderr);
+        assert!(
+            said.contains("cannot clone https://***@127.0.0.1:1/repo.git"),
+            "{said}"
+        );
+        assert!(
+            !said.contains("sekret") && failed.stdout.is_empty(),
+            "{failed:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_workspace_the_worker_filled_is_refused() {
         let shared = Shared::default();
         let provider = provider(&shared, Arc::new(MemoryAttach::default()));
         let workspace = tempfile::tempdir().unwrap();
@@ -933,7 +1057,11 @@ mod tests {
             .await
             .err()
             .unwrap();
-        assert!(err.0.contains("does not carry a repository"), "{}", err.0);
+        assert!(
+            err.0.contains("cannot see the worker's workspace"),
+            "{}",
+            err.0
+        );
     }
 
     #[test]

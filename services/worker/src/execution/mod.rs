@@ -51,6 +51,10 @@ pub struct AgentLaunch {
     pub limits: Limits,
     /// Host directories mounted into the agent's container, with where they appear there.
     pub mounts: Vec<(PathBuf, String)>,
+    /// A repository the agent's container clones into its workspace before the agent starts,
+    /// for a provider whose workspace is not the worker's ([`ExecutionProvider::clones_in_agent`]).
+    /// It may hold credentials: never log it.
+    pub repo_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,5 +166,11 @@ pub trait ExecutionProvider: Send + Sync + 'static {
     /// user).
     async fn adopt_workspace(&self, _workspace: &std::path::Path) -> Result<(), LaunchError> {
         Ok(())
+    }
+
+    /// Whether a task's repository is cloned where the agent runs ([`AgentLaunch::repo_url`])
+    /// rather than into the worker's workspace first.
+    fn clones_in_agent(&self) -> bool {
+        false
     }
 }

@@ -334,6 +334,7 @@ mod tests {
             input: AgentInput::None,
             limits: Limits::default(),
             mounts: Vec::new(),
+            repo_url: None,
         };
         let mut agent = provider.launch(launch).await.unwrap();
         let mut lines = Vec::new();

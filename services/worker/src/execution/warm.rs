@@ -158,6 +158,7 @@ impl WarmPool {
             input: AgentInput::StreamJson,
             limits: Limits::default(),
             mounts: Vec::new(),
+            repo_url: None,
         };
         let mut handle = self.provider.launch(launch).await.map_err(|err| err.0)?;
         handle.grant = grant;
