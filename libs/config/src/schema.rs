@@ -39,6 +39,10 @@ pub struct KubernetesConfig {
     pub start_timeout: Seconds,
     /// `IfNotPresent`, `Always` or `Never`.
     pub image_pull_policy: String,
+    /// The size of each session's volume claim (its workspace and conversation).
+    pub session_storage: ByteSize,
+    /// The storage class of sessions' claims; unset: the cluster's default.
+    pub storage_class: Option<String>,
 }
 
 impl Default for KubernetesConfig {
@@ -48,6 +52,8 @@ impl Default for KubernetesConfig {
             proxy_host: None,
             start_timeout: Seconds(Duration::from_secs(300)),
             image_pull_policy: "IfNotPresent".into(),
+            session_storage: ByteSize(1 << 30),
+            storage_class: None,
         }
     }
 }

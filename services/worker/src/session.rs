@@ -317,6 +317,11 @@ impl Runtime {
 }
 
 impl Actor {
+    /// What the session's agents run as, for the provider: `session-<id>`.
+    fn agent_name(&self) -> String {
+        format!("session-{}", self.session_id)
+    }
+
     fn idle_timeout(&self) -> Duration {
         match self.spec.idle_timeout_seconds {
             0 => self.runtime.config().agent.session_idle_timeout.get(),
@@ -423,6 +428,7 @@ impl Actor {
                         if let Some(root) = root {
                             let _ = tokio::fs::remove_dir_all(root).await;
                         }
+                        self.provider.discard_session(&self.agent_name()).await;
                         self.sink.state(0, SessionState::Closed, "closed by a client; its container and volumes are removed", "");
                         break;
                     }
@@ -543,7 +549,7 @@ impl Actor {
             })
             .unwrap_or_default();
         let launch = AgentLaunch {
-            task_id: format!("session-{}", self.session_id),
+            task_id: self.agent_name(),
             attempt: self.incarnation,
             args,
             env,

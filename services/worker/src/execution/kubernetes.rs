@@ -9,8 +9,9 @@
 //! worker's credential proxy) goes in over stdin, as for Docker, never into the pod's
 //! definition, which anyone who may read pods can read.
 //!
-//! Not yet: repositories (the workspace is the pod's own, and a task's clone on the worker
-//! does not reach it) and sessions (which would need a volume claim each).
+//! A task's repository is cloned in the pod (its workspace is the pod's own); a session's
+//! workspace and conversation live on a volume claim of its own, which outlives its pods and
+//! goes when the session closes.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -22,8 +23,10 @@ use async_trait::async_trait;
 use claudecluster_config::WorkerConfig;
 use claudecluster_proto::v1::ExecutionMode;
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, Pod, PodSecurityContext, PodSpec,
+    Capabilities, Container, EmptyDirVolumeSource, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec,
     ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -73,6 +76,9 @@ pub struct KubernetesSettings {
     pub limits: Limits,
     pub start_timeout: Duration,
     pub image_pull_policy: String,
+    /// The size of each session's volume claim, and its storage class (`None`: the default).
+    pub session_storage: String,
+    pub storage_class: Option<String>,
 }
 
 impl KubernetesSettings {
@@ -94,6 +100,8 @@ impl KubernetesSettings {
             },
             start_timeout: kubernetes.start_timeout.get(),
             image_pull_policy: kubernetes.image_pull_policy.clone(),
+            session_storage: kubernetes.session_storage.0.to_string(),
+            storage_class: kubernetes.storage_class.clone(),
         }
     }
 }
@@ -139,8 +147,48 @@ fn empty_dir(name: &str) -> Volume {
     }
 }
 
-/// The pod that runs the agent of `launch`.
-pub fn agent_pod(settings: &KubernetesSettings, launch: &AgentLaunch, name: &str) -> Pod {
+/// Where the agent's workspace (and whatever `launch.mounts` names) lives: the pod's own
+/// `emptyDir`, or, for a session, its volume claim, which outlives each of its pods.
+fn storage(launch: &AgentLaunch, claim: Option<&str>) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let mount = |volume: &str, path: &str, sub_path: Option<String>| VolumeMount {
+        name: volume.to_owned(),
+        mount_path: path.to_owned(),
+        sub_path,
+        ..VolumeMount::default()
+    };
+    let tmp = mount("tmp", "/tmp", None);
+    match claim {
+        None => (
+            vec![empty_dir("workspace"), empty_dir("tmp")],
+            vec![mount("workspace", "/workspace", None), tmp],
+        ),
+        Some(claim) => {
+            let mut mounts = vec![mount("state", "/workspace", Some("workspace".to_owned()))];
+            for (index, (_, path)) in launch.mounts.iter().enumerate() {
+                mounts.push(mount("state", path, Some(format!("mount-{index}"))));
+            }
+            mounts.push(tmp);
+            let state = Volume {
+                name: "state".to_owned(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: claim.to_owned(),
+                    read_only: Some(false),
+                }),
+                ..Volume::default()
+            };
+            (vec![state, empty_dir("tmp")], mounts)
+        }
+    }
+}
+
+/// The pod that runs the agent of `launch`, its state on `claim` when given.
+pub fn agent_pod(
+    settings: &KubernetesSettings,
+    launch: &AgentLaunch,
+    name: &str,
+    claim: Option<&str>,
+) -> Pod {
+    let (volumes, volume_mounts) = storage(launch, claim);
     let limit_or = |asked: f64, default: f64| if asked > 0.0 { asked } else { default };
     let memory = if launch.limits.memory_bytes > 0 {
         launch.limits.memory_bytes
@@ -223,21 +271,10 @@ pub fn agent_pod(settings: &KubernetesSettings, launch: &AgentLaunch, name: &str
                     }),
                     ..SecurityContext::default()
                 }),
-                volume_mounts: Some(vec![
-                    VolumeMount {
-                        name: "workspace".to_owned(),
-                        mount_path: "/workspace".to_owned(),
-                        ..VolumeMount::default()
-                    },
-                    VolumeMount {
-                        name: "tmp".to_owned(),
-                        mount_path: "/tmp".to_owned(),
-                        ..VolumeMount::default()
-                    },
-                ]),
+                volume_mounts: Some(volume_mounts),
                 ..Container::default()
             }],
-            volumes: Some(vec![empty_dir("workspace"), empty_dir("tmp")]),
+            volumes: Some(volumes),
             ..PodSpec::default()
         }),
         ..Pod::default()
@@ -291,8 +328,20 @@ impl PodAttach for ApiAttach {
 
 pub struct KubernetesProvider {
     pods: Api<Pod>,
+    claims: Api<PersistentVolumeClaim>,
     attach: Arc<dyn PodAttach>,
     settings: KubernetesSettings,
+}
+
+/// The volume claim of the session whose agents run as `owner` (`session-<id>`).
+fn claim_name(owner: &str) -> String {
+    let owner: String = owner
+        .chars()
+        .map(|c| c.to_ascii_lowercase())
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(48)
+        .collect();
+    format!("claudecluster-{}", owner.trim_matches('-'))
 }
 
 impl KubernetesProvider {
@@ -311,14 +360,69 @@ impl KubernetesProvider {
         attach: Arc<dyn PodAttach>,
         settings: KubernetesSettings,
     ) -> Self {
-        let pods = match &settings.namespace {
-            Some(namespace) => Api::namespaced(client, namespace),
-            None => Api::default_namespaced(client),
+        let (pods, claims) = match &settings.namespace {
+            Some(namespace) => (
+                Api::namespaced(client.clone(), namespace),
+                Api::namespaced(client, namespace),
+            ),
+            None => (
+                Api::default_namespaced(client.clone()),
+                Api::default_namespaced(client),
+            ),
         };
         KubernetesProvider {
             pods,
+            claims,
             attach,
             settings,
+        }
+    }
+
+    /// Makes the session's volume claim unless it exists.
+    async fn ensure_claim(&self, name: &str, owner: &str) -> Result<(), String> {
+        match self.claims.get_opt(name).await {
+            Ok(Some(_)) => return Ok(()),
+            Ok(None) => {}
+            Err(err) => {
+                return Err(format!(
+                    "cannot read the session's volume claim {name}: {err}"
+                ));
+            }
+        }
+        let claim = PersistentVolumeClaim {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                labels: Some(BTreeMap::from([
+                    (LABEL_MANAGED.to_owned(), "true".to_owned()),
+                    (
+                        LABEL_WORKER.to_owned(),
+                        label_value(&self.settings.worker_id),
+                    ),
+                    (LABEL_TASK.to_owned(), label_value(owner)),
+                ])),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PersistentVolumeClaimSpec {
+                access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
+                storage_class_name: self.settings.storage_class.clone(),
+                resources: Some(VolumeResourceRequirements {
+                    requests: Some(BTreeMap::from([(
+                        "storage".to_owned(),
+                        Quantity(self.settings.session_storage.clone()),
+                    )])),
+                    ..VolumeResourceRequirements::default()
+                }),
+                ..PersistentVolumeClaimSpec::default()
+            }),
+            ..PersistentVolumeClaim::default()
+        };
+        match self.claims.create(&PostParams::default(), &claim).await {
+            Ok(_) => Ok(()),
+            // Made meanwhile by another launch of the same session.
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+            Err(err) => Err(format!(
+                "the Kubernetes API refused the session's volume claim: {err}"
+            )),
         }
     }
 
@@ -447,15 +551,19 @@ impl ExecutionProvider for KubernetesProvider {
     }
 
     async fn launch(&self, launch: AgentLaunch) -> Result<AgentHandle, LaunchError> {
-        // A session keeps its conversation in a directory of the worker's, mounted into each
-        // of its containers; a pod would need a volume claim for it.
-        if !launch.mounts.is_empty() {
-            return Err(LaunchError(
-                "sessions do not run on the kubernetes orchestrator yet; open them on a worker with container.orchestrator: docker".to_owned(),
-            ));
-        }
+        // A session keeps its workspace and conversation between its containers: in a pod, on
+        // a volume claim of its own, made with its first pod.
+        let claim = if launch.mounts.is_empty() {
+            None
+        } else {
+            let claim = claim_name(&launch.task_id);
+            self.ensure_claim(&claim, &launch.task_id)
+                .await
+                .map_err(LaunchError)?;
+            Some(claim)
+        };
         let name = pod_name(&launch.task_id, launch.attempt);
-        let pod = agent_pod(&self.settings, &launch, &name);
+        let pod = agent_pod(&self.settings, &launch, &name, claim.as_deref());
         self.pods
             .create(&PostParams::default(), &pod)
             .await
@@ -554,6 +662,17 @@ impl ExecutionProvider for KubernetesProvider {
     fn clones_in_agent(&self) -> bool {
         true
     }
+
+    async fn discard_session(&self, owner: &str) {
+        let name = claim_name(owner);
+        match self.claims.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(err) => {
+                tracing::warn!(claim = %name, error = %err, "cannot delete a closed session's volume claim");
+            }
+        }
+    }
 }
 
 /// Stopping a pod's agent. The API has no signals: an interrupt deletes the pod with a grace
@@ -607,6 +726,7 @@ mod tests {
     struct Cluster {
         requests: Vec<(String, String, Value)>,
         pods: HashMap<String, Value>,
+        claims: HashMap<String, Value>,
         /// The agent's exit code, once the test lets it end.
         exited: Option<i32>,
         /// A container that waits with this reason instead of running.
@@ -656,12 +776,32 @@ mod tests {
             .requests
             .push((method.clone(), path.clone(), body.clone()));
         let pods = format!("/api/v1/namespaces/{NAMESPACE}/pods");
+        let claims = format!("/api/v1/namespaces/{NAMESPACE}/persistentvolumeclaims");
         let not_found = || {
             respond(
                 404,
                 json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
             )
         };
+        if let Some(rest) = path.strip_prefix(&claims) {
+            let name = rest.trim_start_matches('/').to_owned();
+            return match method.as_str() {
+                "POST" => {
+                    let name = body["metadata"]["name"].as_str().unwrap().to_owned();
+                    cluster.claims.insert(name, body.clone());
+                    respond(201, body)
+                }
+                "GET" => match cluster.claims.get(&name) {
+                    Some(claim) => respond(200, claim.clone()),
+                    None => not_found(),
+                },
+                "DELETE" => match cluster.claims.remove(&name) {
+                    Some(claim) => respond(200, claim),
+                    None => not_found(),
+                },
+                _ => not_found(),
+            };
+        }
         match (method.as_str(), path.strip_prefix(&pods)) {
             ("POST", Some("")) if cluster.refuse_create => respond(
                 403,
@@ -727,6 +867,8 @@ mod tests {
             },
             start_timeout: Duration::from_secs(5),
             image_pull_policy: "IfNotPresent".into(),
+            session_storage: "1073741824".into(),
+            storage_class: None,
         };
         KubernetesProvider::with_client(Client::new(service, NAMESPACE), attach, settings)
     }
@@ -925,14 +1067,68 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_session_is_refused_before_any_pod_is_made() {
+    async fn a_session_keeps_its_state_on_a_claim_of_its_own_until_it_closes() {
         let shared = Shared::default();
         let provider = provider(&shared, Arc::new(MemoryAttach::default()));
-        let mut session = launch();
-        session.mounts = vec![(std::env::temp_dir(), "/home/agent/.claude".into())];
-        let err = provider.launch(session).await.err().unwrap();
-        assert!(err.0.contains("sessions do not run"), "{}", err.0);
-        assert!(requests(&shared, "POST").is_empty());
+        let session = || AgentLaunch {
+            task_id: "session-S1".into(),
+            mounts: vec![(std::env::temp_dir(), "/claude-config".into())],
+            ..launch()
+        };
+        let first = provider.launch(session()).await.unwrap();
+        drop(first);
+        let second = provider.launch(session()).await.unwrap();
+        drop(second);
+        // One claim, made with the first pod, labelled, of the configured size.
+        let claims: Vec<(String, Value)> = requests(&shared, "POST")
+            .into_iter()
+            .filter(|(path, _)| path.ends_with("/persistentvolumeclaims"))
+            .collect();
+        assert_eq!(claims.len(), 1, "{claims:?}");
+        let claim = &claims[0].1;
+        assert_eq!(claim["metadata"]["name"], "claudecluster-session-s1");
+        assert_eq!(
+            claim["metadata"]["labels"]["claudecluster.task"],
+            "session-S1"
+        );
+        assert_eq!(claim["spec"]["accessModes"], json!(["ReadWriteOnce"]));
+        assert_eq!(
+            claim["spec"]["resources"]["requests"]["storage"],
+            "1073741824"
+        );
+        // Each pod mounts the workspace and the conversation from it.
+        let pods: Vec<(String, Value)> = requests(&shared, "POST")
+            .into_iter()
+            .filter(|(path, _)| path.ends_with("/pods"))
+            .collect();
+        assert_eq!(pods.len(), 2);
+        for (_, pod) in &pods {
+            let spec = &pod["spec"];
+            assert_eq!(
+                spec["volumes"][0],
+                json!({"name": "state", "persistentVolumeClaim": {"claimName": "claudecluster-session-s1", "readOnly": false}})
+            );
+            assert_eq!(
+                spec["containers"][0]["volumeMounts"],
+                json!([
+                    {"name": "state", "mountPath": "/workspace", "subPath": "workspace"},
+                    {"name": "state", "mountPath": "/claude-config", "subPath": "mount-0"},
+                    {"name": "tmp", "mountPath": "/tmp"}
+                ])
+            );
+        }
+        // The session closes: its claim goes.
+        provider.discard_session("session-S1").await;
+        assert!(shared.lock().unwrap().claims.is_empty());
+        let deleted = requests(&shared, "DELETE");
+        assert!(
+            deleted
+                .iter()
+                .any(|(path, _)| path.ends_with("/persistentvolumeclaims/claudecluster-session-s1")),
+            "{deleted:?}"
+        );
+        // Closing again (after a restart) is fine.
+        provider.discard_session("session-S1").await;
     }
 
     #[tokio::test]

@@ -173,4 +173,8 @@ pub trait ExecutionProvider: Send + Sync + 'static {
     fn clones_in_agent(&self) -> bool {
         false
     }
+
+    /// Removes what the provider keeps of a session between its agents (a volume claim),
+    /// once the session whose agents run as `owner` has closed.
+    async fn discard_session(&self, _owner: &str) {}
 }
