@@ -34,10 +34,12 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-# Debian packages: the Docker engine (docker.io), debootstrap for the offline
-# agent image, git for cloning task repositories, tmux for the terminal view's test.
+# Debian packages: the Docker engine (docker.io) and Compose (docker-compose, 1.29),
+# debootstrap for the offline images, git for cloning task repositories, tmux for the
+# terminal view's test.
 missing=()
 command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 command -v git >/dev/null 2>&1 || missing+=(git)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
