@@ -9,6 +9,12 @@ eval "$(scripts/setup.sh)"
 # Build output lives outside the clone so that a fresh clone on this machine rebuilds only
 # what changed.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CLAUDECLUSTER_CACHE_DIR/target}"
+# Incremental state is kept per checkout path: a CI machine that clones afresh for every run
+# would keep a copy per clone and fill its disk. Clean builds of the workspace's own crates do
+# not need it.
+if [ -n "${CI:-}" ]; then
+  export CARGO_INCREMENTAL=0
+fi
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 step() { printf '\n== %s\n' "$*"; }

@@ -152,8 +152,55 @@ async fn the_standby_takes_over_when_the_leader_is_killed_and_no_event_is_lost()
     drop(standby);
 }
 
+/// Ends the connection that holds the leader's lock, as a database restart or an
+/// administrator would.
+fn terminate_the_lock_connection(postgres: &TestPostgres) {
+    let terminated = postgres.sql(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' AND granted",
+    );
+    assert_eq!(terminated, "1", "one connection held the leader's lock");
+}
+
 #[tokio::test]
-async fn a_leader_that_loses_its_lock_stops_and_the_standby_takes_over() {
+async fn a_lone_leader_that_loses_its_lock_takes_it_back_and_goes_on() {
+    let postgres = TestPostgres::start();
+    let mut cluster = TestCluster::start_with_driver(
+        &format!("store:\n  url: {}\n", postgres.url()),
+        vec![WorkerSpec::in_mode(Mode::ProcessPool)],
+    )
+    .await;
+    let task = cluster.submit(prompt("SLOW 30 100")).await;
+    cluster.wait_for_agent(&task.task_id).await;
+    let follower = tokio::spawn(follow_resuming(
+        cluster.driver().await,
+        task.task_id.clone(),
+    ));
+    terminate_the_lock_connection(&postgres);
+    // No other driver led meanwhile: it takes the lock back and goes on.
+    wait_until(Duration::from_secs(15), || {
+        let log = cluster.driver.log();
+        async move { log.contains("holds the leader's lock again") }
+    })
+    .await
+    .expect("the leader took its lock back");
+    let seen = follower.await.unwrap();
+    let ended = cluster.task(&task.task_id).await;
+    assert_eq!(
+        ended.status(),
+        TaskStatus::Completed,
+        "{}",
+        ended.status_reason
+    );
+    assert_eq!(seen, (1..=ended.last_sequence).collect::<Vec<_>>());
+    assert_eq!(
+        cluster.completed_text(prompt("after")).await,
+        "MOCK_REPLY turn=1: after"
+    );
+    assert!(cluster.driver.is_alive());
+}
+
+#[tokio::test]
+async fn a_leader_whose_lock_another_driver_took_stops() {
     let postgres = TestPostgres::start();
     let mut cluster = TestCluster::start_with_driver(
         &format!("store:\n  url: {}\n", postgres.url()),
@@ -175,24 +222,32 @@ async fn a_leader_that_loses_its_lock_stops_and_the_standby_takes_over() {
     cluster.wait_for_agent(&task.task_id).await;
     let follower = tokio::spawn(follow_resuming(both.clone(), task.task_id.clone()));
 
-    // The database ends the leader's lock connection (an administrator, a failover of the
-    // database, a network cut): the leader may no longer write, so it stops.
-    let terminated = postgres.sql(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' AND granted",
-    );
-    assert_eq!(terminated, "1", "one connection held the leader's lock");
+    // The leader is frozen while its lock goes; the standby takes it.
+    cluster.driver.signal(libc::SIGSTOP);
+    terminate_the_lock_connection(&postgres);
     wait_until(Duration::from_secs(15), || {
-        let alive = cluster.driver.is_alive();
-        async move { !alive }
+        let mut standby = driver_at(&standby.address);
+        async move {
+            standby
+                .get_cluster_status(GetClusterStatusRequest {})
+                .await
+                .is_ok()
+        }
     })
     .await
-    .expect("the leader stopped");
+    .expect("the standby took over");
+    // Thawed, the old leader finds the lock taken, and stops rather than write beside it.
+    cluster.driver.signal(libc::SIGCONT);
+    let exited = cluster
+        .driver
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("the old leader stopped");
+    assert!(!exited.success(), "{exited:?}");
+    let log = cluster.driver.log();
     assert!(
-        cluster
-            .driver
-            .log()
-            .contains("lost the connection that holds the leader's lock"),
-        "the leader says why it stopped"
+        log.contains("another driver leads now"),
+        "the old leader says why"
     );
 
     let seen = follower.await.unwrap();

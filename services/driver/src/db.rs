@@ -41,6 +41,11 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/sqlite/0003_usage.sql"),
         postgres: include_str!("../migrations/postgres/0003_usage.sql"),
     },
+    Migration {
+        version: 4,
+        sqlite: include_str!("../migrations/sqlite/0004_leadership.sql"),
+        postgres: include_str!("../migrations/postgres/0004_leadership.sql"),
+    },
 ];
 
 /// What one task run or session message cost, as stored.
@@ -761,6 +766,27 @@ impl Db {
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+
+    /// Counts a new leadership; its number.
+    pub async fn next_leader_epoch(&self) -> Result<i64, DbError> {
+        let (epoch,): (i64,) = sqlx::query_as(
+            "INSERT INTO leadership (id, epoch) VALUES (1, 1) \
+             ON CONFLICT (id) DO UPDATE SET epoch = leadership.epoch + 1 RETURNING epoch",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(epoch)
+    }
+
+    /// The latest leadership's number.
+    pub async fn leader_epoch(&self) -> Result<i64, DbError> {
+        let epoch: Option<i64> =
+            sqlx::query_as::<_, (i64,)>("SELECT epoch FROM leadership WHERE id = 1")
+                .fetch_optional(&self.pool)
+                .await?
+                .map(|(epoch,)| epoch);
+        Ok(epoch.unwrap_or(0))
     }
 
     /// A connection of its own, out of the pool, for a lock that lasts as long as it does.

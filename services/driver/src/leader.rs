@@ -4,10 +4,12 @@
 //! own; the one that holds it leads (runs tasks, answers clients), the others wait as
 //! standbys and take over when the lock comes free. PostgreSQL frees it the moment the
 //! leader's connection ends, whether the leader shut down, crashed or was killed, so a
-//! standby takes over within a poll. A leader that cannot reach its lock's connection any
-//! more stops serving at once: a standby may already lead, and two leaders must never write.
+//! standby takes over within a poll. A leader that loses its lock's connection takes the lock
+//! back when the store answers again, if no other driver led meanwhile (each leadership is
+//! counted in the store); otherwise it stops, since two leaders must never write.
 //! With SQLite there is one driver per file, and it leads.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::AnyConnection;
@@ -25,6 +27,8 @@ const CHECK_WITHIN: Duration = Duration::from_secs(3);
 /// The lock a leader holds, on its connection.
 pub struct Leadership {
     connection: Option<AnyConnection>,
+    /// The number of this leadership in the store.
+    epoch: i64,
 }
 
 /// A driver's first ask for the lock.
@@ -41,12 +45,16 @@ pub struct Standby {
 /// Asks for the lock once.
 pub async fn try_lead(db: &Db) -> Result<Attempt, DbError> {
     if db.backend != Backend::Postgres {
-        return Ok(Attempt::Leads(Leadership { connection: None }));
+        return Ok(Attempt::Leads(Leadership {
+            connection: None,
+            epoch: 0,
+        }));
     }
     let mut connection = db.dedicated_connection().await?;
     Ok(if ask(&mut connection).await? {
         Attempt::Leads(Leadership {
             connection: Some(connection),
+            epoch: 0,
         })
     } else {
         tracing::info!(store = %db.place, "another driver leads on this store; standing by");
@@ -73,6 +81,7 @@ impl Standby {
             if ask(&mut self.connection).await? {
                 return Ok(Some(Leadership {
                     connection: Some(self.connection),
+                    epoch: 0,
                 }));
             }
         }
@@ -80,28 +89,87 @@ impl Standby {
 }
 
 impl Leadership {
+    /// Counts this leadership in the store (after taking the lock), so that a later loss of
+    /// the lock can tell whether another driver led meanwhile.
+    pub async fn begin(&mut self, db: &Db) -> Result<(), DbError> {
+        if self.connection.is_some() {
+            self.epoch = db.next_leader_epoch().await?;
+        }
+        Ok(())
+    }
+
     /// Checks the lock's connection until `stop`, then hands the lock back to be released once
-    /// the last writes are stored. When the connection fails, cancels `lost` and gives `None`.
-    pub async fn keep(mut self, stop: CancellationToken, lost: CancellationToken) -> Option<Self> {
-        let Some(connection) = self.connection.as_mut() else {
+    /// the last writes are stored.
+    ///
+    /// When the connection fails, the lock is taken again on a new one as soon as the store
+    /// answers: if no other driver led meanwhile, this one goes on leading (what it holds in
+    /// memory is still the truth; while the store is away it serves what it holds and refuses
+    /// writes, as any driver does). If another driver holds the lock, or led since, this one
+    /// cancels `lost` and gives `None`: it must stop.
+    pub async fn keep(
+        mut self,
+        db: Arc<Db>,
+        stop: CancellationToken,
+        lost: CancellationToken,
+    ) -> Option<Self> {
+        if self.connection.is_none() {
             return Some(self);
-        };
+        }
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return Some(self),
                 _ = tokio::time::sleep(CHECK_EVERY) => {}
             }
+            let connection = self
+                .connection
+                .as_mut()
+                .expect("a leader holds its lock's connection");
             let checked = tokio::time::timeout(
                 CHECK_WITHIN,
                 sqlx::query("SELECT 1").execute(&mut *connection),
             )
             .await;
-            if !matches!(checked, Ok(Ok(_))) {
-                tracing::error!(
-                    "lost the connection that holds the leader's lock; stopping, since a standby may lead now"
-                );
-                lost.cancel();
-                return None;
+            if matches!(checked, Ok(Ok(_))) {
+                continue;
+            }
+            tracing::warn!(
+                "lost the connection that holds the leader's lock; taking the lock again once the store answers"
+            );
+            self.connection = None;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return Some(self),
+                    _ = tokio::time::sleep(POLL) => {}
+                }
+                let Ok(mut connection) = db.dedicated_connection().await else {
+                    continue;
+                };
+                match ask(&mut connection).await {
+                    Ok(true) => match db.leader_epoch().await {
+                        Ok(epoch) if epoch == self.epoch => {
+                            tracing::info!(
+                                "holds the leader's lock again; no other driver led meanwhile"
+                            );
+                            self.connection = Some(connection);
+                            break;
+                        }
+                        Ok(_) => {
+                            tracing::error!("another driver led while the lock was lost; stopping");
+                            let _ = sqlx::Connection::close(connection).await;
+                            lost.cancel();
+                            return None;
+                        }
+                        Err(_) => {
+                            let _ = sqlx::Connection::close(connection).await;
+                        }
+                    },
+                    Ok(false) => {
+                        tracing::error!("another driver leads now; stopping");
+                        lost.cancel();
+                        return None;
+                    }
+                    Err(_) => {}
+                }
             }
         }
     }

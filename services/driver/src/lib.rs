@@ -199,17 +199,23 @@ pub async fn spawn(
     // Leading at once (SQLite, or the lock was free) takes up the stored work before the
     // driver says it listens; a standby takes it up when it takes over.
     let leading = match leader::try_lead(&db).await? {
-        leader::Attempt::Leads(leadership) => {
+        leader::Attempt::Leads(mut leadership) => {
+            leadership.begin(&db).await?;
             lead.take_over().await?;
-            tokio::spawn(leadership.keep(stop.clone(), lost.clone()))
+            tokio::spawn(leadership.keep(db.clone(), stop.clone(), lost.clone()))
         }
         leader::Attempt::Waits(standby) => {
             lead.health.set_service_serving(false).await;
             let (stop, lost) = (stop.clone(), lost.clone());
             tokio::spawn(async move {
                 match standby.wait(&stop).await {
-                    Ok(Some(leadership)) => match lead.take_over().await {
-                        Ok(()) => leadership.keep(stop, lost).await,
+                    Ok(Some(mut leadership)) => match async {
+                        leadership.begin(&lead.db).await?;
+                        lead.take_over().await
+                    }
+                    .await
+                    {
+                        Ok(()) => leadership.keep(lead.db.clone(), stop, lost).await,
                         Err(err) => {
                             tracing::error!(error = %err, "cannot take up the stored work after taking the lead");
                             lost.cancel();
