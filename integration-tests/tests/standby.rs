@@ -11,12 +11,12 @@ use claudecluster_proto::v1::*;
 #[tokio::test]
 async fn the_standby_takes_over_when_the_leader_is_killed_and_no_event_is_lost() {
     let postgres = TestPostgres::start();
-    let mut cluster = TestCluster::start_with_driver(
-        &format!("store:\n  url: {}\n", postgres.url()),
-        vec![WorkerSpec {
+    let mut cluster = cluster_on(
+        &postgres,
+        WorkerSpec {
             capacity: 3,
             ..WorkerSpec::in_mode(Mode::ProcessPool)
-        }],
+        },
     )
     .await;
     let standby = cluster.start_another_driver().await;
@@ -57,16 +57,7 @@ async fn the_standby_takes_over_when_the_leader_is_killed_and_no_event_is_lost()
     let both = driver_at(&format!("{},{}", standby.address, cluster.driver.address));
     let mut tasks = Vec::new();
     for index in 0..3 {
-        let task = both
-            .clone()
-            .submit_task(SubmitTaskRequest {
-                spec: Some(prompt(&format!("SLOW 40 100 {index}"))),
-            })
-            .await
-            .expect("the leader takes the task")
-            .into_inner()
-            .task
-            .unwrap();
+        let task = submit(&both, &format!("SLOW 40 100 {index}")).await;
         tasks.push(task.task_id);
     }
     let followers: Vec<_> = tasks
@@ -105,15 +96,7 @@ async fn the_standby_takes_over_when_the_leader_is_killed_and_no_event_is_lost()
 
     for (task_id, follower) in tasks.iter().zip(followers) {
         let seen = follower.await.unwrap();
-        let task = driver_at(&standby.address)
-            .get_task(GetTaskRequest {
-                task_id: task_id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .task
-            .unwrap();
+        let task = task_at(&standby.address, task_id).await;
         assert_eq!(
             task.status(),
             TaskStatus::Completed,
@@ -137,19 +120,46 @@ async fn the_standby_takes_over_when_the_leader_is_killed_and_no_event_is_lost()
         "the CLI printed the agent's whole answer: {printed}"
     );
     // The new leader runs new work.
-    let after = both
+    let after = submit(&both, "after the failover").await;
+    let seen = follow_resuming(both, after.task_id.clone()).await;
+    assert!(!seen.is_empty());
+    drop(standby);
+}
+
+/// A cluster whose driver keeps its store in `postgres`.
+async fn cluster_on(postgres: &TestPostgres, worker: WorkerSpec) -> TestCluster {
+    TestCluster::start_with_driver(
+        &format!("store:\n  url: {}\n", postgres.url()),
+        vec![worker],
+    )
+    .await
+}
+
+/// Submits `text` through `driver` (which may name several drivers).
+async fn submit(driver: &Driver, text: &str) -> Task {
+    driver
         .clone()
         .submit_task(SubmitTaskRequest {
-            spec: Some(prompt("after the failover")),
+            spec: Some(prompt(text)),
+        })
+        .await
+        .expect("the leader takes the task")
+        .into_inner()
+        .task
+        .unwrap()
+}
+
+/// The task as the driver at `address` has it.
+async fn task_at(address: &str, task_id: &str) -> Task {
+    driver_at(address)
+        .get_task(GetTaskRequest {
+            task_id: task_id.to_owned(),
         })
         .await
         .unwrap()
         .into_inner()
         .task
-        .unwrap();
-    let seen = follow_resuming(both, after.task_id.clone()).await;
-    assert!(!seen.is_empty());
-    drop(standby);
+        .unwrap()
 }
 
 /// Ends the connection that holds the leader's lock, as a database restart or an
@@ -164,11 +174,7 @@ fn terminate_the_lock_connection(postgres: &TestPostgres) {
 #[tokio::test]
 async fn a_lone_leader_that_loses_its_lock_takes_it_back_and_goes_on() {
     let postgres = TestPostgres::start();
-    let mut cluster = TestCluster::start_with_driver(
-        &format!("store:\n  url: {}\n", postgres.url()),
-        vec![WorkerSpec::in_mode(Mode::ProcessPool)],
-    )
-    .await;
+    let mut cluster = cluster_on(&postgres, WorkerSpec::in_mode(Mode::ProcessPool)).await;
     let task = cluster.submit(prompt("SLOW 30 100")).await;
     cluster.wait_for_agent(&task.task_id).await;
     let follower = tokio::spawn(follow_resuming(
@@ -202,23 +208,10 @@ async fn a_lone_leader_that_loses_its_lock_takes_it_back_and_goes_on() {
 #[tokio::test]
 async fn a_leader_whose_lock_another_driver_took_stops() {
     let postgres = TestPostgres::start();
-    let mut cluster = TestCluster::start_with_driver(
-        &format!("store:\n  url: {}\n", postgres.url()),
-        vec![WorkerSpec::in_mode(Mode::ProcessPool)],
-    )
-    .await;
+    let mut cluster = cluster_on(&postgres, WorkerSpec::in_mode(Mode::ProcessPool)).await;
     let standby = cluster.start_another_driver().await;
     let both = driver_at(&format!("{},{}", cluster.driver.address, standby.address));
-    let task = both
-        .clone()
-        .submit_task(SubmitTaskRequest {
-            spec: Some(prompt("SLOW 30 100")),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let task = submit(&both, "SLOW 30 100").await;
     cluster.wait_for_agent(&task.task_id).await;
     let follower = tokio::spawn(follow_resuming(both.clone(), task.task_id.clone()));
 
@@ -251,15 +244,7 @@ async fn a_leader_whose_lock_another_driver_took_stops() {
     );
 
     let seen = follower.await.unwrap();
-    let ended = driver_at(&standby.address)
-        .get_task(GetTaskRequest {
-            task_id: task.task_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let ended = task_at(&standby.address, &task.task_id).await;
     assert_eq!(
         ended.status(),
         TaskStatus::Completed,
