@@ -33,28 +33,26 @@ pub struct Health {
 impl Health {
     /// Reports the service (and the server as a whole, the empty name) as serving or not.
     pub async fn set_serving(&self, serving: bool) {
-        let status = if serving {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
+        self.set_service_serving(serving).await;
         self.reporter
-            .set_service_status(self.service_name, status)
+            .set_service_status("", serving_status(serving))
             .await;
-        self.reporter.set_service_status("", status).await;
     }
 
     /// Reports the service alone as serving or not; the server as a whole (the empty name,
     /// what liveness probes ask) stays as it is. A standby is alive but does not serve.
     pub async fn set_service_serving(&self, serving: bool) {
-        let status = if serving {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
         self.reporter
-            .set_service_status(self.service_name, status)
+            .set_service_status(self.service_name, serving_status(serving))
             .await;
+    }
+}
+
+fn serving_status(serving: bool) -> ServingStatus {
+    if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
     }
 }
 

@@ -540,19 +540,7 @@ impl ExecutionProvider for ContainerProvider {
         } else {
             defaults.pids
         };
-        let stdin_mode = match launch.input {
-            AgentInput::None => "none",
-            AgentInput::StreamJson => "stdin",
-        };
-        let mut cmd = vec![
-            "/bin/sh".to_owned(),
-            "-c".to_owned(),
-            ENTRYPOINT.to_owned(),
-            "claudecluster-agent".to_owned(),
-            stdin_mode.to_owned(),
-            "claude".to_owned(),
-        ];
-        cmd.extend(launch.args.iter().cloned());
+        let cmd = agent_command(&launch);
         let body = ContainerCreateBody {
             image: Some(self.settings.image.clone()),
             cmd: Some(cmd),
@@ -720,6 +708,24 @@ impl ExecutionProvider for ContainerProvider {
             grant: None,
         })
     }
+}
+
+/// What an agent container runs: [`ENTRYPOINT`], then `claude` with the launch's arguments.
+pub(super) fn agent_command(launch: &AgentLaunch) -> Vec<String> {
+    let stdin_mode = match launch.input {
+        AgentInput::None => "none",
+        AgentInput::StreamJson => "stdin",
+    };
+    let mut command = vec![
+        "/bin/sh".to_owned(),
+        "-c".to_owned(),
+        ENTRYPOINT.to_owned(),
+        "claudecluster-agent".to_owned(),
+        stdin_mode.to_owned(),
+        "claude".to_owned(),
+    ];
+    command.extend(launch.args.iter().cloned());
+    command
 }
 
 /// The agent's environment as [`ENTRYPOINT`] reads it from stdin: `NAME=value` lines and an

@@ -35,7 +35,7 @@ use kube::{Api, Client};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
-use super::container::{ENTRYPOINT, env_preamble};
+use super::container::{agent_command, env_preamble};
 use super::output::input_writer;
 use super::{
     AgentControl, AgentExit, AgentHandle, AgentInput, AgentLaunch, ExecutionProvider, LaunchError,
@@ -206,19 +206,7 @@ pub fn agent_pod(
             Quantity(format!("{}m", (cpus * 1000.0).round() as u64)),
         );
     }
-    let stdin_mode = match launch.input {
-        AgentInput::None => "none",
-        AgentInput::StreamJson => "stdin",
-    };
-    let mut command = vec![
-        "/bin/sh".to_owned(),
-        "-c".to_owned(),
-        ENTRYPOINT.to_owned(),
-        "claudecluster-agent".to_owned(),
-        stdin_mode.to_owned(),
-        "claude".to_owned(),
-    ];
-    command.extend(launch.args.iter().cloned());
+    let command = agent_command(launch);
     let labels = BTreeMap::from([
         (LABEL_MANAGED.to_owned(), "true".to_owned()),
         (LABEL_WORKER.to_owned(), label_value(&settings.worker_id)),
@@ -1165,7 +1153,12 @@ mod tests {
     fn entrypoint(dir: &Path, preamble: &str, command: &[&str]) -> std::process::Output {
         use std::io::Write;
         let mut child = std::process::Command::new("/bin/sh")
-            .args(["-c", ENTRYPOINT, "claudecluster-agent", "none"])
+            .args([
+                "-c",
+                super::super::container::ENTRYPOINT,
+                "claudecluster-agent",
+                "none",
+            ])
             .args(command)
             .current_dir(dir)
             .stdin(std::process::Stdio::piped())
