@@ -5,6 +5,7 @@
 //! message saying how to install it (`scripts/setup.sh`), it never passes by skipping.
 
 pub mod docker;
+pub mod forge;
 pub mod otlp;
 pub mod postgres;
 pub mod standin;
