@@ -51,7 +51,8 @@ async def scenario(session):
         spawn_required=spawn.input_schema.get("required", []))
 
     error, spawned, spawn_ms = await call(session, "spawn_claude_container",
-                                          {"task": "hello from mcp", "sessionTimeout": 120})
+                                          {"task": "WRITE mcp-task.txt hello from mcp", "sessionTimeout": 120,
+                                           "allowedTools": ["Write"]})
     out("spawn", is_error=error, spawn_ms=spawn_ms, **spawned)
     task_id = spawned["taskId"]
 

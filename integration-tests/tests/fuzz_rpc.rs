@@ -114,19 +114,36 @@ fn agent() -> impl Strategy<Value = Option<AgentOptions>> {
     ]
 }
 
+/// What a task asks of its result: branch names and templates, good and bad.
+fn result() -> impl Strategy<Value = Option<ResultSpec>> {
+    prop_oneof![
+        3 => Just(None),
+        1 => (short_text(), any::<bool>(), short_text(), text()).prop_map(
+            |(branch, pull_request, pull_request_base, commit_message)| {
+                Some(ResultSpec {
+                    branch,
+                    pull_request,
+                    pull_request_base,
+                    commit_message,
+                })
+            }
+        ),
+    ]
+}
+
 /// A task spec; about a third are plain valid tasks that run.
 fn task_spec() -> impl Strategy<Value = TaskSpec> {
     let valid = "[a-z ]{1,40}".prop_map(|text| prompt(&format!("fuzz {text}")));
     let wild = (
         (text(), repo_url(), enum_value(), map(), limits()),
         (enum_value(), agent(), map(), short_text(), map()),
-        prop::collection::vec(short_text(), 0..5),
+        (prop::collection::vec(short_text(), 0..5), result()),
     )
         .prop_map(
             |(
                 (prompt, repo_url, execution_mode, worker_selector, limits),
                 (priority, agent, labels, idempotency_key, environment),
-                depends_on,
+                (depends_on, result),
             )| TaskSpec {
                 prompt,
                 repo_url,
@@ -139,6 +156,7 @@ fn task_spec() -> impl Strategy<Value = TaskSpec> {
                 idempotency_key,
                 environment,
                 depends_on,
+                result,
             },
         );
     prop_oneof![1 => valid, 2 => wild]

@@ -77,9 +77,13 @@ fn check_scenario(steps: &HashMap<String, Value>, expect_mine: bool) {
     assert_eq!(steps["wait"]["status"], "completed");
     let result = &steps["result"];
     assert_eq!(result["is_error"], false);
-    assert_eq!(
-        result["result"]["text"],
-        "MOCK_REPLY turn=1: hello from mcp"
+    assert_eq!(result["result"]["text"], "MOCK_DONE wrote mcp-task.txt");
+    // What the agent changed comes with its answer: the summary, and the diff itself.
+    assert_eq!(result["changes"]["filesAdded"], 1, "{result}");
+    let diff = result["diff"].as_str().unwrap();
+    assert!(
+        diff.contains("+++ b/mcp-task.txt") && diff.contains("+hello from mcp"),
+        "{diff}"
     );
     assert!(result["result"]["costUsd"].as_f64().unwrap() > 0.0);
     assert_eq!(steps["cancel"]["status"], "cancelled");

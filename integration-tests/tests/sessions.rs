@@ -140,10 +140,45 @@ async fn three_messages_share_the_conversation_and_the_files() {
         std::fs::read_to_string(workspace.join("notes.txt")).unwrap(),
         "alpha\n"
     );
+    // The session's work, through the API, from the container's workspace.
+    let mut driver = cluster.driver().await;
+    let listed = driver
+        .list_task_files(ListTaskFilesRequest {
+            session_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let notes = listed.files.iter().find(|f| f.path == "notes.txt").unwrap();
+    assert_eq!((notes.change(), notes.size), (FileChange::Added, 6));
+    let diff = driver
+        .get_task_diff(GetTaskDiffRequest {
+            session_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        diff.diff
+            .contains("+++ b/notes.txt\n@@ -0,0 +1 @@\n+alpha\n"),
+        "{}",
+        diff.diff
+    );
+    assert_eq!(diff.summary.unwrap().files_added, 1);
 
     let closed = close(&cluster, &id).await;
     assert_eq!(closed.state(), SessionState::Closed);
     assert!(!workspace.exists(), "closing removes the volumes");
+    let gone = driver
+        .list_task_files(ListTaskFilesRequest {
+            session_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
     assert!(session_containers(&id).await.is_empty());
 }
 

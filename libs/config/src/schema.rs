@@ -398,6 +398,68 @@ pub struct WorkerConfig {
     pub credential_proxy: CredentialProxyConfig,
     /// Container mode on Kubernetes (`container.orchestrator: kubernetes`).
     pub kubernetes: KubernetesConfig,
+    /// A task's workspace is removed this long after the task ended (a bare number is
+    /// seconds, `7d` is a week); `0` keeps it until the task is deleted.
+    pub workspace_retention: Seconds,
+    /// With less free space than this on the workspace root's filesystem, the worker takes no
+    /// new work and says why, rather than fail a task midway.
+    pub min_free_disk: ByteSize,
+    /// Bounds on what clients fetch of workspaces.
+    pub results: ResultsConfig,
+    /// How a task's changes are pushed as a branch and proposed as a pull request
+    /// (`result.branch` of a task).
+    pub publish: PublishConfig,
+}
+
+/// Bounds on downloads and diffs of workspaces.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ResultsConfig {
+    /// The most file content one download may carry.
+    pub max_download_bytes: ByteSize,
+    /// A diff longer than this is cut there (and says so).
+    pub max_diff_bytes: ByteSize,
+}
+
+impl Default for ResultsConfig {
+    fn default() -> Self {
+        ResultsConfig {
+            max_download_bytes: ByteSize(1 << 30),
+            max_diff_bytes: ByteSize(2 << 20),
+        }
+    }
+}
+
+/// The worker's credential for pushing branches and opening pull requests. The agent never
+/// sees it: the worker pushes after the agent has ended.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PublishConfig {
+    /// A token for HTTPS pushes (as the password) and for the forge's REST API.
+    pub token: Option<String>,
+    /// A file holding the token, read at each push.
+    pub token_file: Option<PathBuf>,
+    /// The user name presented with the token on pushes.
+    pub username: String,
+    /// The forge's REST API: GitHub's, or a GitHub Enterprise or compatible one
+    /// (`https://github.example.com/api/v3`).
+    pub api_url: String,
+    /// The author and committer of result commits.
+    pub author_name: String,
+    pub author_email: String,
+}
+
+impl Default for PublishConfig {
+    fn default() -> Self {
+        PublishConfig {
+            token: None,
+            token_file: None,
+            username: "x-access-token".into(),
+            api_url: "https://api.github.com".into(),
+            author_name: "ClaudeCluster".into(),
+            author_email: "claudecluster@localhost".into(),
+        }
+    }
 }
 
 /// The worker's credential proxy: agents get a token of their own and the proxy's address; the
@@ -524,6 +586,10 @@ impl Default for WorkerConfig {
             tls: TlsConfig::default(),
             credential_proxy: CredentialProxyConfig::default(),
             kubernetes: KubernetesConfig::default(),
+            workspace_retention: Seconds(Duration::from_secs(7 * 24 * 3600)),
+            min_free_disk: ByteSize(1 << 30),
+            results: ResultsConfig::default(),
+            publish: PublishConfig::default(),
         }
     }
 }

@@ -82,6 +82,7 @@ fn parse_duration(text: &str, bare_unit: Duration) -> Result<Duration, String> {
         "s" => Duration::from_secs(1),
         "m" => Duration::from_secs(60),
         "h" => Duration::from_secs(3600),
+        "d" => Duration::from_secs(24 * 3600),
         other => return Err(format!("unknown duration unit `{other}` in `{text}`")),
     };
     times(unit, number).map_err(|problem| format!("`{text}`: {problem}"))

@@ -1,6 +1,6 @@
 //! Short lowercase names for enums, as used in logs, CLI output and configuration.
 
-use crate::v1::{ExecutionMode, Priority, SessionState, TaskStatus};
+use crate::v1::{ExecutionMode, FileChange, Priority, SessionState, TaskStatus};
 
 impl SessionState {
     /// The state as a user reads it: `ready`, `busy`, `stopped`, ...
@@ -97,6 +97,19 @@ impl ExecutionMode {
             "any" | "" => ExecutionMode::Unspecified,
             _ => return None,
         })
+    }
+}
+
+impl FileChange {
+    pub fn label(self) -> &'static str {
+        match self {
+            FileChange::Unspecified => "unknown",
+            FileChange::Unchanged => "unchanged",
+            FileChange::Added => "added",
+            FileChange::Modified => "modified",
+            FileChange::Deleted => "deleted",
+            FileChange::Ignored => "ignored",
+        }
     }
 }
 
@@ -245,5 +258,30 @@ impl CarriesEvent for crate::v1::StreamTaskEventsResponse {
 impl CarriesEvent for crate::v1::StreamSessionEventsResponse {
     fn into_event(self) -> Option<crate::v1::Event> {
         self.event
+    }
+}
+
+/// A size as people read it: `512 B`, `1.5 KiB`, `120.0 MiB`, `2.0 GiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod size_tests {
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(super::human_bytes(512), "512 B");
+        assert_eq!(super::human_bytes(1536), "1.5 KiB");
+        assert_eq!(super::human_bytes(120 << 20), "120.0 MiB");
     }
 }

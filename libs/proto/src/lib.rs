@@ -16,5 +16,5 @@ pub mod admission;
 mod display;
 pub mod validate;
 
-pub use display::{CarriesEvent, hide_credentials_of, without_credentials};
+pub use display::{CarriesEvent, hide_credentials_of, human_bytes, without_credentials};
 pub use validate::MAX_MESSAGE_BYTES;

@@ -137,6 +137,89 @@ pub fn task_spec(spec: &TaskSpec, max_prompt_bytes: usize) -> Result<(), Invalid
             ),
         );
     }
+    if let Some(result) = &spec.result {
+        result_spec(result, !spec.repo_url.is_empty())?;
+    }
+    Ok(())
+}
+
+/// The longest branch name or template taken.
+const MAX_BRANCH_BYTES: usize = 200;
+
+/// Checks what a task asks of its result: a branch needs a repository, a pull request needs a
+/// branch, and names follow git's rules for branch names (`git check-ref-format --branch`).
+fn result_spec(result: &crate::v1::ResultSpec, has_repository: bool) -> Result<(), Invalid> {
+    if result.branch.is_empty() {
+        if result.pull_request || !result.pull_request_base.is_empty() {
+            return invalid(
+                "spec.result.branch",
+                "is empty; a pull request is opened from a branch",
+            );
+        }
+        return Ok(());
+    }
+    if !has_repository {
+        return invalid(
+            "spec.result.branch",
+            "needs spec.repo_url: the branch is pushed to the task's repository",
+        );
+    }
+    // The placeholders are filled with ids, which are valid in branch names.
+    let filled = result
+        .branch
+        .replace("{task_id}", "t")
+        .replace("{attempt}", "1");
+    branch_name(&filled).or_else(|message| {
+        invalid(
+            "spec.result.branch",
+            format!("`{}` {message}", result.branch),
+        )
+    })?;
+    if !result.pull_request_base.is_empty() {
+        branch_name(&result.pull_request_base).or_else(|message| {
+            invalid(
+                "spec.result.pull_request_base",
+                format!("`{}` {message}", result.pull_request_base),
+            )
+        })?;
+    }
+    if result.commit_message.len() > MAX_SYSTEM_PROMPT_BYTES {
+        return invalid(
+            "spec.result.commit_message",
+            format!(
+                "is {} bytes; at most {MAX_SYSTEM_PROMPT_BYTES} are accepted",
+                result.commit_message.len()
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// Why `name` is not a branch name git takes, if it is not.
+pub fn branch_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_BRANCH_BYTES {
+        return Err(format!("must be 1 to {MAX_BRANCH_BYTES} bytes"));
+    }
+    let bad_char = name
+        .chars()
+        .find(|c| c.is_ascii_control() || " ~^:?*[\\".contains(*c));
+    if let Some(c) = bad_char {
+        return Err(format!("may not hold {c:?}"));
+    }
+    let broken = name.starts_with('-')
+        || name.starts_with('/')
+        || name.ends_with('/')
+        || name.ends_with('.')
+        || name.contains("..")
+        || name.contains("//")
+        || name.contains("@{")
+        || name == "@"
+        || name
+            .split('/')
+            .any(|part| part.starts_with('.') || part.ends_with(".lock"));
+    if broken {
+        return Err("is not a branch name git takes (see `git check-ref-format`)".into());
+    }
     Ok(())
 }
 

@@ -96,6 +96,16 @@ pub struct RunArgs {
     permission_mode: Option<String>,
     #[arg(long)]
     max_turns: Option<u32>,
+    /// Push the agent's changes to the repository as this branch (`{task_id}` and `{attempt}`
+    /// are filled in).
+    #[arg(long, value_name = "NAME")]
+    branch: Option<String>,
+    /// Also open a pull request of the branch.
+    #[arg(long, requires = "branch")]
+    pull_request: bool,
+    /// The branch the pull request merges into (default: the one cloned).
+    #[arg(long, value_name = "BRANCH", requires = "pull_request")]
+    pull_request_base: Option<String>,
     #[command(flatten)]
     driver: DriverArgs,
 }
@@ -132,6 +142,18 @@ pub enum TasksCommand {
         task_id: String,
         #[arg(long, default_value_t = 0)]
         after: u64,
+        #[command(flatten)]
+        driver: DriverArgs,
+    },
+    /// The files of a task's workspace (or a session's, with --session), and how each changed.
+    Files(crate::files::FilesArgs),
+    /// Download a task's workspace, or some of its paths, into a directory.
+    Download(crate::files::DownloadArgs),
+    /// The diff of what a task's agent changed.
+    Diff(crate::files::DiffArgs),
+    /// Delete an ended task: its record, its events and its workspace.
+    Rm {
+        task_id: String,
         #[command(flatten)]
         driver: DriverArgs,
     },
@@ -210,6 +232,12 @@ fn task_spec(args: &RunArgs) -> Result<TaskSpec, String> {
             permission_mode: args.permission_mode.clone().unwrap_or_default(),
             max_turns: args.max_turns.unwrap_or_default(),
             ..Default::default()
+        }),
+        result: args.branch.as_ref().map(|branch| ResultSpec {
+            branch: branch.clone(),
+            pull_request: args.pull_request,
+            pull_request_base: args.pull_request_base.clone().unwrap_or_default(),
+            commit_message: String::new(),
         }),
         ..Default::default()
     })
@@ -494,6 +522,26 @@ pub async fn tasks(command: TasksCommand) -> Result<ExitCode, String> {
         } => {
             let mut client = connect(&driver)?;
             follow(&mut client, &task_id, after, false).await
+        }
+        TasksCommand::Files(args) => crate::files::list(args).await,
+        TasksCommand::Download(args) => crate::files::download(args).await,
+        TasksCommand::Diff(args) => crate::files::diff(args).await,
+        TasksCommand::Rm { task_id, driver } => {
+            let mut client = connect(&driver)?;
+            let answer = client
+                .delete_task(DeleteTaskRequest {
+                    task_id: task_id.clone(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let workspace = if answer.workspace_removed {
+                "and its workspace"
+            } else {
+                "(its workspace was gone already, or its worker away: retention removes it)"
+            };
+            println!("deleted task {task_id} {workspace}");
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

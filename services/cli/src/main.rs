@@ -2,6 +2,7 @@
 //! cluster from a terminal (`run`, `tasks`, `status`).
 
 mod client;
+mod files;
 mod keys;
 mod render;
 mod serve;

@@ -117,6 +117,20 @@ pub fn task_detail(task: &Task) {
     if task.end_time.is_some() {
         println!("ended:     {}", time(task.end_time.as_ref()));
     }
+    if let Some(changes) = &task.changes {
+        println!("changes:   {}", change_summary(changes));
+    }
+    if let Some(branch) = &task.branch {
+        if branch.pushed {
+            println!("branch:    {} at {}", branch.name, branch.commit);
+        }
+        if !branch.pull_request_url.is_empty() {
+            println!("pull:      {}", branch.pull_request_url);
+        }
+        if !branch.error.is_empty() {
+            println!("branch:    {} not published: {}", branch.name, branch.error);
+        }
+    }
     if let Some(result) = &task.result {
         let usage = result.usage.unwrap_or_default();
         println!(
@@ -127,10 +141,41 @@ pub fn task_detail(task: &Task) {
     }
 }
 
+/// `3 files changed (1 added, 1 deleted, 1 binary), +10 -2`, as git says it.
+pub fn change_summary(changes: &ChangeSummary) -> String {
+    let mut kinds = Vec::new();
+    if changes.files_added > 0 {
+        kinds.push(format!("{} added", changes.files_added));
+    }
+    if changes.files_deleted > 0 {
+        kinds.push(format!("{} deleted", changes.files_deleted));
+    }
+    if changes.binary_files > 0 {
+        kinds.push(format!("{} binary", changes.binary_files));
+    }
+    let kinds = if kinds.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", kinds.join(", "))
+    };
+    let base = if changes.base_commit.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " since {}",
+            &changes.base_commit[..changes.base_commit.len().min(12)]
+        )
+    };
+    format!(
+        "{} files changed{kinds}, +{} -{}{base}",
+        changes.files_changed, changes.insertions, changes.deletions
+    )
+}
+
 pub fn cluster_status(status: &GetClusterStatusResponse) {
     println!(
-        "{:<20}  {:<18}  {:<7}  {:<8}  {:<22}  LABELS",
-        "WORKER", "MODE", "HEALTHY", "LOAD", "ADDRESS"
+        "{:<20}  {:<18}  {:<7}  {:<8}  {:<22}  {:<20}  LABELS",
+        "WORKER", "MODE", "HEALTHY", "LOAD", "ADDRESS", "DISK USED / FREE"
     );
     for worker in &status.workers {
         let mut labels: Vec<_> = worker
@@ -148,8 +193,13 @@ pub fn cluster_status(status: &GetClusterStatusResponse) {
         } else {
             format!("no ({})", worker.health_reason)
         };
+        let disk = format!(
+            "{} / {}",
+            claudecluster_proto::human_bytes(worker.workspace_bytes),
+            claudecluster_proto::human_bytes(worker.disk_free_bytes)
+        );
         println!(
-            "{:<20}  {:<18}  {:<7}  {:<8}  {:<22}  {}",
+            "{:<20}  {:<18}  {:<7}  {:<8}  {:<22}  {:<20}  {}",
             worker.worker_id,
             worker
                 .execution_modes()
@@ -159,6 +209,7 @@ pub fn cluster_status(status: &GetClusterStatusResponse) {
             healthy,
             format!("{}/{}", worker.load, worker.capacity),
             worker.address,
+            disk,
             labels.join(",")
         );
     }

@@ -389,6 +389,22 @@ impl Db {
         Ok(())
     }
 
+    /// Removes a subject and its events in one transaction. False when there was none.
+    pub async fn delete_subject(&self, id: &str) -> Result<bool, DbError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM events WHERE subject = $1")
+            .bind(id.to_owned())
+            .execute(&mut *tx)
+            .await?;
+        let deleted = sqlx::query("DELETE FROM subjects WHERE id = $1")
+            .bind(id.to_owned())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(deleted > 0)
+    }
+
     fn loaded(row: sqlx::any::AnyRow) -> Result<LoadedRow, DbError> {
         let kind = match row.try_get::<i64, _>("kind")? {
             1 => SubjectKind::Task,

@@ -120,7 +120,7 @@ impl Dispatcher {
         self.scheduler.clone()
     }
 
-    fn worker(
+    pub(crate) fn worker(
         &self,
         address: &str,
     ) -> Result<WorkerServiceClient<Channel>, tonic::transport::Error> {

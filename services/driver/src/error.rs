@@ -41,6 +41,18 @@ pub enum DriverError {
     KeyExists(String),
     #[error("API key `{0}` not found")]
     KeyNotFound(String),
+    #[error("task {task_id} is {status}; cancel it first, or wait for it to end")]
+    TaskNotEnded {
+        task_id: String,
+        status: &'static str,
+    },
+    #[error("{0} has no workspace yet: it has not started on a worker")]
+    NoWorkspace(String),
+    #[error("worker {worker_id}, which holds the workspace, cannot be reached: {message}")]
+    WorkerUnreachable { worker_id: String, message: String },
+    /// What the worker holding a workspace refused, passed on as it said it.
+    #[error("{}", .0.message())]
+    Worker(Status),
 }
 
 impl DriverError {
@@ -79,6 +91,10 @@ impl From<DriverError> for Status {
             | DriverError::ShuttingDown { .. } => Status::unavailable(message),
             DriverError::Store(crate::db::DbError::Corrupt(_)) => Status::data_loss(message),
             DriverError::Store(_) => Status::unavailable(message),
+            DriverError::TaskNotEnded { .. } => Status::failed_precondition(message),
+            DriverError::NoWorkspace(_) => Status::failed_precondition(message),
+            DriverError::WorkerUnreachable { .. } => Status::unavailable(message),
+            DriverError::Worker(status) => Status::new(status.code(), message),
         }
     }
 }

@@ -13,6 +13,7 @@ mod leader;
 mod listing;
 mod metrics;
 mod notify;
+mod results;
 mod service;
 mod sessions;
 mod store;

@@ -17,6 +17,7 @@ use crate::dispatch::Dispatcher;
 use crate::error::DriverError;
 use crate::journal::Reader;
 use crate::listing;
+use crate::results;
 use crate::sessions::{SessionEntry, SessionStore};
 use crate::store::{CancelAction, TaskEntry, TaskStore};
 use claudecluster_proto::validate;
@@ -94,6 +95,45 @@ impl DriverService {
             .await?
             .filter(|session| caller.may_see(&session.owner()))
             .ok_or_else(|| DriverError::SessionNotFound(session_id.to_owned()))
+    }
+
+    /// The worker holding the workspace a files request names by `task_id` or `session_id`
+    /// (exactly one), if `caller` may see it.
+    async fn workspace(
+        &self,
+        task_id: &str,
+        session_id: &str,
+        caller: &Caller,
+    ) -> Result<results::Located, DriverError> {
+        match (task_id.is_empty(), session_id.is_empty()) {
+            (false, true) => {
+                let entry = self.task(task_id, caller).await?;
+                results::of_task(&self.dispatcher, &entry).await
+            }
+            (true, false) => {
+                let session = self.session(session_id, caller).await?;
+                results::of_session(&self.dispatcher, &session).await
+            }
+            _ => Err(DriverError::invalid(
+                "task_id",
+                "name a task (`task_id`) or a session (`session_id`), one of them",
+            )),
+        }
+    }
+
+    /// Files requests read a session's workspace with the `sessions` scope, a task's with
+    /// `tasks:read`.
+    async fn files_caller<T>(
+        &self,
+        request: &Request<T>,
+        session_id: &str,
+    ) -> Result<Caller, DriverError> {
+        let scope = if session_id.is_empty() {
+            Scope::TasksRead
+        } else {
+            Scope::Sessions
+        };
+        self.auth.caller(request, scope).await
     }
 
     /// What followers read with: the store, and the driver's shutdown, which ends their
@@ -446,6 +486,134 @@ impl DriverApi for DriverService {
             queued_by_priority: queue.queued_by_priority,
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }))
+    }
+
+    async fn delete_task(
+        &self,
+        request: Request<DeleteTaskRequest>,
+    ) -> Result<Response<DeleteTaskResponse>, Status> {
+        let caller = self.auth.caller(&request, Scope::TasksWrite).await?;
+        let entry = self.task(&request.into_inner().task_id, &caller).await?;
+        let status = entry.status();
+        if !status.is_terminal() {
+            return Err(DriverError::TaskNotEnded {
+                task_id: entry.id.clone(),
+                status: status.label(),
+            }
+            .into());
+        }
+        let task = entry.public();
+        // The workspace goes first: a record deleted while its worker is away would leave its
+        // workspace to retention, which removes it later anyway.
+        let workspace_removed = match results::of_task(&self.dispatcher, &entry).await {
+            Ok(located) => {
+                let removing = located
+                    .worker
+                    .clone()
+                    .remove_workspace(RemoveWorkspaceRequest {
+                        workspace: Some(located.workspace.clone()),
+                    })
+                    .await;
+                match removing {
+                    Ok(answer) => answer.into_inner().found,
+                    Err(status) => {
+                        tracing::warn!(task = %entry.id, worker = %located.worker_id, error = %status.message(), "cannot remove the task's workspace; retention will");
+                        false
+                    }
+                }
+            }
+            Err(_) => false,
+        };
+        if !self.store.delete(&entry).await? {
+            return Err(DriverError::TaskNotFound(entry.id.clone()).into());
+        }
+        tracing::info!(task = %entry.id, workspace_removed, "task deleted");
+        self.auth.audit(&caller, "task.delete", &entry.id, "");
+        Ok(Response::new(DeleteTaskResponse {
+            task: Some(task),
+            workspace_removed,
+        }))
+    }
+
+    async fn list_task_files(
+        &self,
+        request: Request<ListTaskFilesRequest>,
+    ) -> Result<Response<ListTaskFilesResponse>, Status> {
+        let caller = self
+            .files_caller(&request, &request.get_ref().session_id)
+            .await?;
+        let query = request.into_inner();
+        let located = self
+            .workspace(&query.task_id, &query.session_id, &caller)
+            .await?;
+        let answer = located
+            .worker
+            .clone()
+            .list_workspace_files(ListWorkspaceFilesRequest {
+                workspace: Some(located.workspace.clone()),
+                query: Some(query),
+            })
+            .await
+            .map_err(|status| located.error(status))?;
+        Ok(Response::new(
+            answer.into_inner().answer.unwrap_or_default(),
+        ))
+    }
+
+    type DownloadTaskFilesStream =
+        Pin<Box<dyn Stream<Item = Result<DownloadTaskFilesResponse, Status>> + Send>>;
+
+    async fn download_task_files(
+        &self,
+        request: Request<DownloadTaskFilesRequest>,
+    ) -> Result<Response<Self::DownloadTaskFilesStream>, Status> {
+        let caller = self
+            .files_caller(&request, &request.get_ref().session_id)
+            .await?;
+        let query = request.into_inner();
+        let located = self
+            .workspace(&query.task_id, &query.session_id, &caller)
+            .await?;
+        let chunks = located
+            .worker
+            .clone()
+            .download_workspace(DownloadWorkspaceRequest {
+                workspace: Some(located.workspace.clone()),
+                query: Some(query),
+            })
+            .await
+            .map_err(|status| located.error(status))?
+            .into_inner();
+        let stream = chunks.map(move |chunk| match chunk {
+            Ok(chunk) => Ok(chunk.answer.unwrap_or_default()),
+            Err(status) => Err(Status::from(located.error(status))),
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_task_diff(
+        &self,
+        request: Request<GetTaskDiffRequest>,
+    ) -> Result<Response<GetTaskDiffResponse>, Status> {
+        let caller = self
+            .files_caller(&request, &request.get_ref().session_id)
+            .await?;
+        let query = request.into_inner();
+        let located = self
+            .workspace(&query.task_id, &query.session_id, &caller)
+            .await?;
+        let answer = located
+            .worker
+            .clone()
+            .get_workspace_diff(GetWorkspaceDiffRequest {
+                workspace: Some(located.workspace.clone()),
+                query: Some(query),
+            })
+            .await
+            .map_err(|status| located.error(status))?;
+        Ok(Response::new(
+            answer.into_inner().answer.unwrap_or_default(),
+        ))
     }
 
     async fn create_session(

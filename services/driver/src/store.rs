@@ -96,6 +96,12 @@ impl Record for TaskRecord {
                     task.metered_usage = change.metered_usage;
                     task.metered_cost_usd = change.metered_cost_usd;
                 }
+                if change.changes.is_some() {
+                    task.changes = change.changes.clone();
+                }
+                if change.branch.is_some() {
+                    task.branch = change.branch.clone();
+                }
                 if !change.worker_id.is_empty() {
                     task.worker_id = change.worker_id.clone();
                 }
@@ -630,6 +636,14 @@ impl TaskStore {
             }
             _ => Ok(None),
         }
+    }
+
+    /// Removes an ended task, its record and its events, once what it wrote is durable.
+    /// False when it was gone already.
+    pub async fn delete(&self, entry: &TaskEntry) -> Result<bool, DriverError> {
+        entry.durable().await?;
+        self.live.settle(&entry.id);
+        Ok(self.db.delete_subject(&entry.id).await?)
     }
 
     pub fn live_entry(&self, id: &str) -> Option<Arc<TaskEntry>> {

@@ -26,6 +26,9 @@ pub const MAX_LISTED_TEXT_BYTES: usize = 1024;
 /// answer keeps most of the room.
 pub const MAX_FILES_CHANGED_BYTES: usize = 16 * 1024;
 
+/// The most a task's diff takes within its result; `claudecluster tasks diff` shows it whole.
+pub const MAX_DIFF_BYTES: usize = 24 * 1024;
+
 /// The most an error message takes: a driver error or an argument the call got wrong can carry
 /// pages of text, and what the caller needs is its start.
 pub const MAX_ERROR_BYTES: usize = 8 * 1024;

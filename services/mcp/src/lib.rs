@@ -33,7 +33,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use bounds::{
-    MAX_ERROR_BYTES, MAX_FILES_CHANGED_BYTES, MAX_LISTED_TEXT_BYTES, MAX_RESULT_BYTES,
+    MAX_DIFF_BYTES, MAX_ERROR_BYTES, MAX_FILES_CHANGED_BYTES, MAX_LISTED_TEXT_BYTES,
+    MAX_RESULT_BYTES,
 };
 pub use params::*;
 use summary::{session_json, task_json, whole_task};
@@ -430,6 +431,21 @@ impl ClusterTools {
         }
         let mut value = task_json(&task);
         summary::add_files_changed(&mut value, files.files);
+        let request = GetTaskDiffRequest {
+            task_id: task.task_id.clone(),
+            ..GetTaskDiffRequest::default()
+        };
+        let diff = patiently(|| {
+            let mut driver = self.driver.clone();
+            let request = request.clone();
+            async move { driver.get_task_diff(request).await }
+        })
+        .await;
+        match diff {
+            Ok(answer) => summary::add_diff(&mut value, &answer.into_inner()),
+            // The task's result stands without its diff: its workspace may be gone.
+            Err(status) => value["diffError"] = json!(bounds::error_message(status.message())),
+        }
         if task.status() == TaskStatus::Completed {
             ok(value, &whole)
         } else {

@@ -58,6 +58,18 @@ pub fn task_json(task: &Task) -> Value {
         // The driver cut the task's long fields to fit its page.
         value["shortened"] = json!(true);
     }
+    if let Some(changes) = &task.changes {
+        value["changes"] = changes_json(changes);
+    }
+    if let Some(branch) = &task.branch {
+        value["branch"] = json!({
+            "name": branch.name,
+            "commit": branch.commit,
+            "pushed": branch.pushed,
+            "pullRequestUrl": branch.pull_request_url,
+            "error": without_credentials_in(&branch.error),
+        });
+    }
     if let Some(result) = &task.result {
         let usage = result.usage.unwrap_or_default();
         value["result"] = json!({
@@ -131,6 +143,36 @@ pub fn add_files_changed(value: &mut Value, files: Vec<String>) {
     }
     if omitted > 0 || any_shortened {
         value["shortened"] = json!(true);
+    }
+}
+
+fn changes_json(changes: &ChangeSummary) -> Value {
+    json!({
+        "baseCommit": changes.base_commit,
+        "filesChanged": changes.files_changed,
+        "filesAdded": changes.files_added,
+        "filesDeleted": changes.files_deleted,
+        "insertions": changes.insertions,
+        "deletions": changes.deletions,
+        "binaryFiles": changes.binary_files,
+    })
+}
+
+/// Adds a task's diff to its result, cut to [`MAX_DIFF_BYTES`](bounds::MAX_DIFF_BYTES), with
+/// its summary as of now.
+pub fn add_diff(value: &mut Value, answer: &GetTaskDiffResponse) {
+    let diff = bounds::shorten(&answer.diff, bounds::MAX_DIFF_BYTES);
+    let cut = answer.truncated || matches!(diff, std::borrow::Cow::Owned(_));
+    value["diff"] = json!(diff);
+    if cut {
+        value["diffShortened"] = json!(true);
+        value["wholeDiff"] = json!(format!(
+            "`claudecluster tasks diff {}` (GetTaskDiff) shows the diff; `claudecluster tasks download` fetches the files",
+            value["taskId"].as_str().unwrap_or_default()
+        ));
+    }
+    if let Some(summary) = &answer.summary {
+        value["changes"] = changes_json(summary);
     }
 }
 

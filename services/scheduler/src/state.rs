@@ -56,6 +56,9 @@ struct WorkerEntry {
     /// until they end, or the worker would be given more work than it has room for.
     stopping: HashSet<(String, u32)>,
     idle_warm_agents: u32,
+    /// What its workspaces hold, and the disk free for more, as last reported.
+    workspace_bytes: u64,
+    disk_free_bytes: u64,
     /// Gets no new work.
     draining: bool,
     /// Draining, and the worker says nothing runs on it any more.
@@ -113,6 +116,8 @@ impl WorkerEntry {
             draining: self.draining,
             drained: self.drained,
             admits: self.registration.admits.clone(),
+            workspace_bytes: self.workspace_bytes,
+            disk_free_bytes: self.disk_free_bytes,
         }
     }
 }
@@ -201,6 +206,8 @@ impl State {
                 placed,
                 stopping,
                 idle_warm_agents: 0,
+                workspace_bytes: 0,
+                disk_free_bytes: 0,
                 last_placed,
                 // A worker that registers afresh has been restarted or switched: it takes work.
                 draining: false,
@@ -236,6 +243,8 @@ impl State {
             .take(1024)
             .collect();
         worker.idle_warm_agents = beat.idle_warm_agents;
+        worker.workspace_bytes = beat.workspace_bytes;
+        worker.disk_free_bytes = beat.disk_free_bytes;
         worker.drained = worker.draining && beat.drained;
         let became_healthy = !was_healthy && worker.healthy();
         if became_healthy {

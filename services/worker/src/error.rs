@@ -47,6 +47,27 @@ pub enum WorkerError {
         worker_id: String,
         mode: &'static str,
     },
+    #[error(
+        "worker {worker_id} holds no workspace of {workspace}: it was removed (after `worker.workspaceRetention`, by a delete, or with its closed session), or its agent kept it in a pod of its own"
+    )]
+    WorkspaceNotHere {
+        worker_id: String,
+        workspace: String,
+    },
+    #[error("paths: no file or directory `{0}` in the workspace")]
+    NoSuchPath(String),
+    #[error(
+        "the files asked for hold {} in {files} files, more than the {} a download may carry (`max_bytes`, `worker.results.maxDownloadBytes`); name fewer paths",
+        claudecluster_proto::human_bytes(*bytes),
+        claudecluster_proto::human_bytes(*limit)
+    )]
+    DownloadTooLarge {
+        bytes: u64,
+        files: usize,
+        limit: u64,
+    },
+    #[error("{0}")]
+    Workspace(String),
 }
 
 impl From<claudecluster_proto::validate::Invalid> for WorkerError {
@@ -87,6 +108,11 @@ impl From<WorkerError> for Status {
             WorkerError::Unavailable { .. } | WorkerError::ShuttingDown(_) => {
                 Status::unavailable(message)
             }
+            WorkerError::WorkspaceNotHere { .. } | WorkerError::NoSuchPath(_) => {
+                Status::not_found(message)
+            }
+            WorkerError::DownloadTooLarge { .. } => Status::resource_exhausted(message),
+            WorkerError::Workspace(_) => Status::internal(message),
         }
     }
 }

@@ -6,7 +6,9 @@ mod events;
 pub mod execution;
 mod link;
 mod metrics;
+mod outbound;
 pub mod proxy;
+pub mod results;
 mod run_log;
 mod runs;
 mod runtime;
@@ -21,6 +23,7 @@ mod workspace;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use claudecluster_config::WorkerConfig;
 use claudecluster_proto::v1::worker_service_server::WorkerServiceServer;
@@ -102,6 +105,7 @@ pub async fn spawn(
         false => None,
     };
     let runtime = Arc::new(Runtime::new(worker_id.clone(), config, providers, proxy));
+    runtime.results().mark_orphans_ended();
     metrics::observe(Arc::downgrade(&runtime));
 
     let (routes, health) =
@@ -130,6 +134,7 @@ pub async fn spawn(
         })
     };
     let stop_link = CancellationToken::new();
+    tokio::spawn(keep_workspaces(runtime.clone(), stop_link.clone()));
     let link = tokio::spawn(link::run(
         runtime.clone(),
         health,
@@ -155,6 +160,26 @@ pub async fn spawn(
         link,
         server,
     })
+}
+
+/// Removes workspaces past their retention and counts what the rest hold, until `stop`.
+async fn keep_workspaces(runtime: Arc<Runtime>, stop: CancellationToken) {
+    let retention = runtime.config().workspace_retention.get();
+    // Often enough that a workspace outlives its retention by a quarter of it at most, and
+    // never less than a second or more than a minute apart.
+    let period = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if !retention.is_zero() {
+            runtime.results().sweep(retention).await;
+        }
+        runtime.results().measure().await;
+    }
 }
 
 /// Starts the worker's credential proxy with the credentials its configuration or environment

@@ -173,6 +173,8 @@ async fn session(
                     idle_warm_agents: runtime.idle_warm_agents(),
                     drained: runtime.is_drained(),
                     running,
+                    workspace_bytes: runtime.results().workspace_bytes(),
+                    disk_free_bytes: runtime.results().disk_free_bytes(),
                 };
                 if outbound.send(WorkerLinkRequest { message: Some(Message::Heartbeat(beat)) }).await.is_err() {
                     return Err("link closed".into());

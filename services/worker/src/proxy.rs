@@ -16,7 +16,9 @@ use bytes::Bytes;
 use claudecluster_config::ModelPrice;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::{Body, Frame, Incoming};
-use hyper::{Request, Response, StatusCode, Uri};
+use hyper::{Request, Response, StatusCode};
+
+use crate::outbound::Endpoint;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -35,40 +37,6 @@ impl std::fmt::Debug for Credential {
             Credential::ApiKey(_) => f.write_str("ApiKey(***)"),
             Credential::Bearer(_) => f.write_str("Bearer(***)"),
         }
-    }
-}
-
-/// Where requests go: `http` or `https`, host, port, and a path prefix.
-#[derive(Debug, Clone)]
-struct Upstream {
-    tls: bool,
-    host: String,
-    port: u16,
-    base_path: String,
-}
-
-impl Upstream {
-    fn parse(url: &str) -> Result<Upstream, String> {
-        let uri: Uri = url
-            .parse()
-            .map_err(|err| format!("`{url}` is not a URL: {err}"))?;
-        let tls = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => return Err(format!("`{url}` must start with http:// or https://")),
-        };
-        let host = uri
-            .host()
-            .ok_or_else(|| format!("`{url}` names no host"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        Ok(Upstream {
-            tls,
-            port: uri.port_u16().unwrap_or(if tls { 443 } else { 80 }),
-            host,
-            base_path: uri.path().trim_end_matches('/').to_owned(),
-        })
     }
 }
 
@@ -281,7 +249,7 @@ pub struct CredentialProxy {
     address: SocketAddr,
     /// The base URL agents get, as they reach the proxy.
     agent_url: String,
-    upstream: Upstream,
+    upstream: Endpoint,
     credentials: Mutex<Pool>,
     cool_down: Duration,
     prices: std::collections::BTreeMap<String, ModelPrice>,
@@ -316,16 +284,8 @@ impl CredentialProxy {
         let address = listener
             .local_addr()
             .map_err(|err| format!("the credential proxy has no address: {err}"))?;
-        let upstream = Upstream::parse(upstream)?;
-        let mut roots = tokio_rustls::rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        let tls_config = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
-            tokio_rustls::rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|err| format!("cannot set up TLS to the upstream: {err}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let upstream = Endpoint::parse(upstream)?;
+        let tls = crate::outbound::tls_connector().map_err(|err| format!("the upstream: {err}"))?;
         let proxy = Arc::new(CredentialProxy {
             address,
             agent_url: format!("http://{agent_host}:{}", address.port()),
@@ -344,7 +304,7 @@ impl CredentialProxy {
             prices,
             allowed_hosts,
             grants: Mutex::default(),
-            tls: tokio_rustls::TlsConnector::from(Arc::new(tls_config)),
+            tls,
             stop: CancellationToken::new(),
         });
         tokio::spawn(proxy.clone().serve(listener));
@@ -632,13 +592,7 @@ impl CredentialProxy {
                 request = request.header(name, value);
             }
         }
-        let host =
-            if (upstream.tls && upstream.port == 443) || (!upstream.tls && upstream.port == 80) {
-                upstream.host.clone()
-            } else {
-                format!("{}:{}", upstream.host, upstream.port)
-            };
-        request = request.header(hyper::header::HOST, host);
+        request = request.header(hyper::header::HOST, upstream.host_header());
         request = match credential {
             Some(Credential::ApiKey(key)) => request.header("x-api-key", key),
             Some(Credential::Bearer(token)) => {
@@ -649,27 +603,7 @@ impl CredentialProxy {
         let request = request
             .body(Full::new(body))
             .map_err(|err| format!("cannot build the upstream request: {err}"))?;
-        let stream = TcpStream::connect((upstream.host.as_str(), upstream.port))
-            .await
-            .map_err(|err| {
-                format!(
-                    "cannot connect to {}:{}: {err}",
-                    upstream.host, upstream.port
-                )
-            })?;
-        let _ = stream.set_nodelay(true);
-        if upstream.tls {
-            let name = rustls_pki_types::ServerName::try_from(upstream.host.clone())
-                .map_err(|err| format!("`{}` is not a server name: {err}", upstream.host))?;
-            let stream = self
-                .tls
-                .connect(name, stream)
-                .await
-                .map_err(|err| format!("TLS to {} failed: {err}", upstream.host))?;
-            send(hyper_util::rt::TokioIo::new(stream), request).await
-        } else {
-            send(hyper_util::rt::TokioIo::new(stream), request).await
-        }
+        crate::outbound::send(upstream, &self.tls, request).await
     }
 }
 
@@ -781,23 +715,6 @@ impl Scanner {
     }
 }
 
-/// Sends one request on a connection of its own.
-async fn send<T>(io: T, request: Request<Full<Bytes>>) -> Result<Response<Incoming>, String>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static,
-{
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|err| format!("the upstream did not speak HTTP: {err}"))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    sender
-        .send_request(request)
-        .await
-        .map_err(|err| format!("the upstream did not answer: {err}"))
-}
-
 /// An error as the Messages API words it, which the CLI reports.
 fn error_response(
     status: StatusCode,
@@ -819,21 +736,6 @@ fn error_response(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn upstream_urls_are_read_with_their_defaults() {
-        let anthropic = Upstream::parse("https://api.anthropic.com").unwrap();
-        assert!(anthropic.tls);
-        assert_eq!(
-            (anthropic.host.as_str(), anthropic.port),
-            ("api.anthropic.com", 443)
-        );
-        let local = Upstream::parse("http://127.0.0.1:8080/base/").unwrap();
-        assert!(!local.tls);
-        assert_eq!(local.port, 8080);
-        assert_eq!(local.base_path, "/base");
-        assert!(Upstream::parse("ftp://x").is_err());
-    }
 
     #[tokio::test]
     async fn credentials_are_used_in_turn_and_a_resting_one_is_passed_over() {

@@ -19,7 +19,8 @@ use claudecluster_agent_protocol::user_message_line;
 use claudecluster_config::{ExecutionModeSetting, WorkerConfig};
 use claudecluster_proto::v1::event::Kind;
 use claudecluster_proto::v1::{
-    Event, ExecutionMode, RunningWork, TaskNeeds, TaskSpec, TaskStatus, TokenUsage, WorkerAdmits,
+    BranchResult, ChangeSummary, Event, ExecutionMode, RunningWork, TaskNeeds, TaskSpec,
+    TaskStatus, TokenUsage, WorkerAdmits,
 };
 use claudecluster_proto::validate;
 use futures_util::Stream;
@@ -73,6 +74,8 @@ pub struct Runtime {
     /// Tasks and sessions at once: `maxConcurrentTasks`, or the default mode's pool size.
     capacity: AtomicU32,
     workspaces: Workspaces,
+    /// The work agents left in their workspaces.
+    results: Arc<crate::results::Results>,
     slots: Arc<Semaphore>,
     runs: Mutex<Runs>,
     /// How many runs hold a slot, for waiting until none does.
@@ -111,7 +114,13 @@ impl Runtime {
         {
             tracing::warn!(path = %runs_dir.display(), error = %err, "cannot clear old run logs");
         }
+        let results = Arc::new(crate::results::Results::new(
+            workspaces.root().to_path_buf(),
+            worker_id.clone(),
+            &config,
+        ));
         let runtime = Runtime {
+            results,
             worker_id,
             proxy,
             meters: Mutex::default(),
@@ -322,6 +331,24 @@ impl Runtime {
         self.providers().get(mode).cloned()
     }
 
+    pub fn results(&self) -> &Arc<crate::results::Results> {
+        &self.results
+    }
+
+    /// Why the worker cannot take work for lack of disk, if it cannot.
+    fn low_on_disk(&self) -> Option<String> {
+        let minimum = self.config.min_free_disk.0;
+        let free = self.results.disk_free_bytes();
+        (free < minimum).then(|| {
+            format!(
+                "low on disk: {} free where workspaces are made ({}), less than `worker.minFreeDisk` ({})",
+                claudecluster_proto::human_bytes(free),
+                self.results.root().display(),
+                claudecluster_proto::human_bytes(minimum)
+            )
+        })
+    }
+
     pub fn workspaces(&self) -> &Workspaces {
         &self.workspaces
     }
@@ -354,6 +381,12 @@ impl Runtime {
         self.refuse_if_shutting_down()?;
         // Not `health()`: work placed just before a mode switch began still runs.
         if let ProviderHealth::Unavailable(reason) = self.providers().health().await {
+            return Err(WorkerError::Unavailable {
+                worker_id: self.worker_id.clone(),
+                reason,
+            });
+        }
+        if let Some(reason) = self.low_on_disk() {
             return Err(WorkerError::Unavailable {
                 worker_id: self.worker_id.clone(),
                 reason,
@@ -482,6 +515,9 @@ impl Runtime {
         }
         if self.runs().switching {
             return ProviderHealth::Unavailable("switching execution mode".into());
+        }
+        if let Some(reason) = self.low_on_disk() {
+            return ProviderHealth::Unavailable(reason);
         }
         self.providers().health().await
     }
@@ -788,6 +824,12 @@ impl Runtime {
                 self.workspaces
                     .clone_into(&spec.repo_url, &warm.workspace)
                     .await?;
+            }
+            // Recorded while the worker still owns what it cloned.
+            self.results
+                .start_task(&execution.task_id, execution.attempt, &warm.workspace)
+                .await?;
+            if !spec.repo_url.is_empty() {
                 provider
                     .adopt_workspace(&warm.workspace)
                     .await
@@ -825,6 +867,13 @@ impl Runtime {
                 otel.name = "prepare the workspace"
             ))
             .await?;
+        // Where the agent clones its repository into a workspace of its own, the worker holds
+        // nothing of its work. Recorded while the worker still owns what it cloned.
+        if !clones_in_agent {
+            self.results
+                .start_task(&execution.task_id, execution.attempt, &workspace)
+                .await?;
+        }
         provider
             .adopt_workspace(&workspace)
             .await
@@ -1052,18 +1101,88 @@ impl Admission {
         } else {
             (outcome.status, outcome.reason)
         };
+        // What the agent changed, and its branch, are part of the run: the slot is held
+        // meanwhile.
+        let (changes, branch) = if given_back {
+            (None, None)
+        } else {
+            runtime.conclude(&execution, status).await
+        };
+        runtime
+            .results
+            .task_ended(&execution.task_id, execution.attempt);
         // The slot is free before the terminal event goes out: whoever reacts to it by sending
         // the next task must find room.
         drop(slot);
         let mut kind = events::status_change(status, reason, &runtime.worker_id);
-        if let (Kind::StatusChange(change), Some((usage, cost))) = (
-            &mut kind,
-            runtime.metered(&execution.task_id, execution.attempt),
-        ) {
-            change.metered_usage = Some(usage);
-            change.metered_cost_usd = cost;
+        if let Kind::StatusChange(change) = &mut kind {
+            if let Some((usage, cost)) = runtime.metered(&execution.task_id, execution.attempt) {
+                change.metered_usage = Some(usage);
+                change.metered_cost_usd = cost;
+            }
+            change.changes = changes;
+            change.branch = branch;
         }
         end.finish_with(events.event(kind));
+    }
+}
+
+impl Runtime {
+    /// What a task's agent changed, and, when the task asked for one and completed, the
+    /// branch (and pull request) of its changes.
+    async fn conclude(
+        &self,
+        execution: &Execution,
+        status: TaskStatus,
+    ) -> (Option<ChangeSummary>, Option<BranchResult>) {
+        let (task_id, attempt) = (&execution.task_id, execution.attempt);
+        let changes = self.results.summary_of_task(task_id, attempt).await;
+        let spec = &execution.spec;
+        let Some(asked) = spec
+            .result
+            .as_ref()
+            .filter(|result| !result.branch.is_empty())
+        else {
+            return (changes, None);
+        };
+        let name = crate::results::publish::branch_name(&asked.branch, task_id, attempt);
+        if status != TaskStatus::Completed {
+            let branch = BranchResult {
+                name,
+                error: format!(
+                    "the task did not complete ({}): nothing was pushed",
+                    status.label()
+                ),
+                ..BranchResult::default()
+            };
+            return (changes, Some(branch));
+        }
+        let publication = crate::results::publish::Publication {
+            task_id,
+            attempt,
+            prompt: &spec.prompt,
+            repo_url: &spec.repo_url,
+            result: asked,
+        };
+        let published = self
+            .results
+            .with_task(task_id, attempt, async |tracking| {
+                crate::results::publish::publish(
+                    tracking,
+                    &publication,
+                    changes.as_ref(),
+                    &self.config.publish,
+                    self.config.clone_timeout.get(),
+                )
+                .await
+            })
+            .await;
+        let branch = published.unwrap_or_else(|| BranchResult {
+            name,
+            error: "the worker holds no workspace of the task to push".into(),
+            ..BranchResult::default()
+        });
+        (changes, Some(branch))
     }
 }
 

@@ -188,6 +188,8 @@ impl WorkerApi for WorkerService {
                 draining: runtime.is_draining(),
                 drained: runtime.is_drained(),
                 admits: Some(runtime.admits()),
+                workspace_bytes: runtime.results().workspace_bytes(),
+                disk_free_bytes: runtime.results().disk_free_bytes(),
             }),
             running_task_ids,
             running,
@@ -202,6 +204,96 @@ impl WorkerApi for WorkerService {
     ) -> Result<Response<Self::RunSessionStream>, Status> {
         let events = self.hold_session(request.into_inner()).await?;
         Ok(Response::new(events))
+    }
+
+    async fn list_workspace_files(
+        &self,
+        request: Request<ListWorkspaceFilesRequest>,
+    ) -> Result<Response<ListWorkspaceFilesResponse>, Status> {
+        let request = request.into_inner();
+        let answer = self
+            .runtime
+            .results()
+            .list(
+                &request.workspace.unwrap_or_default(),
+                &request.query.unwrap_or_default(),
+            )
+            .await?;
+        Ok(Response::new(ListWorkspaceFilesResponse {
+            answer: Some(answer),
+        }))
+    }
+
+    type DownloadWorkspaceStream =
+        Pin<Box<dyn Stream<Item = Result<DownloadWorkspaceResponse, Status>> + Send>>;
+
+    async fn download_workspace(
+        &self,
+        request: Request<DownloadWorkspaceRequest>,
+    ) -> Result<Response<Self::DownloadWorkspaceStream>, Status> {
+        let request = request.into_inner();
+        let chunks = self
+            .runtime
+            .results()
+            .download(
+                &request.workspace.unwrap_or_default(),
+                &request.query.unwrap_or_default(),
+            )
+            .await?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(chunks).map(|chunk| {
+            chunk
+                .map(|answer| DownloadWorkspaceResponse {
+                    answer: Some(answer),
+                })
+                .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_workspace_diff(
+        &self,
+        request: Request<GetWorkspaceDiffRequest>,
+    ) -> Result<Response<GetWorkspaceDiffResponse>, Status> {
+        let request = request.into_inner();
+        let answer = self
+            .runtime
+            .results()
+            .diff(
+                &request.workspace.unwrap_or_default(),
+                &request.query.unwrap_or_default(),
+            )
+            .await?;
+        Ok(Response::new(GetWorkspaceDiffResponse {
+            answer: Some(answer),
+        }))
+    }
+
+    async fn remove_workspace(
+        &self,
+        request: Request<RemoveWorkspaceRequest>,
+    ) -> Result<Response<RemoveWorkspaceResponse>, Status> {
+        let workspace = request.into_inner().workspace.unwrap_or_default();
+        if !workspace.session_id.is_empty() {
+            return Err(WorkerError::InvalidArgument {
+                field: "workspace.session_id",
+                message: "a session's workspace is removed when the session is closed".into(),
+            }
+            .into());
+        }
+        if self
+            .runtime
+            .running_work()
+            .iter()
+            .any(|work| work.id == workspace.task_id && work.attempt == workspace.attempt.max(1))
+        {
+            return Err(WorkerError::AlreadyRunning(workspace.task_id).into());
+        }
+        let found = self
+            .runtime
+            .results()
+            .remove_task(&workspace.task_id, workspace.attempt)
+            .await?;
+        Ok(Response::new(RemoveWorkspaceResponse { found }))
     }
 
     async fn switch_execution_mode(

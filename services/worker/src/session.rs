@@ -515,6 +515,11 @@ impl Actor {
                 .clone_into(&self.spec.repo_url, &self.workspace)
                 .await?;
         }
+        // Recorded while the worker still owns what it cloned.
+        self.runtime
+            .results()
+            .start_session(&self.session_id, &self.workspace)
+            .await?;
         for dir in [&self.workspace, &self.config_dir] {
             self.provider
                 .adopt_workspace(dir)
