@@ -488,6 +488,41 @@ async fn a_push_that_fails_leaves_the_task_completed_with_the_reason_and_its_wor
         assert_eq!(forge.branch_commit("acme", repo, &name).await, None);
     }
     assert!(forge.pull_requests().is_empty());
+
+    // A forge that goes away between the clone and the push.
+    let (vanishing, vanishing_url) = forge_with_repository("vanishing").await;
+    let task = cluster
+        .submit(TaskSpec {
+            worker_selector: [("credential".to_owned(), "right".to_owned())].into(),
+            ..TaskSpec {
+                repo_url: vanishing_url,
+                result: branch(),
+                ..with_tools("BASH sleep 1 && echo late > late.txt && echo ok", &["Bash"])
+            }
+        })
+        .await;
+    cluster.wait_for_agent(&task.task_id).await;
+    drop(vanishing);
+    let (task, _) = cluster.finish(&task.task_id).await;
+    assert_eq!(
+        task.status(),
+        TaskStatus::Completed,
+        "{}",
+        task.status_reason
+    );
+    let branch = task.branch.unwrap();
+    assert!(!branch.pushed);
+    assert!(
+        branch.error.contains("unable to access"),
+        "{}",
+        branch.error
+    );
+    let listed = driver
+        .list_task_files(files_of(&task.task_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(change_of(&listed.files, "late.txt"), FileChange::Added);
 }
 
 #[tokio::test]
@@ -560,8 +595,25 @@ async fn workspaces_are_removed_after_their_retention_and_with_their_task() {
     );
 
     // Delete: a running task is refused; an ended one goes with its events and workspace.
-    let running = cluster.submit(on("week", "SLOW 200 100")).await;
-    cluster.wait_for_agent(&running.task_id).await;
+    let running = cluster
+        .submit(on("week", "BASH echo early > early.txt && sleep 30"))
+        .await;
+    // Its files are there to see while it runs.
+    let early = wait_for(Duration::from_secs(30), || {
+        let mut driver = driver.clone();
+        let task_id = running.task_id.clone();
+        async move {
+            let listed = driver.list_task_files(files_of(&task_id)).await.ok()?;
+            listed
+                .into_inner()
+                .files
+                .into_iter()
+                .find(|file| file.path == "early.txt")
+        }
+    })
+    .await
+    .expect("a running task's files are listed");
+    assert_eq!(early.change(), FileChange::Added);
     let refused = driver
         .delete_task(DeleteTaskRequest {
             task_id: running.task_id.clone(),

@@ -27,6 +27,14 @@ pub struct Tracking {
     workspace: PathBuf,
 }
 
+/// What changed in a workspace: the base it is compared with (a commit, or the empty tree),
+/// and each changed path.
+#[derive(Debug, Clone, Default)]
+pub struct Changes {
+    pub base: String,
+    pub paths: BTreeMap<String, Change>,
+}
+
 /// How a path differs from the base, as `git diff --name-status` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
@@ -171,8 +179,9 @@ impl Tracking {
             .unwrap_or_else(|| EMPTY_TREE.to_owned()))
     }
 
-    /// Every changed path (a deleted one too), by path.
-    pub async fn changes(&self) -> Result<BTreeMap<String, Change>, String> {
+    /// The workspace as it is now against its start: every changed path (a deleted one too),
+    /// by path. Brings the worker's index up to date.
+    pub async fn changes(&self) -> Result<Changes, String> {
         let base = self.refresh().await?;
         let output = run(
             self.git()
@@ -182,16 +191,16 @@ impl Tracking {
         )
         .await?;
         let mut fields = output.split(|byte| *byte == 0).filter(|f| !f.is_empty());
-        let mut changes = BTreeMap::new();
+        let mut paths = BTreeMap::new();
         while let (Some(status), Some(path)) = (fields.next(), fields.next()) {
             let change = match status.first() {
                 Some(b'A') => Change::Added,
                 Some(b'D') => Change::Deleted,
                 _ => Change::Modified,
             };
-            changes.insert(String::from_utf8_lossy(path).into_owned(), change);
+            paths.insert(String::from_utf8_lossy(path).into_owned(), change);
         }
-        Ok(changes)
+        Ok(Changes { base, paths })
     }
 
     /// The paths the worker's index holds: what the workspace's `.gitignore` does not ignore.
@@ -211,27 +220,28 @@ impl Tracking {
 
     /// Files, insertions and deletions changed since the base.
     pub async fn summary(&self) -> Result<ChangeSummary, String> {
-        let base = self.refresh().await?;
+        let changes = self.changes().await?;
+        self.summary_of(&changes).await
+    }
+
+    /// The summary of `changes`, just taken.
+    pub async fn summary_of(&self, changes: &Changes) -> Result<ChangeSummary, String> {
         let numstat = run(
             self.git()
                 .args(["diff", "--cached", "--numstat", "-z", "--no-renames"])
-                .arg(&base),
+                .arg(&changes.base),
             "count the changes",
         )
         .await?;
-        let status = run(
-            self.git()
-                .args(["diff", "--cached", "--name-status", "-z", "--no-renames"])
-                .arg(&base),
-            "list the changes",
-        )
-        .await?;
+        let count = |kind: Change| changes.paths.values().filter(|c| **c == kind).count() as u32;
         let mut summary = ChangeSummary {
-            base_commit: if base == EMPTY_TREE {
+            base_commit: if changes.base == EMPTY_TREE {
                 String::new()
             } else {
-                base
+                changes.base.clone()
             },
+            files_added: count(Change::Added),
+            files_deleted: count(Change::Deleted),
             ..ChangeSummary::default()
         };
         // `--numstat -z`: "added<TAB>deleted<TAB>path\0", with `-` for a binary file.
@@ -251,21 +261,19 @@ impl Tracking {
                 _ => summary.binary_files += 1,
             }
         }
-        let mut fields = status.split(|byte| *byte == 0).filter(|f| !f.is_empty());
-        while let (Some(code), Some(_path)) = (fields.next(), fields.next()) {
-            match code.first() {
-                Some(b'A') => summary.files_added += 1,
-                Some(b'D') => summary.files_deleted += 1,
-                _ => {}
-            }
-        }
         Ok(summary)
     }
 
     /// The unified diff of the changes under `paths` (all when empty), cut at `max_bytes`.
     /// Returns the diff and whether it was cut.
-    pub async fn diff(&self, paths: &[String], max_bytes: usize) -> Result<(String, bool), String> {
-        let base = self.refresh().await?;
+    /// Call after [`Tracking::changes`], which brings the index up to date.
+    pub async fn diff(
+        &self,
+        changes: &Changes,
+        paths: &[String],
+        max_bytes: usize,
+    ) -> Result<(String, bool), String> {
+        let base = &changes.base;
         let mut command = self.git();
         command
             .args([
@@ -276,7 +284,7 @@ impl Tracking {
                 "--no-ext-diff",
                 "--no-textconv",
             ])
-            .arg(&base)
+            .arg(base)
             .arg("--")
             .args(paths)
             .stdout(Stdio::piped())
@@ -322,7 +330,7 @@ impl Tracking {
         message: &str,
         author: (&str, &str),
     ) -> Result<Option<String>, String> {
-        if self.changes().await?.is_empty() {
+        if self.changes().await?.paths.is_empty() {
             return Ok(None);
         }
         let tree = run(self.git().arg("write-tree"), "write the tree").await?;
@@ -550,12 +558,12 @@ mod tests {
         assert_eq!(summary.binary_files, 1);
 
         let changes = tracking.changes().await.unwrap();
-        assert_eq!(changes["keep.txt"], Change::Modified);
-        assert_eq!(changes["gone.txt"], Change::Deleted);
-        assert_eq!(changes["new.bin"], Change::Added);
-        assert!(!changes.contains_key("noise.log"));
+        assert_eq!(changes.paths["keep.txt"], Change::Modified);
+        assert_eq!(changes.paths["gone.txt"], Change::Deleted);
+        assert_eq!(changes.paths["new.bin"], Change::Added);
+        assert!(!changes.paths.contains_key("noise.log"));
 
-        let (diff, truncated) = tracking.diff(&[], 1 << 20).await.unwrap();
+        let (diff, truncated) = tracking.diff(&changes, &[], 1 << 20).await.unwrap();
         assert!(!truncated);
         assert!(diff.contains("+B\n+c\n"), "{diff}");
         assert!(diff.contains("deleted file mode 100644"), "{diff}");
@@ -564,7 +572,7 @@ mod tests {
             "{diff}"
         );
 
-        let (cut, truncated) = tracking.diff(&[], 40).await.unwrap();
+        let (cut, truncated) = tracking.diff(&changes, &[], 40).await.unwrap();
         assert!(truncated);
         assert!(cut.len() <= 40 && cut.ends_with('\n'), "{cut:?}");
     }
@@ -581,8 +589,8 @@ mod tests {
         git_in(&workspace, &["config", "core.fsmonitor", &hook]).await;
         git_in(&workspace, &["config", "core.pager", &hook]).await;
         std::fs::write(workspace.join("a.txt"), "b\n").unwrap();
-        tracking.summary().await.unwrap();
-        tracking.diff(&[], 1 << 20).await.unwrap();
+        let changes = tracking.changes().await.unwrap();
+        tracking.diff(&changes, &[], 1 << 20).await.unwrap();
         tracking.commit("m", ("n", "e@x")).await.unwrap();
         assert!(!marker.exists(), "the workspace's git config ran");
     }
@@ -600,7 +608,8 @@ mod tests {
         let summary = tracking.summary().await.unwrap();
         assert_eq!(summary.base_commit, "");
         assert_eq!((summary.files_changed, summary.files_added), (2, 2));
-        let (diff, _) = tracking.diff(&[], 1 << 20).await.unwrap();
+        let changes = tracking.changes().await.unwrap();
+        let (diff, _) = tracking.diff(&changes, &[], 1 << 20).await.unwrap();
         // The link is recorded as a link: its target's content is not read.
         assert!(diff.contains("new file mode 120000"), "{diff}");
         assert!(!diff.contains("root:"), "{diff}");

@@ -189,8 +189,11 @@ impl Results {
         let (changes, indexed, summary) = {
             let changes = tracking.changes().await.map_err(WorkerError::Workspace)?;
             let indexed = tracking.indexed().await.map_err(WorkerError::Workspace)?;
-            let summary = tracking.summary().await.map_err(WorkerError::Workspace)?;
-            (changes, indexed, summary)
+            let summary = tracking
+                .summary_of(&changes)
+                .await
+                .map_err(WorkerError::Workspace)?;
+            (changes.paths, indexed, summary)
         };
         let entries = {
             let (workspace, paths, include_git) = (
@@ -344,11 +347,15 @@ impl Results {
         let paths = Self::checked_paths(&tracking, &query.paths)?;
         let lock = self.lock_for(&tracking);
         let _held = lock.lock().await;
+        let changes = tracking.changes().await.map_err(WorkerError::Workspace)?;
         let (diff, truncated) = tracking
-            .diff(&paths, self.max_diff_bytes)
+            .diff(&changes, &paths, self.max_diff_bytes)
             .await
             .map_err(WorkerError::Workspace)?;
-        let summary = tracking.summary().await.map_err(WorkerError::Workspace)?;
+        let summary = tracking
+            .summary_of(&changes)
+            .await
+            .map_err(WorkerError::Workspace)?;
         Ok(GetTaskDiffResponse {
             diff,
             summary: Some(summary),
