@@ -922,6 +922,28 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn a_deleted_task_leaves_no_record_and_no_events() {
+        let dir = tempfile::tempdir().unwrap();
+        for url in crate::test_support::store_urls(dir.path()).await {
+            let (store, _, _stop) = store_at(&url).await;
+            let (kept, _) = store.insert(spec("kept"), "").await.unwrap();
+            let (entry, _) = store.insert(spec("hi"), "").await.unwrap();
+            entry.cancel("done");
+            entry.durable().await.unwrap();
+            let stored = |id: String| {
+                let db = store.db().clone();
+                async move { db.events(&id, 0, i64::MAX as u64, 100).await.unwrap().0 }
+            };
+            assert!(!stored(entry.id.clone()).await.is_empty(), "{url}");
+            assert!(store.delete(&entry).await.unwrap());
+            assert!(store.get(&entry.id).await.unwrap().is_none(), "{url}");
+            assert!(stored(entry.id.clone()).await.is_empty(), "{url}");
+            assert!(!store.delete(&entry).await.unwrap(), "deleted once");
+            assert!(store.get(&kept.id).await.unwrap().is_some());
+        }
+    }
+
+    #[tokio::test]
     async fn events_of_an_earlier_attempt_are_dropped() {
         let dir = tempfile::tempdir().unwrap();
         for url in crate::test_support::store_urls(dir.path()).await {
