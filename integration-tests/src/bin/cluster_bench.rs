@@ -937,6 +937,154 @@ async fn driver_throughput(name: &str, driver_yaml: &str) {
 /// Failover of the driver: two drivers on one PostgreSQL, three tasks streaming to a client
 /// given both addresses, `kill -9` of the leader; the time until the standby serves, and the
 /// events the client did not get. The killed driver comes back as the next standby.
+/// Seconds `command` takes in `sh`, which must succeed.
+async fn shell_seconds(command: &str) -> f64 {
+    let started = Instant::now();
+    let status = tokio::process::Command::new("sh")
+        .args(["-c", command])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success(), "{command}");
+    started.elapsed().as_secs_f64()
+}
+
+/// Getting the work back: a 100 MB workspace downloaded through driver and worker against a
+/// local `tar` of the same files, and the diff of a 10,000-file repository against `git`
+/// run in the workspace itself.
+async fn results() {
+    const ROUNDS: usize = 5;
+    let origin = tempfile::tempdir().unwrap();
+    let setup = format!(
+        "cd {} && git init -q -b main && for d in $(seq 0 99); do mkdir d$d; for f in $(seq 0 99); do printf 'line one of %s/%s\\nline two\\n' $d $f > d$d/f$f.txt; done; done && git add -A && git -c user.name=b -c user.email=b@b commit -qm start",
+        origin.path().display()
+    );
+    shell_seconds(&setup).await;
+    let cluster = TestCluster::start(vec![WorkerSpec {
+        extra_yaml: "allowedRepoSchemes: [file]\n".into(),
+        ..WorkerSpec::default()
+    }])
+    .await;
+    let mut driver = cluster.driver().await;
+
+    // 100 files of 1 MB each, random so that nothing compresses them on the way.
+    let big = cluster
+        .submit(with_tools(
+            "BASH for i in $(seq 1 100); do head -c 1000000 /dev/urandom > f$i.bin; done && echo written",
+            &["Bash"],
+        ))
+        .await;
+    let (big, _) = cluster.finish(&big.task_id).await;
+    assert_eq!(big.status(), TaskStatus::Completed, "{}", big.status_reason);
+    let (mut through, mut local) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let started = Instant::now();
+        let mut stream = driver
+            .download_task_files(DownloadTaskFilesRequest {
+                task_id: big.task_id.clone(),
+                ..DownloadTaskFilesRequest::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut bytes = 0;
+        while let Some(chunk) = stream.message().await.unwrap() {
+            bytes += chunk.chunk.len();
+        }
+        through.push(started.elapsed().as_secs_f64());
+        assert!(bytes > 100_000_000, "{bytes}");
+        local.push(
+            shell_seconds(&format!(
+                "tar -cf - -C {} . | wc -c > /dev/null",
+                big.workspace
+            ))
+            .await,
+        );
+    }
+    let (through, local) = (median(&mut through), median(&mut local));
+    println!(
+        "| download of a 100 MB workspace (100 files) through driver and worker, median of {ROUNDS} | local `tar` of the same files: {:.0} ms | {:.0} ms ({:.0} MB/s), ratio {:.1} |",
+        local * 1000.0,
+        through * 1000.0,
+        100.0 / through,
+        through / local
+    );
+
+    // Ten files changed and one added in a repository of 10,000.
+    let repo = cluster
+        .submit(TaskSpec {
+            repo_url: format!("file://{}", origin.path().display()),
+            ..with_tools(
+                "BASH for d in $(seq 0 9); do echo changed >> d$d/f0.txt; done && echo new > added.txt && echo ok",
+                &["Bash"],
+            )
+        })
+        .await;
+    let (repo, _) = cluster.finish(&repo.task_id).await;
+    assert_eq!(
+        repo.status(),
+        TaskStatus::Completed,
+        "{}",
+        repo.status_reason
+    );
+    assert_eq!(repo.changes.as_ref().unwrap().files_changed, 11);
+    let (mut diffs, mut lists, mut plain) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let started = Instant::now();
+        let diff = driver
+            .get_task_diff(GetTaskDiffRequest {
+                task_id: repo.task_id.clone(),
+                ..GetTaskDiffRequest::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        diffs.push(started.elapsed().as_secs_f64());
+        assert_eq!(diff.summary.unwrap().files_changed, 11);
+        let started = Instant::now();
+        let mut page_token = String::new();
+        loop {
+            let page = driver
+                .list_task_files(ListTaskFilesRequest {
+                    task_id: repo.task_id.clone(),
+                    page_size: 10_000,
+                    page_token,
+                    ..ListTaskFilesRequest::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        lists.push(started.elapsed().as_secs_f64());
+        plain.push(
+            shell_seconds(&format!(
+                "cd {} && git status --porcelain > /dev/null && git diff HEAD > /dev/null",
+                repo.workspace
+            ))
+            .await,
+        );
+    }
+    let plain = median(&mut plain);
+    let diff = median(&mut diffs);
+    let list = median(&mut lists);
+    println!(
+        "| `GetTaskDiff` of 11 changed files in a 10,000-file repository, median of {ROUNDS} | `git status` + `git diff HEAD` in the workspace: {:.0} ms | {:.0} ms, ratio {:.1} |",
+        plain * 1000.0,
+        diff * 1000.0,
+        diff / plain
+    );
+    println!(
+        "| `ListTaskFiles` of the same 10,001 files, median of {ROUNDS} | the same git commands: {:.0} ms | {:.0} ms, ratio {:.1} |",
+        plain * 1000.0,
+        list * 1000.0,
+        list / plain
+    );
+}
+
 async fn failover() {
     const ROUNDS: usize = 5;
     let postgres = claudecluster_integration_tests::postgres::TestPostgres::start();
@@ -1165,6 +1313,9 @@ async fn main() {
     }
     if wants("failover") {
         failover().await;
+    }
+    if wants("results") {
+        results().await;
     }
     if wants("scheduler") {
         placement_at_scale();
