@@ -830,6 +830,22 @@ pub async fn collect_events(driver: &mut Driver, task_id: &str, after: u64) -> V
     events
 }
 
+/// Runs `claudecluster ARGS` against the driver at `driver`: whether it succeeded, its
+/// stdout and its stderr.
+pub async fn cli(driver: &str, args: &[&str]) -> (bool, String, String) {
+    let output = tokio::process::Command::new(claudecluster_bin())
+        .args(args)
+        .env("CLAUDECLUSTER_DRIVER", driver)
+        .output()
+        .await
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 /// A task spec that is just `text` as the prompt.
 pub fn prompt(text: &str) -> TaskSpec {
     TaskSpec {

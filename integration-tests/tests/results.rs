@@ -741,20 +741,6 @@ async fn a_worker_low_on_disk_takes_no_work_and_says_why() {
     cluster.assert_unharmed().await;
 }
 
-async fn cli(driver: &str, args: &[&str]) -> (bool, String, String) {
-    let output = tokio::process::Command::new(claudecluster_bin())
-        .args(args)
-        .env("CLAUDECLUSTER_DRIVER", driver)
-        .output()
-        .await
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 #[tokio::test]
 async fn the_files_commands_of_the_cli() {
     let cluster = TestCluster::start(vec![WorkerSpec::default()]).await;

@@ -503,20 +503,6 @@ async fn sessions_of_a_worker_that_disappears_are_lost_and_nothing_hangs() {
     }
 }
 
-async fn cli(driver: &str, args: &[&str]) -> (bool, String, String) {
-    let output = tokio::process::Command::new(claudecluster_bin())
-        .args(args)
-        .env("CLAUDECLUSTER_DRIVER", driver)
-        .output()
-        .await
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 #[tokio::test]
 async fn the_session_commands_of_the_cli() {
     let cluster = TestCluster::start(vec![container_worker()]).await;

@@ -3,13 +3,38 @@
 
 use claudecluster_grpc::ClusterChannel as Channel;
 use claudecluster_proto::v1::worker_service_client::WorkerServiceClient;
-use claudecluster_proto::v1::{ListWorkersRequest, WorkspaceRef};
+use claudecluster_proto::v1::{
+    DownloadTaskFilesRequest, GetTaskDiffRequest, ListTaskFilesRequest, ListWorkersRequest,
+    WorkspaceRef,
+};
 use tonic::Code;
 
 use crate::dispatch::Dispatcher;
 use crate::error::DriverError;
 use crate::sessions::SessionEntry;
 use crate::store::TaskEntry;
+
+/// A request naming a workspace: a task's or a session's.
+pub trait WorkspaceQuery {
+    /// The task's id and the session's, one of them empty.
+    fn whose(&self) -> (&str, &str);
+}
+
+macro_rules! workspace_query {
+    ($($request:ty),*) => {$(
+        impl WorkspaceQuery for $request {
+            fn whose(&self) -> (&str, &str) {
+                (&self.task_id, &self.session_id)
+            }
+        }
+    )*};
+}
+
+workspace_query!(
+    ListTaskFilesRequest,
+    DownloadTaskFilesRequest,
+    GetTaskDiffRequest
+);
 
 /// A workspace and the worker holding it.
 pub struct Located {

@@ -98,42 +98,36 @@ impl DriverService {
     }
 
     /// The worker holding the workspace a files request names by `task_id` or `session_id`
-    /// (exactly one), if `caller` may see it.
-    async fn workspace(
+    /// (exactly one), if the caller may see it, and the request. A session's workspace is read
+    /// with the `sessions` scope, a task's with `tasks:read`.
+    async fn located<T: results::WorkspaceQuery>(
         &self,
-        task_id: &str,
-        session_id: &str,
-        caller: &Caller,
-    ) -> Result<results::Located, DriverError> {
-        match (task_id.is_empty(), session_id.is_empty()) {
-            (false, true) => {
-                let entry = self.task(task_id, caller).await?;
-                results::of_task(&self.dispatcher, &entry).await
-            }
-            (true, false) => {
-                let session = self.session(session_id, caller).await?;
-                results::of_session(&self.dispatcher, &session).await
-            }
-            _ => Err(DriverError::invalid(
-                "task_id",
-                "name a task (`task_id`) or a session (`session_id`), one of them",
-            )),
-        }
-    }
-
-    /// Files requests read a session's workspace with the `sessions` scope, a task's with
-    /// `tasks:read`.
-    async fn files_caller<T>(
-        &self,
-        request: &Request<T>,
-        session_id: &str,
-    ) -> Result<Caller, DriverError> {
+        request: Request<T>,
+    ) -> Result<(results::Located, T), DriverError> {
+        let (task_id, session_id) = request.get_ref().whose();
         let scope = if session_id.is_empty() {
             Scope::TasksRead
         } else {
             Scope::Sessions
         };
-        self.auth.caller(request, scope).await
+        let caller = self.auth.caller(&request, scope).await?;
+        let located = match (task_id.is_empty(), session_id.is_empty()) {
+            (false, true) => {
+                let entry = self.task(task_id, &caller).await?;
+                results::of_task(&self.dispatcher, &entry).await?
+            }
+            (true, false) => {
+                let session = self.session(session_id, &caller).await?;
+                results::of_session(&self.dispatcher, &session).await?
+            }
+            _ => {
+                return Err(DriverError::invalid(
+                    "task_id",
+                    "name a task (`task_id`) or a session (`session_id`), one of them",
+                ));
+            }
+        };
+        Ok((located, request.into_inner()))
     }
 
     /// What followers read with: the store, and the driver's shutdown, which ends their
@@ -539,13 +533,7 @@ impl DriverApi for DriverService {
         &self,
         request: Request<ListTaskFilesRequest>,
     ) -> Result<Response<ListTaskFilesResponse>, Status> {
-        let caller = self
-            .files_caller(&request, &request.get_ref().session_id)
-            .await?;
-        let query = request.into_inner();
-        let located = self
-            .workspace(&query.task_id, &query.session_id, &caller)
-            .await?;
+        let (located, query) = self.located(request).await?;
         let answer = located
             .worker
             .clone()
@@ -567,13 +555,7 @@ impl DriverApi for DriverService {
         &self,
         request: Request<DownloadTaskFilesRequest>,
     ) -> Result<Response<Self::DownloadTaskFilesStream>, Status> {
-        let caller = self
-            .files_caller(&request, &request.get_ref().session_id)
-            .await?;
-        let query = request.into_inner();
-        let located = self
-            .workspace(&query.task_id, &query.session_id, &caller)
-            .await?;
+        let (located, query) = self.located(request).await?;
         let chunks = located
             .worker
             .clone()
@@ -595,13 +577,7 @@ impl DriverApi for DriverService {
         &self,
         request: Request<GetTaskDiffRequest>,
     ) -> Result<Response<GetTaskDiffResponse>, Status> {
-        let caller = self
-            .files_caller(&request, &request.get_ref().session_id)
-            .await?;
-        let query = request.into_inner();
-        let located = self
-            .workspace(&query.task_id, &query.session_id, &caller)
-            .await?;
+        let (located, query) = self.located(request).await?;
         let answer = located
             .worker
             .clone()

@@ -7,7 +7,7 @@
 //! directory of its own; every later diff and commit runs with that copy as `GIT_DIR`, the
 //! worker's own index, no user or system config, and the workspace only as the work tree.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -205,7 +205,7 @@ impl Tracking {
 
     /// The paths the worker's index holds: what the workspace's `.gitignore` does not ignore.
     /// Call after [`Tracking::changes`], which brings the index up to date.
-    pub async fn indexed(&self) -> Result<std::collections::HashSet<String>, String> {
+    pub async fn indexed(&self) -> Result<HashSet<String>, String> {
         let output = run(
             self.git().args(["ls-files", "-z"]),
             "list the indexed files",
@@ -216,6 +216,49 @@ impl Tracking {
             .filter(|path| !path.is_empty())
             .map(|path| String::from_utf8_lossy(path).into_owned())
             .collect())
+    }
+
+    /// Which of `paths` the workspace's `.gitignore` files ignore.
+    pub async fn ignored(&self, paths: &[&str]) -> Result<HashSet<String>, String> {
+        if paths.is_empty() {
+            return Ok(HashSet::new());
+        }
+        use tokio::io::AsyncWriteExt;
+        let mut child = self
+            .git()
+            .args(["check-ignore", "-z", "--stdin"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|err| format!("cannot run git: {err}"))?;
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        let input: Vec<u8> = paths
+            .iter()
+            .flat_map(|path| path.bytes().chain(std::iter::once(0)))
+            .collect();
+        // Written while git answers, so that neither waits for the other.
+        let writing = async move {
+            let written = stdin.write_all(&input).await;
+            drop(stdin);
+            written
+        };
+        let (written, output) = tokio::join!(writing, child.wait_with_output());
+        let output = output.map_err(|err| format!("cannot run git: {err}"))?;
+        written.map_err(|err| format!("cannot ask git what is ignored: {err}"))?;
+        // 0: some are ignored; 1: none is.
+        match output.status.code() {
+            Some(0) | Some(1) => Ok(output
+                .stdout
+                .split(|byte| *byte == 0)
+                .filter(|path| !path.is_empty())
+                .map(|path| String::from_utf8_lossy(path).into_owned())
+                .collect()),
+            _ => Err(format!(
+                "cannot ask git what is ignored: {}",
+                first_line(&output.stderr)
+            )),
+        }
     }
 
     /// Files, insertions and deletions changed since the base.

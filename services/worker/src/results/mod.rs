@@ -186,15 +186,8 @@ impl Results {
         let after = decode_token(&query.page_token)?;
         let lock = self.lock_for(&tracking);
         let _held = lock.lock().await;
-        let (changes, indexed, summary) = {
-            let changes = tracking.changes().await.map_err(WorkerError::Workspace)?;
-            let indexed = tracking.indexed().await.map_err(WorkerError::Workspace)?;
-            let summary = tracking
-                .summary_of(&changes)
-                .await
-                .map_err(WorkerError::Workspace)?;
-            (changes.paths, indexed, summary)
-        };
+        // The walk comes first: a file made after it and before git looks is simply not
+        // listed, rather than taken for an ignored one.
         let entries = {
             let (workspace, paths, include_git) = (
                 tracking.workspace().to_path_buf(),
@@ -208,6 +201,23 @@ impl Results {
                     WorkerError::Workspace(format!("cannot read the workspace: {err}"))
                 })?
         };
+        let changes = tracking.changes().await.map_err(WorkerError::Workspace)?;
+        let indexed = tracking.indexed().await.map_err(WorkerError::Workspace)?;
+        let summary = tracking
+            .summary_of(&changes)
+            .await
+            .map_err(WorkerError::Workspace)?;
+        let changes = changes.paths;
+        // What git did not take is ignored, or went away since the walk.
+        let untaken: Vec<&str> = entries
+            .iter()
+            .map(|entry| entry.path.as_str())
+            .filter(|path| !indexed.contains(*path) && !changes.contains_key(*path))
+            .collect();
+        let ignored = tracking
+            .ignored(&untaken)
+            .await
+            .map_err(WorkerError::Workspace)?;
         let under = |path: &str| {
             paths.is_empty()
                 || paths.iter().any(|start| {
@@ -216,20 +226,24 @@ impl Results {
         };
         let mut listed: Vec<WorkspaceFile> = entries
             .into_iter()
-            .map(|entry| {
+            .filter_map(|entry| {
                 let change = match changes.get(&entry.path) {
                     Some(Change::Added) => FileChange::Added,
-                    Some(_) => FileChange::Modified,
+                    Some(Change::Modified) => FileChange::Modified,
+                    // Gone since the walk: listed below as deleted.
+                    Some(Change::Deleted) => return None,
                     None if indexed.contains(&entry.path) => FileChange::Unchanged,
-                    None => FileChange::Ignored,
+                    None if ignored.contains(&entry.path) => FileChange::Ignored,
+                    // Went away since the walk.
+                    None => return None,
                 };
-                WorkspaceFile {
+                Some(WorkspaceFile {
                     path: entry.path,
                     size: entry.size,
                     mode: entry.mode,
                     change: change as i32,
                     link_target: entry.link_target.unwrap_or_default(),
-                }
+                })
             })
             .collect();
         listed.extend(
@@ -365,24 +379,18 @@ impl Results {
 
     /// What a task attempt's agent changed, for its record once it ended.
     pub async fn summary_of_task(&self, task_id: &str, attempt: u32) -> Option<ChangeSummary> {
-        let reference = WorkspaceRef {
-            task_id: task_id.to_owned(),
-            attempt,
-            ..WorkspaceRef::default()
-        };
-        let tracking = self.find(&reference).ok()?;
-        let lock = self.lock_for(&tracking);
-        let _held = lock.lock().await;
-        match tracking.summary().await {
-            Ok(summary) => Some(summary),
-            Err(err) => {
+        let summary = self
+            .with_task(task_id, attempt, async |tracking| tracking.summary().await)
+            .await?;
+        summary
+            .inspect_err(|err| {
                 tracing::warn!(task = %task_id, attempt, error = %err, "cannot summarise the task's changes");
-                None
-            }
-        }
+            })
+            .ok()
     }
 
-    /// The tracking of a task attempt's workspace, locked for git, for publishing it.
+    /// Runs `work` on the tracking of a task attempt's workspace, holding its lock; `None`
+    /// when the worker holds no such workspace.
     pub(crate) async fn with_task<T>(
         &self,
         task_id: &str,
@@ -563,6 +571,91 @@ impl std::io::Write for ChunkWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn task(id: &str) -> WorkspaceRef {
+        WorkspaceRef {
+            task_id: id.into(),
+            attempt: 1,
+            ..WorkspaceRef::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn listings_tell_added_ignored_and_deleted_files_apart_page_by_page() {
+        let root = tempfile::tempdir().unwrap();
+        let results = Results::new(root.path().into(), "w1".into(), &WorkerConfig::default());
+        let workspace = root.path().join("t1");
+        std::fs::create_dir_all(&workspace).unwrap();
+        results.start_task("t1", 1, &workspace).await.unwrap();
+        std::fs::write(workspace.join(".gitignore"), "*.log\n").unwrap();
+        std::fs::write(workspace.join("a.txt"), "a\n").unwrap();
+        std::fs::write(workspace.join("b.log"), "noise\n").unwrap();
+
+        let mut seen = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let query = ListTaskFilesRequest {
+                page_size: 1,
+                page_token,
+                ..ListTaskFilesRequest::default()
+            };
+            let page = results.list(&task("t1"), &query).await.unwrap();
+            assert!(page.files.len() <= 1);
+            seen.extend(page.files.iter().map(|f| (f.path.clone(), f.change())));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        assert_eq!(
+            seen,
+            [
+                (".gitignore".to_owned(), FileChange::Added),
+                ("a.txt".to_owned(), FileChange::Added),
+                ("b.log".to_owned(), FileChange::Ignored),
+            ]
+        );
+
+        let missing = ListTaskFilesRequest {
+            paths: vec!["nowhere".into()],
+            ..ListTaskFilesRequest::default()
+        };
+        let refused = results.list(&task("t1"), &missing).await.unwrap_err();
+        assert!(matches!(refused, WorkerError::NoSuchPath(ref path) if path == "nowhere"));
+        let unknown = results.list(&task("t2"), &missing).await.unwrap_err();
+        assert!(matches!(unknown, WorkerError::WorkspaceNotHere { .. }));
+
+        assert!(results.remove_task("t1", 1).await.unwrap());
+        assert!(!workspace.exists());
+        assert!(!results.remove_task("t1", 1).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_sweep_removes_only_what_ended_longer_ago_than_the_retention() {
+        let root = tempfile::tempdir().unwrap();
+        let results = Results::new(root.path().into(), "w1".into(), &WorkerConfig::default());
+        for id in ["ended", "running"] {
+            let workspace = root.path().join(id);
+            std::fs::create_dir_all(&workspace).unwrap();
+            results.start_task(id, 1, &workspace).await.unwrap();
+        }
+        results.task_ended("ended", 1);
+        results.sweep(Duration::from_secs(3600)).await;
+        assert!(
+            root.path().join("ended").exists(),
+            "its retention has not passed"
+        );
+        results.sweep(Duration::ZERO).await;
+        assert!(!root.path().join("ended").exists());
+        assert!(
+            root.path().join("running").exists(),
+            "a running task's is kept"
+        );
+        // What a worker that died left unended counts as ended from its restart.
+        results.mark_orphans_ended();
+        results.sweep(Duration::ZERO).await;
+        assert!(!root.path().join("running").exists());
+    }
 
     #[test]
     fn page_tokens_round_trip_and_foreign_ones_are_refused() {
