@@ -235,6 +235,28 @@ enum Call {
     WorkerStatus,
     RunSession(String, SessionSpec, bool, u64, Vec<(u32, String)>),
     SwitchExecutionMode(i32),
+    ListTaskFiles(String, String, Vec<String>, bool, u32, String),
+    DownloadTaskFiles(String, String, Vec<String>, bool, u64),
+    GetTaskDiff(String, String, Vec<String>),
+    DeleteTask(String),
+    WorkspaceFiles(WorkspaceRef, Vec<String>, u64),
+}
+
+/// Mostly nothing: a files call names a task or a session, and both is refused.
+fn empty_or_text() -> impl Strategy<Value = String> {
+    prop_oneof![3 => Just(String::new()), 1 => text()]
+}
+
+/// Paths in a workspace, good and bad: plain, `..`, absolute, empty, odd bytes.
+fn paths() -> impl Strategy<Value = Vec<String>> {
+    let path = prop_oneof![
+        2 => "[a-z]{1,8}(/[a-z.]{1,8}){0,3}",
+        1 => Just("../../etc/passwd".to_owned()),
+        1 => Just("/etc/passwd".to_owned()),
+        1 => Just(String::new()),
+        1 => text(),
+    ];
+    prop::collection::vec(path, 0..4)
 }
 
 fn session_spec() -> impl Strategy<Value = SessionSpec> {
@@ -250,7 +272,9 @@ fn session_spec() -> impl Strategy<Value = SessionSpec> {
     )
 }
 
-fn call() -> impl Strategy<Value = Call> {
+/// A request to any RPC; the files calls name `known`, a task that ran, half of the time.
+fn call(known: String) -> impl Strategy<Value = Call> {
+    let task = move || prop_oneof![Just(known.clone()), text()];
     let heartbeat = (any::<u32>(), any::<bool>(), short_text(), any::<bool>()).prop_map(
         |(running_tasks, healthy, health_reason, drained)| WorkerHeartbeat {
             running_tasks,
@@ -321,6 +345,15 @@ fn call() -> impl Strategy<Value = Call> {
             .prop_map(|(id, spec, attach, after, turns)| Call::RunSession(id, spec, attach, after, turns)),
         // Only modes the worker cannot switch to: a switch would change the cluster under test.
         1 => prop_oneof![Just(0), 3i32..1000, i32::MIN..0].prop_map(Call::SwitchExecutionMode),
+        2 => (task(), empty_or_text(), paths(), any::<bool>(), any::<u32>(), short_text())
+            .prop_map(|(t, s, p, g, n, token)| Call::ListTaskFiles(t, s, p, g, n, token)),
+        2 => (task(), empty_or_text(), paths(), any::<bool>(), big())
+            .prop_map(|(t, s, p, g, max)| Call::DownloadTaskFiles(t, s, p, g, max)),
+        2 => (task(), empty_or_text(), paths()).prop_map(|(t, s, p)| Call::GetTaskDiff(t, s, p)),
+        1 => text().prop_map(Call::DeleteTask),
+        1 => (task(), 0u32..3, empty_or_text(), paths(), big()).prop_map(|(task_id, attempt, session_id, p, max)| {
+            Call::WorkspaceFiles(WorkspaceRef { task_id, attempt, session_id }, p, max)
+        }),
     ]
 }
 
@@ -538,6 +571,81 @@ async fn send(clients: &mut Clients, call: Call) -> Result<(), tonic::Status> {
                 .switch_execution_mode(SwitchExecutionModeRequest { execution_mode })
                 .await?;
         }
+        Call::ListTaskFiles(task_id, session_id, paths, include_git, page_size, page_token) => {
+            driver
+                .list_task_files(ListTaskFilesRequest {
+                    task_id,
+                    session_id,
+                    paths,
+                    include_git,
+                    page_size,
+                    page_token,
+                })
+                .await?;
+        }
+        Call::DownloadTaskFiles(task_id, session_id, paths, include_git, max_bytes) => {
+            let mut stream = driver
+                .download_task_files(DownloadTaskFilesRequest {
+                    task_id,
+                    session_id,
+                    paths,
+                    include_git,
+                    max_bytes,
+                })
+                .await?
+                .into_inner();
+            sample(&mut stream).await?;
+        }
+        Call::GetTaskDiff(task_id, session_id, paths) => {
+            driver
+                .get_task_diff(GetTaskDiffRequest {
+                    task_id,
+                    session_id,
+                    paths,
+                })
+                .await?;
+        }
+        Call::DeleteTask(task_id) => {
+            driver.delete_task(DeleteTaskRequest { task_id }).await?;
+        }
+        Call::WorkspaceFiles(workspace, paths, max_bytes) => {
+            let result = worker
+                .list_workspace_files(ListWorkspaceFilesRequest {
+                    workspace: Some(workspace.clone()),
+                    query: Some(ListTaskFilesRequest {
+                        paths: paths.clone(),
+                        ..Default::default()
+                    }),
+                })
+                .await;
+            result?;
+            worker
+                .get_workspace_diff(GetWorkspaceDiffRequest {
+                    workspace: Some(workspace.clone()),
+                    query: Some(GetTaskDiffRequest {
+                        paths: paths.clone(),
+                        ..Default::default()
+                    }),
+                })
+                .await?;
+            let mut stream = worker
+                .download_workspace(DownloadWorkspaceRequest {
+                    workspace: Some(workspace.clone()),
+                    query: Some(DownloadTaskFilesRequest {
+                        paths,
+                        max_bytes,
+                        ..Default::default()
+                    }),
+                })
+                .await?
+                .into_inner();
+            sample(&mut stream).await?;
+            worker
+                .remove_workspace(RemoveWorkspaceRequest {
+                    workspace: Some(workspace),
+                })
+                .await?;
+        }
     }
     Ok(())
 }
@@ -562,39 +670,66 @@ fn generated_requests_to_every_rpc_get_proper_statuses_and_hurt_nothing() {
         worker: cluster.worker_client(0),
     };
 
+    // A task that ran, whose workspace the files calls read.
+    let known = runtime.block_on(async {
+        let task = cluster
+            .submit(prompt("a task to read the workspace of"))
+            .await;
+        cluster.finish(&task.task_id).await.0.task_id
+    });
     let cases = claudecluster_fuzzing::cases(300);
     let mut runner = TestRunner::new(claudecluster_fuzzing::config(cases));
     let started = Instant::now();
-    let codes: std::cell::RefCell<HashMap<String, u32>> = Default::default();
-    let outcome = runner.run(&call(), |call| {
-        let shown: String = format!("{call:?}").chars().take(300).collect();
-        let reply = runtime.block_on(async {
-            tokio::time::timeout(Duration::from_secs(30), send(&mut clients.clone(), call))
-                .await
-                .map_err(|_| tonic::Status::deadline_exceeded("no answer within 30 s"))?
-        });
-        if let Err(status) = &reply {
-            *codes
-                .borrow_mut()
-                .entry(format!("{:?}", status.code()))
-                .or_default() += 1;
-            prop_assert!(
-                proper(status),
-                "{shown} got {:?}: {}",
-                status.code(),
-                status.message().chars().take(300).collect::<String>()
-            );
-        } else {
-            *codes.borrow_mut().entry("Ok".into()).or_default() += 1;
-        }
-        Ok(())
+    let codes: std::sync::Mutex<HashMap<String, u32>> = Default::default();
+    // Generated requests nest deeply (tuples of strategies of large messages): in a debug
+    // build their trees need more stack than a test thread's 2 MiB.
+    let generating = std::thread::Builder::new().stack_size(64 << 20);
+    let outcome = std::thread::scope(|scope| {
+        generating
+            .spawn_scoped(scope, || {
+                runner
+                    .run(&call(known), |call| {
+                        let shown: String = format!("{call:?}").chars().take(300).collect();
+                        let reply = runtime.block_on(async {
+                            tokio::time::timeout(
+                                Duration::from_secs(30),
+                                send(&mut clients.clone(), call),
+                            )
+                            .await
+                            .map_err(|_| {
+                                tonic::Status::deadline_exceeded("no answer within 30 s")
+                            })?
+                        });
+                        if let Err(status) = &reply {
+                            *codes
+                                .lock()
+                                .unwrap()
+                                .entry(format!("{:?}", status.code()))
+                                .or_default() += 1;
+                            prop_assert!(
+                                proper(status),
+                                "{shown} got {:?}: {}",
+                                status.code(),
+                                status.message().chars().take(300).collect::<String>()
+                            );
+                        } else {
+                            *codes.lock().unwrap().entry("Ok".into()).or_default() += 1;
+                        }
+                        Ok(())
+                    })
+                    // The failure, with its minimal case, as text: it is large.
+                    .map_err(|failure| failure.to_string())
+            })
+            .expect("a thread for the generated requests")
+            .join()
+            .expect("the generated requests' thread panicked")
     });
     let elapsed = started.elapsed();
     eprintln!(
         "{cases} generated requests in {:.1} s: {:.0} cases/s; answers {:?}",
         elapsed.as_secs_f64(),
         f64::from(cases) / elapsed.as_secs_f64(),
-        codes.borrow()
+        codes.lock().unwrap()
     );
     outcome.unwrap();
 
