@@ -136,6 +136,8 @@ impl Tracking {
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
             .env("GIT_TERMINAL_PROMPT", "0")
+            // A client's path is a path: `:(glob)` and the like mean nothing.
+            .env("GIT_LITERAL_PATHSPECS", "1")
             .env_remove("GIT_CONFIG_PARAMETERS")
             // Paths given to git are relative to the workspace.
             .current_dir(&self.workspace)

@@ -33,6 +33,11 @@ use git::{Change, Tracking};
 /// cannot start with a dot, so no task's workspace has this name.
 const TRACKED_DIR: &str = ".tracked";
 
+/// Paths one request may name, and the longest one (Linux's `PATH_MAX`): together well
+/// under what one git command line may hold.
+const MAX_PATHS: usize = 256;
+const MAX_PATH_BYTES: usize = 4096;
+
 const DEFAULT_PAGE_SIZE: usize = 1000;
 const MAX_PAGE_SIZE: usize = 10_000;
 /// Chunks of an archive on the wire: well under the gRPC message bound.
@@ -153,8 +158,24 @@ impl Results {
             .clone()
     }
 
-    /// Refuses the paths of a query that leave the workspace; returns them checked.
+    /// Refuses the paths of a query that leave the workspace, or that are too many or too long
+    /// to hand to git; returns them checked.
     fn checked_paths(tracking: &Tracking, paths: &[String]) -> Result<Vec<String>, WorkerError> {
+        if paths.len() > MAX_PATHS {
+            return Err(WorkerError::InvalidArgument {
+                field: "paths",
+                message: format!("has {} entries; at most {MAX_PATHS} are taken", paths.len()),
+            });
+        }
+        if let Some(long) = paths.iter().find(|path| path.len() > MAX_PATH_BYTES) {
+            return Err(WorkerError::InvalidArgument {
+                field: "paths",
+                message: format!(
+                    "an entry of {} bytes is longer than any path ({MAX_PATH_BYTES})",
+                    long.len()
+                ),
+            });
+        }
         paths
             .iter()
             .map(|path| {
@@ -616,6 +637,20 @@ mod tests {
             ]
         );
 
+        for paths in [
+            vec!["x".repeat(MAX_PATH_BYTES + 1)],
+            vec!["a".into(); MAX_PATHS + 1],
+        ] {
+            let query = ListTaskFilesRequest {
+                paths,
+                ..ListTaskFilesRequest::default()
+            };
+            let refused = results.list(&task("t1"), &query).await.unwrap_err();
+            assert!(matches!(
+                refused,
+                WorkerError::InvalidArgument { field: "paths", .. }
+            ));
+        }
         let missing = ListTaskFilesRequest {
             paths: vec!["nowhere".into()],
             ..ListTaskFilesRequest::default()
