@@ -494,19 +494,22 @@ async fn mode_switch() {
 }
 
 fn placement_at_scale() {
-    // A small round first: the baseline for the cost per decision as the cluster grows.
-    let small = claudecluster_scheduler::benchmark::placement_round(10, 100, 1_000);
-    let large = claudecluster_scheduler::benchmark::placement_round(1_000, 150, 100_000);
-    let rate = |round: &claudecluster_scheduler::benchmark::PlacementRound| {
-        round.placed as f64 / round.elapsed.as_secs_f64()
-    };
-    println!(
-        "| placement decisions, 1,000 workers and 100,000 queued tasks | 10 workers, 1,000 tasks: {:.0}/s | {:.0}/s ({} placed in {:.2} s) |",
-        rate(&small),
-        rate(&large),
-        large.placed,
-        large.elapsed.as_secs_f64()
-    );
+    use claudecluster_scheduler::benchmark::{PlacementRound, placement_round};
+    let rate = |round: &PlacementRound| round.placed as f64 / round.elapsed.as_secs_f64();
+    // 100,000 queued tasks, and room for all of them however many workers share it.
+    let at = |workers: usize| placement_round(workers, (150_000 / workers) as u32, 100_000);
+    let baseline = at(10);
+    for workers in [100, 1_000, 10_000] {
+        let round = at(workers);
+        println!(
+            "| placement decisions, {workers} workers and 100,000 queued tasks | 10 workers: {:.0}/s | {:.0}/s ({} placed in {:.2} s), ratio {:.2} |",
+            rate(&baseline),
+            rate(&round),
+            round.placed,
+            round.elapsed.as_secs_f64(),
+            rate(&round) / rate(&baseline)
+        );
+    }
 }
 
 async fn mcp() {

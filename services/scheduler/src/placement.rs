@@ -84,6 +84,154 @@ pub fn choose_worker<'a>(
         .map(|candidate| candidate.worker_id)
 }
 
+/// The workers that can take work now, for one placement round: grouped by what they offer
+/// (modes, labels, what they admit), each group ordered as [`choose_worker`] orders workers.
+/// A decision looks at the best worker of each group that matches the task, not at every
+/// worker: with a few kinds of worker, its cost hardly grows with their number.
+pub struct FreeWorkers {
+    groups: Vec<Group>,
+    /// Each worker with a free slot: its group and its place there.
+    members: HashMap<String, (usize, Slot)>,
+}
+
+/// Workers that offer the same: a task matches all of them or none.
+struct Group {
+    execution_modes: Vec<ExecutionMode>,
+    labels: HashMap<String, String>,
+    admits: Option<WorkerAdmits>,
+    free: std::collections::BTreeSet<Slot>,
+}
+
+impl Group {
+    fn matches(&self, task: &TaskRequirements) -> bool {
+        Candidate {
+            worker_id: "",
+            healthy: true,
+            draining: false,
+            execution_modes: &self.execution_modes,
+            labels: &self.labels,
+            admits: self.admits.as_ref(),
+            capacity: 1,
+            load: 0,
+            last_placed: 0,
+        }
+        .matches(task)
+    }
+}
+
+/// A worker's place in its group: least loaded by fraction of capacity first, then the one
+/// given work least recently, then by id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Slot {
+    load: u32,
+    capacity: u32,
+    last_placed: u64,
+    worker_id: String,
+}
+
+impl Ord for Slot {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        let left = u64::from(self.load) * u64::from(other.capacity);
+        let right = u64::from(other.load) * u64::from(self.capacity);
+        left.cmp(&right)
+            .then(self.last_placed.cmp(&other.last_placed))
+            .then_with(|| self.worker_id.cmp(&other.worker_id))
+    }
+}
+
+impl PartialOrd for Slot {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl FreeWorkers {
+    /// The workers of `candidates` that can take work now.
+    pub fn new<'a>(candidates: impl IntoIterator<Item = Candidate<'a>>) -> Self {
+        let mut groups: Vec<Group> = Vec::new();
+        let mut by_offer: HashMap<Vec<u8>, usize> = HashMap::new();
+        let mut members = HashMap::new();
+        for candidate in candidates {
+            if !(candidate.healthy && !candidate.draining && candidate.load < candidate.capacity) {
+                continue;
+            }
+            let offer = offer_key(&candidate);
+            let group = *by_offer.entry(offer).or_insert_with(|| {
+                groups.push(Group {
+                    execution_modes: candidate.execution_modes.to_vec(),
+                    labels: candidate.labels.clone(),
+                    admits: candidate.admits.cloned(),
+                    free: Default::default(),
+                });
+                groups.len() - 1
+            });
+            let slot = Slot {
+                load: candidate.load,
+                capacity: candidate.capacity,
+                last_placed: candidate.last_placed,
+                worker_id: candidate.worker_id.to_owned(),
+            };
+            groups[group].free.insert(slot.clone());
+            members.insert(candidate.worker_id.to_owned(), (group, slot));
+        }
+        FreeWorkers { groups, members }
+    }
+
+    /// No worker has a free slot.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// The worker `task` should go to, as [`choose_worker`] would choose it.
+    pub fn choose(&self, task: &TaskRequirements) -> Option<&str> {
+        self.groups
+            .iter()
+            .filter(|group| !group.free.is_empty() && group.matches(task))
+            .filter_map(|group| group.free.first())
+            .min()
+            .map(|slot| slot.worker_id.as_str())
+    }
+
+    /// `worker_id` took a task, as placement `placed`: one slot fewer, and last in its turn.
+    pub fn took(&mut self, worker_id: &str, placed: u64) {
+        let Some((group, mut slot)) = self.members.remove(worker_id) else {
+            return;
+        };
+        let free = &mut self.groups[group].free;
+        free.remove(&slot);
+        slot.load += 1;
+        slot.last_placed = placed;
+        if slot.load < slot.capacity {
+            free.insert(slot.clone());
+            self.members.insert(worker_id.to_owned(), (group, slot));
+        }
+    }
+}
+
+/// What a worker offers, as bytes that are equal exactly when two workers offer the same.
+fn offer_key(candidate: &Candidate<'_>) -> Vec<u8> {
+    let mut key = Vec::new();
+    for mode in candidate.execution_modes {
+        key.extend_from_slice(&(*mode as i32).to_le_bytes());
+    }
+    key.push(0xff);
+    let mut labels: Vec<_> = candidate.labels.iter().collect();
+    labels.sort();
+    for (name, value) in labels {
+        // Lengths first: `a=bc` and `ab=c` differ.
+        for text in [name, value] {
+            key.extend_from_slice(&(text.len() as u64).to_le_bytes());
+            key.extend_from_slice(text.as_bytes());
+        }
+    }
+    key.push(0xff);
+    if let Some(admits) = candidate.admits {
+        key.push(1);
+        key.extend_from_slice(format!("{admits:?}").as_bytes());
+    }
+    key
+}
+
 /// Why nothing can run `task`, for the task's status reason.
 pub fn explain_unplaceable<'a>(
     task: &TaskRequirements,
@@ -237,6 +385,89 @@ mod tests {
         first.last_placed = 7;
         let second = candidate("b", PROCESS, &none, 4, 0);
         assert_eq!(choose_worker(&any_task(), [first, second]), Some("b"));
+    }
+
+    /// A small generator, so the test needs no crate: the same sequence on every run.
+    struct Numbers(u64);
+
+    impl Numbers {
+        fn below(&mut self, bound: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % bound
+        }
+    }
+
+    #[test]
+    fn the_free_workers_index_chooses_as_the_scan_does() {
+        let zones: Vec<HashMap<String, String>> = (0..3)
+            .map(|zone| labels(&[("zone", &format!("z{zone}"))]))
+            .collect();
+        let none = labels(&[]);
+        let modes = [PROCESS, CONTAINER, DUAL];
+        let admits = WorkerAdmits {
+            repo_schemes: vec!["https".into()],
+            max_memory_bytes: 1 << 30,
+            ..WorkerAdmits::default()
+        };
+        let mut numbers = Numbers(7);
+        for round in 0..200 {
+            let ids: Vec<String> = (0..1 + numbers.below(12))
+                .map(|i| format!("w{i}"))
+                .collect();
+            let mut workers: Vec<Candidate> = ids
+                .iter()
+                .map(|id| {
+                    let capacity = numbers.below(4) as u32;
+                    let mut worker = candidate(
+                        id,
+                        modes[numbers.below(3) as usize],
+                        if numbers.below(4) == 0 {
+                            &none
+                        } else {
+                            &zones[numbers.below(3) as usize]
+                        },
+                        capacity,
+                        numbers.below(u64::from(capacity) + 1) as u32,
+                    );
+                    worker.healthy = numbers.below(6) != 0;
+                    worker.draining = numbers.below(8) == 0;
+                    worker.last_placed = numbers.below(5);
+                    worker.admits = (numbers.below(3) == 0).then_some(&admits);
+                    worker
+                })
+                .collect();
+            let mut free = FreeWorkers::new(workers.iter().cloned());
+            for placed in 0..20 {
+                let task = TaskRequirements {
+                    execution_mode: [
+                        ExecutionMode::Unspecified,
+                        ExecutionMode::ProcessPool,
+                        ExecutionMode::ContainerAgentic,
+                    ][numbers.below(3) as usize],
+                    worker_selector: if numbers.below(2) == 0 {
+                        HashMap::new()
+                    } else {
+                        zones[numbers.below(3) as usize].clone()
+                    },
+                    needs: TaskNeeds {
+                        repo_scheme: ["", "https", "ssh"][numbers.below(3) as usize].into(),
+                        ..TaskNeeds::default()
+                    },
+                };
+                let scanned = choose_worker(&task, workers.iter().cloned());
+                assert_eq!(free.choose(&task), scanned, "round {round}, task {placed}");
+                if let Some(chosen) = scanned.map(str::to_owned) {
+                    let stamp = 100 + placed;
+                    free.took(&chosen, stamp);
+                    let worker = workers.iter_mut().find(|w| w.worker_id == chosen).unwrap();
+                    worker.load += 1;
+                    worker.last_placed = stamp;
+                }
+            }
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use claudecluster_proto::v1::{
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use crate::placement::{Candidate, TaskRequirements, choose_worker, explain_unplaceable};
+use crate::placement::{Candidate, FreeWorkers, TaskRequirements, explain_unplaceable};
 use slots::Placement;
 
 pub(crate) type PlacementSender = mpsc::UnboundedSender<Result<StreamPlacementsResponse, Status>>;
@@ -414,28 +414,20 @@ impl State {
         if self.queue.is_empty() {
             return;
         }
-        // Counted once per round: with no slot free anywhere, no queued task is looked at.
-        let mut free_slots: u64 = self
-            .workers
-            .values()
-            .filter(|w| w.healthy() && !w.draining)
-            .map(|w| u64::from(w.registration.capacity.saturating_sub(w.load())))
-            .sum();
-        if free_slots == 0 {
-            return;
-        }
+        // Indexed once per round, then kept as tasks are placed: with no slot free anywhere,
+        // no queued task is looked at.
+        let mut free = FreeWorkers::new(self.workers.values().map(WorkerEntry::candidate));
         let keys: Vec<QueueKey> = self.queue.keys().copied().collect();
         for key in keys {
-            if free_slots == 0 {
+            if free.is_empty() {
                 return;
             }
             let started = Instant::now();
             let task = &self.queue[&key];
-            let Some(worker) = choose_worker(
-                &task.requirements,
-                self.workers.values().map(WorkerEntry::candidate),
-            )
-            .and_then(|worker_id| self.workers.get(worker_id)) else {
+            let Some(worker) = free
+                .choose(&task.requirements)
+                .and_then(|worker_id| self.workers.get(worker_id))
+            else {
                 continue;
             };
             let worker_id = worker.registration.worker_id.clone();
@@ -450,8 +442,8 @@ impl State {
                 self.placements_tx = None;
                 return;
             }
-            free_slots -= 1;
             self.placements += 1;
+            free.took(&worker_id, self.placements);
             if let Some(worker) = self.workers.get_mut(&worker_id) {
                 worker.last_placed = self.placements;
             }
