@@ -226,8 +226,11 @@ impl Tracking {
             return Ok(HashSet::new());
         }
         use tokio::io::AsyncWriteExt;
+        // `check-ignore` takes no literal pathspecs: `./` in front keeps a name starting with
+        // `:` from reading as pathspec magic, and comes back in front of each answer.
         let mut child = self
             .git()
+            .env_remove("GIT_LITERAL_PATHSPECS")
             .args(["check-ignore", "-z", "--stdin"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -237,7 +240,7 @@ impl Tracking {
         let mut stdin = child.stdin.take().expect("stdin is piped");
         let input: Vec<u8> = paths
             .iter()
-            .flat_map(|path| path.bytes().chain(std::iter::once(0)))
+            .flat_map(|path| "./".bytes().chain(path.bytes()).chain(std::iter::once(0)))
             .collect();
         // Written while git answers, so that neither waits for the other.
         let writing = async move {
@@ -254,7 +257,9 @@ impl Tracking {
                 .stdout
                 .split(|byte| *byte == 0)
                 .filter(|path| !path.is_empty())
-                .map(|path| String::from_utf8_lossy(path).into_owned())
+                .map(|path| {
+                    String::from_utf8_lossy(path.strip_prefix(b"./").unwrap_or(path)).into_owned()
+                })
                 .collect()),
             _ => Err(format!(
                 "cannot ask git what is ignored: {}",

@@ -611,6 +611,8 @@ mod tests {
         std::fs::write(workspace.join(".gitignore"), "*.log\n").unwrap();
         std::fs::write(workspace.join("a.txt"), "a\n").unwrap();
         std::fs::write(workspace.join("b.log"), "noise\n").unwrap();
+        // A name git could read as pathspec magic is a name.
+        std::fs::write(workspace.join(":(glob)c.log"), "noise\n").unwrap();
 
         let mut seen = Vec::new();
         let mut page_token = String::new();
@@ -632,6 +634,7 @@ mod tests {
             seen,
             [
                 (".gitignore".to_owned(), FileChange::Added),
+                (":(glob)c.log".to_owned(), FileChange::Ignored),
                 ("a.txt".to_owned(), FileChange::Added),
                 ("b.log".to_owned(), FileChange::Ignored),
             ]
