@@ -15,7 +15,12 @@ fn transcripts() -> Vec<(String, Vec<String>)> {
         .flatten()
         .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "jsonl"))
         .map(|entry| {
-            let name = entry.path().file_stem().unwrap().to_string_lossy().into_owned();
+            let name = entry
+                .path()
+                .file_stem()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
             let text = std::fs::read_to_string(entry.path()).unwrap();
             (name, text.lines().map(str::to_owned).collect())
         })
@@ -55,7 +60,9 @@ fn reference_transcripts(c: &mut Criterion) {
     for (name, lines) in transcripts() {
         let bytes: usize = lines.iter().map(|line| line.len() + 1).sum();
         group.throughput(Throughput::Bytes(bytes as u64));
-        group.bench_function(&name, |b| b.iter(|| parse_all(std::hint::black_box(&lines))));
+        group.bench_function(&name, |b| {
+            b.iter(|| parse_all(std::hint::black_box(&lines)))
+        });
     }
     group.finish();
 }

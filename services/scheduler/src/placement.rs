@@ -146,16 +146,35 @@ impl PartialOrd for Slot {
 }
 
 impl FreeWorkers {
-    /// The workers of `candidates` that can take work now.
-    pub fn new<'a>(candidates: impl IntoIterator<Item = Candidate<'a>>) -> Self {
+    /// The workers of `candidates` that can take work now, their offers worked out here.
+    #[cfg(test)]
+    fn new<'a>(candidates: impl IntoIterator<Item = Candidate<'a>>) -> Self {
+        let candidates: Vec<(Candidate<'a>, Vec<u8>)> = candidates
+            .into_iter()
+            .map(|c| {
+                let offer = offer_key(c.execution_modes, c.labels, c.admits);
+                (c, offer)
+            })
+            .collect();
+        Self::with_offers(
+            candidates
+                .iter()
+                .map(|(candidate, offer)| (candidate.clone(), offer.as_slice())),
+        )
+    }
+
+    /// The workers of `candidates` that can take work now, each with its [`offer_key`], which
+    /// the scheduler works out once per registration.
+    pub fn with_offers<'a>(
+        candidates: impl IntoIterator<Item = (Candidate<'a>, &'a [u8])>,
+    ) -> Self {
         let mut groups: Vec<Group> = Vec::new();
-        let mut by_offer: HashMap<Vec<u8>, usize> = HashMap::new();
+        let mut by_offer: HashMap<&[u8], usize> = HashMap::new();
         let mut members = HashMap::new();
-        for candidate in candidates {
+        for (candidate, offer) in candidates {
             if !(candidate.healthy && !candidate.draining && candidate.load < candidate.capacity) {
                 continue;
             }
-            let offer = offer_key(&candidate);
             let group = *by_offer.entry(offer).or_insert_with(|| {
                 groups.push(Group {
                     execution_modes: candidate.execution_modes.to_vec(),
@@ -208,14 +227,19 @@ impl FreeWorkers {
     }
 }
 
-/// What a worker offers, as bytes that are equal exactly when two workers offer the same.
-fn offer_key(candidate: &Candidate<'_>) -> Vec<u8> {
+/// What a worker offers (its modes, labels, and what it admits), as bytes that are equal
+/// exactly when two workers offer the same.
+pub fn offer_key(
+    execution_modes: &[ExecutionMode],
+    labels: &HashMap<String, String>,
+    admits: Option<&WorkerAdmits>,
+) -> Vec<u8> {
     let mut key = Vec::new();
-    for mode in candidate.execution_modes {
+    for mode in execution_modes {
         key.extend_from_slice(&(*mode as i32).to_le_bytes());
     }
     key.push(0xff);
-    let mut labels: Vec<_> = candidate.labels.iter().collect();
+    let mut labels: Vec<_> = labels.iter().collect();
     labels.sort();
     for (name, value) in labels {
         // Lengths first: `a=bc` and `ab=c` differ.
@@ -225,7 +249,7 @@ fn offer_key(candidate: &Candidate<'_>) -> Vec<u8> {
         }
     }
     key.push(0xff);
-    if let Some(admits) = candidate.admits {
+    if let Some(admits) = admits {
         key.push(1);
         key.extend_from_slice(format!("{admits:?}").as_bytes());
     }

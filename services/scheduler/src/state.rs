@@ -13,7 +13,7 @@ use claudecluster_proto::v1::{
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use crate::placement::{Candidate, FreeWorkers, TaskRequirements, explain_unplaceable};
+use crate::placement::{Candidate, FreeWorkers, TaskRequirements, explain_unplaceable, offer_key};
 use slots::Placement;
 
 pub(crate) type PlacementSender = mpsc::UnboundedSender<Result<StreamPlacementsResponse, Status>>;
@@ -41,6 +41,9 @@ struct WorkerEntry {
     /// The modes the worker runs, its default first.
     modes: Vec<ExecutionMode>,
     labels: HashMap<String, String>,
+    /// What it offers, as placement groups workers (see [`offer_key`]): fixed from its
+    /// registration on.
+    offer: Vec<u8>,
     /// Identifies the link the worker registered on; a re-registration makes a new one.
     link: u64,
     connected: bool,
@@ -190,12 +193,14 @@ impl State {
             Some(previous) => (previous.placed, previous.stopping, previous.last_placed),
             None => Default::default(),
         };
+        let offer = offer_key(&modes, &labels, registration.admits.as_ref());
         self.workers.insert(
             worker_id.clone(),
             WorkerEntry {
                 registration,
                 modes,
                 labels,
+                offer,
                 link,
                 connected: true,
                 reported_healthy: true,
@@ -416,7 +421,11 @@ impl State {
         }
         // Indexed once per round, then kept as tasks are placed: with no slot free anywhere,
         // no queued task is looked at.
-        let mut free = FreeWorkers::new(self.workers.values().map(WorkerEntry::candidate));
+        let mut free = FreeWorkers::with_offers(
+            self.workers
+                .values()
+                .map(|worker| (worker.candidate(), worker.offer.as_slice())),
+        );
         let keys: Vec<QueueKey> = self.queue.keys().copied().collect();
         for key in keys {
             if free.is_empty() {
