@@ -209,19 +209,7 @@ impl Results {
         let _held = lock.lock().await;
         // The walk comes first: a file made after it and before git looks is simply not
         // listed, rather than taken for an ignored one.
-        let entries = {
-            let (workspace, paths, include_git) = (
-                tracking.workspace().to_path_buf(),
-                paths.clone(),
-                query.include_git,
-            );
-            tokio::task::spawn_blocking(move || files::walk(&workspace, &paths, include_git))
-                .await
-                .expect("the walk panicked")
-                .map_err(|err| {
-                    WorkerError::Workspace(format!("cannot read the workspace: {err}"))
-                })?
-        };
+        let entries = walk(&tracking, &paths, query.include_git).await?;
         let changes = tracking.changes().await.map_err(WorkerError::Workspace)?;
         let indexed = tracking.indexed().await.map_err(WorkerError::Workspace)?;
         let summary = tracking
@@ -239,12 +227,8 @@ impl Results {
             .ignored(&untaken)
             .await
             .map_err(WorkerError::Workspace)?;
-        let under = |path: &str| {
-            paths.is_empty()
-                || paths.iter().any(|start| {
-                    start.is_empty() || path == start || path.starts_with(&format!("{start}/"))
-                })
-        };
+        let under =
+            |path: &str| paths.is_empty() || paths.iter().any(|start| is_under(path, start));
         let mut listed: Vec<WorkspaceFile> = entries
             .into_iter()
             .filter_map(|entry| {
@@ -277,12 +261,7 @@ impl Results {
                     ..WorkspaceFile::default()
                 }),
         );
-        if let Some(missing) = paths.iter().find(|start| {
-            !start.is_empty()
-                && !listed
-                    .iter()
-                    .any(|file| file.path == **start || file.path.starts_with(&format!("{start}/")))
-        }) {
+        if let Some(missing) = first_missing(&paths, listed.iter().map(|f| f.path.as_str())) {
             return Err(WorkerError::NoSuchPath(missing.clone()));
         }
         listed.sort_by(|a, b| a.path.cmp(&b.path));
@@ -309,24 +288,11 @@ impl Results {
     ) -> Result<ArchiveChunks, WorkerError> {
         let tracking = self.find(reference)?;
         let paths = Self::checked_paths(&tracking, &query.paths)?;
-        let (workspace, include_git) = (tracking.workspace().to_path_buf(), query.include_git);
-        let entries = {
-            let (workspace, paths) = (workspace.clone(), paths.clone());
-            tokio::task::spawn_blocking(move || files::walk(&workspace, &paths, include_git))
-                .await
-                .expect("the walk panicked")
-                .map_err(|err| {
-                    WorkerError::Workspace(format!("cannot read the workspace: {err}"))
-                })?
-        };
-        if let Some(missing) = paths.iter().find(|start| {
-            !start.is_empty()
-                && !entries
-                    .iter()
-                    .any(|e| e.path == **start || e.path.starts_with(&format!("{start}/")))
-        }) {
+        let entries = walk(&tracking, &paths, query.include_git).await?;
+        if let Some(missing) = first_missing(&paths, entries.iter().map(|e| e.path.as_str())) {
             return Err(WorkerError::NoSuchPath(missing.clone()));
         }
+        let workspace = tracking.workspace().to_path_buf();
         // A link's size is its target's length, which the archive holds in its header.
         let content_bytes: u64 = entries
             .iter()
@@ -512,6 +478,38 @@ impl Results {
     pub fn root(&self) -> &Path {
         &self.root
     }
+}
+
+/// The files and links under `paths`, walked off the runtime's threads.
+async fn walk(
+    tracking: &Tracking,
+    paths: &[String],
+    include_git: bool,
+) -> Result<Vec<files::Entry>, WorkerError> {
+    let (workspace, paths) = (tracking.workspace().to_path_buf(), paths.to_vec());
+    tokio::task::spawn_blocking(move || files::walk(&workspace, &paths, include_git))
+        .await
+        .expect("the walk panicked")
+        .map_err(|err| WorkerError::Workspace(format!("cannot read the workspace: {err}")))
+}
+
+/// Whether `path` is `start` or lies under it; `""` is the whole workspace.
+fn is_under(path: &str, start: &str) -> bool {
+    start.is_empty()
+        || path
+            .strip_prefix(start)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// The first of `starts` under which none of `found` lies (the whole workspace, `""`, is
+/// never missing).
+fn first_missing<'a, 'b>(
+    starts: &'a [String],
+    found: impl Iterator<Item = &'b str> + Clone,
+) -> Option<&'a String> {
+    starts
+        .iter()
+        .find(|start| !start.is_empty() && !found.clone().any(|path| is_under(path, start)))
 }
 
 fn describe(reference: &WorkspaceRef) -> String {
