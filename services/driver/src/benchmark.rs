@@ -101,3 +101,86 @@ pub async fn fill_store(
     db.close().await;
     Ok(written)
 }
+
+/// Streams `events` text events of one running task, and its end, to `subscribers` followers
+/// at once through the driver's event log, with the embedded store in `dir`. Returns the time
+/// from the first event appended until every follower has had every event.
+pub async fn fan_out(
+    dir: &std::path::Path,
+    subscribers: usize,
+    events: usize,
+) -> Result<std::time::Duration, String> {
+    use std::sync::Arc;
+
+    use crate::journal::Reader;
+    use crate::store::{Live, TaskStore};
+    use tokio_util::sync::CancellationToken;
+
+    let url = format!("sqlite://{}", dir.join("fan-out.db").display());
+    let db = Arc::new(Db::open(&url, 4).await.map_err(|err| err.to_string())?);
+    let live = Arc::new(Live::default());
+    let stop = CancellationToken::new();
+    let settle = live.clone();
+    let (writer, _writing) = crate::writer::start(
+        db.clone(),
+        Box::new(move |id| settle.settle(id)),
+        stop.clone(),
+    );
+    let store = TaskStore::new(db.clone(), writer, live);
+    let spec = TaskSpec {
+        prompt: "fan out".into(),
+        ..TaskSpec::default()
+    };
+    let (entry, _) = store
+        .insert(spec, "")
+        .await
+        .map_err(|err| err.to_string())?;
+    entry.assign(1, "bench-worker", "127.0.0.1:1");
+    let mut followers = Vec::with_capacity(subscribers);
+    for _ in 0..subscribers {
+        let (sender, mut received) = tokio::sync::mpsc::channel(1024);
+        let reader = Reader {
+            db: db.clone(),
+            stop: CancellationToken::new(),
+        };
+        tokio::spawn(entry.clone().follow(reader, 0, sender));
+        // The stream ends after the terminal status: counting to its end counts every event.
+        followers.push(tokio::spawn(async move {
+            let mut count = 0;
+            while let Some(Ok(_)) = received.recv().await {
+                count += 1;
+            }
+            count
+        }));
+    }
+    let started = std::time::Instant::now();
+    for index in 0..events {
+        let text = Kind::Text(AgentText {
+            text: format!("event {index} of a streaming agent"),
+            ..AgentText::default()
+        });
+        entry.append(1, text);
+        // A writer that appends as fast as memory allows would only measure the channel's
+        // back-pressure; an agent's events arrive over a network, a few at a time.
+        if index % 64 == 63 {
+            tokio::task::yield_now().await;
+        }
+    }
+    entry.append(
+        1,
+        Kind::StatusChange(StatusChange {
+            status: TaskStatus::Completed as i32,
+            ..StatusChange::default()
+        }),
+    );
+    let expected = entry.snapshot().last_sequence as usize;
+    for follower in followers {
+        let seen = follower.await.map_err(|err| err.to_string())?;
+        if seen != expected {
+            return Err(format!("a follower saw {seen} of {expected} events"));
+        }
+    }
+    let elapsed = started.elapsed();
+    stop.cancel();
+    Ok(elapsed)
+}
