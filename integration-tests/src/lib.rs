@@ -632,14 +632,20 @@ impl TestCluster {
     /// Runs `spec` to its end, which must be COMPLETED, and returns the agent's result text.
     pub async fn completed_text(&self, spec: TaskSpec) -> String {
         let task = self.submit(spec).await;
-        let (ended, _) = self.finish(&task.task_id).await;
+        let ended = self.finish_completed(&task.task_id).await;
+        ended.result.expect("a completed task has a result").text
+    }
+
+    /// Streams the task's events until it ends, which must be COMPLETED; returns its record.
+    pub async fn finish_completed(&self, task_id: &str) -> Task {
+        let (ended, _) = self.finish(task_id).await;
         assert_eq!(
             ended.status(),
             TaskStatus::Completed,
             "{}",
             ended.status_reason
         );
-        ended.result.expect("a completed task has a result").text
+        ended
     }
 
     /// The task's current record.

@@ -60,6 +60,15 @@ fn files_of(task_id: &str) -> ListTaskFilesRequest {
     }
 }
 
+/// The files of `task_id`'s workspace, which the driver must list.
+async fn listing(driver: &mut Driver, task_id: &str) -> ListTaskFilesResponse {
+    driver
+        .list_task_files(files_of(task_id))
+        .await
+        .expect("the workspace's files")
+        .into_inner()
+}
+
 /// The whole archive a download streams, and what its first message announced.
 async fn download(
     driver: &mut Driver,
@@ -169,11 +178,7 @@ async fn a_tasks_changes_come_back_as_files_a_diff_an_archive_a_branch_and_a_pul
     );
 
     // The file list.
-    let listed = driver
-        .list_task_files(files_of(&task.task_id))
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = listing(&mut driver, &task.task_id).await;
     let files = &listed.files;
     assert_eq!(change_of(files, "keep.txt"), FileChange::Modified);
     assert_eq!(change_of(files, "gone.txt"), FileChange::Deleted);
@@ -319,13 +324,7 @@ async fn paths_that_leave_the_workspace_and_downloads_past_the_limit_are_refused
     let cluster = TestCluster::start(vec![publishing_worker(&forge, TOKEN)]).await;
     let mut driver = cluster.driver().await;
     let task = cluster.submit(changing_task(&url, None)).await;
-    let (task, _) = cluster.finish(&task.task_id).await;
-    assert_eq!(
-        task.status(),
-        TaskStatus::Completed,
-        "{}",
-        task.status_reason
-    );
+    let task = cluster.finish_completed(&task.task_id).await;
 
     for (path, says) in [
         ("../escape", "leaves the workspace"),
@@ -453,13 +452,7 @@ async fn a_push_that_fails_leaves_the_task_completed_with_the_reason_and_its_wor
         (&refused, "pushes to acme/refusing are refused"),
         (&unauthorised, "authentication failed"),
     ] {
-        let (task, _) = cluster.finish(&task.task_id).await;
-        assert_eq!(
-            task.status(),
-            TaskStatus::Completed,
-            "{}",
-            task.status_reason
-        );
+        let task = cluster.finish_completed(&task.task_id).await;
         let branch = task.branch.clone().unwrap();
         assert!(!branch.pushed, "{branch:?}");
         assert!(
@@ -476,11 +469,7 @@ async fn a_push_that_fails_leaves_the_task_completed_with_the_reason_and_its_wor
         assert!(branch.pull_request_url.is_empty());
         assert!(!branch.error.contains(TOKEN) && !branch.error.contains("not-the-token"));
         // The work is still there to take.
-        let listed = driver
-            .list_task_files(files_of(&task.task_id))
-            .await
-            .unwrap()
-            .into_inner();
+        let listed = listing(&mut driver, &task.task_id).await;
         assert_eq!(change_of(&listed.files, "added.txt"), FileChange::Added);
     }
     for (repo, task) in [("refusing", &refused), ("open", &unauthorised)] {
@@ -503,13 +492,7 @@ async fn a_push_that_fails_leaves_the_task_completed_with_the_reason_and_its_wor
         .await;
     cluster.wait_for_agent(&task.task_id).await;
     drop(vanishing);
-    let (task, _) = cluster.finish(&task.task_id).await;
-    assert_eq!(
-        task.status(),
-        TaskStatus::Completed,
-        "{}",
-        task.status_reason
-    );
+    let task = cluster.finish_completed(&task.task_id).await;
     let branch = task.branch.unwrap();
     assert!(!branch.pushed);
     assert!(
@@ -517,11 +500,7 @@ async fn a_push_that_fails_leaves_the_task_completed_with_the_reason_and_its_wor
         "{}",
         branch.error
     );
-    let listed = driver
-        .list_task_files(files_of(&task.task_id))
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = listing(&mut driver, &task.task_id).await;
     assert_eq!(change_of(&listed.files, "late.txt"), FileChange::Added);
 }
 
@@ -550,13 +529,7 @@ async fn workspaces_are_removed_after_their_retention_and_with_their_task() {
             "BASH head -c 3000000 /dev/zero > big.bin && echo written",
         ))
         .await;
-    let (task, _) = cluster.finish(&task.task_id).await;
-    assert_eq!(
-        task.status(),
-        TaskStatus::Completed,
-        "{}",
-        task.status_reason
-    );
+    let task = cluster.finish_completed(&task.task_id).await;
     let workspace = Path::new(&task.workspace).to_path_buf();
     assert!(workspace.join("big.bin").is_file());
     let short_worker = cluster.worker_ids[1].clone();
@@ -751,13 +724,7 @@ async fn the_files_commands_of_the_cli() {
             &["Bash"],
         ))
         .await;
-    let (task, _) = cluster.finish(&task.task_id).await;
-    assert_eq!(
-        task.status(),
-        TaskStatus::Completed,
-        "{}",
-        task.status_reason
-    );
+    let task = cluster.finish_completed(&task.task_id).await;
     let id = task.task_id.as_str();
 
     let (ok, out, err) = cli(&driver, &["tasks", "files", id]).await;
@@ -807,24 +774,14 @@ async fn a_container_tasks_changes_come_back_from_its_mounted_workspace() {
             &["Write"],
         ))
         .await;
-    let (task, _) = cluster.finish(&task.task_id).await;
-    assert_eq!(
-        task.status(),
-        TaskStatus::Completed,
-        "{}",
-        task.status_reason
-    );
+    let task = cluster.finish_completed(&task.task_id).await;
     let changes = task.changes.clone().unwrap();
     assert_eq!(
         (changes.files_changed, changes.files_added),
         (1, 1),
         "{changes:?}"
     );
-    let listed = driver
-        .list_task_files(files_of(&task.task_id))
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = listing(&mut driver, &task.task_id).await;
     assert_eq!(change_of(&listed.files, "note.txt"), FileChange::Added);
     let diff = driver
         .get_task_diff(GetTaskDiffRequest {
