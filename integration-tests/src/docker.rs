@@ -40,6 +40,39 @@ pub async fn containers_with_label(label: &str) -> Vec<String> {
         .collect()
 }
 
+/// Waits until no container carries `label`, and fails naming those left after 30 s. A task's
+/// end does not wait for its container's removal; the worker removes it just after.
+pub async fn assert_containers_removed(label: &str) {
+    assert_none_left("container", label).await
+}
+
+/// Waits until no network carries `label`, as [`assert_containers_removed`] does.
+pub async fn assert_networks_removed(label: &str) {
+    assert_none_left("network", label).await
+}
+
+async fn assert_none_left(kind: &str, label: &str) {
+    let filter = format!("label={label}");
+    let list = || async {
+        let mut args = vec![kind, "ls", "-q", "--filter", &filter];
+        if kind == "container" {
+            args.push("-a");
+        }
+        docker(&args)
+            .await
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let gone = crate::wait_until(std::time::Duration::from_secs(30), || async {
+        list().await.is_empty()
+    })
+    .await;
+    if gone.is_err() {
+        panic!("{kind}s left behind with {label}: {:?}", list().await);
+    }
+}
+
 /// `docker inspect` of one object, as JSON.
 pub async fn inspect(id: &str) -> serde_json::Value {
     let text = docker(&["inspect", id]).await;

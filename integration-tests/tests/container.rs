@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use claudecluster_integration_tests::docker::{
-    DockerProxy, agent_image, containers_with_label, docker, inspect,
+    DockerProxy, agent_image, assert_containers_removed, assert_networks_removed,
+    containers_with_label, docker, inspect,
 };
 use claudecluster_integration_tests::*;
 use claudecluster_proto::v1::event::Kind;
@@ -18,8 +19,7 @@ fn container_worker() -> WorkerSpec {
 }
 
 async fn no_containers_left(worker_id: &str) {
-    let left = containers_with_label(&format!("claudecluster.worker={worker_id}")).await;
-    assert!(left.is_empty(), "containers left behind: {left:?}");
+    assert_containers_removed(&format!("claudecluster.worker={worker_id}")).await;
 }
 
 async fn task_container(task_id: &str) -> String {
@@ -146,19 +146,8 @@ async fn a_per_task_network_is_made_for_the_task_and_removed_with_it() {
         running.ends_with(&format!("on network {network}")),
         "{running}"
     );
-    let networks = docker(&[
-        "network",
-        "ls",
-        "-q",
-        "--filter",
-        &format!("label=claudecluster.worker={worker_id}"),
-    ])
-    .await;
-    assert!(
-        networks.trim().is_empty(),
-        "networks left behind: {networks}"
-    );
     no_containers_left(&worker_id).await;
+    assert_networks_removed(&format!("claudecluster.worker={worker_id}")).await;
 }
 
 #[tokio::test]

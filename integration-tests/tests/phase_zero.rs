@@ -1,7 +1,7 @@
 //! The seed's Phase 0: a primary Claude Code (the real CLI) uses `claudecluster mcp` to spawn a
 //! containerized Claude Code, waits for it, and answers with its result.
 
-use claudecluster_integration_tests::docker::containers_with_label;
+use claudecluster_integration_tests::docker::assert_containers_removed;
 use claudecluster_integration_tests::*;
 use claudecluster_proto::v1::*;
 use serde_json::{Value, json};
@@ -90,9 +90,5 @@ async fn a_primary_claude_code_spawns_a_containerized_agent_and_reports_its_resu
         "{}",
         child.runner
     );
-    assert!(
-        containers_with_label(&format!("claudecluster.task={}", child.task_id))
-            .await
-            .is_empty()
-    );
+    assert_containers_removed(&format!("claudecluster.task={}", child.task_id)).await;
 }

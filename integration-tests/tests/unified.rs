@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use claudecluster_integration_tests::docker::containers_with_label;
+use claudecluster_integration_tests::docker::assert_containers_removed;
 use claudecluster_integration_tests::*;
 use claudecluster_proto::v1::event::Kind;
 use claudecluster_proto::v1::*;
@@ -13,8 +13,7 @@ use claudecluster_proto::v1::*;
 async fn assert_no_containers(cluster: &TestCluster, mode: Mode) {
     if mode == Mode::Container {
         for worker in &cluster.worker_ids {
-            let left = containers_with_label(&format!("claudecluster.worker={worker}")).await;
-            assert!(left.is_empty(), "containers left behind: {left:?}");
+            assert_containers_removed(&format!("claudecluster.worker={worker}")).await;
         }
     }
 }

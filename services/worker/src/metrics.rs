@@ -22,6 +22,9 @@ pub(crate) struct WorkerMetrics {
     pub warm_misses: Family<Labels, Counter>,
     /// Task runs started, by mode.
     pub runs: Family<Labels, Counter>,
+    /// Containers and networks of ended agents that could not be removed at once (they are
+    /// retried).
+    pub removal_failures: Family<Labels, Counter>,
     warm_pool_size: Family<Labels, Gauge>,
     slots: Family<Labels, Gauge>,
 }
@@ -43,6 +46,7 @@ pub(crate) fn metrics() -> &'static WorkerMetrics {
             warm_hits: Family::default(),
             warm_misses: Family::default(),
             runs: Family::default(),
+            removal_failures: Family::default(),
             warm_pool_size: Family::default(),
             slots: Family::default(),
         };
@@ -70,6 +74,11 @@ pub(crate) fn metrics() -> &'static WorkerMetrics {
             "claudecluster_worker_runs",
             "Task runs started, by mode",
             metrics.runs.clone(),
+        );
+        register(
+            "claudecluster_worker_removal_failures",
+            "Containers and networks of ended agents the worker could not remove at once, by kind; each is retried at the next health check",
+            metrics.removal_failures.clone(),
         );
         register(
             "claudecluster_worker_warm_pool_size",

@@ -26,13 +26,14 @@ use claudecluster_proto::validate;
 use futures_util::Stream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
 use crate::error::WorkerError;
 use crate::events;
 use crate::execution::supervisor::{self, Cancellation, Outcome, Supervision};
 use crate::execution::{
     AgentHandle, AgentInput, AgentLaunch, AgentOptions, ExecutionProvider, Limits, ProviderHealth,
-    Providers, WarmPool, WarmTemplate, agent_env, warm_agent_args,
+    Providers, RefillTicket, WarmPool, WarmTemplate, agent_env, warm_agent_args,
 };
 use crate::proxy::{CREDENTIAL_VARIABLES, CredentialProxy, Grant, Meter};
 use crate::run_log::{LogBounds, RunLog};
@@ -84,6 +85,9 @@ pub struct Runtime {
     /// The scheduler places nothing more here; the worker reports when nothing runs.
     draining: AtomicBool,
     shutting_down: Cancellation,
+    /// Agents whose tasks have ended, still exiting or being removed: a task's terminal event
+    /// does not wait for its container to go, but the worker does before it exits.
+    endings: TaskTracker,
 }
 
 impl Runtime {
@@ -137,6 +141,7 @@ impl Runtime {
             log_bounds,
             draining: AtomicBool::new(false),
             shutting_down: Cancellation::default(),
+            endings: TaskTracker::new(),
         };
         runtime.start_warm_pools();
         runtime
@@ -572,6 +577,7 @@ impl Runtime {
         self.stop_warm_pools().await;
         let grace = self.config.shutdown_grace.get();
         if self.wait_until_idle(grace).await {
+            self.wait_for_endings().await;
             return;
         }
         let (tasks, sessions) = {
@@ -597,6 +603,23 @@ impl Runtime {
             tracing::warn!(
                 running = ?self.running_work().iter().map(|work| &work.id).collect::<Vec<_>>(),
                 "work still stopping at shutdown"
+            );
+        }
+        self.wait_for_endings().await;
+    }
+
+    /// Waits for ended tasks' agents to be gone and released (bounded: an agent that will not
+    /// exit is killed after the cancel grace period, and removals give up in seconds).
+    async fn wait_for_endings(&self) {
+        self.endings.close();
+        let bound = self.config.agent.cancel_grace_period.get() + Duration::from_secs(30);
+        if tokio::time::timeout(bound, self.endings.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                agents = self.endings.len(),
+                "agents of ended tasks still ending at shutdown"
             );
         }
     }
@@ -740,7 +763,7 @@ impl Runtime {
         execution: &Execution,
         cancel: &Cancellation,
         events: &EventSink<'_>,
-    ) -> Outcome {
+    ) -> (Outcome, Option<supervisor::Ending>) {
         let spec = &execution.spec;
         let mode = provider.mode();
         let options = AgentOptions::resolve(spec.agent.as_ref(), &self.config.agent);
@@ -755,15 +778,16 @@ impl Runtime {
             .unwrap_or_default();
         let started = tokio::select! {
             started = self.start_agent(provider, execution, &options, limits) => started,
-            reason = cancel.cancelled() => return Outcome {
+            reason = cancel.cancelled() => return (Outcome {
                 status: TaskStatus::Cancelled,
                 reason,
                 result: None,
-            },
+            }, None),
         };
-        let (agent, workspace, how) = match started {
+        // Held until the agent's turn has ended: its warm pool refills then.
+        let (agent, workspace, how, _refill) = match started {
             Ok(started) => started,
-            Err(reason) => return Outcome::failed(reason),
+            Err(reason) => return (Outcome::failed(reason), None),
         };
         tracing::info!(task = %execution.task_id, attempt = execution.attempt, mode = mode.label(), workspace = %workspace.display(), "{how}");
         events.emit(events::running(
@@ -786,12 +810,13 @@ impl Runtime {
             max_line_bytes: self.config.agent.max_line_bytes.0 as usize,
         };
         let spans = crate::trace::AgentSpans::start("agent run");
-        supervisor::supervise(agent, supervision, cancel, |kind| {
+        let (outcome, ending) = supervisor::supervise_turn(agent, supervision, cancel, |kind| {
             spans.observe(&kind);
             events.emit(kind);
             std::future::ready(())
         })
-        .await
+        .await;
+        (outcome, Some(ending))
     }
 
     /// Starts the task's agent: a warm one when one fits, otherwise a new one. Returns the
@@ -802,7 +827,7 @@ impl Runtime {
         execution: &Execution,
         options: &AgentOptions,
         limits: Limits,
-    ) -> Result<(AgentHandle, PathBuf, String), String> {
+    ) -> Result<(AgentHandle, PathBuf, String, Option<RefillTicket>), String> {
         let spec = &execution.spec;
         let mode = provider.mode();
         let metrics = crate::metrics::metrics();
@@ -853,7 +878,7 @@ impl Runtime {
                 "warm agent handed out in {:.3} ms",
                 elapsed.as_secs_f64() * 1000.0
             );
-            return Ok((warm.handle, warm.workspace, how));
+            return Ok((warm.handle, warm.workspace, how, warm.refill));
         }
         if self.has_warm_pool(mode) {
             metrics.warm_misses.get_or_create(&mode_label(mode)).inc();
@@ -927,7 +952,7 @@ impl Runtime {
             // The agent is gone already: the supervisor reports how it ended.
             tracing::warn!(task = %execution.task_id, "the agent ended before it got its prompt");
         }
-        Ok((agent, workspace, "agent started".to_owned()))
+        Ok((agent, workspace, "agent started".to_owned(), None))
     }
 }
 
@@ -1083,10 +1108,15 @@ impl Admission {
             task_id: &execution.task_id,
             attempt: execution.attempt,
         };
-        let outcome = tokio::select! {
-            outcome = runtime.execute(&provider, &execution, &run.cancel, &events) => outcome,
+        let (outcome, ending) = tokio::select! {
+            ended = runtime.execute(&provider, &execution, &run.cancel, &events) => ended,
             never = abandoned => match never {},
         };
+        // The agent exits and its container goes while the task's end is reported; the
+        // worker waits for both before it exits.
+        if let Some(ending) = ending {
+            runtime.endings.spawn(ending.finish().in_current_span());
+        }
         tracing::info!(task = %execution.task_id, attempt = execution.attempt, status = outcome.status.label(), reason = %outcome.reason, "task ended");
         // A task stopped because the worker shuts down is not the task's doing: the worker gives
         // it back (its last status is PENDING), and the driver queues it again.

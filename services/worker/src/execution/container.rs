@@ -374,6 +374,7 @@ async fn release(
         && let Err(err) = remove_container(docker, id).await
     {
         tracing::warn!(container = id, error = %err, "cannot remove container; will retry");
+        removal_failed("container");
         leftovers
             .lock()
             .unwrap()
@@ -395,12 +396,21 @@ async fn release(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         if !removed {
+            tracing::warn!(network = name, "cannot remove network; will retry");
+            removal_failed("network");
             leftovers
                 .lock()
                 .unwrap()
                 .push(Leftover::Network(name.to_owned()));
         }
     }
+}
+
+fn removal_failed(kind: &str) {
+    crate::metrics::metrics()
+        .removal_failures
+        .get_or_create(&vec![("kind", kind.to_owned())])
+        .inc();
 }
 
 /// The bridge interface of egress network `network`: at most 15 characters, as Linux wants.

@@ -30,7 +30,7 @@ pub use kubernetes::{KubernetesProvider, KubernetesSettings};
 pub use output::{LineSplitter, OutputLine, OutputStream, forward_lines};
 pub use process::{ProcessPoolProvider, stop_leftover_agents};
 pub use unified::Providers;
-pub use warm::{WarmAgent, WarmPool, WarmTemplate};
+pub use warm::{RefillTicket, WarmAgent, WarmPool, WarmTemplate};
 
 /// Everything needed to start one agent, whatever runs it.
 ///

@@ -6,10 +6,11 @@ use std::time::Duration;
 use claudecluster_agent_protocol::{AgentEvent, ResultEvent, parse_line};
 use claudecluster_proto::v1::TaskStatus;
 use claudecluster_proto::v1::event::Kind;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use super::{AgentExit, AgentHandle, OutputLine, OutputStream};
+use super::{AgentControl, AgentExit, AgentHandle, OutputLine, OutputStream};
 use crate::events;
 
 /// Limits an agent runs under.
@@ -93,8 +94,67 @@ pub async fn supervise<F, Fut>(
     agent: AgentHandle,
     supervision: Supervision,
     cancel: &Cancellation,
-    mut emit: F,
+    emit: F,
 ) -> Outcome
+where
+    F: FnMut(Kind) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (outcome, ending) = supervise_turn(agent, supervision, cancel, emit).await;
+    ending.finish().await;
+    outcome
+}
+
+/// What is left of an agent once its outcome is known: its exit, and what it held.
+#[must_use = "an agent must be ended: call `finish`"]
+pub struct Ending {
+    output: mpsc::Receiver<OutputLine>,
+    exit_rx: oneshot::Receiver<AgentExit>,
+    exited: bool,
+    control: Box<dyn AgentControl>,
+    grace_period: Duration,
+}
+
+impl Ending {
+    /// Lets the agent exit, killing it after the grace period, then releases what it held (its
+    /// container, its network). Output still printed is
+    /// read, so that the agent never blocks on a full pipe, and only logged: its task's log
+    /// has ended.
+    pub async fn finish(mut self) {
+        if !self.exited {
+            self.exit().await;
+        }
+        self.control.release().await;
+    }
+
+    /// Waits for the agent to exit, killing it after the grace period.
+    async fn exit(&mut self) -> AgentExit {
+        let output = &mut self.output;
+        let draining = async {
+            while let Some(line) = output.recv().await {
+                tracing::debug!(stream = ?line.stream, line = %line.text, "agent output after its result");
+            }
+            std::future::pending::<std::convert::Infallible>().await
+        };
+        let exit = tokio::select! {
+            exit = wait_for_exit(&mut self.exit_rx, &*self.control, self.grace_period) => exit,
+            never = draining => match never {},
+        };
+        self.exited = true;
+        exit
+    }
+}
+
+/// Streams the agent's events to `emit` until its turn has ended, enforcing `supervision` and
+/// `cancel`, and decides the outcome. An agent that gave its result is done: its outcome does
+/// not wait for it to exit, nor for what it held to be released; the returned [`Ending`] does
+/// that.
+pub async fn supervise_turn<F, Fut>(
+    agent: AgentHandle,
+    supervision: Supervision,
+    cancel: &Cancellation,
+    mut emit: F,
+) -> (Outcome, Ending)
 where
     F: FnMut(Kind) -> Fut,
     Fut: std::future::Future<Output = ()>,
@@ -105,8 +165,7 @@ where
         control,
         mut input,
         description: _,
-        // Held until the agent has ended, then revoked.
-        grant: _grant,
+        grant,
     } = agent;
     let started = Instant::now();
     let deadline = started + supervision.timeout;
@@ -129,6 +188,11 @@ where
                         // One turn per task: closing its stdin ends an agent that reads
                         // messages there.
                         input.take();
+                        // The result is the last event of a turn: the outcome is known, unless a
+                        // cancel came first (it wins, and stops the agent as it would anyway).
+                        if stop.is_none() && exit.is_none() && !cancel.is_cancelled() {
+                            break;
+                        }
                     }
                 }
                 None => break,
@@ -164,11 +228,32 @@ where
             stop = Some(cause);
         }
     }
+    let mut ending = Ending {
+        output,
+        exit_rx,
+        exited: exit.is_some(),
+        control,
+        grace_period: supervision.grace_period,
+    };
+    // The turn is over: the agent's token at the credential proxy is revoked now, whether or
+    // not the agent has exited yet.
+    drop(grant);
+    if let (None, Some(result)) = (&stop, &result)
+        && !cancel.is_cancelled()
+    {
+        let outcome = decide(
+            None,
+            Some(result.clone()),
+            &AgentExit::default(),
+            &stderr_tail,
+        );
+        return (outcome, ending);
+    }
+    // Without a result, how the agent exited is part of the outcome.
     let exit = match exit {
         Some(exit) => exit,
-        None => wait_for_exit(&mut exit_rx, &*control, supervision.grace_period).await,
+        None => ending.exit().await,
     };
-    control.release().await;
     // A cancel asked for before the agent's end was seen wins, even if the agent ended on its
     // own before the loop looked at the cancel: which of the two the loop saw first is chance.
     let stop = stop.or_else(|| {
@@ -176,7 +261,7 @@ where
             .is_cancelled()
             .then(|| StopCause::Cancelled(cancel.reason()))
     });
-    decide(stop, result, &exit, &stderr_tail)
+    (decide(stop, result, &exit, &stderr_tail), ending)
 }
 
 /// Turns one output line into events: parsed stream-json events, or the line itself. Keeps the
@@ -436,6 +521,45 @@ mod tests {
         assert_eq!(outcome.status, TaskStatus::Completed);
         assert!(matches!(events.last(), Some(Kind::Result(r)) if r.text == "done"));
         assert_eq!(*agent.control.calls.lock().unwrap(), vec!["release"]);
+    }
+
+    #[tokio::test]
+    async fn the_outcome_does_not_wait_for_the_agent_to_exit_nor_for_its_release() {
+        let (agent, handle) = fake_agent("never");
+        agent.lines.send(stdout(SUCCESS)).await.unwrap();
+        let (outcome, ending) =
+            supervise_turn(handle, limits(), &Cancellation::default(), |_| async {}).await;
+        assert_eq!(outcome.status, TaskStatus::Completed);
+        assert!(
+            agent.control.calls.lock().unwrap().is_empty(),
+            "nothing released while the agent still runs"
+        );
+        let finishing = tokio::spawn(ending.finish());
+        // Output after the result is read, so that the agent never blocks on its pipe.
+        for _ in 0..64 {
+            agent.lines.send(stdout("late line")).await.unwrap();
+        }
+        agent.control.exit(AgentExit {
+            code: Some(0),
+            ..Default::default()
+        });
+        finishing.await.unwrap();
+        assert_eq!(*agent.control.calls.lock().unwrap(), vec!["release"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_that_does_not_exit_after_its_result_is_killed_then_released() {
+        let (agent, handle) = fake_agent("never");
+        agent.lines.send(stdout(SUCCESS)).await.unwrap();
+        let (outcome, ending) =
+            supervise_turn(handle, limits(), &Cancellation::default(), |_| async {}).await;
+        assert_eq!(outcome.status, TaskStatus::Completed);
+        ending.finish().await;
+        assert_eq!(
+            *agent.control.calls.lock().unwrap(),
+            vec!["kill", "release"],
+            "killed after the grace period"
+        );
     }
 
     #[tokio::test]

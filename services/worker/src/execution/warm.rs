@@ -3,7 +3,9 @@
 //! Most of a short task is the CLI's start-up; an agent started in advance in stream-json
 //! input mode answers its first message without it. A pool keeps `size` such agents per
 //! provider, hands one to a task whose agent options are the ones the pool's agents were
-//! started with, and starts a replacement in the background. It is the same for every
+//! started with, and starts a replacement in the background once that task's turn has ended
+//! (or after [`REFILL_DELAY`]): starting an agent takes a core for a moment, which the task
+//! just handed out would otherwise wait for. It is the same for every
 //! provider: for the process pool a warm agent is a process, for container mode a container
 //! with its agent running.
 
@@ -18,10 +20,22 @@ use tokio_util::sync::CancellationToken;
 use super::{AgentHandle, AgentInput, AgentLaunch, AgentOptions, ExecutionProvider, Limits};
 use crate::workspace::Workspaces;
 
+/// The longest a pool waits for the turn of the task it served to end before it starts a
+/// replacement.
+pub const REFILL_DELAY: Duration = Duration::from_secs(1);
+
 /// An idle agent and the workspace it was started in.
 pub struct WarmAgent {
     pub handle: AgentHandle,
     pub workspace: PathBuf,
+    /// Dropped when the agent's task no longer needs the cores to itself: the pool then
+    /// starts a replacement.
+    pub refill: Option<RefillTicket>,
+}
+
+/// Held while a task handed a warm agent runs its turn; dropping it lets the pool refill.
+pub struct RefillTicket {
+    _turn: tokio::sync::oneshot::Sender<()>,
 }
 
 impl WarmAgent {
@@ -90,14 +104,22 @@ impl WarmPool {
         self.idle.lock().unwrap().len()
     }
 
-    /// A started agent, if one is ready. A replacement is started in the background.
-    pub fn take(&self) -> Option<WarmAgent> {
+    /// A started agent, if one is ready. A replacement is started in the background when the
+    /// agent's [`RefillTicket`] is dropped, or after [`REFILL_DELAY`].
+    pub fn take(self: &Arc<Self>) -> Option<WarmAgent> {
         let mut idle = self.idle.lock().unwrap();
         while let Some(mut agent) = idle.pop_front() {
-            self.wanted.notify_one();
             if agent.is_alive() {
+                let (ticket, turn_ended) = tokio::sync::oneshot::channel::<()>();
+                let pool = self.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(REFILL_DELAY, turn_ended).await;
+                    pool.wanted.notify_one();
+                });
+                agent.refill = Some(RefillTicket { _turn: ticket });
                 return Some(agent);
             }
+            self.wanted.notify_one();
             tracing::warn!(workspace = %agent.workspace.display(), "a warm agent died while idle");
             tokio::spawn(agent.discard());
         }
@@ -162,7 +184,11 @@ impl WarmPool {
         };
         let mut handle = self.provider.launch(launch).await.map_err(|err| err.0)?;
         handle.grant = grant;
-        Ok(WarmAgent { handle, workspace })
+        Ok(WarmAgent {
+            handle,
+            workspace,
+            refill: None,
+        })
     }
 
     /// Stops refilling and ends every idle agent.

@@ -96,20 +96,23 @@ impl Tracking {
         Ok(())
     }
 
-    /// Makes the (empty) tracking repository of a workspace that started without one.
-    async fn ensure_repository(&self) -> Result<(), String> {
+    /// Makes the (empty) tracking repository of a workspace that started without one; true
+    /// when it made it.
+    async fn ensure_repository(&self) -> Result<bool, String> {
         let git_dir = self.git_dir();
         if git_dir.is_dir() {
-            return Ok(());
+            return Ok(false);
         }
+        // No template: hooks and samples are of no use to a repository nobody commits in by
+        // hand, and copying them is most of what `init` costs.
         run_plain(
             Command::new("git")
-                .args(["init", "--bare", "--quiet", "--"])
+                .args(["init", "--bare", "--quiet", "--template=", "--"])
                 .arg(&git_dir),
             "make the workspace's tracking repository",
         )
         .await
-        .map(drop)
+        .map(|_| true)
     }
 
     /// A git command on the tracking repository with the workspace as its work tree.
@@ -173,8 +176,11 @@ impl Tracking {
     /// Brings the worker's index to the workspace as it is now, and returns the base to diff
     /// against.
     async fn refresh(&self) -> Result<String, String> {
-        self.ensure_repository().await?;
+        let made = self.ensure_repository().await?;
         run(self.git().args(["add", "--all"]), "index the workspace").await?;
+        if made {
+            return Ok(EMPTY_TREE.to_owned());
+        }
         Ok(self
             .base_commit()
             .await?
@@ -268,35 +274,57 @@ impl Tracking {
         }
     }
 
-    /// Files, insertions and deletions changed since the base.
+    /// Files, insertions and deletions changed since the base. One `git diff` gives both
+    /// what changed (`--raw`) and by how many lines (`--numstat`): a task's end waits for it.
     pub async fn summary(&self) -> Result<ChangeSummary, String> {
-        let changes = self.changes().await?;
-        self.summary_of(&changes).await
+        let base = self.refresh().await?;
+        self.summary_against(base).await
     }
 
     /// The summary of `changes`, just taken.
     pub async fn summary_of(&self, changes: &Changes) -> Result<ChangeSummary, String> {
-        let numstat = run(
+        self.summary_against(changes.base.clone()).await
+    }
+
+    /// The summary of the worker's index against `base`.
+    async fn summary_against(&self, base: String) -> Result<ChangeSummary, String> {
+        let output = run(
             self.git()
-                .args(["diff", "--cached", "--numstat", "-z", "--no-renames"])
-                .arg(&changes.base),
+                .args([
+                    "diff",
+                    "--cached",
+                    "--raw",
+                    "--numstat",
+                    "-z",
+                    "--no-renames",
+                ])
+                .arg(&base),
             "count the changes",
         )
         .await?;
-        let count = |kind: Change| changes.paths.values().filter(|c| **c == kind).count() as u32;
         let mut summary = ChangeSummary {
-            base_commit: if changes.base == EMPTY_TREE {
+            base_commit: if base == EMPTY_TREE {
                 String::new()
             } else {
-                changes.base.clone()
+                base
             },
-            files_added: count(Change::Added),
-            files_deleted: count(Change::Deleted),
             ..ChangeSummary::default()
         };
-        // `--numstat -z`: "added<TAB>deleted<TAB>path\0", with `-` for a binary file.
-        for record in numstat.split(|byte| *byte == 0).filter(|r| !r.is_empty()) {
-            let text = String::from_utf8_lossy(record);
+        // `--raw -z`: ":mode mode id id STATUS\0path\0" for each path; then `--numstat -z`:
+        // "added\tdeleted\tpath\0", with `-` for a binary file. A path follows its header, so
+        // a path starting with `:` is never read as one.
+        let mut fields = output.split(|byte| *byte == 0).filter(|f| !f.is_empty());
+        while let Some(field) = fields.next() {
+            if field.first() == Some(&b':') {
+                match field.last() {
+                    Some(b'A') => summary.files_added += 1,
+                    Some(b'D') => summary.files_deleted += 1,
+                    _ => {}
+                }
+                fields.next();
+                continue;
+            }
+            let text = String::from_utf8_lossy(field);
             let mut columns = text.splitn(3, '\t');
             let (added, deleted) = (columns.next(), columns.next());
             summary.files_changed += 1;

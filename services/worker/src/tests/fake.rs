@@ -116,6 +116,8 @@ impl ExecutionProvider for FakeProvider {
             lines: Mutex::new(Some(lines)),
             exit: Mutex::new(Some(exit_tx)),
             signals: Mutex::new(Vec::new()),
+            release_gate: Semaphore::new(Semaphore::MAX_PERMITS),
+            released: std::sync::atomic::AtomicBool::new(false),
         });
         let (input, inputs) = match launch.input {
             AgentInput::StreamJson => {
@@ -153,6 +155,9 @@ struct AgentState {
     lines: Mutex<Option<mpsc::Sender<OutputLine>>>,
     exit: Mutex<Option<oneshot::Sender<AgentExit>>>,
     signals: Mutex<Vec<&'static str>>,
+    /// Open unless the test holds the release back.
+    release_gate: Semaphore,
+    released: std::sync::atomic::AtomicBool,
 }
 
 impl AgentState {
@@ -182,6 +187,13 @@ impl AgentControl for FakeControl {
         self.0.signals.lock().unwrap().push("kill");
         self.0.exit(137);
         Ok(())
+    }
+
+    async fn release(&self) {
+        let _pass = self.0.release_gate.acquire().await;
+        self.0
+            .released
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -224,6 +236,25 @@ impl FakeAgent {
     /// How the worker signalled the agent so far.
     pub fn signals(&self) -> Vec<&'static str> {
         self.state.signals.lock().unwrap().clone()
+    }
+
+    /// Makes releasing what the agent held (its container, say) wait until
+    /// [`FakeAgent::let_release`].
+    pub fn hold_release(&self) {
+        self.state
+            .release_gate
+            .forget_permits(Semaphore::MAX_PERMITS);
+    }
+
+    pub fn let_release(&self) {
+        self.state.release_gate.add_permits(1);
+    }
+
+    /// Whether the worker released what the agent held.
+    pub fn was_released(&self) -> bool {
+        self.state
+            .released
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Whether the agent has exited (by itself, or because the worker stopped it).

@@ -299,6 +299,42 @@ async fn shutdown_lets_work_finish_within_the_grace_then_cancels_the_rest() {
 }
 
 #[tokio::test]
+async fn a_tasks_end_does_not_wait_for_its_agents_release_but_shutdown_does() {
+    let mut worker = Worker::new(ExecutionMode::ContainerAgentic);
+    let events = worker.execute("t1", 1).await.unwrap();
+    let mut agent = worker.fake.next_agent().await;
+    agent.next_input().await;
+    agent.hold_release();
+    // The result alone ends the task: the agent has not even exited yet.
+    agent.print(super::fake::SUCCESS).await;
+    let events = rest(events).await;
+    assert_eq!(
+        status(&events.last().unwrap().1).unwrap().0,
+        TaskStatus::Completed
+    );
+    assert!(
+        !agent.was_released(),
+        "the end did not wait for the release"
+    );
+    assert!(
+        worker.running().is_empty(),
+        "the slot is free for the next task"
+    );
+
+    let shutdown = tokio::spawn({
+        let runtime = worker.runtime.clone();
+        async move { runtime.shut_down().await }
+    });
+    // Shutdown waits for the release, however long it takes.
+    tokio::task::yield_now().await;
+    assert!(!shutdown.is_finished());
+    agent.let_release();
+    shutdown.await.unwrap();
+    assert!(agent.was_released());
+    assert!(agent.has_exited(), "closing stdin ended the agent");
+}
+
+#[tokio::test]
 async fn ids_that_would_name_another_place_are_refused_naming_the_field() {
     let worker = Worker::new(ExecutionMode::ProcessPool);
     let long = "t".repeat(129);
