@@ -282,6 +282,77 @@ async fn container_mode() {
     );
 }
 
+/// Seconds since the epoch, as event times are given.
+fn now_epoch() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+fn event_epoch(event: &Event) -> Option<f64> {
+    event
+        .time
+        .map(|time| time.seconds as f64 + f64::from(time.nanos) / 1e9)
+}
+
+/// Where a warm run's time goes, in ms: submit to RUNNING, RUNNING to the result event,
+/// result to the terminal event, terminal event to the client.
+async fn warm_phases(cluster: &TestCluster, runs: usize) -> Vec<[f64; 5]> {
+    let mut phases = Vec::new();
+    for _ in 0..runs {
+        wait_for_warm_agent(cluster).await;
+        let submitted = now_epoch();
+        let (elapsed, events) = cluster_run(cluster, prompt("hello bench")).await;
+        let received = submitted + elapsed;
+        let running = status_time(&events, TaskStatus::Running).unwrap();
+        let result = events
+            .iter()
+            .find(|e| matches!(e.kind, Some(Kind::Result(_))))
+            .and_then(event_epoch)
+            .unwrap();
+        let end = events.last().and_then(event_epoch).unwrap();
+        phases.push([
+            (running - submitted) * 1000.0,
+            (result - running) * 1000.0,
+            (end - result) * 1000.0,
+            (received - end) * 1000.0,
+            elapsed * 1000.0,
+        ]);
+    }
+    phases
+}
+
+async fn profile() {
+    for mode in [Mode::ProcessPool, Mode::Container] {
+        let cluster = TestCluster::start(vec![WorkerSpec {
+            mode,
+            capacity: 1,
+            warm_pool_size: 1,
+            ..WorkerSpec::default()
+        }])
+        .await;
+        let phases = warm_phases(&cluster, 10).await;
+        for (i, name) in [
+            "submit→running",
+            "running→result",
+            "result→end",
+            "end→client",
+            "total",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut values: Vec<f64> = phases.iter().map(|p| p[i]).collect();
+            println!(
+                "{mode:?} {name}: median {:.1} ms, max {:.1}",
+                median(&mut values),
+                values.iter().cloned().fold(0.0, f64::max)
+            );
+        }
+    }
+}
+
 async fn wait_for_warm_agent(cluster: &TestCluster) {
     let driver = cluster.driver().await;
     wait_until(std::time::Duration::from_secs(60), || {
@@ -1285,6 +1356,10 @@ async fn main() {
     if wants("container") {
         container_mode().await;
         worker_memory().await;
+    }
+    if only.as_deref() == Some("profile") {
+        profile().await;
+        return;
     }
     if wants("sessions") {
         sessions().await;
