@@ -4,8 +4,10 @@
 //! Every component a test needs is required: when one is missing the test fails with a
 //! message saying how to install it (`scripts/setup.sh`), it never passes by skipping.
 
+pub mod browser;
 pub mod docker;
 pub mod forge;
+pub mod http;
 pub mod otlp;
 pub mod postgres;
 pub mod standin;
@@ -279,6 +281,15 @@ pub fn send_signal(pid: u32, signal: i32) {
     // SAFETY: kill(2) takes plain integers and touches no memory of ours.
     unsafe {
         libc::kill(pid as i32, signal);
+    }
+}
+
+#[allow(unsafe_code)]
+pub fn send_signal_to_group(pgid: u32, signal: i32) {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours; a negative pid
+    // names the process group the test started.
+    unsafe {
+        libc::kill(-(pgid as i32), signal);
     }
 }
 

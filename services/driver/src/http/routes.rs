@@ -382,35 +382,27 @@ pub(super) async fn list(
         },
     )?;
     let page = face.api.list_tasks(request).await?.into_inner();
-    let running = face.request(
-        &key,
-        ListTasksRequest {
-            statuses: vec![TaskStatus::Running as i32],
-            page_size: 1000,
-            ..ListTasksRequest::default()
-        },
-    )?;
-    let running = face.api.list_tasks(running).await?.into_inner().tasks;
-    // The counts are the cluster's; without a scheduler they are not known.
+    // The counts are the cluster's; without a scheduler (or past the key's rate) they are
+    // counted over this page. One HTTP request takes as few of the key's requests as it can.
     let counts = match face.request(&key, GetClusterStatusRequest {}) {
         Ok(request) => face
             .api
             .get_cluster_status(request)
             .await
-            .map(|status| status.into_inner())
+            .map(|status| status.into_inner().tasks_by_status)
             .ok(),
         Err(_) => None,
     };
-    let count = |name: &str| {
-        counts
-            .as_ref()
-            .and_then(|status| status.tasks_by_status.get(name).copied())
-            .unwrap_or(0)
-    };
+    let counts = counts.unwrap_or_else(|| {
+        let mut counted = HashMap::new();
+        for task in &page.tasks {
+            *counted.entry(task.status().label().to_owned()).or_insert(0) += 1;
+        }
+        counted
+    });
+    let count = |name: &str| counts.get(name).copied().unwrap_or(0);
     let summary = TaskSummary {
-        total: counts
-            .as_ref()
-            .map_or(0, |status| status.tasks_by_status.values().sum()),
+        total: counts.values().sum(),
         running: count("running"),
         completed: count("completed"),
         failed: count("failed"),
@@ -419,8 +411,10 @@ pub(super) async fn list(
     };
     Ok(Json(TaskList {
         summary,
-        running_tasks: running
+        running_tasks: page
+            .tasks
             .iter()
+            .filter(|task| task.status() == TaskStatus::Running)
             .map(|task| RunningTask {
                 task_id: shapes::public_id(task),
                 worker_id: task.worker_id.clone(),

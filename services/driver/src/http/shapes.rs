@@ -247,6 +247,7 @@ pub struct RunningTask {
 #[serde(rename_all = "camelCase")]
 pub struct TaskList {
     pub summary: TaskSummary,
+    /// The running tasks of this page.
     pub running_tasks: Vec<RunningTask>,
     /// Ours: a page of tasks, oldest first.
     pub tasks: Vec<TaskJson>,

@@ -53,6 +53,11 @@ function socketUrl(path, params) {
   return url.toString();
 }
 
+// Ids the driver makes are long; the start tells them apart, the tooltip has it whole.
+function short(id) {
+  return id.length > 12 ? id.slice(0, 8) : id;
+}
+
 function money(usd) {
   return usd ? "$" + Number(usd).toFixed(4) : "";
 }
@@ -119,7 +124,7 @@ async function refreshTasks() {
     const row = document.createElement("tr");
     row.dataset.task = task.clusterTaskId;
     if (task.clusterTaskId === state.selected) row.className = "selected";
-    cell(row, task.id);
+    cell(row, short(task.id)).title = task.id;
     cell(row, task.title);
     cell(row, task.status, "status s-" + task.status);
     cell(row, money(task.costUsd));
@@ -153,7 +158,7 @@ function describe(event) {
     case "result": return "= " + (event.subtype || "done") + (event.costUsd ? ", " + money(event.costUsd) : "");
     case "permissionDenied": return "denied: " + event.tool + " " + (event.text || "");
     case "output": return event.subtype + ": " + event.text;
-    default: return event.kind + (event.text ? ": " + event.text : "");
+    default: return event.kind + (event.subtype ? " " + event.subtype : "") + (event.text ? ": " + event.text : "");
   }
 }
 
@@ -243,7 +248,7 @@ async function refreshSessions() {
   for (const session of list.sessions) {
     const row = document.createElement("tr");
     row.dataset.session = session.id;
-    cell(row, session.id);
+    cell(row, short(session.id)).title = session.id;
     cell(row, session.state);
     cell(row, session.turns);
     cell(row, money(session.costUsd));
