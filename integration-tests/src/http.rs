@@ -56,8 +56,13 @@ pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: &s
     tokio::spawn(connection);
     let mut builder = Request::builder()
         .method(method)
-        .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
-        .header(hyper::header::HOST, &authority);
+        .uri(uri.path_and_query().map_or("/", |p| p.as_str()));
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
+    {
+        builder = builder.header(hyper::header::HOST, &authority);
+    }
     for (name, value) in headers {
         builder = builder.header(*name, *value);
     }

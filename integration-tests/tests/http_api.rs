@@ -424,6 +424,54 @@ async fn bad_input_is_answered_with_the_right_status() {
         "a WebSocket of an unknown task is refused at the handshake"
     );
 
+    // What a page of another site could make a browser send is refused: a request from
+    // another origin (forgery, or a WebSocket opened there), and a name other than loopback's
+    // (DNS rebinding).
+    let forged = http::request(
+        "POST",
+        &tasks,
+        &[
+            ("origin", "http://evil.example"),
+            ("content-type", "text/plain"),
+        ],
+        "{\"task\": \"BASH echo owned\"}",
+    )
+    .await;
+    assert_refused(&forged, 403, "Forbidden", "a request from another origin");
+    let hijack = http::request(
+        "GET",
+        &format!("{base}/ws/stats"),
+        &[("origin", "http://evil.example")],
+        "",
+    )
+    .await;
+    assert_refused(&hijack, 403, "Forbidden", "a WebSocket from another origin");
+    let rebound = http::request(
+        "GET",
+        &format!("{base}/tasks"),
+        &[("host", "evil.example:3000")],
+        "",
+    )
+    .await;
+    let message = assert_refused(&rebound, 403, "Forbidden", "a name other than loopback's");
+    assert!(message.contains("loopback"), "{message}");
+    let own = base.trim_start_matches("http://");
+    let same = http::request("GET", &format!("{base}/tasks"), &[("origin", &base)], "").await;
+    assert_status(
+        &same,
+        200,
+        &format!("a request from the console's own origin {own}"),
+    );
+    assert!(
+        cluster.all_tasks().await.iter().all(|t| !t
+            .spec
+            .as_ref()
+            .unwrap()
+            .prompt
+            .contains("owned")),
+        "the forged task was not submitted"
+    );
+
     // A task still running cannot be deleted twice over: the first DELETE cancels it, the
     // second removes it.
     let submitted = post_json(&tasks, &json!({"task": "HANG"})).await.json();

@@ -281,6 +281,7 @@ pub async fn spawn(
     let (http, http_addr) = match http_listener {
         Some((listener, address)) => {
             let face = Arc::new(http::HttpFace {
+                loopback: address.ip().is_loopback(),
                 api,
                 dispatcher: http_dispatcher,
                 leading: http_leading,

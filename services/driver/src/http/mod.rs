@@ -32,6 +32,8 @@ use crate::service::DriverService;
 
 /// What the handlers share.
 pub(crate) struct HttpFace {
+    /// Whether the face listens on loopback only: then only loopback names may call it.
+    pub loopback: bool,
     pub api: Arc<DriverService>,
     /// For the health probes, which answer without a key.
     pub dispatcher: Arc<Dispatcher>,
@@ -54,6 +56,60 @@ pub(crate) fn serve(listener: TcpListener, face: Arc<HttpFace>) -> JoinHandle<()
             tracing::warn!(error = %err, "the HTTP face stopped");
         }
     })
+}
+
+/// Refuses what a web page of another site could make a browser send: a request whose
+/// `Origin` is not the driver's own (cross-site request forgery, and WebSockets opened from
+/// another site, which browsers allow), and, on loopback, a `Host` that is not a loopback name
+/// (DNS rebinding). Without keys on loopback, the default, either would let any page the
+/// user visits run agents.
+pub(crate) async fn same_origin(
+    axum::extract::State(face): axum::extract::State<Arc<HttpFace>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let headers = request.headers();
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if face.loopback && !is_loopback_host(&host) {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "this HTTP face listens on loopback: call it as 127.0.0.1, [::1] or localhost, not `{}`",
+                host.chars().take(64).collect::<String>()
+            ),
+        )
+        .into_response();
+    }
+    if let Some(origin) = headers.get(axum::http::header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or_default().to_ascii_lowercase();
+        let authority = origin
+            .split_once("://")
+            .map(|(_, authority)| authority.trim_end_matches('/'));
+        if authority != Some(host.as_str()) {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "requests from pages of another origin are refused",
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Whether `host` (a `Host` header: name or address, and port) names this machine's loopback.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name == "localhost"
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Binds the HTTP face's address (`driver.http.listen`).
@@ -217,5 +273,30 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
         axum::extract::Query::try_from_uri(&parts.uri)
             .map(|axum::extract::Query(query)| Query(query))
             .map_err(|rejection| ApiError::bad_request(rejection.body_text()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn loopback_hosts_are_told_apart_from_names_that_could_point_anywhere() {
+        for host in [
+            "127.0.0.1:3000",
+            "localhost:3000",
+            "[::1]:3000",
+            "127.0.0.1",
+            "localhost",
+        ] {
+            assert!(super::is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example:3000",
+            "10.0.0.1:3000",
+            "",
+            "[::2]:1",
+            "localhost.evil.example",
+        ] {
+            assert!(!super::is_loopback_host(host), "{host}");
+        }
     }
 }

@@ -54,6 +54,14 @@ pub(super) fn router(face: Arc<HttpFace>) -> Router {
         )
         .route("/ws/stats", get(super::ws::stats))
         .fallback(|| async { ApiError::not_found("no such route") })
+        // As large as a gRPC message may be: a batch takes what SubmitTasks takes.
+        .layer(axum::extract::DefaultBodyLimit::max(
+            claudecluster_proto::MAX_MESSAGE_BYTES,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            face.clone(),
+            super::same_origin,
+        ))
         .with_state(face)
 }
 
