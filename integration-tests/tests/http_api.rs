@@ -98,6 +98,31 @@ async fn the_original_api_runs_a_task_from_submit_to_delete() {
     assert_status(&spec, 200, "the OpenAPI document");
     assert!(spec.content_type().starts_with("application/json"));
     let spec = spec.json();
+    for path in [
+        "/health",
+        "/health/ready",
+        "/health/live",
+        "/stats",
+        "/tasks",
+        "/tasks/batch",
+        "/tasks/{taskId}",
+        "/tasks/{taskId}/result",
+        "/tasks/{taskId}/progress",
+        "/tasks/{taskId}/events",
+        "/tasks/{taskId}/cancel",
+        "/workers",
+        "/workers/{workerId}",
+        "/workers/{workerId}/health",
+        "/sessions",
+        "/sessions/{sessionId}",
+        "/ws/tasks/{taskId}/progress",
+        "/ws/stats",
+    ] {
+        assert!(
+            spec["paths"][path].is_object(),
+            "{path} is in the OpenAPI document"
+        );
+    }
 
     // Probes.
     let health = http::get(&format!("{base}/health")).await;
@@ -399,6 +424,9 @@ async fn bad_input_is_answered_with_the_right_status() {
     let answer = post_json(&tasks, &json!({ "task": huge })).await;
     let message = assert_refused(&answer, 400, "Bad Request", "a prompt past the limit");
     assert!(message.contains("prompt"), "{message}");
+    let larger_than_a_message = "x".repeat(5 << 20);
+    let answer = post_json(&tasks, &json!({ "task": larger_than_a_message })).await;
+    assert_refused(&answer, 413, "Payload Too Large", "a body past 4 MiB");
 
     for (path, status, reason) in [
         ("/tasks/no-such-task", 404, "Not Found"),
