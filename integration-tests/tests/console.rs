@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use claudecluster_integration_tests::browser::Browser;
+use claudecluster_integration_tests::http;
 use claudecluster_integration_tests::*;
 use claudecluster_proto::v1::*;
 use serde_json::json;
@@ -113,4 +114,88 @@ async fn the_console_lists_workers_submits_a_task_and_streams_it_live() {
     println!("console screenshot: {}", shot.display());
     let errors = browser.errors();
     assert!(errors.is_empty(), "the page logged errors: {errors:#?}");
+}
+
+#[tokio::test]
+async fn sessions_and_their_conversation_over_http_and_in_the_console() {
+    let cluster = TestCluster::start(vec![WorkerSpec::in_mode(Mode::Container)]).await;
+    let session = cluster
+        .driver()
+        .await
+        .create_session(CreateSessionRequest {
+            spec: Some(SessionSpec::default()),
+        })
+        .await
+        .expect("create a session")
+        .into_inner()
+        .session
+        .unwrap();
+    let id = session.session_id.clone();
+    let reply = cluster.send_message(&id, "hello over http").await;
+    assert!(
+        reply.iter().any(|e| matches!(&e.kind,
+            Some(event::Kind::Text(t)) if t.text == "MOCK_REPLY turn=1: hello over http")),
+        "{reply:?}"
+    );
+
+    let base = cluster.http_url();
+    let listed = http::get(&format!("{base}/sessions")).await;
+    assert_eq!(listed.status, 200, "{}", listed.text());
+    let listed = listed.json();
+    assert_eq!(listed["sessions"][0]["id"], id.as_str(), "{listed}");
+    assert_eq!(listed["sessions"][0]["turns"], 1);
+    let idle = http::get(&format!("{base}/sessions?state=idle"))
+        .await
+        .json();
+    assert_eq!(idle["sessions"][0]["id"], id.as_str(), "{idle}");
+    let detail = http::get(&format!("{base}/sessions/{id}")).await;
+    assert_eq!(detail.status, 200, "{}", detail.text());
+    let detail = detail.json();
+    assert_eq!(detail["session"]["state"], "idle");
+    let events = detail["events"].as_array().unwrap();
+    assert!(
+        events.iter().any(|e| e["kind"] == "text"
+            && e["turn"] == 1
+            && e["text"] == "MOCK_REPLY turn=1: hello over http"),
+        "{detail}"
+    );
+    assert_eq!(
+        events.last().unwrap()["sequence"],
+        detail["session"]["lastSequence"],
+        "the whole conversation so far"
+    );
+
+    // The console shows the session, and its conversation once clicked.
+    let browser = Browser::start().await;
+    browser.open(&format!("{base}/")).await;
+    wait_until(Duration::from_secs(20), || async {
+        browser
+            .eval("document.querySelectorAll('#sessions tbody tr').length === 1")
+            .await
+            == json!(true)
+    })
+    .await
+    .expect("the console lists the session");
+    browser
+        .eval("document.querySelector('#sessions tbody tr').click(); true")
+        .await;
+    wait_until(Duration::from_secs(20), || async {
+        let conversation = browser.eval(&text_of("#conversation")).await;
+        conversation
+            .as_str()
+            .unwrap_or_default()
+            .contains("MOCK_REPLY turn=1: hello over http")
+    })
+    .await
+    .expect("the console shows the session's conversation");
+    let shot = artifacts().join("console-session.png");
+    browser.screenshot(&shot).await;
+    println!("console screenshot: {}", shot.display());
+    let errors = browser.errors();
+    assert!(errors.is_empty(), "the page logged errors: {errors:#?}");
+    let _ = cluster
+        .driver()
+        .await
+        .close_session(CloseSessionRequest { session_id: id })
+        .await;
 }

@@ -153,7 +153,8 @@ function describe(event) {
     case "text": return (event.thinking ? "(thinking) " : "") + event.text;
     case "toolUse": return "→ " + event.tool + " " + (event.input || "");
     case "toolResult": return (event.isError ? "← error: " : "← ") + (event.text || "");
-    case "status": return "[" + event.status + "]" + (event.reason ? " " + event.reason : "");
+    case "status":
+    case "sessionState": return "[" + event.status + "]" + (event.reason ? " " + event.reason : "");
     case "init": return "started (" + (event.model || "model") + ")";
     case "result": return "= " + (event.subtype || "done") + (event.costUsd ? ", " + money(event.costUsd) : "");
     case "permissionDenied": return "denied: " + event.tool + " " + (event.text || "");
