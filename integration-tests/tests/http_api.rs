@@ -509,6 +509,26 @@ async fn bad_input_is_answered_with_the_right_status() {
     let second = http::request("DELETE", &format!("{base}/tasks/{id}"), &[], "").await;
     assert_eq!(second.json()["deleted"], true);
     cluster.assert_unharmed().await;
+
+    // Without its scheduler the driver cannot say what the cluster holds: 503, and the
+    // probes say so.
+    cluster.scheduler.kill().await;
+    let stats = format!("{base}/stats");
+    let unavailable = wait_for(Duration::from_secs(30), || async {
+        let answer = http::get(&stats).await;
+        (answer.status == 503).then_some(answer)
+    })
+    .await
+    .expect("stats are unavailable without the scheduler");
+    assert_refused(&unavailable, 503, "Service Unavailable", "no scheduler");
+    let health = http::get(&format!("{base}/health")).await;
+    assert_status(&health, 503, "health without the scheduler");
+    assert_eq!(health.json()["status"], "unhealthy");
+    assert_status(
+        &http::get(&format!("{base}/health/live")).await,
+        200,
+        "the driver itself lives",
+    );
 }
 
 fn sha256(key: &str) -> String {

@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, body::Bytes};
-use claudecluster_proto::v1::driver_service_server::DriverService as _;
+use claudecluster_proto::v1::driver_service_server::DriverService as DriverApi;
 use claudecluster_proto::v1::*;
 use serde::Deserialize;
 use tokio_stream::{Stream, StreamExt};
@@ -476,13 +476,14 @@ pub(super) async fn result(
     })
 }
 
+type TaskEvents = <crate::service::DriverService as DriverApi>::StreamTaskEventsStream;
+
 async fn stream_events(
     face: &HttpFace,
     key: &Key,
     task_id: &str,
     after: u64,
-) -> Result<<super::super::service::DriverService as claudecluster_proto::v1::driver_service_server::DriverService>::StreamTaskEventsStream, ApiError>
-{
+) -> Result<TaskEvents, ApiError> {
     let request = face.request(
         key,
         StreamTaskEventsRequest {
