@@ -6,6 +6,7 @@ const KEY_STORE = "claudecluster.key";
 const state = {
   key: localStorage.getItem(KEY_STORE) || "",
   selected: null,
+  tailToken: "",
   progress: null,
   stats: null,
   session: null,
@@ -110,17 +111,37 @@ function watchStats() {
 
 // --- tasks ---
 
+// Tasks come oldest first: the newest are on the last pages. The page before the last is
+// remembered, so that a refresh reads two pages, not the whole history.
+async function newestTasks() {
+  let token = state.tailToken || "";
+  let previous = token;
+  let earlier = [];
+  let latest = [];
+  for (let pages = 0; pages < 100; pages++) {
+    const page = await api("GET", "tasks?limit=500" + (token ? "&pageToken=" + encodeURIComponent(token) : ""));
+    earlier = latest;
+    latest = page.tasks;
+    if (!page.nextPageToken) break;
+    previous = token;
+    token = page.nextPageToken;
+  }
+  state.tailToken = previous;
+  return earlier.concat(latest).slice(-200);
+}
+
 async function refreshTasks() {
-  let list;
+  let tasks;
   try {
-    list = await api("GET", "tasks?limit=200");
+    tasks = await newestTasks();
   } catch (error) {
+    state.tailToken = "";
     setConnection(error.message, true);
     return;
   }
   const body = $("#tasks tbody");
   body.replaceChildren();
-  for (const task of list.tasks.slice().reverse()) {
+  for (const task of tasks.reverse()) {
     const row = document.createElement("tr");
     row.dataset.task = task.clusterTaskId;
     if (task.clusterTaskId === state.selected) row.className = "selected";
@@ -291,6 +312,7 @@ $("#key-form").onsubmit = (event) => {
   event.preventDefault();
   state.key = $("#key").value.trim();
   localStorage.setItem(KEY_STORE, state.key);
+  state.tailToken = "";
   watchStats();
   refreshTasks();
   refreshSessions();
