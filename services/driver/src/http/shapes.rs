@@ -292,7 +292,8 @@ pub struct EventJson {
     /// of `result`, the message of `permissionDenied` or `retry`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
-    /// `status`: the task's (original names); `sessionState`: the session's.
+    /// `status`: the task's, by the driver's names (`assigned` too); `sessionState`: the
+    /// session's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -318,6 +319,12 @@ pub struct EventJson {
     /// `output`: `stdout` or `stderr`; `result`, `other`: the subtype.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subtype: Option<String>,
+    /// In `progress` frames, the original's progress fields: 0, or 100 with the final status.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<u32>,
+    /// In `progress` frames: what the agent did, in words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_step: Option<String>,
 }
 
 /// A WebSocket frame: `progress` (data: an event), `completed` (data: the result),
@@ -827,15 +834,20 @@ pub fn task_json(task: &Task) -> TaskJson {
 /// What the agent did last, in words, from its latest event.
 pub fn current_step(task: &Task, last: Option<&EventJson>) -> String {
     match last {
-        Some(event) => match event.kind.as_str() {
-            "text" => "writing".to_owned(),
-            "toolUse" => format!("calling {}", event.tool.as_deref().unwrap_or("a tool")),
-            "toolResult" => "reading a tool's result".to_owned(),
-            "init" => "started".to_owned(),
-            "status" => event.status.clone().unwrap_or_default(),
-            other => other.to_owned(),
-        },
+        Some(event) => step_of(event),
         None => status_name(task.status()).to_owned(),
+    }
+}
+
+/// What `event` says the agent is doing, in words.
+pub fn step_of(event: &EventJson) -> String {
+    match event.kind.as_str() {
+        "text" => "writing".to_owned(),
+        "toolUse" => format!("calling {}", event.tool.as_deref().unwrap_or("a tool")),
+        "toolResult" => "reading a tool's result".to_owned(),
+        "init" => "started".to_owned(),
+        "status" => event.status.clone().unwrap_or_default(),
+        other => other.to_owned(),
     }
 }
 

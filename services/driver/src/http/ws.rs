@@ -148,7 +148,10 @@ pub(super) async fn task_progress(
                     Some(Ok(answer)) => {
                         let Some(event) = answer.event else { continue };
                         let ended = shapes::ends_task(&event);
-                        if socket.send(frame("progress", shapes::event_json(&event))).await.is_err() {
+                        let mut progress = shapes::event_json(&event);
+                        progress.progress = Some(if ended.is_some() { 100 } else { 0 });
+                        progress.current_step = Some(shapes::step_of(&progress));
+                        if socket.send(frame("progress", progress)).await.is_err() {
                             return;
                         }
                         if let Some(status) = ended {
