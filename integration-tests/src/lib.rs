@@ -4,8 +4,10 @@
 //! Every component a test needs is required: when one is missing the test fails with a
 //! message saying how to install it (`scripts/setup.sh`), it never passes by skipping.
 
+pub mod browser;
 pub mod docker;
 pub mod forge;
+pub mod http;
 pub mod otlp;
 pub mod postgres;
 pub mod standin;
@@ -106,6 +108,8 @@ pub struct ServiceProcess {
     pub address: String,
     /// Where it serves `/metrics`, when `telemetry.metricsListen` is set.
     pub metrics: Option<String>,
+    /// A driver's HTTP face (REST, WebSockets, console), when it serves one.
+    pub http: Option<String>,
     child: Child,
     /// Everything the process wrote to stderr (its logs), also passed on to the test's stderr.
     log: std::sync::Arc<std::sync::Mutex<String>>,
@@ -119,11 +123,12 @@ impl ServiceProcess {
     /// `XDG_DATA_HOME`.
     pub async fn start(subcommand: &str, config: &Path, env: &[(String, String)]) -> Self {
         let log = std::sync::Arc::default();
-        let (child, address, metrics) = Self::spawn(subcommand, config, env, &log).await;
+        let (child, address, metrics, http) = Self::spawn(subcommand, config, env, &log).await;
         ServiceProcess {
             name: subcommand.to_owned(),
             address,
             metrics,
+            http,
             child,
             log,
             config: config.to_owned(),
@@ -136,7 +141,7 @@ impl ServiceProcess {
         config: &Path,
         env: &[(String, String)],
         log: &std::sync::Arc<std::sync::Mutex<String>>,
-    ) -> (Child, String, Option<String>) {
+    ) -> (Child, String, Option<String>, Option<String>) {
         let data = config
             .parent()
             .expect("a config file lies in a directory")
@@ -146,6 +151,8 @@ impl ServiceProcess {
             .arg("--config")
             .arg(config)
             .env("XDG_DATA_HOME", data)
+            // A driver's HTTP face on a free port: tests run side by side, and 3000 is one port.
+            .env("CLAUDECLUSTER_DRIVER__HTTP__LISTEN", "127.0.0.1:0")
             .envs(env.iter().cloned())
             .env(
                 "CLAUDECLUSTER_LOG",
@@ -180,6 +187,7 @@ impl ServiceProcess {
         };
         let marker = format!("claudecluster: {service} listening on ");
         let mut metrics = None;
+        let mut http = None;
         let address = tokio::time::timeout(Duration::from_secs(60), async {
             while let Some(line) = lines.next_line().await.unwrap() {
                 if let Some(address) = line.strip_prefix(&marker) {
@@ -188,6 +196,9 @@ impl ServiceProcess {
                 if let Some(address) = line.strip_prefix("claudecluster: metrics listening on ") {
                     metrics = Some(address.to_owned());
                 }
+                if let Some(address) = line.strip_prefix("claudecluster: http listening on ") {
+                    http = Some(address.to_owned());
+                }
             }
             panic!("claudecluster {subcommand} exited before listening")
         })
@@ -195,7 +206,7 @@ impl ServiceProcess {
         .unwrap_or_else(|_| panic!("claudecluster {subcommand} did not listen within 60 s"));
         // Keep reading stdout so the process never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        (child, address, metrics)
+        (child, address, metrics, http)
     }
 
     /// Starts `claudecluster up --config <config>`; its address is the driver's.
@@ -245,9 +256,10 @@ impl ServiceProcess {
             1,
         );
         std::fs::write(&self.config, pinned).unwrap();
-        let (child, address, metrics) =
+        let (child, address, metrics, http) =
             Self::spawn(&self.name, &self.config, &self.env, &self.log).await;
         self.metrics = metrics;
+        self.http = http;
         assert_eq!(address, self.address, "restarted on the same address");
         self.child = child;
     }
@@ -269,6 +281,15 @@ pub fn send_signal(pid: u32, signal: i32) {
     // SAFETY: kill(2) takes plain integers and touches no memory of ours.
     unsafe {
         libc::kill(pid as i32, signal);
+    }
+}
+
+#[allow(unsafe_code)]
+pub fn send_signal_to_group(pgid: u32, signal: i32) {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours; a negative pid
+    // names the process group the test started.
+    unsafe {
+        libc::kill(-(pgid as i32), signal);
     }
 }
 
@@ -575,6 +596,17 @@ impl TestCluster {
         });
         DriverServiceClient::new(
             claudecluster_grpc::client_channel(&self.driver.address, bearer, tls.as_ref()).unwrap(),
+        )
+    }
+
+    /// The base URL of the driver's HTTP face (`http://127.0.0.1:<port>`).
+    pub fn http_url(&self) -> String {
+        format!(
+            "http://{}",
+            self.driver
+                .http
+                .as_deref()
+                .expect("the driver serves HTTP (driver.http.listen)")
         )
     }
 

@@ -424,6 +424,7 @@ async fn a_driver_with_no_keys_serves_loopback_only_unless_told_otherwise() {
         .args(["driver", "--config"])
         .arg(&config)
         .env("XDG_DATA_HOME", dir.path().join("data"))
+        .env("CLAUDECLUSTER_DRIVER__HTTP__LISTEN", "127.0.0.1:0")
         .output()
         .await
         .unwrap();

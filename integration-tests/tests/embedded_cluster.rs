@@ -10,6 +10,8 @@ use tokio::process::Command;
 struct Up {
     child: tokio::process::Child,
     driver: String,
+    /// The driver's HTTP face: `up` serves it too.
+    http: String,
 }
 
 async fn up(dir: &std::path::Path, api: &StandinApi) -> Up {
@@ -33,17 +35,24 @@ async fn up(dir: &std::path::Path, api: &StandinApi) -> Up {
         .env("ANTHROPIC_API_KEY", "sk-ant-standin-secret")
         .env("CLAUDE_CODE_MAX_RETRIES", "0")
         .env("XDG_DATA_HOME", dir.join("data"))
+        // Not the default port 3000: tests run side by side.
+        .env("CLAUDECLUSTER_DRIVER__HTTP__LISTEN", "127.0.0.1:0")
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut driver = None;
+    let mut http = None;
     let mut listening = 0;
-    while listening < 3 {
+    // The scheduler, the driver's HTTP face, the driver and the worker.
+    while listening < 4 {
         let line = lines.next_line().await.unwrap().expect("`up` exited early");
         if let Some(address) = line.strip_prefix("claudecluster: driver listening on ") {
             driver = Some(address.to_owned());
+        }
+        if let Some(address) = line.strip_prefix("claudecluster: http listening on ") {
+            http = Some(address.to_owned());
         }
         if line.contains(" listening on ") {
             listening += 1;
@@ -52,6 +61,7 @@ async fn up(dir: &std::path::Path, api: &StandinApi) -> Up {
     Up {
         child,
         driver: driver.expect("the driver's address"),
+        http: http.expect("the HTTP face's address"),
     }
 }
 
@@ -76,6 +86,13 @@ async fn up_runs_a_task_that_the_client_follows_to_the_end() {
     })
     .await
     .expect("the embedded worker registers");
+    let workers = http::get(&format!("http://{}/workers", cluster.http))
+        .await
+        .json();
+    assert_eq!(
+        workers["workers"][0]["mode"], "process_pool",
+        "`up` serves the HTTP face over the same driver: {workers}"
+    );
 
     let output = client(
         &cluster.driver,

@@ -138,6 +138,7 @@ async fn driver_that_cannot_start(config: &std::path::Path) -> (Option<i32>, Str
             .arg("driver")
             .arg("--config")
             .arg(config)
+            .env("CLAUDECLUSTER_DRIVER__HTTP__LISTEN", "127.0.0.1:0")
             .output(),
     )
     .await

@@ -156,6 +156,36 @@ pub struct DriverConfig {
     /// Webhooks told of finished tasks, answered session messages, denied permissions,
     /// unhealthy workers and spent budgets.
     pub notifications: NotificationsConfig,
+    /// The original REST and WebSocket API, and the web console.
+    pub http: HttpConfig,
+}
+
+/// The driver's HTTP face: the original system's REST and WebSocket API (port 3000) and the
+/// web console, over the same service code, keys, scopes and quotas as gRPC. Plain HTTP: put
+/// a TLS-terminating proxy in front of it beyond one machine.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Where it listens, host:port; an empty string turns it off.
+    pub listen: String,
+    /// How often `/ws/stats` sends the cluster's stats.
+    pub stats_interval: Seconds,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:3000".into(),
+            stats_interval: Seconds(Duration::from_secs(2)),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The address to listen on, unless turned off.
+    pub fn listen(&self) -> Option<&str> {
+        Some(self.listen.trim()).filter(|listen| !listen.is_empty())
+    }
 }
 
 /// A spending limit in USD, per UTC day and per UTC month (0: none), over the cost agents
@@ -272,6 +302,7 @@ impl Default for DriverConfig {
             insecure: false,
             budget: BudgetConfig::default(),
             notifications: NotificationsConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -888,6 +919,20 @@ impl ClusterConfig {
                 &format!("`{address}` is not an address of the form host:port"),
             );
         }
+        if let Some(listen) = self.driver.http.listen() {
+            check(
+                is_host_port(listen),
+                "driver.http.listen",
+                &format!(
+                    "`{listen}` is not an address of the form host:port (an empty string turns HTTP off)"
+                ),
+            );
+        }
+        check(
+            !self.driver.http.stats_interval.get().is_zero(),
+            "driver.http.statsInterval",
+            "must be longer than zero",
+        );
         check(
             self.driver.store.max_connections >= 1,
             "driver.store.maxConnections",

@@ -372,3 +372,33 @@ fn the_kubernetes_orchestrator_is_taken_and_others_are_named() {
         "{err}"
     );
 }
+
+#[test]
+fn the_driver_serves_http_on_3000_unless_moved_or_turned_off() {
+    let config = load(None, FileLayout::Cluster, vars(&[])).unwrap();
+    assert_eq!(config.driver.http.listen(), Some("127.0.0.1:3000"));
+    assert_eq!(
+        config.driver.http.stats_interval.get(),
+        std::time::Duration::from_secs(2)
+    );
+    let file = write("listen: 127.0.0.1:0\nhttp:\n  listen: \"\"\n");
+    let config = load(Some(file.path()), FileLayout::Section("driver"), vars(&[])).unwrap();
+    assert_eq!(
+        config.driver.http.listen(),
+        None,
+        "an empty address turns it off"
+    );
+    let config = load(
+        None,
+        FileLayout::Cluster,
+        vars(&[("CLAUDECLUSTER_DRIVER__HTTP__LISTEN", "0.0.0.0:8080")]),
+    )
+    .unwrap();
+    assert_eq!(config.driver.http.listen(), Some("0.0.0.0:8080"));
+    let file = write("http:\n  listen: port-3000\n");
+    let err = load(Some(file.path()), FileLayout::Section("driver"), vars(&[])).unwrap_err();
+    let (key, origin, message) = invalid(err);
+    assert_eq!(key, "http.listen", "as written in the driver's own file");
+    assert_eq!(origin, format!("file {}", file.path().display()));
+    assert!(message.contains("host:port"), "{message}");
+}

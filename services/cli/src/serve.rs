@@ -152,6 +152,10 @@ async fn start(
             identity(&config.driver.tls, "driver")?,
         )
         .await?;
+        // Before the driver's line, which scripts (and the tests) take as "started".
+        if let Some(http) = driver.http_addr {
+            announce("http", http);
+        }
         announce("driver", driver.local_addr);
         running.driver = Some(driver);
     }

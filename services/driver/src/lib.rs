@@ -8,6 +8,7 @@ pub mod benchmark;
 mod db;
 mod dispatch;
 mod error;
+mod http;
 mod journal;
 mod leader;
 mod listing;
@@ -37,12 +38,15 @@ pub use error::DriverError;
 /// A running driver.
 pub struct Handle {
     pub local_addr: SocketAddr,
+    /// Where the HTTP face (REST, WebSockets, console) listens, unless it is turned off.
+    pub http_addr: Option<SocketAddr>,
     stop: CancellationToken,
     /// Cancelled when the driver stops on its own: it lost its lead on a shared store.
     lost: CancellationToken,
     /// Ends with the lock this driver leads by, when it leads.
     leading: JoinHandle<Option<leader::Leadership>>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
+    http: Option<JoinHandle<()>>,
     writer: JoinHandle<()>,
     db: Arc<db::Db>,
 }
@@ -57,6 +61,9 @@ impl Handle {
             .server
             .await
             .expect("the driver's server task panicked");
+        if let Some(http) = self.http {
+            let _ = http.await;
+        }
         let _ = self.writer.await;
         // Gives up the lead once the last writes are stored: a standby takes over at once.
         if let Ok(Some(leadership)) = self.leading.await {
@@ -93,6 +100,10 @@ pub enum StartError {
         "refusing to serve {address} beyond loopback with no API keys and no TLS, where anyone who reaches it could do anything: add keys (`driver.auth.apiKeys`) or TLS (`driver.tls`), listen on 127.0.0.1, or set `driver.insecure: true`"
     )]
     Insecure { address: std::net::SocketAddr },
+    #[error(
+        "refusing to serve HTTP on {address} beyond loopback with no API keys, where anyone who reaches it could do anything: add keys (`driver.auth.apiKeys`), listen on 127.0.0.1 (`driver.http.listen`), turn HTTP off (`driver.http.listen: \"\"`), or set `driver.insecure: true`"
+    )]
+    InsecureHttp { address: std::net::SocketAddr },
 }
 
 /// The store's URL: `driver.store.url`, or SQLite in the data directory.
@@ -126,6 +137,19 @@ pub async fn spawn(
             address = %local_addr,
             "no API keys: every caller of the driver may do anything; keep it on loopback or add keys (driver.auth.apiKeys)"
         );
+    }
+    // Bound before anything starts, so that a taken port fails the start.
+    let http_listener = match config.http.listen() {
+        Some(address) => Some(http::bind(address).await?),
+        None => None,
+    };
+    // The HTTP face is plain HTTP: TLS on gRPC does not cover it.
+    if let Some((_, address)) = &http_listener
+        && !keys_exist
+        && !address.ip().is_loopback()
+        && !config.insecure
+    {
+        return Err(StartError::InsecureHttp { address: *address });
     }
     let live = Arc::new(store::Live::default());
     let stop = CancellationToken::new();
@@ -171,21 +195,24 @@ pub async fn spawn(
     };
     // A standby answers health checks (NOT_SERVING) and refuses the API until it leads.
     let leading = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // One service behind both faces: gRPC, and HTTP calling its methods.
+    let api = Arc::new(service::DriverService::new(
+        store.clone(),
+        sessions.clone(),
+        dispatcher.clone(),
+        auth::Auth::new(db.clone(), &config.auth, keys_exist),
+        limits,
+        usage.clone(),
+        stop.clone(),
+    ));
     let routes = routes.add_service(tonic::service::interceptor::InterceptedService::new(
-        DriverServiceServer::new(service::DriverService::new(
-            store.clone(),
-            sessions.clone(),
-            dispatcher.clone(),
-            auth::Auth::new(db.clone(), &config.auth, keys_exist),
-            limits,
-            usage.clone(),
-            stop.clone(),
-        ))
-        .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES),
+        DriverServiceServer::from_arc(api.clone())
+            .max_decoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(claudecluster_proto::MAX_MESSAGE_BYTES),
         LeaderGate(leading.clone()),
     ));
     let lost = CancellationToken::new();
+    let (http_dispatcher, http_leading) = (dispatcher.clone(), leading.clone());
     let lead = Lead {
         db: db.clone(),
         store,
@@ -251,9 +278,27 @@ pub async fn spawn(
             claudecluster_grpc::serve(listener, routes, tls, stop.cancelled_owned()).await
         })
     };
+    let (http, http_addr) = match http_listener {
+        Some((listener, address)) => {
+            let face = Arc::new(http::HttpFace {
+                loopback: address.ip().is_loopback(),
+                api,
+                dispatcher: http_dispatcher,
+                leading: http_leading,
+                stop: stop.clone(),
+                started: opened,
+                stats_interval: config.http.stats_interval.get(),
+            });
+            tracing::info!(address = %address, "driver serving HTTP (REST, WebSockets, console)");
+            (Some(http::serve(listener, face)), Some(address))
+        }
+        None => (None, None),
+    };
     tracing::info!(address = %local_addr, scheduler = %config.scheduler_address, "driver listening");
     Ok(Handle {
         local_addr,
+        http_addr,
+        http,
         stop,
         lost,
         leading,
