@@ -453,7 +453,14 @@ impl Runtime {
 
     /// The scheduler confirmed a registration of this worker.
     pub fn registered(&self) {
-        self.registrations.send_modify(|count| *count += 1);
+        let mut first = false;
+        self.registrations.send_modify(|count| {
+            *count += 1;
+            first = *count == 1;
+        });
+        if first {
+            give_back_freed_memory();
+        }
     }
 
     pub(crate) fn registrations(&self) -> watch::Receiver<u64> {
@@ -1213,6 +1220,18 @@ impl Runtime {
             ..BranchResult::default()
         });
         (changes, Some(branch))
+    }
+}
+
+/// Returns the heap start-up allocated and freed (the configuration, Docker's answers while
+/// cleaning up after an earlier run) to the system: an idle worker should hold only what it
+/// uses, whichever providers it runs.
+#[allow(unsafe_code)]
+fn give_back_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of glibc's allocator; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
