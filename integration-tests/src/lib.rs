@@ -4,6 +4,7 @@
 //! Every component a test needs is required: when one is missing the test fails with a
 //! message saying how to install it (`scripts/setup.sh`), it never passes by skipping.
 
+pub mod bench_report;
 pub mod browser;
 pub mod docker;
 pub mod forge;

