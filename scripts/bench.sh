@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Measures the cluster against baselines taken in the same run and prints a Markdown table.
+# Measures every figure of BENCHMARKS.md against its baseline, taken in the same run, and
+# writes BENCHMARKS.md (a full run: under 10 minutes on 2 cores; `--quick`: under 2).
+# `scripts/bench.sh [--quick] SECTION…` measures those sections only and prints them.
 # Uses the real Claude Code CLI against the project's stand-in API on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
