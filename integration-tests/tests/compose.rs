@@ -308,6 +308,7 @@ async fn the_compose_project_serves_both_workers_a_session_and_phase_zero_then_l
     let api = StandinApi::start_on(&host_address).await.unwrap();
     let key = format!("cck_compose_{}", uuid::Uuid::new_v4().simple());
     let driver_port = free_port("127.0.0.1");
+    let http_port = free_port("127.0.0.1");
     let mcp_port = free_port("127.0.0.1");
     let workspaces = tempfile::Builder::new()
         .prefix("cc-compose-")
@@ -324,6 +325,7 @@ async fn the_compose_project_serves_both_workers_a_session_and_phase_zero_then_l
         ("CLAUDECLUSTER_WORKER_IMAGE", WORKER_IMAGE.to_owned()),
         ("CLAUDECLUSTER_AGENT_IMAGE", agent_image()),
         ("CLAUDECLUSTER_DRIVER_PORT", driver_port.to_string()),
+        ("CLAUDECLUSTER_HTTP_PORT", http_port.to_string()),
         (
             "CLAUDECLUSTER_SCHEDULER_PORT",
             free_port("127.0.0.1").to_string(),
@@ -428,6 +430,25 @@ async fn the_compose_project_serves_both_workers_a_session_and_phase_zero_then_l
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    // The HTTP face is published too, behind the same key.
+    let http = format!("http://127.0.0.1:{http_port}");
+    let bearer = format!("Bearer {key}");
+    let workers = claudecluster_integration_tests::http::request(
+        "GET",
+        &format!("{http}/workers"),
+        &[("authorization", &bearer)],
+        "",
+    )
+    .await;
+    assert_eq!(workers.status, 200, "{}", workers.text());
+    assert_eq!(
+        workers.json()["workers"].as_array().map(Vec::len),
+        Some(2),
+        "{}",
+        workers.text()
+    );
+    let anonymous = claudecluster_integration_tests::http::get(&format!("{http}/workers")).await;
+    assert_eq!(anonymous.status, 401);
 
     // A task on the process-pool worker: a `claude` process inside the worker's container.
     let on_process_worker = run_task(
