@@ -277,8 +277,24 @@ impl Tracking {
     /// Files, insertions and deletions changed since the base. One `git diff` gives both
     /// what changed (`--raw`) and by how many lines (`--numstat`): a task's end waits for it.
     pub async fn summary(&self) -> Result<ChangeSummary, String> {
+        // A workspace that started empty and still is has no changes: no git needs to run (a
+        // one-turn answer that wrote nothing ends without starting a process).
+        if !self.git_dir().is_dir() && self.workspace_is_empty().await? {
+            return Ok(ChangeSummary::default());
+        }
         let base = self.refresh().await?;
         self.summary_against(base).await
+    }
+
+    async fn workspace_is_empty(&self) -> Result<bool, String> {
+        let mut entries = tokio::fs::read_dir(&self.workspace)
+            .await
+            .map_err(|err| format!("cannot read the workspace: {err}"))?;
+        Ok(entries
+            .next_entry()
+            .await
+            .map_err(|err| format!("cannot read the workspace: {err}"))?
+            .is_none())
     }
 
     /// The summary of `changes`, just taken.
@@ -671,6 +687,25 @@ mod tests {
         tracking.diff(&changes, &[], 1 << 20).await.unwrap();
         tracking.commit("m", ("n", "e@x")).await.unwrap();
         assert!(!marker.exists(), "the workspace's git config ran");
+    }
+
+    #[tokio::test]
+    async fn an_empty_workspace_without_a_repository_is_summarised_without_git() {
+        let root = tempfile::tempdir().unwrap();
+        let workspace = root.path().join("workspace");
+        std::fs::create_dir_all(&workspace).unwrap();
+        let tracking = tracking(root.path(), workspace.clone());
+        tracking.record().await.unwrap();
+        assert_eq!(tracking.summary().await.unwrap(), ChangeSummary::default());
+        assert!(!tracking.git_dir().exists(), "no git ran");
+        // Once something is there, git counts it.
+        std::fs::write(workspace.join("one.txt"), "1\n2\n").unwrap();
+        let summary = tracking.summary().await.unwrap();
+        assert_eq!(
+            (summary.files_added, summary.insertions),
+            (1, 2),
+            "{summary:?}"
+        );
     }
 
     #[tokio::test]
