@@ -211,10 +211,7 @@ impl Report {
             "`scripts/bench.sh {}` ({:.0} s)\n",
             section.key, section.seconds
         );
-        let _ = writeln!(
-            text,
-            "| figure | baseline | value | ratio | seed's target |"
-        );
+        let _ = writeln!(text, "| figure | baseline | value | ratio | target |");
         let _ = writeln!(text, "|---|---|---|---|---|");
         for figure in &section.figures {
             let _ = writeln!(text, "{}", figure.row());
@@ -237,7 +234,8 @@ impl Report {
              the p99 and the number of runs (n) where a figure was sampled more than once; the \
              ratio is of the medians, value over baseline. `scripts/bench.sh SECTION` measures \
              one section; `--quick` takes fewer samples and smaller sizes. The in-process hot \
-             paths also have criterion benchmarks: `cargo bench`.\n"
+             paths also have criterion benchmarks: `cargo bench`. Targets are the seed's success \
+             metrics (marked *seed*) and the performance goals the project set itself.\n"
         );
         let _ = writeln!(text, "{machine}\n");
         for section in &self.sections {

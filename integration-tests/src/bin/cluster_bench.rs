@@ -420,7 +420,8 @@ async fn container_mode(scale: Scale) -> Vec<Figure> {
         Figure::new(
             "new container start: ASSIGNED to RUNNING",
             Samples::new(starts, "ms", 0),
-        ),
+        )
+        .target("< 10 s (seed)"),
         Figure::new("warm-pool hand-out", Samples::new(hand_outs, "ms", 3)),
     ];
     figures.extend(phases.figures("warm container task"));
@@ -497,7 +498,7 @@ async fn worker_memory(scale: Scale) -> Vec<Figure> {
             Samples::new(dual, "KiB", 0),
         )
         .against("one mode", Samples::new(single, "KiB", 0))
-        .target("≤ 1.05"),
+        .target("≤ 1.05 (seed: < 1.10)"),
         Figure::new(
             "the same, its own memory only (RssAnon: without the pages of the binary it shares)",
             Samples::new(dual_anon, "KiB", 0),
@@ -659,6 +660,7 @@ async fn mode_switch(scale: Scale) -> Figure {
         "execution mode switch, both ways, drain excluded",
         Samples::new(switches, "ms", 0),
     )
+    .target("< 1 s (seed)")
 }
 
 fn placement_at_scale() -> Vec<Figure> {
@@ -741,7 +743,8 @@ async fn mcp(scale: Scale) -> Vec<Figure> {
         Figure::new(
             "spawn_claude_container until the child container runs",
             Samples::new(samples("spawn_ms"), "ms", 0),
-        ),
+        )
+        .target("< 10 s (seed: container spawn)"),
         Figure::new(
             "get_task_status through MCP (stdio)",
             Samples::new(samples("mcp_call_ms"), "ms", 2),
@@ -933,7 +936,8 @@ async fn security(scale: Scale) -> Vec<Figure> {
             "GetTask, TLS and API keys on (one connection)",
             Samples::new(secured_get, "ms", 3),
         )
-        .against("both off", Samples::new(plain_get, "ms", 3)),
+        .against("both off", Samples::new(plain_get, "ms", 3))
+        .target("no degradation (seed: API latency)"),
     ];
     let (mut plain_runs, mut secured_runs) = (Vec::new(), Vec::new());
     for _ in 0..scale.pick(3, 9) {
