@@ -35,14 +35,16 @@ apt_install() {
 }
 
 # Debian packages: the Docker engine (docker.io) and Compose (docker-compose, 1.29),
-# debootstrap for the offline images, git for cloning task repositories, tmux for the
-# terminal view's test, chromium for the web console's test (headless, over DevTools).
+# debootstrap for the offline images, git for cloning task repositories, iproute2 for the
+# bridges of tests' own Docker daemons, tmux for the terminal view's test, chromium for the
+# web console's test (headless, over DevTools).
 missing=()
 command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 command -v git >/dev/null 2>&1 || missing+=(git)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v tmux >/dev/null 2>&1 || missing+=(tmux)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)

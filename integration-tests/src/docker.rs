@@ -133,11 +133,14 @@ impl Drop for DockerProxy {
     }
 }
 
-/// A Docker daemon of a test's own (its data and run directories, its socket, no bridge and no
-/// iptables rules), with the agent image loaded from the host's daemon, so that the test may
-/// stop and start it without touching the daemon other tests use.
+/// A Docker daemon of a test's own (its data and run directories, its socket, its own default
+/// bridge and no iptables rules), with the agent image loaded from the host's daemon, so that
+/// the test may stop and start it without touching the daemon other tests use.
 pub struct TestDockerd {
     dir: tempfile::TempDir,
+    /// The daemon's default bridge, made for it: started with `--bridge=none` instead, dockerd
+    /// deletes the host's `docker0`, which the host's daemon makes again only when it restarts.
+    bridge: String,
     child: Option<std::process::Child>,
 }
 
@@ -148,7 +151,12 @@ impl TestDockerd {
             .prefix("cc-dockerd-")
             .tempdir_in("/var/tmp")
             .unwrap();
-        let mut daemon = TestDockerd { dir, child: None };
+        let bridge = own_bridge();
+        let mut daemon = TestDockerd {
+            dir,
+            bridge,
+            child: None,
+        };
         daemon.resume().await;
         let image = agent_image();
         let load = tokio::process::Command::new("sh")
@@ -189,8 +197,9 @@ impl TestDockerd {
             .arg(root.join("dockerd.pid"))
             .arg("-H")
             .arg(self.host())
+            .arg("--bridge")
+            .arg(&self.bridge)
             .args([
-                "--bridge=none",
                 "--iptables=false",
                 "--ip-masq=false",
                 "--ip-forward=false",
@@ -259,5 +268,41 @@ impl Drop for TestDockerd {
                 .args(["-l", point])
                 .output();
         }
+        let _ = ip(&["link", "delete", &self.bridge]);
     }
+}
+
+/// Makes a bridge for one test daemon: a name and a /24 of 10.213.0.0/16 of its own, from the
+/// test process and a count within it, so that daemons of tests running at once do not meet.
+fn own_bridge() -> String {
+    static MADE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let made = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let pid = std::process::id();
+    let name = format!("ccd{pid}x{made}");
+    let subnet = (pid.wrapping_mul(7).wrapping_add(made)) % 250 + 1;
+    let _ = ip(&["link", "delete", &name]);
+    for args in [
+        vec!["link", "add", "name", &name, "type", "bridge"],
+        vec![
+            "addr",
+            "add",
+            &format!("10.213.{subnet}.1/24"),
+            "dev",
+            &name,
+        ],
+        vec!["link", "set", &name, "up"],
+    ] {
+        let output = ip(&args).expect("iproute2 is installed (scripts/setup.sh)");
+        assert!(
+            output.status.success(),
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    name
+}
+
+fn ip(args: &[&str]) -> std::io::Result<std::process::Output> {
+    std::process::Command::new("ip").args(args).output()
 }
