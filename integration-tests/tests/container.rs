@@ -497,6 +497,47 @@ async fn docker_going_away_mid_task_fails_it_and_the_container_is_removed_when_d
     })
     .await
     .expect("the worker removes the container once Docker is back");
+    // And the task's own network, which Docker could not remove while the container was on it.
+    assert_networks_removed(&format!("claudecluster.worker={}", cluster.worker_ids[0])).await;
+}
+
+#[tokio::test]
+async fn a_worker_stopped_just_after_docker_returns_leaves_nothing_behind() {
+    let scratch = tempfile::tempdir().unwrap();
+    let proxy = DockerProxy::start(scratch.path());
+    let worker = WorkerSpec {
+        docker_socket: Some(proxy.path().to_path_buf()),
+        ..container_worker()
+    };
+    let mut cluster = TestCluster::start(vec![worker]).await;
+    let task = cluster.submit(prompt("HANG")).await;
+    cluster.wait_for_agent(&task.task_id).await;
+    proxy.cut();
+    let (ended, _) = cluster.finish(&task.task_id).await;
+    assert_eq!(ended.status(), TaskStatus::Failed);
+    let label = format!("claudecluster.worker={}", cluster.worker_ids[0]);
+    let networks = || {
+        let filter = format!("label={label}");
+        async move {
+            let listed = docker(&["network", "ls", "-q", "--filter", &filter]).await;
+            listed.lines().count()
+        }
+    };
+    assert_eq!(
+        containers_with_label(&label).await.len(),
+        1,
+        "still running"
+    );
+    assert_eq!(networks().await, 1, "the task's network is still there");
+    // Stopped before its next health check could remove them: its shutdown does.
+    proxy.restore();
+    cluster.workers[0].signal(libc::SIGTERM);
+    cluster.workers[0]
+        .wait_exit(Duration::from_secs(60))
+        .await
+        .expect("the worker exits after SIGTERM");
+    assert_eq!(containers_with_label(&label).await, Vec::<String>::new());
+    assert_eq!(networks().await, 0, "the task's network is removed");
 }
 
 #[tokio::test]
@@ -585,12 +626,8 @@ async fn docker_going_away_under_load_fails_or_reruns_every_task_and_leaves_no_c
         );
     }
     let label = format!("claudecluster.worker={}", cluster.worker_ids[0]);
-    wait_until(Duration::from_secs(30), || {
-        let label = label.clone();
-        async move { containers_with_label(&label).await.is_empty() }
-    })
-    .await
-    .expect("no container is left once Docker is back");
+    assert_containers_removed(&label).await;
+    assert_networks_removed(&label).await;
 }
 
 #[tokio::test]

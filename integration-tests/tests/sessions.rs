@@ -501,6 +501,17 @@ async fn sessions_of_a_worker_that_disappears_are_lost_and_nothing_hangs() {
     for container in containers_with_label(&format!("claudecluster.worker={worker_id}")).await {
         docker(&["rm", "-f", &container]).await;
     }
+    let networks = docker(&[
+        "network",
+        "ls",
+        "-q",
+        "--filter",
+        &format!("label=claudecluster.worker={worker_id}"),
+    ])
+    .await;
+    for network in networks.lines() {
+        docker(&["network", "rm", network]).await;
+    }
 }
 
 #[tokio::test]

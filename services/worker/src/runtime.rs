@@ -585,6 +585,7 @@ impl Runtime {
         let grace = self.config.shutdown_grace.get();
         if self.wait_until_idle(grace).await {
             self.wait_for_endings().await;
+            self.providers().shut_down().await;
             return;
         }
         let (tasks, sessions) = {
@@ -613,6 +614,7 @@ impl Runtime {
             );
         }
         self.wait_for_endings().await;
+        self.providers().shut_down().await;
     }
 
     /// Waits for ended tasks' agents to be gone and released (bounded: an agent that will not

@@ -304,10 +304,10 @@ impl ContainerProvider {
         let pending: Vec<Leftover> = std::mem::take(&mut *self.leftovers.lock().unwrap());
         for leftover in pending {
             let removed = match &leftover {
-                Leftover::Container(id) => remove_container(&self.docker, id).await,
-                Leftover::Network(name) => self.docker.remove_network(name).await,
+                Leftover::Container(id) => remove_container(&self.docker, id).await.is_ok(),
+                Leftover::Network(name) => remove_network(&self.docker, name).await,
             };
-            if removed.is_err() {
+            if !removed {
                 self.leftovers.lock().unwrap().push(leftover);
             }
         }
@@ -385,25 +385,31 @@ async fn release(
     {
         open_host_again(&egress_interface(name)).await;
     }
-    if let Some(name) = network {
-        // Docker may still be letting go of the container's endpoint on it for a moment.
-        let mut removed = false;
-        for _ in 0..10 {
-            if docker.remove_network(name).await.is_ok() {
-                removed = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if !removed {
-            tracing::warn!(network = name, "cannot remove network; will retry");
-            removal_failed("network");
-            leftovers
-                .lock()
-                .unwrap()
-                .push(Leftover::Network(name.to_owned()));
+    if let Some(name) = network
+        && !remove_network(docker, name).await
+    {
+        tracing::warn!(network = name, "cannot remove network; will retry");
+        removal_failed("network");
+        leftovers
+            .lock()
+            .unwrap()
+            .push(Leftover::Network(name.to_owned()));
+    }
+}
+
+/// Removes network `name` (true when it is gone), trying for a second: Docker may still be
+/// letting go of a removed container's endpoint on it.
+async fn remove_network(docker: &Docker, name: &str) -> bool {
+    for _ in 0..10 {
+        match docker.remove_network(name).await {
+            Ok(())
+            | Err(DockerError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => return true,
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
+    false
 }
 
 fn removal_failed(kind: &str) {
@@ -509,6 +515,28 @@ impl ExecutionProvider for ContainerProvider {
                 "Docker at {} did not answer within 3 s",
                 self.settings.socket
             )),
+        }
+    }
+
+    async fn shut_down(&self) {
+        if self.leftovers.lock().unwrap().is_empty() {
+            return;
+        }
+        // Bounded: a Docker that does not answer must not hold the worker's exit.
+        if tokio::time::timeout(Duration::from_secs(10), self.remove_leftovers())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "Docker did not answer at shutdown; a restart of this worker removes what is left"
+            );
+        }
+        let left = self.leftovers.lock().unwrap().len();
+        if left > 0 {
+            tracing::warn!(
+                left,
+                "containers or networks not removed at shutdown; a restart of this worker removes them"
+            );
         }
     }
 

@@ -177,4 +177,8 @@ pub trait ExecutionProvider: Send + Sync + 'static {
     /// Removes what the provider keeps of a session between its agents (a volume claim),
     /// once the session whose agents run as `owner` has closed.
     async fn discard_session(&self, _owner: &str) {}
+
+    /// Called once as the worker stops, after its agents have ended: a last try at what the
+    /// provider could not clean up earlier (a container or network Docker would not remove).
+    async fn shut_down(&self) {}
 }

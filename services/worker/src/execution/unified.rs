@@ -111,4 +111,10 @@ impl Providers {
         }
         ProviderHealth::Ready
     }
+
+    pub async fn shut_down(&self) {
+        for provider in &self.providers {
+            provider.shut_down().await;
+        }
+    }
 }
