@@ -18,8 +18,11 @@ fn container_worker() -> WorkerSpec {
     WorkerSpec::in_mode(Mode::Container)
 }
 
-async fn no_containers_left(worker_id: &str) {
-    assert_containers_removed(&format!("claudecluster.worker={worker_id}")).await;
+/// Waits until the worker has removed every container and network it made.
+async fn nothing_left(worker_id: &str) {
+    let label = format!("claudecluster.worker={worker_id}");
+    assert_containers_removed(&label).await;
+    assert_networks_removed(&label).await;
 }
 
 async fn task_container(task_id: &str) -> String {
@@ -110,7 +113,7 @@ async fn a_running_container_has_the_user_limits_capabilities_labels_and_network
     assert_eq!(ended.status(), TaskStatus::Cancelled);
     // Nothing the cluster recorded holds the key either.
     assert!(!format!("{events:?}").contains("sk-ant-standin-secret"));
-    no_containers_left(&worker_id).await;
+    nothing_left(&worker_id).await;
 }
 
 #[tokio::test]
@@ -146,7 +149,7 @@ async fn a_per_task_network_is_made_for_the_task_and_removed_with_it() {
         running.ends_with(&format!("on network {network}")),
         "{running}"
     );
-    no_containers_left(&worker_id).await;
+    nothing_left(&worker_id).await;
     assert_networks_removed(&format!("claudecluster.worker={worker_id}")).await;
 }
 
@@ -203,7 +206,7 @@ async fn tasks_that_ask_for_a_mode_land_on_a_worker_of_that_mode() {
         .collect();
     assert!(modes.contains(&vec![ExecutionMode::ProcessPool as i32]));
     assert!(modes.contains(&vec![ExecutionMode::ContainerAgentic as i32]));
-    no_containers_left(&container_worker).await;
+    nothing_left(&container_worker).await;
 }
 
 #[tokio::test]
@@ -313,7 +316,7 @@ async fn an_image_that_does_not_exist_fails_the_task_and_names_the_setting() {
         "{}",
         ended.status_reason
     );
-    no_containers_left(&cluster.worker_ids[0]).await;
+    nothing_left(&cluster.worker_ids[0]).await;
 }
 
 #[tokio::test]
@@ -346,7 +349,7 @@ async fn a_limit_docker_rejects_fails_the_task_with_dockers_reason() {
         "{}",
         ended.status_reason
     );
-    no_containers_left(&cluster.worker_ids[0]).await;
+    nothing_left(&cluster.worker_ids[0]).await;
 }
 
 #[tokio::test]
@@ -374,7 +377,7 @@ async fn an_agent_out_of_memory_fails_and_says_so() {
         "{}",
         ended.status_reason
     );
-    no_containers_left(&cluster.worker_ids[0]).await;
+    nothing_left(&cluster.worker_ids[0]).await;
 }
 
 #[tokio::test]
@@ -397,7 +400,7 @@ async fn a_container_killed_from_outside_fails_the_task_and_says_so() {
         "{}",
         ended.status_reason
     );
-    no_containers_left(&cluster.worker_ids[0]).await;
+    nothing_left(&cluster.worker_ids[0]).await;
 }
 
 async fn worker_health(address: &str) -> i32 {
@@ -459,7 +462,7 @@ async fn without_docker_a_container_worker_is_unhealthy_and_gets_no_work_until_d
         ended.status_reason
     );
     assert_eq!(worker_health(&worker_address).await, SERVING);
-    no_containers_left(&cluster.worker_ids[0]).await;
+    nothing_left(&cluster.worker_ids[0]).await;
 }
 
 #[tokio::test]
@@ -561,7 +564,7 @@ async fn a_worker_removes_the_containers_its_previous_run_left() {
     cluster
         .add_worker_named(&worker_id, container_worker())
         .await;
-    no_containers_left(&worker_id).await;
+    nothing_left(&worker_id).await;
 }
 
 fn uuid_like() -> String {
@@ -703,5 +706,5 @@ async fn a_container_agent_writes_only_to_its_workspace_and_scratch_space() {
         std::path::Path::new(&workspace).join("made").exists(),
         "the workspace is writable: {workspace}"
     );
-    no_containers_left(&cluster.worker_ids[0]).await;
+    nothing_left(&cluster.worker_ids[0]).await;
 }
