@@ -126,7 +126,7 @@ async fn cluster_run(cluster: &TestCluster, spec: TaskSpec) -> (f64, Vec<Event>)
 /// One-turn tasks through the cluster against `claude -p` run directly, interleaved, from a
 /// new agent and from a warm one.
 async fn overhead(scale: Scale) -> Vec<Figure> {
-    let runs = scale.pick(5, 15);
+    let runs = scale.pick(4, 15);
     let mut figures = Vec::new();
     for warm in [false, true] {
         let cluster = TestCluster::start(vec![WorkerSpec {
@@ -336,7 +336,7 @@ fn hand_out_ms(events: &[Event]) -> Option<f64> {
 }
 
 async fn container_mode(scale: Scale) -> Vec<Figure> {
-    let runs = scale.pick(4, 10);
+    let runs = scale.pick(2, 10);
     let cold_worker = WorkerSpec {
         mode: Mode::Container,
         capacity: 1,
@@ -465,7 +465,7 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 async fn worker_memory(scale: Scale) -> Vec<Figure> {
     let (mut single, mut single_anon) = (Vec::new(), Vec::new());
     let (mut dual, mut dual_anon) = (Vec::new(), Vec::new());
-    for _ in 0..scale.pick(2, 5) {
+    for _ in 0..scale.pick(1, 5) {
         let cluster = TestCluster::start(vec![WorkerSpec::default()]).await;
         single.push(rss_kib(cluster.workers[0].pid()) as f64);
         single_anon.push(status_kib(cluster.workers[0].pid(), "RssAnon:") as f64);
@@ -567,7 +567,7 @@ async fn container_memory_mib(id: &str) -> f64 {
 }
 
 async fn sessions(scale: Scale) -> Vec<Figure> {
-    let runs = scale.pick(3, 10);
+    let runs = scale.pick(2, 10);
     let worker = WorkerSpec {
         mode: Mode::Container,
         capacity: 12,
@@ -595,7 +595,7 @@ async fn sessions(scale: Scale) -> Vec<Figure> {
     // Ten more idle sessions with their agents running: what one costs.
     let worker_before = rss_kib(cluster.workers[0].pid());
     let mut ids = vec![session];
-    for _ in 0..scale.pick(3, 10) {
+    for _ in 0..scale.pick(2, 10) {
         let id = create_session(&cluster).await;
         send_message(&cluster, &id, "hello bench").await;
         ids.push(id);
@@ -1177,10 +1177,14 @@ async fn highest_rate(
     workers: Vec<WorkerSpec>,
 ) -> (f64, String, Option<f64>) {
     let cluster = TestCluster::start_with_driver(driver_yaml, workers).await;
-    let seconds = scale.pick(2, 5);
+    let seconds = scale.pick(1, 5);
     let (mut best, mut tried) = (0.0, Vec::new());
     let mut per_request = None;
-    for rate in [100, 250, 500, 1000, 2000, 3000, 4000, 5000] {
+    let rates: &[u32] = scale.pick(
+        &[250, 1000, 2000, 4000, 5000],
+        &[100, 250, 500, 1000, 2000, 3000, 4000, 5000],
+    );
+    for &rate in rates {
         let before = cpu_seconds(cluster.driver.pid());
         let (median, p99, dropped) = k6_run(&cluster.driver.address, rate, seconds).await;
         let used = cpu_seconds(cluster.driver.pid()) - before;
@@ -1209,7 +1213,7 @@ async fn driver_throughput(scale: Scale, name: &str, driver_yaml: &str) -> Vec<F
     };
     let (alone, alone_tried, per_request) = highest_rate(scale, driver_yaml, vec![]).await;
     let (working, working_tried, _) = highest_rate(scale, driver_yaml, vec![worker]).await;
-    let seconds = scale.pick(2, 5);
+    let seconds = scale.pick(1, 5);
     let mut figures = vec![
         Figure::new(
             format!(
@@ -1257,10 +1261,13 @@ async fn shell_seconds(command: &str) -> f64 {
 /// local `tar` of the same files, and the diff of a 10,000-file repository against `git`
 /// run in the workspace itself.
 async fn results(scale: Scale) -> Vec<Figure> {
-    let rounds = scale.pick(2, 5);
+    let rounds = scale.pick(1, 5);
+    // Directories of 100 files each in the repository.
+    let directories = scale.pick(30, 100);
+    let (files, last) = (directories * 100, directories - 1);
     let origin = tempfile::tempdir().unwrap();
     let setup = format!(
-        "cd {} && git init -q -b main && for d in $(seq 0 99); do mkdir d$d; for f in $(seq 0 99); do printf 'line one of %s/%s\\nline two\\n' $d $f > d$d/f$f.txt; done; done && git add -A && git -c user.name=b -c user.email=b@b commit -qm start",
+        "cd {} && git init -q -b main && for d in $(seq 0 {last}); do mkdir d$d; for f in $(seq 0 99); do printf 'line one of %s/%s\\nline two\\n' $d $f > d$d/f$f.txt; done; done && git add -A && git -c user.name=b -c user.email=b@b commit -qm start",
         origin.path().display()
     );
     shell_seconds(&setup).await;
@@ -1378,7 +1385,7 @@ async fn results(scale: Scale) -> Vec<Figure> {
     let plain = Samples::millis_from_seconds(&plain);
     figures.push(
         Figure::new(
-            "`GetTaskDiff` of 11 changed files in a 10,000-file repository",
+            format!("`GetTaskDiff` of 11 changed files in a {files}-file repository"),
             Samples::millis_from_seconds(&diffs),
         )
         .against(
@@ -1388,7 +1395,7 @@ async fn results(scale: Scale) -> Vec<Figure> {
     );
     figures.push(
         Figure::new(
-            "`ListTaskFiles` of the same 10,001 files",
+            format!("`ListTaskFiles` of the same {} files", files + 1),
             Samples::millis_from_seconds(&lists),
         )
         .against("the same git commands", plain),
@@ -1397,7 +1404,7 @@ async fn results(scale: Scale) -> Vec<Figure> {
 }
 
 async fn failover(scale: Scale) -> Figure {
-    let rounds = scale.pick(2, 5);
+    let rounds = scale.pick(1, 5);
     let postgres = claudecluster_integration_tests::postgres::TestPostgres::start();
     let mut cluster = TestCluster::start_with_driver(
         &format!("store:\n  url: {}\n", postgres.url()),
@@ -1522,7 +1529,7 @@ fn scrape_every_second(addresses: Vec<String>) -> tokio::task::JoinHandle<()> {
 /// and metrics (scraped every second) on, against a cluster with both off, in one run: the
 /// two clusters take turns.
 async fn telemetry(scale: Scale) -> Vec<Figure> {
-    const TASKS: usize = 24;
+    let tasks = scale.pick(8, 24);
     let rounds = scale.pick(1, 3);
     let gets = scale.pick(300, 1000);
     let worker = || WorkerSpec {
@@ -1551,8 +1558,8 @@ async fn telemetry(scale: Scale) -> Vec<Figure> {
     task_rate(&on, 4).await;
     let (mut rate_off, mut rate_on) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        rate_off.push(task_rate(&off, TASKS).await);
-        rate_on.push(task_rate(&on, TASKS).await);
+        rate_off.push(task_rate(&off, tasks).await);
+        rate_on.push(task_rate(&on, tasks).await);
     }
     let finished_off = off.submit(prompt("read me")).await;
     off.finish(&finished_off.task_id).await;
@@ -1565,12 +1572,12 @@ async fn telemetry(scale: Scale) -> Vec<Figure> {
     }
     scraper.abort();
     assert!(
-        receiver.spans().len() > rounds * TASKS,
+        receiver.spans().len() > rounds * tasks,
         "the cluster with traces on exported them"
     );
     vec![
         Figure::new(
-            format!("task throughput, traces and metrics on ({TASKS} one-turn tasks at once)"),
+            format!("task throughput, traces and metrics on ({tasks} one-turn tasks at once)"),
             Samples::new(rate_on, "tasks/s", 2),
         )
         .against("both off", Samples::new(rate_off, "tasks/s", 2))
