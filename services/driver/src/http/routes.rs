@@ -713,26 +713,13 @@ pub(super) async fn sessions(
 ) -> Result<Json<SessionList>, ApiError> {
     let states = match query.state.as_deref() {
         Some(name) => {
-            let states: HashMap<&str, SessionState> = [
-                SessionState::Creating,
-                SessionState::Ready,
-                SessionState::Busy,
-                SessionState::Idle,
-                SessionState::Stopped,
-                SessionState::Closed,
-                SessionState::Failed,
-                SessionState::Lost,
-            ]
-            .into_iter()
-            .map(|state| (state.label(), state))
-            .collect();
-            let state = states.get(name).ok_or_else(|| {
+            let state = SessionState::from_label(name).ok_or_else(|| {
                 ApiError::bad_request(format!(
                     "state: `{}` is not a session state",
                     name.chars().take(64).collect::<String>()
                 ))
             })?;
-            vec![*state as i32]
+            vec![state as i32]
         }
         None => Vec::new(),
     };
