@@ -275,8 +275,12 @@ impl Runtime {
             .clone()
     }
 
-    pub(crate) fn set_providers(&self, providers: Providers) {
-        *self.providers.write().expect("provider lock poisoned") = Arc::new(providers);
+    /// Puts `providers` in place of the worker's; the ones they replace.
+    pub(crate) fn set_providers(&self, providers: Providers) -> Arc<Providers> {
+        std::mem::replace(
+            &mut *self.providers.write().expect("provider lock poisoned"),
+            Arc::new(providers),
+        )
     }
 
     pub fn mode(&self) -> ExecutionMode {

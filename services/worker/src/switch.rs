@@ -105,7 +105,11 @@ impl Runtime {
                 reason,
             })?;
         self.stop_warm_pools().await;
-        self.set_providers(providers);
+        let replaced = self.set_providers(providers);
+        // What the replaced providers could not remove yet (a container or network Docker
+        // refused) would otherwise wait for the worker's next start. In the background: a
+        // Docker that does not answer must not hold the switch.
+        tokio::spawn(async move { replaced.shut_down().await });
         self.resize(config.capacity()).await;
         self.start_warm_pools();
         let mut confirmations = self.registrations();

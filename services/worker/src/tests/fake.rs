@@ -20,9 +20,15 @@ pub struct FakeProviderHandle {
     launched: mpsc::UnboundedReceiver<FakeAgent>,
     health_checked: mpsc::UnboundedReceiver<()>,
     health_gate: Arc<Semaphore>,
+    shut_down: Arc<tokio::sync::Notify>,
 }
 
 impl FakeProviderHandle {
+    /// Completes once the worker has told the provider it is done with it.
+    pub async fn shut_down(&self) {
+        self.shut_down.notified().await;
+    }
+
     /// The next agent the provider started.
     pub async fn next_agent(&mut self) -> FakeAgent {
         self.launched.recv().await.expect("the provider is gone")
@@ -54,6 +60,7 @@ pub struct FakeProvider {
     health_checked: mpsc::UnboundedSender<()>,
     health_gate: Arc<Semaphore>,
     panic_on_launch: bool,
+    shut_down: Arc<tokio::sync::Notify>,
 }
 
 impl FakeProvider {
@@ -80,17 +87,20 @@ impl FakeProvider {
         let (launched, launched_rx) = mpsc::unbounded_channel();
         let (health_checked, health_checked_rx) = mpsc::unbounded_channel();
         let health_gate = Arc::new(Semaphore::new(0));
+        let shut_down = Arc::new(tokio::sync::Notify::new());
         let provider = Arc::new(FakeProvider {
             mode,
             launched,
             health_checked,
             health_gate: health_gate.clone(),
             panic_on_launch,
+            shut_down: shut_down.clone(),
         });
         let handle = FakeProviderHandle {
             launched: launched_rx,
             health_checked: health_checked_rx,
             health_gate,
+            shut_down,
         };
         (provider, handle)
     }
@@ -100,6 +110,11 @@ impl FakeProvider {
 impl ExecutionProvider for FakeProvider {
     fn mode(&self) -> ExecutionMode {
         self.mode
+    }
+
+    async fn shut_down(&self) {
+        // A permit is kept when no one waits yet.
+        self.shut_down.notify_one();
     }
 
     async fn health(&self) -> ProviderHealth {

@@ -132,3 +132,19 @@ async fn a_switch_whose_caller_goes_away_still_finishes_and_clears_its_mark() {
     assert_eq!(worker.runtime.modes(), [ExecutionMode::ProcessPool]);
     assert_eq!(worker.runtime.health().await, ProviderHealth::Ready);
 }
+
+#[tokio::test]
+async fn the_providers_a_switch_replaces_are_shut_down() {
+    let worker = Worker::new(ExecutionMode::ContainerAgentic);
+    let confirmed = confirm_reregistration(&worker.runtime);
+    worker
+        .runtime
+        .switch_mode(ExecutionMode::ProcessPool)
+        .await
+        .unwrap();
+    confirmed.await.unwrap();
+    // So that what they could not remove yet is tried again now, not at the next start.
+    tokio::time::timeout(std::time::Duration::from_secs(10), worker.fake.shut_down())
+        .await
+        .expect("the replaced provider is shut down");
+}
