@@ -300,12 +300,16 @@ impl ContainerProvider {
         release(&self.docker, container, network, &self.leftovers).await;
     }
 
-    async fn remove_leftovers(&self) {
+    /// Tries again to remove what Docker would not; each network up to `network_attempts`
+    /// times, 100 ms apart.
+    async fn remove_leftovers(&self, network_attempts: u32) {
         let pending: Vec<Leftover> = std::mem::take(&mut *self.leftovers.lock().unwrap());
         for leftover in pending {
             let removed = match &leftover {
                 Leftover::Container(id) => remove_container(&self.docker, id).await.is_ok(),
-                Leftover::Network(name) => remove_network(&self.docker, name).await,
+                Leftover::Network(name) => {
+                    remove_network(&self.docker, name, network_attempts).await
+                }
             };
             if !removed {
                 self.leftovers.lock().unwrap().push(leftover);
@@ -386,7 +390,7 @@ async fn release(
         open_host_again(&egress_interface(name)).await;
     }
     if let Some(name) = network
-        && !remove_network(docker, name).await
+        && !remove_network(docker, name, PATIENT_ATTEMPTS).await
     {
         tracing::warn!(network = name, "cannot remove network; will retry");
         removal_failed("network");
@@ -397,16 +401,20 @@ async fn release(
     }
 }
 
-/// Removes network `name` (true when it is gone), trying for a second: Docker may still be
-/// letting go of a removed container's endpoint on it.
-async fn remove_network(docker: &Docker, name: &str) -> bool {
-    for _ in 0..10 {
+/// Tries to remove a network for a second: Docker may still be letting go of a removed
+/// container's endpoint on it.
+const PATIENT_ATTEMPTS: u32 = 10;
+
+/// Removes network `name`, trying up to `attempts` times 100 ms apart; true when it is gone.
+async fn remove_network(docker: &Docker, name: &str, attempts: u32) -> bool {
+    for attempt in 1..=attempts {
         match docker.remove_network(name).await {
             Ok(())
             | Err(DockerError::DockerResponseServerError {
                 status_code: 404, ..
             }) => return true,
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(_) if attempt < attempts => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(_) => {}
         }
     }
     false
@@ -507,7 +515,8 @@ impl ExecutionProvider for ContainerProvider {
     async fn health(&self) -> ProviderHealth {
         match tokio::time::timeout(Duration::from_secs(3), self.docker.ping()).await {
             Ok(Ok(_)) => {
-                self.remove_leftovers().await;
+                // One try each: admissions wait on this check; the next check tries again.
+                self.remove_leftovers(1).await;
                 ProviderHealth::Ready
             }
             Ok(Err(err)) => ProviderHealth::Unavailable(self.unreachable(&err)),
@@ -523,9 +532,12 @@ impl ExecutionProvider for ContainerProvider {
             return;
         }
         // Bounded: a Docker that does not answer must not hold the worker's exit.
-        if tokio::time::timeout(Duration::from_secs(10), self.remove_leftovers())
-            .await
-            .is_err()
+        if tokio::time::timeout(
+            Duration::from_secs(10),
+            self.remove_leftovers(PATIENT_ATTEMPTS),
+        )
+        .await
+        .is_err()
         {
             tracing::warn!(
                 "Docker did not answer at shutdown; a restart of this worker removes what is left"
