@@ -302,14 +302,8 @@ pub(super) async fn submit_batch(
     JsonBody(body): JsonBody<BatchBody>,
 ) -> Result<Response, ApiError> {
     let defaults = SubmitBody {
-        task: TaskInput::Text(String::new()),
         priority: body.priority.clone(),
-        timeout: None,
-        metadata: None,
-        repo_url: None,
-        model: None,
-        allowed_tools: Vec::new(),
-        execution_mode: None,
+        ..SubmitBody::default()
     };
     let mut planned = Vec::with_capacity(body.tasks.len());
     for (index, input) in body.tasks.iter().enumerate() {

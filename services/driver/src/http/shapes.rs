@@ -44,6 +44,13 @@ pub enum TaskInput {
     Object(TaskObject),
 }
 
+/// No text: a base that a batch's own tasks fill in (a body without `task` is still refused).
+impl Default for TaskInput {
+    fn default() -> Self {
+        TaskInput::Text(String::new())
+    }
+}
+
 /// The original task object. Fields it had that a submission does not use (`status`,
 /// `createdAt`, ...) are ignored.
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -66,7 +73,7 @@ pub struct TaskObject {
 }
 
 /// `POST /tasks`.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SubmitBody {
     pub task: TaskInput,
@@ -1056,13 +1063,7 @@ mod tests {
     fn body(task: TaskInput) -> SubmitBody {
         SubmitBody {
             task,
-            priority: None,
-            timeout: None,
-            metadata: None,
-            repo_url: None,
-            model: None,
-            allowed_tools: Vec::new(),
-            execution_mode: None,
+            ..SubmitBody::default()
         }
     }
 
