@@ -664,11 +664,17 @@ async fn mode_switch(scale: Scale) -> Figure {
 }
 
 fn placement_at_scale() -> Vec<Figure> {
-    use claudecluster_scheduler::benchmark::{PlacementRound, placement_round};
+    use claudecluster_scheduler::benchmark::{PlacementRound, enqueue_while_full, placement_round};
     let rate = |round: &PlacementRound| round.placed as f64 / round.elapsed.as_secs_f64();
     // 100,000 queued tasks, and room for all of them however many workers share it.
     let at = |workers: usize| placement_round(workers, (150_000 / workers) as u32, 100_000);
     let baseline = Samples::one(rate(&at(10)), "decisions/s", 0);
+    let micros = |queued| enqueue_while_full(queued).as_secs_f64() * 1e6;
+    let enqueue = Figure::new(
+        "an enqueue while every slot is taken and 100,000 tasks wait (mean of 1,000)",
+        Samples::one(micros(100_000), "µs", 2),
+    )
+    .against("10 waiting", Samples::one(micros(10), "µs", 2));
     [100, 1_000, 10_000]
         .into_iter()
         .map(|workers| {
@@ -689,6 +695,7 @@ fn placement_at_scale() -> Vec<Figure> {
                 ""
             })
         })
+        .chain([enqueue])
         .collect()
 }
 
@@ -1891,6 +1898,9 @@ const SECTIONS: &[(&str, &str, &str)] = &[
   they admit), each group ordered by load, then by who got work least recently: a decision
   looks at the first worker of each group the task matches, so its cost grows with the log of
   the workers.
+- *Enqueue while full*: 10 single-slot workers, all busy, and a queue of 100,000 tasks (or 10)
+  already waiting; the mean time of 1,000 more enqueues. Placing stops at the first moment no
+  slot is free, so a long queue costs an enqueue nothing.
 - *Mode switch*: `SwitchExecutionMode` on an idle worker, alternately to container mode and
   back, the drain before it excluded."#,
     ),

@@ -69,6 +69,53 @@ pub fn placement_round(workers: usize, capacity: u32, tasks: usize) -> Placement
     PlacementRound { placed, elapsed }
 }
 
+/// The time one more task takes to enqueue while every slot of 10 single-slot workers is
+/// taken and `queued` tasks already wait: the cost a busy driver pays per submission.
+pub fn enqueue_while_full(queued: usize) -> Duration {
+    const MEASURED: usize = 1_000;
+    let mut state = State::new(SchedulerConfig::default().heartbeat_timeout.get());
+    let mut links = Vec::new();
+    for index in 0..10 {
+        let (replies, link) = mpsc::channel(1);
+        links.push(link);
+        state.register(
+            RegisterWorker {
+                worker_id: format!("worker-{index}"),
+                address: format!("10.0.0.{index}:50053"),
+                execution_mode: ExecutionMode::ProcessPool as i32,
+                capacity: 1,
+                execution_modes: vec![ExecutionMode::ProcessPool as i32],
+                ..Default::default()
+            },
+            replies,
+            Instant::now(),
+        );
+    }
+    let (placements, _received) = mpsc::unbounded_channel();
+    state.set_placement_stream(placements);
+    let mut enqueue = |index: usize| {
+        state.enqueue(
+            format!("task-{index}"),
+            1,
+            Priority::Normal,
+            requirements(
+                ExecutionMode::Unspecified,
+                HashMap::new(),
+                Default::default(),
+            ),
+        );
+    };
+    for index in 0..queued + 10 {
+        enqueue(index);
+    }
+    let started = Instant::now();
+    for index in 0..MEASURED {
+        enqueue(queued + 10 + index);
+    }
+    drop(links);
+    started.elapsed() / MEASURED as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@ mod slots;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Bound;
 use std::time::{Duration, Instant, SystemTime};
 
 use claudecluster_proto::v1::{
@@ -426,11 +427,22 @@ impl State {
                 .values()
                 .map(|worker| (worker.candidate(), worker.offer.as_slice())),
         );
-        let keys: Vec<QueueKey> = self.queue.keys().copied().collect();
-        for key in keys {
-            if free.is_empty() {
+        // The queue is walked in order without copying it: a full cluster with a long queue
+        // pays nothing per enqueue, and placing stops at the first moment no slot is left.
+        let mut after: Option<QueueKey> = None;
+        while !free.is_empty() {
+            let next = match after {
+                None => self.queue.keys().next(),
+                Some(previous) => self
+                    .queue
+                    .range((Bound::Excluded(previous), Bound::Unbounded))
+                    .map(|(key, _)| key)
+                    .next(),
+            };
+            let Some(&key) = next else {
                 return;
-            }
+            };
+            after = Some(key);
             let started = Instant::now();
             let task = &self.queue[&key];
             let Some(worker) = free
