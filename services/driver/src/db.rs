@@ -93,6 +93,9 @@ pub struct AuditRow {
 
 /// Events in one chunk at most, so that a replay reads what it needs and no more.
 const EVENTS_PER_CHUNK: usize = 1024;
+/// Rows in one multi-row INSERT at most: well within SQLite's 32,766 and PostgreSQL's 65,535
+/// bound parameters at nine columns a row.
+const ROWS_PER_STATEMENT: usize = 512;
 /// Finished tasks compacted in one round at most, so that a round stays short.
 const COMPACTIONS_PER_ROUND: i64 = 500;
 
@@ -237,6 +240,9 @@ impl Db {
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
+            // A connection to a server may have died while idle; an embedded file's cannot, and
+            // a ping before every transaction is one more trip to its thread.
+            .test_before_acquire(backend == Backend::Postgres)
             .after_connect(move |connection, _| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
@@ -345,45 +351,66 @@ impl Db {
 
     /// Writes rows and events in one transaction: all or nothing.
     pub async fn commit(&self, writes: &[Write]) -> Result<(), DbError> {
+        // A few multi-row statements for the whole commit, not one per subject: each statement
+        // is a round trip to the connection (for SQLite, to its thread), and a busy driver
+        // commits hundreds of subjects at a time.
         let mut tx = self.pool.begin().await?;
-        for write in writes {
-            let row = &write.row;
-            sqlx::query(
-                "INSERT INTO subjects (id, kind, status, ended, idempotency_key, record, bookkeeping, last_sequence, end_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                 ON CONFLICT (id) DO UPDATE SET status = excluded.status, ended = excluded.ended, \
+        for rows in writes.chunks(ROWS_PER_STATEMENT) {
+            let sql = multi_row_insert(
+                "INSERT INTO subjects (id, kind, status, ended, idempotency_key, record, bookkeeping, last_sequence, end_ms)",
+                9,
+                rows.len(),
+                "ON CONFLICT (id) DO UPDATE SET status = excluded.status, ended = excluded.ended, \
                  record = excluded.record, bookkeeping = excluded.bookkeeping, \
                  last_sequence = excluded.last_sequence, end_ms = excluded.end_ms",
-            )
-            .bind(write.id.clone())
-            .bind(row.kind as i64)
-            .bind(i64::from(row.status))
-            .bind(i64::from(row.ended))
-            .bind(row.idempotency_key.clone())
-            .bind(row.record.clone())
-            .bind(row.bookkeeping.clone())
-            .bind(row.last_sequence as i64)
-            .bind(row.end_time_ms)
-            .execute(&mut *tx)
-            .await?;
-            for chunk in write.events.chunks(EVENTS_PER_CHUNK) {
-                let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
-                    continue;
-                };
-                // A commit retried after an error may find part of its chunk written already:
-                // what it carries now holds that and more.
-                sqlx::query(
-                    "INSERT INTO events (subject, first_seq, last_seq, events) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (subject, first_seq) DO UPDATE SET last_seq = excluded.last_seq, \
-                     events = excluded.events",
-                )
-                .bind(write.id.clone())
-                .bind(first.sequence as i64)
-                .bind(last.sequence as i64)
-                .bind(chunk_bytes(chunk))
-                .execute(&mut *tx)
-                .await?;
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for write in rows {
+                let row = &write.row;
+                query = query
+                    .bind(write.id.clone())
+                    .bind(row.kind as i64)
+                    .bind(i64::from(row.status))
+                    .bind(i64::from(row.ended))
+                    .bind(row.idempotency_key.clone())
+                    .bind(row.record.clone())
+                    .bind(row.bookkeeping.clone())
+                    .bind(row.last_sequence as i64)
+                    .bind(row.end_time_ms);
             }
+            query.execute(&mut *tx).await?;
+        }
+        let chunks: Vec<(&str, &[StoredEvent])> = writes
+            .iter()
+            .flat_map(|write| {
+                write
+                    .events
+                    .chunks(EVENTS_PER_CHUNK)
+                    .map(move |chunk| (write.id.as_str(), chunk))
+            })
+            .collect();
+        for rows in chunks.chunks(ROWS_PER_STATEMENT) {
+            // A commit retried after an error may find part of a chunk written already: what
+            // it carries now holds that and more.
+            let sql = multi_row_insert(
+                "INSERT INTO events (subject, first_seq, last_seq, events)",
+                4,
+                rows.len(),
+                "ON CONFLICT (subject, first_seq) DO UPDATE SET last_seq = excluded.last_seq, \
+                 events = excluded.events",
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for (id, chunk) in rows {
+                let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
+                    unreachable!("chunks() yields no empty chunk");
+                };
+                query = query
+                    .bind(id.to_string())
+                    .bind(first.sequence as i64)
+                    .bind(last.sequence as i64)
+                    .bind(chunk_bytes(chunk));
+            }
+            query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -680,17 +707,23 @@ impl Db {
     /// Appends audit records in one transaction.
     pub async fn append_audit(&self, records: &[AuditRow]) -> Result<(), DbError> {
         let mut tx = self.pool.begin().await?;
-        for record in records {
-            sqlx::query(
-                "INSERT INTO audit (time_ms, key_id, action, subject, detail) VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(record.time_ms)
-            .bind(record.key_id.clone())
-            .bind(record.action.clone())
-            .bind(record.subject.clone())
-            .bind(record.detail.clone())
-            .execute(&mut *tx)
-            .await?;
+        for rows in records.chunks(ROWS_PER_STATEMENT) {
+            let sql = multi_row_insert(
+                "INSERT INTO audit (time_ms, key_id, action, subject, detail)",
+                5,
+                rows.len(),
+                "",
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for record in rows {
+                query = query
+                    .bind(record.time_ms)
+                    .bind(record.key_id.clone())
+                    .bind(record.action.clone())
+                    .bind(record.subject.clone())
+                    .bind(record.detail.clone());
+            }
+            query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -835,6 +868,28 @@ impl Db {
     }
 }
 
+/// `head VALUES ($1, …, $columns), (…), … tail` for `rows` rows: the placeholders both
+/// backends read.
+fn multi_row_insert(head: &str, columns: usize, rows: usize, tail: &str) -> String {
+    use std::fmt::Write as _;
+    let mut sql = String::with_capacity(head.len() + tail.len() + rows * columns * 6 + 16);
+    sql.push_str(head);
+    sql.push_str(" VALUES ");
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "(" } else { ", (" });
+        for column in 0..columns {
+            let separator = if column == 0 { "" } else { ", " };
+            let _ = write!(sql, "{separator}${}", row * columns + column + 1);
+        }
+        sql.push(')');
+    }
+    if !tail.is_empty() {
+        sql.push(' ');
+        sql.push_str(tail);
+    }
+    sql
+}
+
 /// Events as one chunk: each protobuf after its length.
 fn chunk_bytes(events: &[StoredEvent]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(events.iter().map(|e| e.bytes.len() + 4).sum());
@@ -879,6 +934,87 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn write(id: String, status: i32, events: std::ops::RangeInclusive<u64>) -> Write {
+        Write {
+            row: Row {
+                kind: SubjectKind::Task,
+                status,
+                ended: false,
+                idempotency_key: None,
+                record: id.as_bytes().to_vec(),
+                bookkeeping: Vec::new(),
+                last_sequence: *events.end(),
+                end_time_ms: None,
+            },
+            events: events
+                .map(|sequence| StoredEvent {
+                    sequence,
+                    bytes: sequence.to_le_bytes().to_vec(),
+                })
+                .collect(),
+            id,
+        }
+    }
+
+    /// One commit of more subjects than one statement takes, one of them with more events
+    /// than one chunk, then again with every row changed: all of it reads back, in the order
+    /// written.
+    #[tokio::test]
+    async fn a_commit_larger_than_a_statement_is_written_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        for url in crate::test_support::store_urls(dir.path()).await {
+            let db = Db::open(&url, 2).await.unwrap();
+            let subjects = 2 * ROWS_PER_STATEMENT + 3;
+            let long = EVENTS_PER_CHUNK as u64 * 2 + 5;
+            let ids: Vec<String> = (0..subjects).map(|n| format!("task-{n:05}")).collect();
+            let last = |n: usize| if n == 7 { long } else { 2 };
+            let first: Vec<Write> = ids
+                .iter()
+                .enumerate()
+                .map(|(n, id)| write(id.clone(), 1, 1..=last(n)))
+                .collect();
+            db.commit(&first).await.unwrap();
+            let again: Vec<Write> = ids
+                .iter()
+                .enumerate()
+                .map(|(n, id)| write(id.clone(), 3, last(n) + 1..=last(n) + 1))
+                .collect();
+            db.commit(&again).await.unwrap();
+
+            let listed = db.live(SubjectKind::Task).await.unwrap();
+            let listed_ids: Vec<&str> = listed.iter().map(|row| row.id.as_str()).collect();
+            assert_eq!(
+                listed_ids, ids,
+                "every subject, in the order written ({url})"
+            );
+            for (n, row) in listed.iter().enumerate() {
+                assert_eq!(row.last_sequence, last(n) + 1, "the second commit's row");
+            }
+            for n in [0, 7, subjects - 1] {
+                let up_to = last(n) + 1;
+                let (events, complete) = db.events(&ids[n], 0, up_to, 100).await.unwrap();
+                assert!(complete);
+                let expected: Vec<(u64, Vec<u8>)> = (1..=up_to)
+                    .map(|sequence| (sequence, sequence.to_le_bytes().to_vec()))
+                    .collect();
+                assert!(events == expected, "the events of {} ({url})", ids[n]);
+            }
+            db.close().await;
+        }
+    }
+
+    #[test]
+    fn a_multi_row_insert_numbers_its_placeholders_row_by_row() {
+        assert_eq!(
+            multi_row_insert("INSERT INTO t (a, b)", 2, 3, "ON CONFLICT DO NOTHING"),
+            "INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4), ($5, $6) ON CONFLICT DO NOTHING"
+        );
+        assert_eq!(
+            multi_row_insert("INSERT INTO t (a)", 1, 1, ""),
+            "INSERT INTO t (a) VALUES ($1)"
+        );
+    }
 
     #[test]
     fn urls_are_shown_without_their_password() {

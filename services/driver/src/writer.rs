@@ -6,7 +6,7 @@
 //! and nothing is lost meanwhile: the events stay in memory, and readers and submitters wait
 //! for the durable mark.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -137,16 +137,15 @@ pub fn start(
 }
 
 async fn commit(db: &Db, batch: &[Arc<dyn Persist>], settled: &Settled) -> Result<(), String> {
-    // A journal enqueued twice is written once, with everything it holds.
-    let mut unique: HashMap<usize, &Arc<dyn Persist>> = HashMap::new();
-    for journal in batch {
-        unique
-            .entry(Arc::as_ptr(journal) as *const () as usize)
-            .or_insert(journal);
-    }
-    let mut taken = Vec::with_capacity(unique.len());
-    let mut writes = Vec::with_capacity(unique.len());
-    for journal in unique.into_values() {
+    // A journal enqueued twice is written once, with everything it holds, in the order the
+    // journals first changed: subjects made in one commit keep the order they were made in.
+    let mut seen = HashSet::with_capacity(batch.len());
+    let unique = batch
+        .iter()
+        .filter(|journal| seen.insert(Arc::as_ptr(journal) as *const () as usize));
+    let mut taken = Vec::with_capacity(batch.len());
+    let mut writes = Vec::with_capacity(batch.len());
+    for journal in unique {
         let Some(unwritten) = journal.unwritten() else {
             continue;
         };
