@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use claudecluster_integration_tests::docker::{
     DockerProxy, agent_image, assert_containers_removed, assert_networks_removed,
-    containers_with_label, docker, inspect,
+    assert_only_a_spare_network_left, containers_with_label, docker, inspect,
 };
 use claudecluster_integration_tests::*;
 use claudecluster_proto::v1::event::Kind;
@@ -18,11 +18,12 @@ fn container_worker() -> WorkerSpec {
     WorkerSpec::in_mode(Mode::Container)
 }
 
-/// Waits until the worker has removed every container and network it made.
+/// Waits until the worker has removed every container and network it made, but the network
+/// it keeps ready for its next agent.
 async fn nothing_left(worker_id: &str) {
     let label = format!("claudecluster.worker={worker_id}");
     assert_containers_removed(&label).await;
-    assert_networks_removed(&label).await;
+    assert_only_a_spare_network_left(&label).await;
 }
 
 async fn task_container(task_id: &str) -> String {
@@ -114,6 +115,93 @@ async fn a_running_container_has_the_user_limits_capabilities_labels_and_network
     // Nothing the cluster recorded holds the key either.
     assert!(!format!("{events:?}").contains("sk-ant-standin-secret"));
     nothing_left(&worker_id).await;
+}
+
+/// With `egress: proxy-only` (the default), the network of a worker's next agent is made
+/// ahead: once a first task has shown the worker its credential proxy, a spare waits; the
+/// next task's container runs on it, closed to the host but for the proxy; that network goes
+/// with its task and a new spare takes its place; stopping the worker removes the spare too.
+#[tokio::test]
+async fn a_spare_egress_network_is_taken_by_the_next_task_replaced_and_removed_at_stop() {
+    let mut cluster = TestCluster::start(vec![container_worker()]).await;
+    let worker_id = cluster.worker_ids[0].clone();
+    let label = format!("claudecluster.worker={worker_id}");
+    let spares = || {
+        let filter = format!("label={label}");
+        async move {
+            docker(&[
+                "network",
+                "ls",
+                "--filter",
+                &filter,
+                "--filter",
+                "label=claudecluster.spare=true",
+                "--format",
+                "{{.Name}}",
+            ])
+            .await
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+        }
+    };
+    let first = cluster.submit(prompt("hello")).await;
+    let (ended, _) = cluster.finish(&first.task_id).await;
+    assert_eq!(
+        ended.status(),
+        TaskStatus::Completed,
+        "{}",
+        ended.status_reason
+    );
+    wait_until(Duration::from_secs(30), || async {
+        !spares().await.is_empty()
+    })
+    .await
+    .expect("a spare network is made once the first task has ended");
+    let spare = spares().await.remove(0);
+    let network = inspect(&spare).await;
+    assert_eq!(network["Internal"], true, "no route out");
+
+    let second = cluster.submit(prompt("HANG")).await;
+    cluster.wait_for_agent(&second.task_id).await;
+    let container = inspect(&task_container(&second.task_id).await).await;
+    assert_eq!(container["HostConfig"]["NetworkMode"], spare.as_str());
+    let running = cluster.task(&second.task_id).await;
+    assert!(
+        running
+            .status_reason
+            .ends_with(&format!("on network {spare}")),
+        "{}",
+        running.status_reason
+    );
+    cluster
+        .driver()
+        .await
+        .cancel_task(CancelTaskRequest {
+            task_id: second.task_id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    cluster.finish(&second.task_id).await;
+    let replaced = wait_until(Duration::from_secs(30), || async {
+        let now = spares().await;
+        now.len() == 1 && now[0] != spare
+    })
+    .await;
+    assert!(
+        replaced.is_ok(),
+        "the taken spare goes with its task and a new one takes its place: {:?}",
+        spares().await
+    );
+    assert_containers_removed(&label).await;
+
+    cluster.workers[0].signal(libc::SIGTERM);
+    cluster.workers[0]
+        .wait_exit(Duration::from_secs(60))
+        .await
+        .expect("the worker exits after SIGTERM");
+    assert_networks_removed(&label).await;
 }
 
 #[tokio::test]
@@ -501,7 +589,8 @@ async fn docker_going_away_mid_task_fails_it_and_the_container_is_removed_when_d
     .await
     .expect("the worker removes the container once Docker is back");
     // And the task's own network, which Docker could not remove while the container was on it.
-    assert_networks_removed(&format!("claudecluster.worker={}", cluster.worker_ids[0])).await;
+    assert_only_a_spare_network_left(&format!("claudecluster.worker={}", cluster.worker_ids[0]))
+        .await;
 }
 
 #[tokio::test]
@@ -531,7 +620,16 @@ async fn a_worker_stopped_just_after_docker_returns_leaves_nothing_behind() {
         1,
         "still running"
     );
-    assert_eq!(networks().await, 1, "the task's network is still there");
+    let own = format!("claudecluster-{}-1-egress", task.task_id);
+    let named = format!("name=^{own}$");
+    assert_eq!(
+        docker(&["network", "ls", "-q", "--filter", &named])
+            .await
+            .lines()
+            .count(),
+        1,
+        "the task's network is still there"
+    );
     // Stopped before its next health check could remove them: its shutdown does.
     proxy.restore();
     cluster.workers[0].signal(libc::SIGTERM);
@@ -540,7 +638,11 @@ async fn a_worker_stopped_just_after_docker_returns_leaves_nothing_behind() {
         .await
         .expect("the worker exits after SIGTERM");
     assert_eq!(containers_with_label(&label).await, Vec::<String>::new());
-    assert_eq!(networks().await, 0, "the task's network is removed");
+    assert_eq!(
+        networks().await,
+        0,
+        "the task's network is removed, and the spare with it"
+    );
 }
 
 #[tokio::test]
@@ -630,7 +732,7 @@ async fn docker_going_away_under_load_fails_or_reruns_every_task_and_leaves_no_c
     }
     let label = format!("claudecluster.worker={}", cluster.worker_ids[0]);
     assert_containers_removed(&label).await;
-    assert_networks_removed(&label).await;
+    assert_only_a_spare_network_left(&label).await;
 }
 
 #[tokio::test]

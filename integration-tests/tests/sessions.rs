@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use claudecluster_integration_tests::docker::{containers_with_label, docker};
+use claudecluster_integration_tests::docker::{
+    assert_containers_removed, assert_networks_removed, containers_with_label, docker,
+};
 use claudecluster_integration_tests::*;
 use claudecluster_proto::v1::event::Kind;
 use claudecluster_proto::v1::*;
@@ -497,21 +499,13 @@ async fn sessions_of_a_worker_that_disappears_are_lost_and_nothing_hangs() {
         "{}",
         lost.state_reason
     );
-    // The killed worker could not remove its container; its next run would. Clean up here.
-    for container in containers_with_label(&format!("claudecluster.worker={worker_id}")).await {
-        docker(&["rm", "-f", &container]).await;
-    }
-    let networks = docker(&[
-        "network",
-        "ls",
-        "-q",
-        "--filter",
-        &format!("label=claudecluster.worker={worker_id}"),
-    ])
-    .await;
-    for network in networks.lines() {
-        docker(&["network", "rm", network]).await;
-    }
+    // The killed worker could not remove its container, nor its session's network and the
+    // spare it had made ahead; its next run does, the host's firewall rules for them with them.
+    let label = format!("claudecluster.worker={worker_id}");
+    assert!(!containers_with_label(&label).await.is_empty());
+    cluster.workers[0].restart().await;
+    assert_containers_removed(&label).await;
+    assert_networks_removed(&label).await;
 }
 
 #[tokio::test]

@@ -400,7 +400,7 @@ async fn container_mode(scale: Scale) -> Vec<Figure> {
             "`docker run --rm` of the same image and command",
             bare.clone(),
         )
-        .detail("on its own internal network (`egress: proxy-only`, the default)")
+        .detail("on its own internal network (`egress: proxy-only`, the default), made ahead")
         .target("≤ 1.03"),
         Figure::new(
             "the same on the host's network (`egress: open`), as `docker run` runs it",
@@ -1799,11 +1799,13 @@ const SECTIONS: &[(&str, &str, &str)] = &[
 - A new container per task, and one from the warm pool (a container whose agent has booted and
   waits for its prompt), each against `docker run --rm` of the same image and command (on the
   host's network), interleaved. By default each task's container gets an internal network of
-  its own whose only way out is the worker's credential proxy: making it and its firewall rules
-  takes about 100 ms, and starting a container on a bridge network about 100 ms more than on
-  the host's; the row with `egress: open` runs the containers on the host's network as the
-  baseline does. A task ends with its agent's result: its container is removed just after, in the
-  background.
+  its own whose only way out is the worker's credential proxy. Making one and its firewall
+  rules takes about 100 ms, so the worker keeps one made ahead: a spare, made again once the
+  task that took it has been released (here, while the baseline runs); a task that finds none
+  makes its own. Starting a container on a bridge network takes about 100 ms more than on the
+  host's; the row with `egress: open` runs the containers on the host's network as the
+  baseline does. A task ends with its agent's result: its container is removed just after, in
+  the background.
 - Memory: resident memory of an idle worker running both modes, against one running the
   process pool alone, each started afresh."#,
     ),

@@ -128,6 +128,7 @@ pub struct ContainerProvider {
     settings: ContainerSettings,
     /// What could not be removed while Docker was away; removed once it answers again.
     leftovers: Arc<Mutex<Vec<Leftover>>>,
+    egress: Arc<EgressNetworks>,
 }
 
 impl ContainerProvider {
@@ -141,10 +142,19 @@ impl ContainerProvider {
                     settings.socket
                 ))
             })?;
+        let leftovers = Arc::default();
+        let egress = Arc::new(EgressNetworks {
+            docker: docker.clone(),
+            settings: settings.clone(),
+            leftovers: Arc::clone(&leftovers),
+            spare: Mutex::default(),
+            making: tokio::sync::Mutex::default(),
+        });
         Ok(ContainerProvider {
             docker,
             settings,
-            leftovers: Arc::default(),
+            leftovers,
+            egress,
         })
     }
 
@@ -182,6 +192,9 @@ impl ContainerProvider {
             removed += 1;
         }
         for name in networks {
+            if name.ends_with("-egress") {
+                open_host_again(&egress_interface(&name)).await;
+            }
             let _ = self.docker.remove_network(&name).await;
         }
         if removed > 0 {
@@ -213,7 +226,6 @@ impl ContainerProvider {
         })
     }
 
-    /// The network mode for a container named `name`, creating its own network if so set.
     /// The network of the container named `name`; the network made for it alone, if any; and
     /// the host name or address it reaches the worker's credential proxy at (`None`: loopback).
     async fn network_for(
@@ -225,8 +237,12 @@ impl ContainerProvider {
         match self.settings.egress {
             Egress::None => return Ok(("none".to_owned(), None, None)),
             Egress::ProxyOnly => {
-                let (network, gateway) = self.egress_network(name, proxy_port).await?;
-                return Ok((network.clone(), Some(network), Some(gateway)));
+                let network = self.egress.for_container(name, proxy_port).await?;
+                return Ok((
+                    network.name.clone(),
+                    Some(network.name),
+                    Some(network.gateway),
+                ));
             }
             Egress::Open => {}
         }
@@ -246,54 +262,6 @@ impl ContainerProvider {
             .await
             .map_err(|err| self.launch_error(err))?;
         Ok((network.clone(), Some(network), proxy_host))
-    }
-
-    /// An internal network of the container's own for `egress: proxy-only`, removed with it,
-    /// and the host's address on it, where the proxy listens: Docker gives an internal network
-    /// no route out, so the host's address on it is the one thing its containers reach.
-    async fn egress_network(
-        &self,
-        container: &str,
-        proxy_port: Option<u16>,
-    ) -> Result<(String, String), LaunchError> {
-        let name = format!("{container}-egress");
-        let request = NetworkCreateRequest {
-            name: name.clone(),
-            driver: Some("bridge".to_owned()),
-            internal: Some(true),
-            labels: Some(owner_labels(&self.settings)),
-            // Named by us, so that the host's firewall rules for it can be too.
-            options: Some(HashMap::from([(
-                "com.docker.network.bridge.name".to_owned(),
-                egress_interface(&name),
-            )])),
-            ..Default::default()
-        };
-        self.docker
-            .create_network(request)
-            .await
-            .map_err(|err| self.launch_error(err))?;
-        let gateway = match self.docker.inspect_network(&name, None).await {
-            Ok(inspected) => inspected
-                .ipam
-                .and_then(|ipam| ipam.config)
-                .and_then(|configs| configs.into_iter().find_map(|config| config.gateway)),
-            Err(_) => None,
-        };
-        match gateway {
-            Some(gateway) => {
-                if let Some(port) = proxy_port {
-                    close_host_except(&egress_interface(&name), port).await;
-                }
-                Ok((name, gateway))
-            }
-            None => {
-                self.discard(None, Some(&name)).await;
-                Err(LaunchError(format!(
-                    "the network {name} has no gateway address for the proxy"
-                )))
-            }
-        }
     }
 
     async fn discard(&self, container: Option<&str>, network: Option<&str>) {
@@ -335,6 +303,191 @@ fn owner_labels(settings: &ContainerSettings) -> HashMap<String, String> {
         (LABEL_WORKER.to_owned(), settings.worker_id.clone()),
         (LABEL_HOME.to_owned(), settings.home.clone()),
     ])
+}
+
+/// The internal networks of `egress: proxy-only`, one per agent container, and one made ahead
+/// for the next agent: making a network and closing the host to it takes about a tenth of a
+/// second, which a new container then does not wait for. A spare is made once the credential
+/// proxy's port is known (from the first launch), again after each agent that took one has
+/// been released (so that making it does not compete with that agent's start), and after a
+/// health check finds none; it is removed at shutdown like any other network of the worker.
+struct EgressNetworks {
+    docker: Docker,
+    settings: ContainerSettings,
+    leftovers: Arc<Mutex<Vec<Leftover>>>,
+    spare: Mutex<Spare>,
+    /// Held while a spare is made: one at a time, and shutdown waits for it.
+    making: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct Spare {
+    ready: Option<EgressNetwork>,
+    /// The credential proxy's port, from the last launch: a spare admits only it.
+    proxy_port: Option<u16>,
+    /// After shutdown no spare is made, and one being made is removed when it is done.
+    shut: bool,
+}
+
+struct EgressNetwork {
+    name: String,
+    /// The host's address on it, where the proxy listens.
+    gateway: String,
+    proxy_port: Option<u16>,
+}
+
+/// Marks a network made ahead, before any container used it.
+const LABEL_SPARE: &str = "claudecluster.spare";
+
+impl EgressNetworks {
+    /// The network for agent container `container`: the spare if it admits `proxy_port`,
+    /// else one made now, named after the container.
+    async fn for_container(
+        &self,
+        container: &str,
+        proxy_port: Option<u16>,
+    ) -> Result<EgressNetwork, LaunchError> {
+        let (taken, stale) = {
+            let mut spare = self.spare.lock().unwrap();
+            if proxy_port.is_some() {
+                spare.proxy_port = proxy_port;
+            }
+            match spare.ready.take() {
+                Some(ready) if proxy_port.is_some() && ready.proxy_port == proxy_port => {
+                    (Some(ready), None)
+                }
+                other => (None, other),
+            }
+        };
+        if let Some(stale) = stale {
+            // Made for a proxy port no longer in use.
+            release(&self.docker, None, Some(&stale.name), &self.leftovers).await;
+        }
+        match taken {
+            Some(network) => Ok(network),
+            None => {
+                self.make(&format!("{container}-egress"), proxy_port, false)
+                    .await
+            }
+        }
+    }
+
+    /// Makes a spare unless there is one, one is being made, the proxy's port is not known
+    /// yet, or the provider has shut down.
+    async fn refill(&self) {
+        let Ok(_making) = self.making.try_lock() else {
+            return;
+        };
+        let proxy_port = {
+            let spare = self.spare.lock().unwrap();
+            if self.settings.egress != claudecluster_config::Egress::ProxyOnly
+                || spare.ready.is_some()
+                || spare.shut
+                || spare.proxy_port.is_none()
+            {
+                return;
+            }
+            spare.proxy_port
+        };
+        let name = format!(
+            "claudecluster-spare-{}-egress",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let made = self.make(&name, proxy_port, true).await;
+        let unwanted = {
+            let mut spare = self.spare.lock().unwrap();
+            match made {
+                Ok(network) if !spare.shut && spare.ready.is_none() => {
+                    spare.ready = Some(network);
+                    None
+                }
+                Ok(network) => Some(network),
+                Err(err) => {
+                    tracing::debug!(error = %err.0, "cannot make a spare egress network now");
+                    None
+                }
+            }
+        };
+        if let Some(network) = unwanted {
+            release(&self.docker, None, Some(&network.name), &self.leftovers).await;
+        }
+    }
+
+    /// Removes the spare and makes no more: at shutdown.
+    async fn shut_down(&self) {
+        self.spare.lock().unwrap().shut = true;
+        // A spare being made is removed by its maker once done; bounded, as Docker may not
+        // answer.
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.making.lock()).await;
+        let ready = self.spare.lock().unwrap().ready.take();
+        if let Some(network) = ready {
+            release(&self.docker, None, Some(&network.name), &self.leftovers).await;
+        }
+    }
+
+    /// An internal network named `name`, and the host's address on it, where the proxy
+    /// listens: Docker gives an internal network no route out, so the host's address on it is
+    /// the one thing its containers reach. The host's other ports are closed to it.
+    async fn make(
+        &self,
+        name: &str,
+        proxy_port: Option<u16>,
+        spare: bool,
+    ) -> Result<EgressNetwork, LaunchError> {
+        let mut labels = owner_labels(&self.settings);
+        if spare {
+            labels.insert(LABEL_SPARE.to_owned(), "true".to_owned());
+        }
+        let request = NetworkCreateRequest {
+            name: name.to_owned(),
+            driver: Some("bridge".to_owned()),
+            internal: Some(true),
+            labels: Some(labels),
+            // Named by us, so that the host's firewall rules for it can be too.
+            options: Some(HashMap::from([(
+                "com.docker.network.bridge.name".to_owned(),
+                egress_interface(name),
+            )])),
+            ..Default::default()
+        };
+        self.docker
+            .create_network(request)
+            .await
+            .map_err(|err| match err {
+                DockerError::DockerResponseServerError { message, .. } => {
+                    LaunchError(format!("Docker refused the agent's network: {message}"))
+                }
+                other => LaunchError(format!(
+                    "Docker is not reachable at {}: {other}",
+                    self.settings.socket
+                )),
+            })?;
+        let gateway = match self.docker.inspect_network(name, None).await {
+            Ok(inspected) => inspected
+                .ipam
+                .and_then(|ipam| ipam.config)
+                .and_then(|configs| configs.into_iter().find_map(|config| config.gateway)),
+            Err(_) => None,
+        };
+        match gateway {
+            Some(gateway) => {
+                if let Some(port) = proxy_port {
+                    close_host_except(&egress_interface(name), port).await;
+                }
+                Ok(EgressNetwork {
+                    name: name.to_owned(),
+                    gateway,
+                    proxy_port,
+                })
+            }
+            None => {
+                release(&self.docker, None, Some(name), &self.leftovers).await;
+                Err(LaunchError(format!(
+                    "the network {name} has no gateway address for the proxy"
+                )))
+            }
+        }
+    }
 }
 
 /// Docker filters for what an earlier run of this worker left: one query each, as the labels
@@ -517,6 +670,8 @@ impl ExecutionProvider for ContainerProvider {
             Ok(Ok(_)) => {
                 // One try each: admissions wait on this check; the next check tries again.
                 self.remove_leftovers(1).await;
+                let egress = Arc::clone(&self.egress);
+                tokio::spawn(async move { egress.refill().await });
                 ProviderHealth::Ready
             }
             Ok(Err(err)) => ProviderHealth::Unavailable(self.unreachable(&err)),
@@ -528,6 +683,7 @@ impl ExecutionProvider for ContainerProvider {
     }
 
     async fn shut_down(&self) {
+        self.egress.shut_down().await;
         if self.leftovers.lock().unwrap().is_empty() {
             return;
         }
@@ -752,6 +908,7 @@ impl ExecutionProvider for ContainerProvider {
                 network: own_network,
                 killed_by_worker,
                 leftovers: self.leftovers.clone(),
+                egress: Arc::clone(&self.egress),
             }),
             input,
             description,
@@ -860,6 +1017,7 @@ struct ContainerControl {
     network: Option<String>,
     killed_by_worker: Arc<AtomicBool>,
     leftovers: Arc<Mutex<Vec<Leftover>>>,
+    egress: Arc<EgressNetworks>,
 }
 
 impl ContainerControl {
@@ -897,6 +1055,8 @@ impl AgentControl for ContainerControl {
             &self.leftovers,
         )
         .await;
+        // The next agent's network, made now that this one no longer competes with its start.
+        self.egress.refill().await;
     }
 }
 
