@@ -51,6 +51,25 @@ pub async fn assert_networks_removed(label: &str) {
     assert_none_left("network", label).await
 }
 
+/// Names of the spare networks of worker `worker_id`: made ahead for its next agent, with
+/// `egress: proxy-only`.
+pub async fn spare_networks(worker_id: &str) -> Vec<String> {
+    docker(&[
+        "network",
+        "ls",
+        "--filter",
+        &format!("label=claudecluster.worker={worker_id}"),
+        "--filter",
+        "label=claudecluster.spare=true",
+        "--format",
+        "{{.Name}}",
+    ])
+    .await
+    .lines()
+    .map(str::to_owned)
+    .collect()
+}
+
 /// Networks carrying `label`, but for one spare: a container worker with `egress:
 /// proxy-only` keeps a network made ahead for its next agent (labelled `claudecluster.spare`),
 /// which is not left behind. A second spare would be: one a task took and that outlived it.

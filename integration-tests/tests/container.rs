@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use claudecluster_integration_tests::docker::{
     DockerProxy, agent_image, assert_containers_removed, assert_networks_removed,
-    assert_only_a_spare_network_left, containers_with_label, docker, inspect,
+    assert_only_a_spare_network_left, containers_with_label, docker, inspect, spare_networks,
 };
 use claudecluster_integration_tests::*;
 use claudecluster_proto::v1::event::Kind;
@@ -24,6 +24,20 @@ async fn nothing_left(worker_id: &str) {
     let label = format!("claudecluster.worker={worker_id}");
     assert_containers_removed(&label).await;
     assert_only_a_spare_network_left(&label).await;
+}
+
+/// Stops the cluster's first worker and checks that it took everything with it, its spare
+/// network included. A test whose worker reaches Docker through a [`DockerProxy`] calls it
+/// before the proxy goes away: without Docker the worker could not clean up.
+async fn stop_worker_leaving_nothing(cluster: &mut TestCluster) {
+    let label = format!("claudecluster.worker={}", cluster.worker_ids[0]);
+    cluster.workers[0].signal(libc::SIGTERM);
+    cluster.workers[0]
+        .wait_exit(Duration::from_secs(60))
+        .await
+        .expect("the worker exits after SIGTERM");
+    assert_containers_removed(&label).await;
+    assert_networks_removed(&label).await;
 }
 
 async fn task_container(task_id: &str) -> String {
@@ -126,25 +140,7 @@ async fn a_spare_egress_network_is_taken_by_the_next_task_replaced_and_removed_a
     let mut cluster = TestCluster::start(vec![container_worker()]).await;
     let worker_id = cluster.worker_ids[0].clone();
     let label = format!("claudecluster.worker={worker_id}");
-    let spares = || {
-        let filter = format!("label={label}");
-        async move {
-            docker(&[
-                "network",
-                "ls",
-                "--filter",
-                &filter,
-                "--filter",
-                "label=claudecluster.spare=true",
-                "--format",
-                "{{.Name}}",
-            ])
-            .await
-            .lines()
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-        }
-    };
+    let spares = || spare_networks(&worker_id);
     let first = cluster.submit(prompt("hello")).await;
     let (ended, _) = cluster.finish(&first.task_id).await;
     assert_eq!(
@@ -510,7 +506,7 @@ async fn without_docker_a_container_worker_is_unhealthy_and_gets_no_work_until_d
         docker_socket: Some(proxy.path().to_path_buf()),
         ..container_worker()
     };
-    let cluster = TestCluster::start(vec![worker]).await;
+    let mut cluster = TestCluster::start(vec![worker]).await;
     let worker_address = cluster.workers[0].address.clone();
     assert_eq!(worker_health(&worker_address).await, SERVING);
 
@@ -551,6 +547,7 @@ async fn without_docker_a_container_worker_is_unhealthy_and_gets_no_work_until_d
     );
     assert_eq!(worker_health(&worker_address).await, SERVING);
     nothing_left(&cluster.worker_ids[0]).await;
+    stop_worker_leaving_nothing(&mut cluster).await;
 }
 
 #[tokio::test]
@@ -561,7 +558,7 @@ async fn docker_going_away_mid_task_fails_it_and_the_container_is_removed_when_d
         docker_socket: Some(proxy.path().to_path_buf()),
         ..container_worker()
     };
-    let cluster = TestCluster::start(vec![worker]).await;
+    let mut cluster = TestCluster::start(vec![worker]).await;
     let task = cluster.submit(prompt("HANG")).await;
     cluster.wait_for_agent(&task.task_id).await;
     proxy.cut();
@@ -591,6 +588,7 @@ async fn docker_going_away_mid_task_fails_it_and_the_container_is_removed_when_d
     // And the task's own network, which Docker could not remove while the container was on it.
     assert_only_a_spare_network_left(&format!("claudecluster.worker={}", cluster.worker_ids[0]))
         .await;
+    stop_worker_leaving_nothing(&mut cluster).await;
 }
 
 #[tokio::test]
@@ -705,7 +703,7 @@ async fn docker_going_away_under_load_fails_or_reruns_every_task_and_leaves_no_c
         docker_socket: Some(proxy.path().to_path_buf()),
         ..container_worker()
     };
-    let cluster = TestCluster::start(vec![worker]).await;
+    let mut cluster = TestCluster::start(vec![worker]).await;
     let (running, queued) = fill_and_queue(&cluster).await;
 
     proxy.cut();
@@ -733,6 +731,7 @@ async fn docker_going_away_under_load_fails_or_reruns_every_task_and_leaves_no_c
     let label = format!("claudecluster.worker={}", cluster.worker_ids[0]);
     assert_containers_removed(&label).await;
     assert_only_a_spare_network_left(&label).await;
+    stop_worker_leaving_nothing(&mut cluster).await;
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use claudecluster_integration_tests::docker::spare_networks;
 use claudecluster_integration_tests::*;
 use claudecluster_proto::v1::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -344,6 +345,25 @@ async fn a_container_with_proxy_only_egress_reaches_the_api_and_nothing_else() {
         reach_from_agent(&sealed, PROXY_HOST, port).await,
         "unreachable"
     );
+    // The same from a network the worker made ahead of its task: a spare is as closed.
+    let worker_id = &sealed.worker_ids[0];
+    wait_until(Duration::from_secs(30), || async {
+        !spare_networks(worker_id).await.is_empty()
+    })
+    .await
+    .expect("the worker makes a spare network once it has run a task");
+    let spare = spare_networks(worker_id).await.remove(0);
+    assert_eq!(
+        reach_from_agent(&sealed, PROXY_HOST, port).await,
+        "unreachable",
+        "from the spare network"
+    );
+    // Only a task takes a spare, and its network goes with it: the probe ran on this one.
+    wait_until(Duration::from_secs(30), || async {
+        !spare_networks(worker_id).await.contains(&spare)
+    })
+    .await
+    .expect("the probe's task took the spare");
     assert_eq!(
         reach_from_agent(&sealed, "127.0.0.1", sealed.api.address().port()).await,
         "unreachable",
