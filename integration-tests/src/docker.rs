@@ -305,11 +305,13 @@ impl TestDockerd {
 impl Drop for TestDockerd {
     fn drop(&mut self) {
         let host = self.host();
-        // Containers first, so that the daemon leaves nothing mounted behind.
+        // Containers first, so that the daemon leaves nothing mounted behind; then networks:
+        // their bridges live in the host's namespace and would outlive the daemon.
         let _ = std::process::Command::new("sh")
             .arg("-c")
             .arg(format!(
-                "docker -H {host} ps -aq | xargs -r docker -H {host} rm -f"
+                "docker -H {host} ps -aq | xargs -r docker -H {host} rm -f; \
+                 docker -H {host} network prune -f"
             ))
             .output();
         self.stop();

@@ -743,7 +743,7 @@ async fn dockerd_stopped_and_started_under_load_fails_or_reruns_every_task_and_l
         docker_socket: Some(daemon.socket()),
         ..container_worker()
     };
-    let cluster = TestCluster::start(vec![worker]).await;
+    let mut cluster = TestCluster::start(vec![worker]).await;
     let (running, queued) = fill_and_queue(&cluster).await;
 
     daemon.stop();
@@ -780,6 +780,16 @@ async fn dockerd_stopped_and_started_under_load_fails_or_reruns_every_task_and_l
     })
     .await
     .expect("no container is left once the daemon is back");
+    // Stopped while its daemon runs, the worker takes its networks with it, the spare too.
+    cluster.workers[0].signal(libc::SIGTERM);
+    cluster.workers[0]
+        .wait_exit(Duration::from_secs(60))
+        .await
+        .expect("the worker exits after SIGTERM");
+    let networks = daemon
+        .docker(&["network", "ls", "-q", "--filter", &label])
+        .await;
+    assert_eq!(networks.trim(), "", "networks left on the daemon");
 }
 
 #[tokio::test]

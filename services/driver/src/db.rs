@@ -521,8 +521,8 @@ impl Db {
              ORDER BY first_seq LIMIT $4",
         )
         .bind(subject.to_owned())
-        .bind(after as i64)
-        .bind(up_to as i64)
+        .bind(after.min(i64::MAX as u64) as i64)
+        .bind(up_to.min(i64::MAX as u64) as i64)
         .bind(chunks.min(i64::MAX as usize) as i64)
         .fetch_all(&self.pool)
         .await?;
@@ -993,7 +993,10 @@ mod tests {
             }
             for n in [0, 7, subjects - 1] {
                 let up_to = last(n) + 1;
+                // No bound past the last event: the same events.
+                let (all, _) = db.events(&ids[n], 0, u64::MAX, 100).await.unwrap();
                 let (events, complete) = db.events(&ids[n], 0, up_to, 100).await.unwrap();
+                assert!(all == events, "no upper bound ({url})");
                 assert!(complete);
                 let expected: Vec<(u64, Vec<u8>)> = (1..=up_to)
                     .map(|sequence| (sequence, sequence.to_le_bytes().to_vec()))
