@@ -681,6 +681,18 @@ impl TestCluster {
         ended
     }
 
+    /// Cancels the task, giving no reason.
+    pub async fn cancel(&self, task_id: &str) {
+        self.driver()
+            .await
+            .cancel_task(CancelTaskRequest {
+                task_id: task_id.to_owned(),
+                reason: String::new(),
+            })
+            .await
+            .expect("cancel task");
+    }
+
     /// The task's current record.
     pub async fn task(&self, task_id: &str) -> Task {
         self.driver()

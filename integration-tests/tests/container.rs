@@ -115,15 +115,7 @@ async fn a_running_container_has_the_user_limits_capabilities_labels_and_network
         "{}",
         running.status_reason
     );
-    cluster
-        .driver()
-        .await
-        .cancel_task(CancelTaskRequest {
-            task_id: task.task_id.clone(),
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
+    cluster.cancel(&task.task_id).await;
     let (ended, events) = cluster.finish(&task.task_id).await;
     assert_eq!(ended.status(), TaskStatus::Cancelled);
     // Nothing the cluster recorded holds the key either.
@@ -170,15 +162,7 @@ async fn a_spare_egress_network_is_taken_by_the_next_task_replaced_and_removed_a
         "{}",
         running.status_reason
     );
-    cluster
-        .driver()
-        .await
-        .cancel_task(CancelTaskRequest {
-            task_id: second.task_id.clone(),
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
+    cluster.cancel(&second.task_id).await;
     cluster.finish(&second.task_id).await;
     let replaced = wait_until(Duration::from_secs(30), || async {
         let now = spares().await;
@@ -191,13 +175,7 @@ async fn a_spare_egress_network_is_taken_by_the_next_task_replaced_and_removed_a
         spares().await
     );
     assert_containers_removed(&label).await;
-
-    cluster.workers[0].signal(libc::SIGTERM);
-    cluster.workers[0]
-        .wait_exit(Duration::from_secs(60))
-        .await
-        .expect("the worker exits after SIGTERM");
-    assert_networks_removed(&label).await;
+    stop_worker_leaving_nothing(&mut cluster).await;
 }
 
 #[tokio::test]
@@ -550,24 +528,32 @@ async fn without_docker_a_container_worker_is_unhealthy_and_gets_no_work_until_d
     stop_worker_leaving_nothing(&mut cluster).await;
 }
 
-#[tokio::test]
-async fn docker_going_away_mid_task_fails_it_and_the_container_is_removed_when_docker_returns() {
+/// A container worker reaching Docker through a proxy, whose task failed when the proxy was
+/// cut mid-task: the task's container still runs in the real daemon. The directory holds the
+/// proxy's socket; the proxy stays cut.
+async fn docker_cut_mid_task() -> (tempfile::TempDir, DockerProxy, TestCluster, Task) {
     let scratch = tempfile::tempdir().unwrap();
     let proxy = DockerProxy::start(scratch.path());
     let worker = WorkerSpec {
         docker_socket: Some(proxy.path().to_path_buf()),
         ..container_worker()
     };
-    let mut cluster = TestCluster::start(vec![worker]).await;
+    let cluster = TestCluster::start(vec![worker]).await;
     let task = cluster.submit(prompt("HANG")).await;
     cluster.wait_for_agent(&task.task_id).await;
     proxy.cut();
     let (ended, _) = cluster.finish(&task.task_id).await;
     assert_eq!(ended.status(), TaskStatus::Failed);
+    (scratch, proxy, cluster, ended)
+}
+
+#[tokio::test]
+async fn docker_going_away_mid_task_fails_it_and_the_container_is_removed_when_docker_returns() {
+    let (_scratch, proxy, mut cluster, task) = docker_cut_mid_task().await;
     assert!(
-        ended.status_reason.contains("lost the Docker daemon"),
+        task.status_reason.contains("lost the Docker daemon"),
         "{}",
-        ended.status_reason
+        task.status_reason
     );
     // The container still runs in the real daemon; once the worker can reach Docker again it
     // removes it.
@@ -593,18 +579,7 @@ async fn docker_going_away_mid_task_fails_it_and_the_container_is_removed_when_d
 
 #[tokio::test]
 async fn a_worker_stopped_just_after_docker_returns_leaves_nothing_behind() {
-    let scratch = tempfile::tempdir().unwrap();
-    let proxy = DockerProxy::start(scratch.path());
-    let worker = WorkerSpec {
-        docker_socket: Some(proxy.path().to_path_buf()),
-        ..container_worker()
-    };
-    let mut cluster = TestCluster::start(vec![worker]).await;
-    let task = cluster.submit(prompt("HANG")).await;
-    cluster.wait_for_agent(&task.task_id).await;
-    proxy.cut();
-    let (ended, _) = cluster.finish(&task.task_id).await;
-    assert_eq!(ended.status(), TaskStatus::Failed);
+    let (_scratch, proxy, mut cluster, task) = docker_cut_mid_task().await;
     let label = format!("claudecluster.worker={}", cluster.worker_ids[0]);
     let networks = || {
         let filter = format!("label={label}");
