@@ -266,11 +266,19 @@ impl TaskEntry {
 
     /// Updates why a pending task waits, without an event: it is a description, not a change.
     pub fn set_waiting_reason(&self, reason: String) {
-        self.journal.update(|record| {
-            if record.task.status() == TaskStatus::Pending && !reason.is_empty() {
-                record.task.status_reason = reason;
-            }
-        })
+        // Most tasks are placed at once and get no reason: then nothing changed, and nothing is
+        // written (each write is one more subject in a commit).
+        let changes = !reason.is_empty()
+            && self.journal.read(|record| {
+                record.task.status() == TaskStatus::Pending && record.task.status_reason != reason
+            });
+        if changes {
+            self.journal.update(|record| {
+                if record.task.status() == TaskStatus::Pending {
+                    record.task.status_reason = reason;
+                }
+            })
+        }
     }
 
     /// Moves a PENDING task of `attempt` to ASSIGNED on `worker_id` at `address`; false if it
@@ -897,6 +905,27 @@ pub(crate) mod tests {
             assert_eq!(counts.get("completed"), Some(&1));
             assert_eq!(counts.get("assigned"), Some(&1));
         }
+    }
+
+    #[tokio::test]
+    async fn a_waiting_reason_is_written_only_when_it_changes() {
+        use crate::journal::Persist as _;
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("driver.db").display());
+        let (store, _, _stop) = store_at(&url).await;
+        let (entry, _) = store.insert(spec("hi"), "").await.unwrap();
+        let changes = || entry.journal.unwritten().unwrap().changes;
+        let before = changes();
+        entry.set_waiting_reason(String::new());
+        assert_eq!(changes(), before, "placed at once: no reason, no write");
+        entry.set_waiting_reason("no worker runs process_pool".into());
+        assert_eq!(changes(), before + 1);
+        assert_eq!(
+            entry.snapshot().status_reason,
+            "no worker runs process_pool"
+        );
+        entry.set_waiting_reason("no worker runs process_pool".into());
+        assert_eq!(changes(), before + 1, "the same reason again");
     }
 
     #[tokio::test]
