@@ -351,23 +351,18 @@ impl Db {
 
     /// Writes rows and events in one transaction: all or nothing.
     pub async fn commit(&self, writes: &[Write]) -> Result<(), DbError> {
-        // A few multi-row statements for the whole commit, not one per subject: each statement
-        // is a round trip to the connection (for SQLite, to its thread), and a busy driver
-        // commits hundreds of subjects at a time.
         let mut tx = self.pool.begin().await?;
-        for rows in writes.chunks(ROWS_PER_STATEMENT) {
-            let sql = multi_row_insert(
-                "INSERT INTO subjects (id, kind, status, ended, idempotency_key, record, bookkeeping, last_sequence, end_ms)",
-                9,
-                rows.len(),
-                "ON CONFLICT (id) DO UPDATE SET status = excluded.status, ended = excluded.ended, \
-                 record = excluded.record, bookkeeping = excluded.bookkeeping, \
-                 last_sequence = excluded.last_sequence, end_ms = excluded.end_ms",
-            );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for write in rows {
+        insert_rows(
+            &mut tx,
+            "INSERT INTO subjects (id, kind, status, ended, idempotency_key, record, bookkeeping, last_sequence, end_ms)",
+            9,
+            "ON CONFLICT (id) DO UPDATE SET status = excluded.status, ended = excluded.ended, \
+             record = excluded.record, bookkeeping = excluded.bookkeeping, \
+             last_sequence = excluded.last_sequence, end_ms = excluded.end_ms",
+            writes,
+            |query, write| {
                 let row = &write.row;
-                query = query
+                query
                     .bind(write.id.clone())
                     .bind(row.kind as i64)
                     .bind(i64::from(row.status))
@@ -376,10 +371,10 @@ impl Db {
                     .bind(row.record.clone())
                     .bind(row.bookkeeping.clone())
                     .bind(row.last_sequence as i64)
-                    .bind(row.end_time_ms);
-            }
-            query.execute(&mut *tx).await?;
-        }
+                    .bind(row.end_time_ms)
+            },
+        )
+        .await?;
         let chunks: Vec<(&str, &[StoredEvent])> = writes
             .iter()
             .flat_map(|write| {
@@ -389,29 +384,27 @@ impl Db {
                     .map(move |chunk| (write.id.as_str(), chunk))
             })
             .collect();
-        for rows in chunks.chunks(ROWS_PER_STATEMENT) {
-            // A commit retried after an error may find part of a chunk written already: what
-            // it carries now holds that and more.
-            let sql = multi_row_insert(
-                "INSERT INTO events (subject, first_seq, last_seq, events)",
-                4,
-                rows.len(),
-                "ON CONFLICT (subject, first_seq) DO UPDATE SET last_seq = excluded.last_seq, \
-                 events = excluded.events",
-            );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for (id, chunk) in rows {
+        // A commit retried after an error may find part of a chunk written already: what it
+        // carries now holds that and more.
+        insert_rows(
+            &mut tx,
+            "INSERT INTO events (subject, first_seq, last_seq, events)",
+            4,
+            "ON CONFLICT (subject, first_seq) DO UPDATE SET last_seq = excluded.last_seq, \
+             events = excluded.events",
+            &chunks,
+            |query, (id, chunk)| {
                 let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
                     unreachable!("chunks() yields no empty chunk");
                 };
-                query = query
+                query
                     .bind(id.to_string())
                     .bind(first.sequence as i64)
                     .bind(last.sequence as i64)
-                    .bind(chunk_bytes(chunk));
-            }
-            query.execute(&mut *tx).await?;
-        }
+                    .bind(chunk_bytes(chunk))
+            },
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -707,24 +700,22 @@ impl Db {
     /// Appends audit records in one transaction.
     pub async fn append_audit(&self, records: &[AuditRow]) -> Result<(), DbError> {
         let mut tx = self.pool.begin().await?;
-        for rows in records.chunks(ROWS_PER_STATEMENT) {
-            let sql = multi_row_insert(
-                "INSERT INTO audit (time_ms, key_id, action, subject, detail)",
-                5,
-                rows.len(),
-                "",
-            );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for record in rows {
-                query = query
+        insert_rows(
+            &mut tx,
+            "INSERT INTO audit (time_ms, key_id, action, subject, detail)",
+            5,
+            "",
+            records,
+            |query, record| {
+                query
                     .bind(record.time_ms)
                     .bind(record.key_id.clone())
                     .bind(record.action.clone())
                     .bind(record.subject.clone())
-                    .bind(record.detail.clone());
-            }
-            query.execute(&mut *tx).await?;
-        }
+                    .bind(record.detail.clone())
+            },
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -866,6 +857,32 @@ impl Db {
             .await
             .unwrap();
     }
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
+
+/// Inserts `rows` in `tx` with multi-row statements (see [`multi_row_insert`]) of at most
+/// [`ROWS_PER_STATEMENT`] rows, `bind` giving one row's `columns` values: each statement is a
+/// round trip to the connection (for SQLite, to its thread), and a busy driver writes hundreds
+/// of rows at a time.
+async fn insert_rows<T>(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    head: &str,
+    columns: usize,
+    tail: &str,
+    rows: &[T],
+    bind: impl Fn(AnyQuery<'static>, &T) -> AnyQuery<'static>,
+) -> Result<(), sqlx::Error> {
+    for statement in rows.chunks(ROWS_PER_STATEMENT) {
+        let sql = multi_row_insert(head, columns, statement.len(), tail);
+        let query = statement
+            .iter()
+            .fold(sqlx::query(AssertSqlSafe(sql)), |query, row| {
+                bind(query, row)
+            });
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 /// `head VALUES ($1, …, $columns), (…), … tail` for `rows` rows: the placeholders both

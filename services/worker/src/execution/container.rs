@@ -207,23 +207,20 @@ impl ContainerProvider {
     }
 
     fn unreachable(&self, err: &DockerError) -> String {
-        format!("Docker is not reachable at {}: {err}", self.settings.socket)
+        unreachable(&self.settings, err)
     }
 
     fn launch_error(&self, err: DockerError) -> LaunchError {
-        LaunchError(match err {
+        match err {
             DockerError::DockerResponseServerError {
                 status_code: 404,
                 message,
-            } if message.contains("image") => format!(
+            } if message.contains("image") => LaunchError(format!(
                 "the agent image `{}` does not exist (`worker.container.image`); build it with deploy/agent-image/build-offline.sh",
                 self.settings.image
-            ),
-            DockerError::DockerResponseServerError { message, .. } => {
-                format!("Docker refused the agent's container: {message}")
-            }
-            other => self.unreachable(&other),
-        })
+            )),
+            other => refused(&self.settings, "container", other),
+        }
     }
 
     /// The network of the container named `name`; the network made for it alone, if any; and
@@ -296,6 +293,21 @@ impl ContainerProvider {
     }
 }
 
+fn unreachable(settings: &ContainerSettings, err: &DockerError) -> String {
+    format!("Docker is not reachable at {}: {err}", settings.socket)
+}
+
+/// What Docker's refusal to make the agent's `what` (container, network) says, or that it
+/// could not be asked.
+fn refused(settings: &ContainerSettings, what: &str, err: DockerError) -> LaunchError {
+    LaunchError(match err {
+        DockerError::DockerResponseServerError { message, .. } => {
+            format!("Docker refused the agent's {what}: {message}")
+        }
+        other => unreachable(settings, &other),
+    })
+}
+
 /// The labels that say which worker owns a container or network.
 fn owner_labels(settings: &ContainerSettings) -> HashMap<String, String> {
     HashMap::from([
@@ -361,7 +373,7 @@ impl EgressNetworks {
         };
         if let Some(stale) = stale {
             // Made for a proxy port no longer in use.
-            release(&self.docker, None, Some(&stale.name), &self.leftovers).await;
+            self.discard(&stale.name).await;
         }
         match taken {
             Some(network) => Ok(network),
@@ -380,11 +392,8 @@ impl EgressNetworks {
         };
         let proxy_port = {
             let spare = self.spare.lock().unwrap();
-            if self.settings.egress != claudecluster_config::Egress::ProxyOnly
-                || spare.ready.is_some()
-                || spare.shut
-                || spare.proxy_port.is_none()
-            {
+            // The port is known only once a proxy-only launch has run.
+            if spare.ready.is_some() || spare.shut || spare.proxy_port.is_none() {
                 return;
             }
             spare.proxy_port
@@ -409,8 +418,14 @@ impl EgressNetworks {
             }
         };
         if let Some(network) = unwanted {
-            release(&self.docker, None, Some(&network.name), &self.leftovers).await;
+            self.discard(&network.name).await;
         }
+    }
+
+    /// Removes network `name` and takes back its firewall rules; what Docker would not remove
+    /// is a leftover, tried again later.
+    async fn discard(&self, name: &str) {
+        release(&self.docker, None, Some(name), &self.leftovers).await;
     }
 
     /// Removes the spare and makes no more: at shutdown.
@@ -421,7 +436,7 @@ impl EgressNetworks {
         let _ = tokio::time::timeout(Duration::from_secs(10), self.making.lock()).await;
         let ready = self.spare.lock().unwrap().ready.take();
         if let Some(network) = ready {
-            release(&self.docker, None, Some(&network.name), &self.leftovers).await;
+            self.discard(&network.name).await;
         }
     }
 
@@ -453,15 +468,7 @@ impl EgressNetworks {
         self.docker
             .create_network(request)
             .await
-            .map_err(|err| match err {
-                DockerError::DockerResponseServerError { message, .. } => {
-                    LaunchError(format!("Docker refused the agent's network: {message}"))
-                }
-                other => LaunchError(format!(
-                    "Docker is not reachable at {}: {other}",
-                    self.settings.socket
-                )),
-            })?;
+            .map_err(|err| refused(&self.settings, "network", err))?;
         let gateway = match self.docker.inspect_network(name, None).await {
             Ok(inspected) => inspected
                 .ipam
@@ -481,7 +488,7 @@ impl EgressNetworks {
                 })
             }
             None => {
-                release(&self.docker, None, Some(name), &self.leftovers).await;
+                self.discard(name).await;
                 Err(LaunchError(format!(
                     "the network {name} has no gateway address for the proxy"
                 )))
@@ -670,8 +677,10 @@ impl ExecutionProvider for ContainerProvider {
             Ok(Ok(_)) => {
                 // One try each: admissions wait on this check; the next check tries again.
                 self.remove_leftovers(1).await;
-                let egress = Arc::clone(&self.egress);
-                tokio::spawn(async move { egress.refill().await });
+                if self.settings.egress == claudecluster_config::Egress::ProxyOnly {
+                    let egress = Arc::clone(&self.egress);
+                    tokio::spawn(async move { egress.refill().await });
+                }
                 ProviderHealth::Ready
             }
             Ok(Err(err)) => ProviderHealth::Unavailable(self.unreachable(&err)),
