@@ -64,20 +64,10 @@ if ! docker info >/dev/null 2>&1; then
   docker info >/dev/null 2>&1 || { log "dockerd did not start; see $cache_dir/dockerd.log"; exit 1; }
 fi
 # Agent containers that ended and networks that workers of earlier test runs left (a test may
-# kill its worker): Docker has address pools for only a few dozen networks. A network still in use refuses removal and stays; so do the
-# host firewall rules of an egress network whose interface still exists.
+# kill its worker): Docker has address pools for only a few dozen networks. A network still in
+# use refuses removal and stays.
 docker ps -aq --filter label=claudecluster.managed=true --filter status=exited | xargs -r docker rm -v >/dev/null 2>&1 || true
 docker network ls -q --filter label=claudecluster.managed=true | xargs -r docker network rm >/dev/null 2>&1 || true
-if [ "$(id -u)" -eq 0 ] && command -v iptables >/dev/null 2>&1; then
-  { iptables -S INPUT 2>/dev/null || true; } | { grep -o -- '-i cce[0-9a-f]*' || true; } | sort -u |
-    while read -r _ interface; do
-      [ -e "/sys/class/net/$interface" ] && continue
-      while rule="$(iptables -S INPUT | grep -m1 -- "-i $interface ")"; do
-        # shellcheck disable=SC2086
-        iptables -D ${rule#-A } 2>/dev/null || break
-      done
-    done
-fi
 
 # A throwaway PostgreSQL for the store's tests: its own data directory under the cache, on a
 # loopback port, run as the `postgres` user (it refuses root). Started when none answers.

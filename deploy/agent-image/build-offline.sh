@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds the agent image without any registry: a Debian minbase root filesystem made with
-# debootstrap from the mirror apt is configured with, a non-root `agent` user (uid 1000),
-# /workspace, and the Claude Code CLI's native binary, imported with `docker import`.
+# debootstrap from the mirror apt is configured with (git; socat, which forwards an agent's
+# connections to the worker's credential proxy when it has no network), a non-root `agent`
+# user (uid 1000), /workspace, and the Claude Code CLI's native binary, imported with
+# `docker import`.
 #
 # The image carries a label with a hash of its inputs (this script and the CLI binary); when
 # an image with the same hash exists, nothing is rebuilt.
@@ -42,7 +44,7 @@ rootfs="$(mktemp -d)"
 trap 'rm -rf "$rootfs"' EXIT
 
 log "debootstrap $suite from $mirror"
-debootstrap --variant=minbase --include=ca-certificates,git "$suite" "$rootfs" "$mirror" >/dev/null
+debootstrap --variant=minbase --include=ca-certificates,git,socat "$suite" "$rootfs" "$mirror" >/dev/null
 chroot "$rootfs" useradd --uid 1000 --create-home --home-dir /home/agent --shell /bin/bash agent
 mkdir -p "$rootfs/workspace"
 chroot "$rootfs" chown agent:agent /workspace

@@ -6,7 +6,7 @@
 #   claudecluster/worker:0.1.0          the same binary and the Claude Code CLI's native binary
 #
 # Both stand on one base: a Debian minbase root filesystem made with debootstrap from the
-# mirror apt is configured with (ca-certificates, git, iptables), a user `claudecluster`
+# mirror apt is configured with (ca-certificates, git), a user `claudecluster`
 # (uid 10001) and /var/lib/claudecluster owned by it, imported with `docker import`. The
 # binaries go on top as layers of their own (`docker commit`), in the order they change: the
 # CLI below the service binary in the worker image, so that a new service binary adds one small
@@ -36,7 +36,7 @@ log() { printf 'service-images: %s\n' "$*" >&2; }
 # What the base is made of: a change here makes a new root filesystem, and nothing else does
 # (so a change to how it is made below goes with a new version at the recipe's end).
 suite="bookworm"
-packages="ca-certificates,git,iptables"
+packages="ca-certificates,git"
 service_uid=10001
 recipe="debootstrap --variant=minbase --include=$packages $suite; user claudecluster $service_uid; /var/lib/claudecluster; no docs; v1"
 

@@ -51,66 +51,6 @@ pub async fn assert_networks_removed(label: &str) {
     assert_none_left("network", label).await
 }
 
-/// Names of the spare networks of worker `worker_id`: made ahead for its next agent, with
-/// `egress: proxy-only`.
-pub async fn spare_networks(worker_id: &str) -> Vec<String> {
-    docker(&[
-        "network",
-        "ls",
-        "--filter",
-        &format!("label=claudecluster.worker={worker_id}"),
-        "--filter",
-        "label=claudecluster.spare=true",
-        "--format",
-        "{{.Name}}",
-    ])
-    .await
-    .lines()
-    .map(str::to_owned)
-    .collect()
-}
-
-/// Networks carrying `label`, but for one spare: a container worker with `egress:
-/// proxy-only` keeps a network made ahead for its next agent (labelled `claudecluster.spare`),
-/// which is not left behind. A second spare would be: one a task took and that outlived it.
-pub async fn networks_beyond_a_spare(label: &str) -> Vec<String> {
-    let listed = docker(&[
-        "network",
-        "ls",
-        "--filter",
-        &format!("label={label}"),
-        "--format",
-        "{{.Name}} {{.Label \"claudecluster.spare\"}}",
-    ])
-    .await;
-    let mut networks: Vec<(String, bool)> = listed
-        .lines()
-        .filter_map(|line| {
-            let (name, spare) = line.split_once(' ').unwrap_or((line, ""));
-            (!name.is_empty()).then(|| (name.to_owned(), spare.trim() == "true"))
-        })
-        .collect();
-    if let Some(spare) = networks.iter().position(|(_, spare)| *spare) {
-        networks.remove(spare);
-    }
-    networks.into_iter().map(|(name, _)| name).collect()
-}
-
-/// Waits until no network carries `label` but one spare (see [`networks_beyond_a_spare`]),
-/// and fails naming those left after 30 s.
-pub async fn assert_only_a_spare_network_left(label: &str) {
-    let gone = crate::wait_until(std::time::Duration::from_secs(30), || async {
-        networks_beyond_a_spare(label).await.is_empty()
-    })
-    .await;
-    if gone.is_err() {
-        panic!(
-            "networks left behind with {label}: {:?}",
-            networks_beyond_a_spare(label).await
-        );
-    }
-}
-
 async fn assert_none_left(kind: &str, label: &str) {
     let filter = format!("label={label}");
     let list = || async {

@@ -8,9 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use claudecluster_integration_tests::docker::{
-    agent_image, containers_with_label, docker, networks_beyond_a_spare,
-};
+use claudecluster_integration_tests::docker::{agent_image, containers_with_label, docker};
 use claudecluster_integration_tests::*;
 use claudecluster_proto::v1::driver_service_client::DriverServiceClient;
 use claudecluster_proto::v1::event::Kind;
@@ -177,14 +175,6 @@ impl ComposeProject {
             .collect();
         (containers, networks)
     }
-
-    /// The same while the worker runs: the network it keeps ready for its next agent is not
-    /// left behind.
-    async fn agent_leftovers_while_running(&self) -> (Vec<String>, Vec<String>) {
-        let label = format!("claudecluster.home={}", self.workspaces.display());
-        let containers = containers_with_label(&label).await;
-        (containers, networks_beyond_a_spare(&label).await)
-    }
 }
 
 impl Drop for ComposeProject {
@@ -336,16 +326,7 @@ async fn the_compose_project_serves_both_workers_a_session_and_phase_zero_then_l
         ("CLAUDECLUSTER_AGENT_IMAGE", agent_image()),
         ("CLAUDECLUSTER_DRIVER_PORT", driver_port.to_string()),
         ("CLAUDECLUSTER_HTTP_PORT", http_port.to_string()),
-        (
-            "CLAUDECLUSTER_SCHEDULER_PORT",
-            free_port("127.0.0.1").to_string(),
-        ),
         ("CLAUDECLUSTER_MCP_PORT", mcp_port.to_string()),
-        ("CLAUDECLUSTER_HOST_ADDRESS", host_address.clone()),
-        (
-            "CLAUDECLUSTER_CONTAINER_WORKER_PORT",
-            free_port(&host_address).to_string(),
-        ),
         (
             "CLAUDECLUSTER_WORKSPACES",
             workspaces.path().display().to_string(),
@@ -626,13 +607,13 @@ async fn the_compose_project_serves_both_workers_a_session_and_phase_zero_then_l
     assert_eq!(project.labelled("volumes").await.len(), 3);
     // A task's end does not wait for its container's removal; the worker removes it just after.
     let removed = wait_until(Duration::from_secs(30), || async {
-        project.agent_leftovers_while_running().await == (Vec::new(), Vec::new())
+        project.agent_leftovers().await == (Vec::new(), Vec::new())
     })
     .await;
     assert!(
         removed.is_ok(),
         "agent containers outlived their tasks: {:?}",
-        project.agent_leftovers_while_running().await
+        project.agent_leftovers().await
     );
 
     project.compose(&["down", "-v"]).await;

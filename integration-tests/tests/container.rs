@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use claudecluster_integration_tests::docker::{
     DockerProxy, agent_image, assert_containers_removed, assert_networks_removed,
-    assert_only_a_spare_network_left, containers_with_label, docker, inspect, spare_networks,
+    containers_with_label, docker, inspect,
 };
 use claudecluster_integration_tests::*;
 use claudecluster_proto::v1::event::Kind;
@@ -18,17 +18,16 @@ fn container_worker() -> WorkerSpec {
     WorkerSpec::in_mode(Mode::Container)
 }
 
-/// Waits until the worker has removed every container and network it made, but the network
-/// it keeps ready for its next agent.
+/// Waits until the worker has removed every container and network it made.
 async fn nothing_left(worker_id: &str) {
     let label = format!("claudecluster.worker={worker_id}");
     assert_containers_removed(&label).await;
-    assert_only_a_spare_network_left(&label).await;
+    assert_networks_removed(&label).await;
 }
 
-/// Stops the cluster's first worker and checks that it took everything with it, its spare
-/// network included. A test whose worker reaches Docker through a [`DockerProxy`] calls it
-/// before the proxy goes away: without Docker the worker could not clean up.
+/// Stops the cluster's first worker and checks that it took everything with it. A test whose
+/// worker reaches Docker through a [`DockerProxy`] calls it before the proxy goes away:
+/// without Docker the worker could not clean up.
 async fn stop_worker_leaving_nothing(cluster: &mut TestCluster) {
     let label = format!("claudecluster.worker={}", cluster.worker_ids[0]);
     cluster.workers[0].signal(libc::SIGTERM);
@@ -38,6 +37,10 @@ async fn stop_worker_leaving_nothing(cluster: &mut TestCluster) {
         .expect("the worker exits after SIGTERM");
     assert_containers_removed(&label).await;
     assert_networks_removed(&label).await;
+    let socket = cluster
+        .workspaces(&cluster.worker_ids[0])
+        .join(".agent-proxy/proxy.sock");
+    assert!(!socket.exists(), "{} outlived the worker", socket.display());
 }
 
 async fn task_container(task_id: &str) -> String {
@@ -77,15 +80,20 @@ async fn a_running_container_has_the_user_limits_capabilities_labels_and_network
         host["SecurityOpt"],
         serde_json::json!(["no-new-privileges"])
     );
-    // egress: proxy-only (the default): an internal network of its own, not the host's.
-    let network = format!("claudecluster-{}-1-egress", task.task_id);
-    assert_eq!(host["NetworkMode"], network.as_str());
+    // egress: proxy-only (the default): no network at all; the proxy comes in as a socket,
+    // read-only.
+    let network = "none";
+    assert_eq!(host["NetworkMode"], network);
     assert_eq!(host["ReadonlyRootfs"], true);
     assert!(host["Tmpfs"].get("/tmp").is_some(), "{}", host["Tmpfs"]);
     let workspace = cluster.workspaces(&worker_id).join(&task.task_id);
+    let proxy_socket_dir = cluster.workspaces(&worker_id).join(".agent-proxy");
     assert_eq!(
         host["Binds"],
-        serde_json::json!([format!("{}:/workspace:rw", workspace.display())])
+        serde_json::json!([
+            format!("{}:/workspace:rw", workspace.display()),
+            format!("{}:/run/claudecluster:ro", proxy_socket_dir.display()),
+        ])
     );
     let labels = &container["Config"]["Labels"];
     assert_eq!(labels["claudecluster.task"], task.task_id.as_str());
@@ -121,61 +129,6 @@ async fn a_running_container_has_the_user_limits_capabilities_labels_and_network
     // Nothing the cluster recorded holds the key either.
     assert!(!format!("{events:?}").contains("sk-ant-standin-secret"));
     nothing_left(&worker_id).await;
-}
-
-/// With `egress: proxy-only` (the default), the network of a worker's next agent is made
-/// ahead: once a first task has shown the worker its credential proxy, a spare waits; the
-/// next task's container runs on it, closed to the host but for the proxy; that network goes
-/// with its task and a new spare takes its place; stopping the worker removes the spare too.
-#[tokio::test]
-async fn a_spare_egress_network_is_taken_by_the_next_task_replaced_and_removed_at_stop() {
-    let mut cluster = TestCluster::start(vec![container_worker()]).await;
-    let worker_id = cluster.worker_ids[0].clone();
-    let label = format!("claudecluster.worker={worker_id}");
-    let spares = || spare_networks(&worker_id);
-    let first = cluster.submit(prompt("hello")).await;
-    let (ended, _) = cluster.finish(&first.task_id).await;
-    assert_eq!(
-        ended.status(),
-        TaskStatus::Completed,
-        "{}",
-        ended.status_reason
-    );
-    wait_until(Duration::from_secs(30), || async {
-        !spares().await.is_empty()
-    })
-    .await
-    .expect("a spare network is made once the first task has ended");
-    let spare = spares().await.remove(0);
-    let network = inspect(&spare).await;
-    assert_eq!(network["Internal"], true, "no route out");
-
-    let second = cluster.submit(prompt("HANG")).await;
-    cluster.wait_for_agent(&second.task_id).await;
-    let container = inspect(&task_container(&second.task_id).await).await;
-    assert_eq!(container["HostConfig"]["NetworkMode"], spare.as_str());
-    let running = cluster.task(&second.task_id).await;
-    assert!(
-        running
-            .status_reason
-            .ends_with(&format!("on network {spare}")),
-        "{}",
-        running.status_reason
-    );
-    cluster.cancel(&second.task_id).await;
-    cluster.finish(&second.task_id).await;
-    let replaced = wait_until(Duration::from_secs(30), || async {
-        let now = spares().await;
-        now.len() == 1 && now[0] != spare
-    })
-    .await;
-    assert!(
-        replaced.is_ok(),
-        "the taken spare goes with its task and a new one takes its place: {:?}",
-        spares().await
-    );
-    assert_containers_removed(&label).await;
-    stop_worker_leaving_nothing(&mut cluster).await;
 }
 
 #[tokio::test]
@@ -381,6 +334,50 @@ async fn an_image_that_does_not_exist_fails_the_task_and_names_the_setting() {
     nothing_left(&cluster.worker_ids[0]).await;
 }
 
+/// An agent image of the user's own without socat: with `egress: proxy-only` its agents cannot
+/// reach the proxy, and the task fails saying what the image lacks.
+#[tokio::test]
+async fn an_image_without_socat_fails_proxy_only_tasks_saying_so() {
+    let image = format!("claudecluster/agent-without-socat:{}", uuid_like());
+    let dockerfile = format!(
+        "FROM {}\nUSER root\nRUN rm /usr/bin/socat\nUSER agent\n",
+        agent_image()
+    );
+    let mut build = tokio::process::Command::new("docker")
+        .args(["build", "-q", "-t", &image, "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("the docker CLI is installed (scripts/setup.sh)");
+    use tokio::io::AsyncWriteExt;
+    let mut stdin = build.stdin.take().unwrap();
+    stdin.write_all(dockerfile.as_bytes()).await.unwrap();
+    drop(stdin);
+    assert!(
+        build.wait().await.unwrap().success(),
+        "docker build {image}"
+    );
+
+    let worker = WorkerSpec {
+        image: Some(image.clone()),
+        ..container_worker()
+    };
+    let cluster = TestCluster::start(vec![worker]).await;
+    let task = cluster.submit(prompt("hello")).await;
+    let (ended, _) = cluster.finish(&task.task_id).await;
+    assert_eq!(ended.status(), TaskStatus::Failed);
+    assert!(
+        ended.status_reason.contains(
+            "the agent image has no socat, which egress: proxy-only needs to reach the worker's credential proxy"
+        ),
+        "{}",
+        ended.status_reason
+    );
+    nothing_left(&cluster.worker_ids[0]).await;
+    drop(cluster);
+    docker(&["rmi", &image]).await;
+}
+
 #[tokio::test]
 async fn a_limit_docker_rejects_fails_the_task_with_dockers_reason() {
     // Within what the worker admits, past the cores of any host: Docker refuses it.
@@ -534,8 +531,11 @@ async fn without_docker_a_container_worker_is_unhealthy_and_gets_no_work_until_d
 async fn docker_cut_mid_task() -> (tempfile::TempDir, DockerProxy, TestCluster, Task) {
     let scratch = tempfile::tempdir().unwrap();
     let proxy = DockerProxy::start(scratch.path());
+    // A network of the task's own, which Docker cannot remove while the container is on it.
     let worker = WorkerSpec {
         docker_socket: Some(proxy.path().to_path_buf()),
+        network: "per_task".into(),
+        container_yaml: "  egress: open\n".into(),
         ..container_worker()
     };
     let cluster = TestCluster::start(vec![worker]).await;
@@ -572,8 +572,7 @@ async fn docker_going_away_mid_task_fails_it_and_the_container_is_removed_when_d
     .await
     .expect("the worker removes the container once Docker is back");
     // And the task's own network, which Docker could not remove while the container was on it.
-    assert_only_a_spare_network_left(&format!("claudecluster.worker={}", cluster.worker_ids[0]))
-        .await;
+    assert_networks_removed(&format!("claudecluster.worker={}", cluster.worker_ids[0])).await;
     stop_worker_leaving_nothing(&mut cluster).await;
 }
 
@@ -593,7 +592,7 @@ async fn a_worker_stopped_just_after_docker_returns_leaves_nothing_behind() {
         1,
         "still running"
     );
-    let own = format!("claudecluster-{}-1-egress", task.task_id);
+    let own = format!("claudecluster-{}-1-net", task.task_id);
     let named = format!("name=^{own}$");
     assert_eq!(
         docker(&["network", "ls", "-q", "--filter", &named])
@@ -611,11 +610,7 @@ async fn a_worker_stopped_just_after_docker_returns_leaves_nothing_behind() {
         .await
         .expect("the worker exits after SIGTERM");
     assert_eq!(containers_with_label(&label).await, Vec::<String>::new());
-    assert_eq!(
-        networks().await,
-        0,
-        "the task's network is removed, and the spare with it"
-    );
+    assert_eq!(networks().await, 0, "the task's network is removed");
 }
 
 #[tokio::test]
@@ -705,7 +700,7 @@ async fn docker_going_away_under_load_fails_or_reruns_every_task_and_leaves_no_c
     }
     let label = format!("claudecluster.worker={}", cluster.worker_ids[0]);
     assert_containers_removed(&label).await;
-    assert_only_a_spare_network_left(&label).await;
+    assert_networks_removed(&label).await;
     stop_worker_leaving_nothing(&mut cluster).await;
 }
 
@@ -755,7 +750,7 @@ async fn dockerd_stopped_and_started_under_load_fails_or_reruns_every_task_and_l
     })
     .await
     .expect("no container is left once the daemon is back");
-    // Stopped while its daemon runs, the worker takes its networks with it, the spare too.
+    // Stopped while its daemon runs, the worker leaves no network on it.
     cluster.workers[0].signal(libc::SIGTERM);
     cluster.workers[0]
         .wait_exit(Duration::from_secs(60))

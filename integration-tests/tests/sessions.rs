@@ -499,8 +499,7 @@ async fn sessions_of_a_worker_that_disappears_are_lost_and_nothing_hangs() {
         "{}",
         lost.state_reason
     );
-    // The killed worker could not remove its container, nor its session's network and the
-    // spare it had made ahead; its next run does, the host's firewall rules for them with them.
+    // The killed worker could not remove its container; its next run does.
     let label = format!("claudecluster.worker={worker_id}");
     assert!(!containers_with_label(&label).await.is_empty());
     cluster.workers[0].restart().await;

@@ -346,7 +346,6 @@ async fn container_mode(scale: Scale) -> Vec<Figure> {
     bare_docker_run(&cluster.api).await;
     cluster_run(&cluster, prompt("hello bench")).await;
     let (mut bare, mut cold, mut starts) = (Vec::new(), Vec::new(), Vec::new());
-    let mut on_spares = 0;
     for _ in 0..runs {
         bare.push(bare_docker_run(&cluster.api).await);
         let (elapsed, events) = cluster_run(&cluster, prompt("hello bench")).await;
@@ -354,13 +353,6 @@ async fn container_mode(scale: Scale) -> Vec<Figure> {
         let start = status_time(&events, TaskStatus::Running).unwrap()
             - status_time(&events, TaskStatus::Assigned).unwrap();
         starts.push(start * 1000.0);
-        // RUNNING says what runs the agent: a container on a network made ahead, or not.
-        let on_spare = events.iter().any(|event| {
-            matches!(&event.kind, Some(Kind::StatusChange(change))
-                if change.status() == TaskStatus::Running
-                    && change.reason.contains("claudecluster-spare-"))
-        });
-        on_spares += usize::from(on_spare);
     }
     drop(cluster);
     let warm_worker = WorkerSpec {
@@ -383,7 +375,7 @@ async fn container_mode(scale: Scale) -> Vec<Figure> {
         hand_outs.push(hand_out_ms(&events).expect("a warm agent took the task"));
     }
     // The same new containers on the host's network with open egress, as `docker run` runs
-    // them: what the default per-task internal network and its firewall rules cost.
+    // them: what the default's forwarder to the proxy costs.
     let open_worker = WorkerSpec {
         mode: Mode::Container,
         capacity: 1,
@@ -408,10 +400,7 @@ async fn container_mode(scale: Scale) -> Vec<Figure> {
             "`docker run --rm` of the same image and command",
             bare.clone(),
         )
-        .detail(format!(
-            "on its own internal network (`egress: proxy-only`, the default), made ahead for \
-             {on_spares} of {runs}"
-        ))
+        .detail("with no network (`egress: proxy-only`, the default), the proxy through its socket")
         .target("≤ 1.03"),
         Figure::new(
             "the same on the host's network (`egress: open`), as `docker run` runs it",
@@ -1847,14 +1836,11 @@ const SECTIONS: &[(&str, &str, &str)] = &[
         r#"
 - A new container per task, and one from the warm pool (a container whose agent has booted and
   waits for its prompt), each against `docker run --rm` of the same image and command (on the
-  host's network), interleaved. By default each task's container gets an internal network of
-  its own whose only way out is the worker's credential proxy. Making one and its firewall
-  rules takes about 100 ms, so the worker keeps one made ahead: a spare, made again once the
-  task that took it has been released (here, while the baseline runs); a task that finds none
-  makes its own. Starting a container on a bridge network takes about 100 ms more than on the
-  host's; the row with `egress: open` runs the containers on the host's network as the
-  baseline does. A task ends with its agent's result: its container is removed just after, in
-  the background.
+  host's network), interleaved. By default a task's container has no network: the worker's
+  credential proxy comes in as a Unix socket, and socat forwards the agent's connections to
+  it from the container's loopback. The row with `egress: open` runs the containers on the
+  host's network as the baseline does. A task ends with its agent's result: its container is
+  removed just after, in the background.
 - Memory: resident memory of an idle worker running both modes, against one running the
   process pool alone, each started afresh; and against one running container mode alone. Most
   of the difference from the process pool is pages of the binary's code that the Docker

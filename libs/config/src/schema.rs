@@ -764,7 +764,7 @@ pub struct ContainerConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Egress {
-    /// An internal network whose one way out is the worker's credential proxy.
+    /// No network but the worker's credential proxy, through its Unix socket.
     #[default]
     ProxyOnly,
     /// No network at all (the agent cannot reach the API either).

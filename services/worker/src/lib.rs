@@ -55,6 +55,7 @@ impl Handle {
     /// serving once the runs' streams have sent their last events.
     pub async fn shutdown(self) -> Result<(), tonic::transport::Error> {
         self.runtime.shut_down().await;
+        self.runtime.stop_proxy();
         self.stop_link.cancel();
         let _ = self.link.await;
         self.stop_server.cancel();
@@ -238,7 +239,7 @@ async fn start_proxy(config: &WorkerConfig) -> Result<Arc<proxy::CredentialProxy
             "the credential proxy has no credential: agents' requests will be refused upstream (set ANTHROPIC_API_KEY or worker.credentialProxy)"
         );
     }
-    proxy::CredentialProxy::start(
+    let proxy = proxy::CredentialProxy::start(
         listener,
         "127.0.0.1",
         &upstream,
@@ -247,5 +248,13 @@ async fn start_proxy(config: &WorkerConfig) -> Result<Arc<proxy::CredentialProxy
         settings.prices.clone(),
         config.container.egress_allow.0.clone(),
     )
-    .map_err(StartError::Proxy)
+    .map_err(StartError::Proxy)?;
+    // Only agent containers without a network need the socket, and a worker may switch to
+    // container mode later: a worker that cannot make it runs, and such containers cannot
+    // start, saying why.
+    let socket_dir = proxy::socket_dir(&Workspaces::root_for(config));
+    if let Err(err) = proxy.listen_for_containers(&socket_dir) {
+        tracing::warn!(error = %err, "agent containers with `egress: proxy-only` cannot reach the credential proxy");
+    }
+    Ok(proxy)
 }

@@ -6,9 +6,15 @@
 //!
 //! Several credentials make a pool, used in turn; one the upstream answers 429 or 529 is set
 //! aside for `worker.credentialProxy.coolDown` and the request is sent again with the next.
+//!
+//! The proxy listens on TCP, for agents on the host's network, and on a Unix socket, for
+//! agent containers that have no network at all (`egress: proxy-only`): the socket's
+//! directory is mounted into them, and a forwarder on the container's loopback takes the
+//! agent's connections there.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,7 +25,8 @@ use hyper::body::{Body, Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
 
 use crate::outbound::Endpoint;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio_util::sync::CancellationToken;
 
 /// How an upstream credential is presented.
@@ -258,7 +265,19 @@ pub struct CredentialProxy {
     grants: Mutex<HashMap<String, GrantRecord>>,
     tls: tokio_rustls::TlsConnector,
     stop: CancellationToken,
+    /// The Unix socket agent containers reach the proxy through, once listening; removed when
+    /// the proxy stops.
+    socket: Mutex<Option<PathBuf>>,
 }
+
+/// The directory of the proxy's Unix socket under the worker's workspace root: on the host's
+/// file system, as Docker mounts it into agent containers from there.
+pub fn socket_dir(workspace_root: &Path) -> PathBuf {
+    workspace_root.join(".agent-proxy")
+}
+
+/// The socket's file name in [`socket_dir`].
+pub const SOCKET_NAME: &str = "proxy.sock";
 
 /// The variables of the worker's environment that hold credentials or say where they go:
 /// agents never get them while the proxy runs.
@@ -306,6 +325,7 @@ impl CredentialProxy {
             grants: Mutex::default(),
             tls,
             stop: CancellationToken::new(),
+            socket: Mutex::default(),
         });
         tokio::spawn(proxy.clone().serve(listener));
         tracing::info!(address = %address, "credential proxy listening");
@@ -356,6 +376,45 @@ impl CredentialProxy {
 
     pub fn stop(&self) {
         self.stop.cancel();
+        self.remove_socket();
+    }
+
+    /// Listens on a Unix socket in `dir` too, for agent containers without a network. Its
+    /// tokens guard it, as they do the TCP port: anyone may connect.
+    pub fn listen_for_containers(self: &Arc<Self>, dir: &Path) -> Result<PathBuf, String> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let path = dir.join(SOCKET_NAME);
+        let fail = |what: &str, err: std::io::Error| {
+            format!(
+                "cannot {what} {} for agent containers: {err}",
+                path.display()
+            )
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(|err| fail("make the directory of", err))?;
+        // A socket an earlier run left, which nothing listens on any more.
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(fail("replace", err)),
+        }
+        let listener = UnixListener::bind(&path).map_err(|err| fail("listen on", err))?;
+        // The agent's user must be able to connect, whichever it is.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))
+            .map_err(|err| fail("open", err))?;
+        *self.socket.lock().expect("proxy lock poisoned") = Some(path.clone());
+        tokio::spawn(self.clone().serve_unix(listener));
+        tracing::info!(socket = %path.display(), "credential proxy listening for agent containers");
+        Ok(path)
+    }
+
+    fn remove_socket(&self) {
+        if let Some(path) = self.socket.lock().expect("proxy lock poisoned").take() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     async fn serve(self: Arc<Self>, listener: TcpListener) {
@@ -371,18 +430,38 @@ impl CredentialProxy {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let proxy = self.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request| {
-                    let proxy = proxy.clone();
-                    async move { Ok::<_, std::convert::Infallible>(proxy.handle(request).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .with_upgrades()
-                    .await;
-            });
+            tokio::spawn(self.clone().serve_connection(stream));
         }
+    }
+
+    async fn serve_unix(self: Arc<Self>, listener: UnixListener) {
+        loop {
+            let stream = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "the credential proxy cannot accept on its socket");
+                        continue;
+                    }
+                },
+            };
+            tokio::spawn(self.clone().serve_connection(stream));
+        }
+    }
+
+    async fn serve_connection<Connection>(self: Arc<Self>, connection: Connection)
+    where
+        Connection: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let service = hyper::service::service_fn(move |request| {
+            let proxy = self.clone();
+            async move { Ok::<_, std::convert::Infallible>(proxy.handle(request).await) }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(connection), service)
+            .with_upgrades()
+            .await;
     }
 
     async fn handle(&self, request: Request<Incoming>) -> Response<BoxBody<Bytes, hyper::Error>> {
@@ -609,7 +688,7 @@ impl CredentialProxy {
 
 impl Drop for CredentialProxy {
     fn drop(&mut self) {
-        self.stop.cancel();
+        self.stop();
     }
 }
 
@@ -807,6 +886,43 @@ mod tests {
             meter.spent().unwrap(),
             "the task's budget of $0.01 (agent.max_budget_usd) is spent: $0.0300 by the worker's count"
         );
+    }
+
+    #[tokio::test]
+    async fn the_socket_for_containers_replaces_a_stale_one_serves_anyone_and_goes_at_stop() {
+        use std::os::unix::fs::PermissionsExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let root = tempfile::tempdir().unwrap();
+        let dir = socket_dir(root.path());
+        // What a killed worker leaves: a socket file nothing listens on.
+        std::fs::create_dir_all(&dir).unwrap();
+        drop(std::os::unix::net::UnixListener::bind(dir.join(SOCKET_NAME)).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = CredentialProxy::start(
+            listener,
+            "127.0.0.1",
+            "http://127.0.0.1:9",
+            Vec::new(),
+            Duration::from_secs(60),
+            Default::default(),
+            Vec::new(),
+        )
+        .unwrap();
+        let path = proxy.listen_for_containers(&dir).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o666, "any agent user may connect");
+
+        let mut connection = tokio::net::UnixStream::connect(&path).await.unwrap();
+        connection
+            .write_all(b"POST /v1/messages HTTP/1.1\r\nhost: proxy\r\nx-api-key: cct_unknown\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = vec![0; 12];
+        connection.read_exact(&mut answer).await.unwrap();
+        assert_eq!(answer, b"HTTP/1.1 401", "a token the proxy did not grant");
+
+        proxy.stop();
+        assert!(!path.exists(), "the socket outlived the proxy");
     }
 
     #[tokio::test]

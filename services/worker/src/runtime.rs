@@ -621,6 +621,13 @@ impl Runtime {
         self.providers().shut_down().await;
     }
 
+    /// Stops the credential proxy: at the end of shutdown, once no agent is left to use it.
+    pub fn stop_proxy(&self) {
+        if let Some(proxy) = &self.proxy {
+            proxy.stop();
+        }
+    }
+
     /// Waits for ended tasks' agents to be gone and released (bounded: an agent that will not
     /// exit is killed after the cancel grace period, and removals give up in seconds).
     async fn wait_for_endings(&self) {

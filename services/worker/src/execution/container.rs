@@ -2,14 +2,17 @@
 //!
 //! The container gets the task's workspace at `/workspace`, runs as a non-root user with
 //! every capability dropped and `no-new-privileges`, under memory, CPU and process limits, on
-//! the configured network, and carries labels naming its task and worker. The agent's
+//! the configured network, and carries labels naming its task and worker. With `egress:
+//! proxy-only` (the default) that network is none at all: the worker's credential proxy comes
+//! in as a Unix socket on a read-only mount, and a forwarder on the container's loopback gives
+//! it to the agent at the proxy's usual address. The agent's
 //! environment (API keys among it) goes in through the container's stdin, never into its
 //! configuration, so `docker inspect` shows no secret. Containers are owned: a worker removes
 //! what an earlier run of it left (by its id, and by its workspace root, whatever id that run
 //! had), and whatever it could not remove while Docker was away.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,6 +27,7 @@ use bollard::query_parameters::{
     ListNetworksOptions, RemoveContainerOptions,
 };
 use bollard::{ClientVersion, Docker};
+use claudecluster_config::Egress;
 use claudecluster_config::WorkerConfig;
 use claudecluster_proto::v1::ExecutionMode;
 use futures_util::StreamExt;
@@ -51,14 +55,31 @@ const LABEL_WORKER: &str = "claudecluster.worker";
 const LABEL_HOME: &str = "claudecluster.home";
 const LABEL_TASK: &str = "claudecluster.task";
 const LABEL_ATTEMPT: &str = "claudecluster.attempt";
+/// Where an agent container finds the credential proxy's socket with `egress: proxy-only`.
+const PROXY_SOCKET_DIR: &str = "/run/claudecluster";
 /// Reads `NAME=value` lines from stdin until an empty line, exports them, makes the agent's
 /// home (on the writable `/tmp`), clones the task's repository into the working directory when
 /// the environment names one (`CLAUDECLUSTER_REPO_URL`: a pod's workspace is its own), then
 /// becomes the agent (`$1` says whether the agent keeps stdin). git's own messages could show
 /// the URL's credentials, so a failed clone says only the URL without them.
+///
+/// With `CLAUDECLUSTER_PROXY_PORT` (a container with no network), it first starts socat to
+/// forward that port of the container's loopback to the proxy's socket, and waits until socat
+/// listens (its socket in `/proc/net/tcp`, state 0A), so that the agent's first request finds
+/// it.
 pub(super) const ENTRYPOINT: &str = r#"mode=$1; shift
 while IFS= read -r line && [ -n "$line" ]; do export "$line"; done
 mkdir -p "$HOME"
+if [ -n "${CLAUDECLUSTER_PROXY_PORT:-}" ]; then
+  port=$CLAUDECLUSTER_PROXY_PORT; unset CLAUDECLUSTER_PROXY_PORT
+  command -v socat >/dev/null 2>&1 \
+    || { echo "the agent image has no socat, which egress: proxy-only needs to reach the worker's credential proxy" >&2; exit 96; }
+  socat "TCP-LISTEN:$port,bind=127.0.0.1,reuseaddr,fork" "UNIX-CONNECT:/run/claudecluster/proxy.sock" </dev/null >/dev/null 2>&1 &
+  listening=":$(printf %04X "$port") 00000000:0000 0A"
+  until grep -q "$listening" /proc/net/tcp; do
+    kill -0 $! 2>/dev/null || { echo "cannot forward 127.0.0.1:$port to the worker's credential proxy" >&2; exit 96; }
+  done
+fi
 if [ -n "${CLAUDECLUSTER_REPO_URL:-}" ]; then
   GIT_TERMINAL_PROMPT=0 git -c protocol.ext.allow=never clone --quiet -- "$CLAUDECLUSTER_REPO_URL" . </dev/null >/dev/null 2>&1 \
     || { echo "cannot clone $CLAUDECLUSTER_REPO_SHOWN into the agent's workspace" >&2; exit 97; }
@@ -82,7 +103,10 @@ pub struct ContainerSettings {
     pub limits: Limits,
     /// A Docker runtime other than the default (`runsc`, …).
     pub runtime: Option<String>,
-    pub egress: claudecluster_config::Egress,
+    pub egress: Egress,
+    /// The directory of the credential proxy's socket, mounted into containers with `egress:
+    /// proxy-only`.
+    pub proxy_socket_dir: PathBuf,
 }
 
 /// The agent's home in its container: on the tmpfs at `/tmp`, the root filesystem being
@@ -92,6 +116,7 @@ const AGENT_HOME: &str = "/tmp/home";
 impl ContainerSettings {
     pub fn from_config(config: &WorkerConfig, worker_id: &str) -> Self {
         let container = &config.container;
+        let root = crate::workspace::Workspaces::root_for(config);
         let socket = container
             .docker_host
             .clone()
@@ -99,9 +124,7 @@ impl ContainerSettings {
             .unwrap_or_else(|| "/var/run/docker.sock".to_owned());
         ContainerSettings {
             worker_id: worker_id.to_owned(),
-            home: crate::workspace::Workspaces::root_for(config)
-                .display()
-                .to_string(),
+            home: root.display().to_string(),
             image: container.image.clone(),
             user: container.user.clone(),
             network: container.network.clone(),
@@ -113,6 +136,7 @@ impl ContainerSettings {
             },
             runtime: container.runtime.clone(),
             egress: container.egress,
+            proxy_socket_dir: crate::proxy::socket_dir(&root),
         }
     }
 }
@@ -128,7 +152,6 @@ pub struct ContainerProvider {
     settings: ContainerSettings,
     /// What could not be removed while Docker was away; removed once it answers again.
     leftovers: Arc<Mutex<Vec<Leftover>>>,
-    egress: Arc<EgressNetworks>,
 }
 
 impl ContainerProvider {
@@ -142,19 +165,10 @@ impl ContainerProvider {
                     settings.socket
                 ))
             })?;
-        let leftovers = Arc::default();
-        let egress = Arc::new(EgressNetworks {
-            docker: docker.clone(),
-            settings: settings.clone(),
-            leftovers: Arc::clone(&leftovers),
-            spare: Mutex::default(),
-            making: tokio::sync::Mutex::default(),
-        });
         Ok(ContainerProvider {
             docker,
             settings,
-            leftovers,
-            egress,
+            leftovers: Arc::default(),
         })
     }
 
@@ -192,9 +206,6 @@ impl ContainerProvider {
             removed += 1;
         }
         for name in networks {
-            if name.ends_with("-egress") {
-                open_host_again(&egress_interface(&name)).await;
-            }
             let _ = self.docker.remove_network(&name).await;
         }
         if removed > 0 {
@@ -224,24 +235,14 @@ impl ContainerProvider {
     }
 
     /// The network of the container named `name`; the network made for it alone, if any; and
-    /// the host name or address it reaches the worker's credential proxy at (`None`: loopback).
+    /// the host name or address it reaches the worker's credential proxy at (`None`: loopback,
+    /// the proxy's own or, with no network, the forwarder's).
     async fn network_for(
         &self,
         name: &str,
-        proxy_port: Option<u16>,
     ) -> Result<(String, Option<String>, Option<String>), LaunchError> {
-        use claudecluster_config::Egress;
-        match self.settings.egress {
-            Egress::None => return Ok(("none".to_owned(), None, None)),
-            Egress::ProxyOnly => {
-                let network = self.egress.for_container(name, proxy_port).await?;
-                return Ok((
-                    network.name.clone(),
-                    Some(network.name),
-                    Some(network.gateway),
-                ));
-            }
-            Egress::Open => {}
+        if self.settings.egress != Egress::Open {
+            return Ok(("none".to_owned(), None, None));
         }
         let proxy_host = (self.settings.network != "host").then(|| PROXY_HOST.to_owned());
         if self.settings.network != "per_task" {
@@ -259,6 +260,20 @@ impl ContainerProvider {
             .await
             .map_err(|err| self.launch_error(err))?;
         Ok((network.clone(), Some(network), proxy_host))
+    }
+
+    /// The host directory of the proxy's socket, to mount into a container with `egress:
+    /// proxy-only`; an error when the worker has no such socket.
+    fn proxy_socket_dir(&self) -> Result<String, LaunchError> {
+        let dir = &self.settings.proxy_socket_dir;
+        let socket = dir.join(crate::proxy::SOCKET_NAME);
+        if !socket.exists() {
+            return Err(LaunchError(format!(
+                "the worker's credential proxy has no socket at {} for agent containers with `worker.container.egress: proxy-only` (the worker's log says why)",
+                socket.display()
+            )));
+        }
+        Ok(dir.display().to_string())
     }
 
     async fn discard(&self, container: Option<&str>, network: Option<&str>) {
@@ -317,186 +332,6 @@ fn owner_labels(settings: &ContainerSettings) -> HashMap<String, String> {
     ])
 }
 
-/// The internal networks of `egress: proxy-only`, one per agent container, and one made ahead
-/// for the next agent: making a network and closing the host to it takes about a tenth of a
-/// second, which a new container then does not wait for. A spare is made once the credential
-/// proxy's port is known (from the first launch), again after each agent that took one has
-/// been released (so that making it does not compete with that agent's start), and after a
-/// health check finds none; it is removed at shutdown like any other network of the worker.
-struct EgressNetworks {
-    docker: Docker,
-    settings: ContainerSettings,
-    leftovers: Arc<Mutex<Vec<Leftover>>>,
-    spare: Mutex<Spare>,
-    /// Held while a spare is made: one at a time, and shutdown waits for it.
-    making: tokio::sync::Mutex<()>,
-}
-
-#[derive(Default)]
-struct Spare {
-    ready: Option<EgressNetwork>,
-    /// The credential proxy's port, from the last launch: a spare admits only it.
-    proxy_port: Option<u16>,
-    /// After shutdown no spare is made, and one being made is removed when it is done.
-    shut: bool,
-}
-
-struct EgressNetwork {
-    name: String,
-    /// The host's address on it, where the proxy listens.
-    gateway: String,
-    proxy_port: Option<u16>,
-}
-
-/// Marks a network made ahead, before any container used it.
-const LABEL_SPARE: &str = "claudecluster.spare";
-
-impl EgressNetworks {
-    /// The network for agent container `container`: the spare if it admits `proxy_port`,
-    /// else one made now, named after the container.
-    async fn for_container(
-        &self,
-        container: &str,
-        proxy_port: Option<u16>,
-    ) -> Result<EgressNetwork, LaunchError> {
-        let (taken, stale) = {
-            let mut spare = self.spare.lock().unwrap();
-            if proxy_port.is_some() {
-                spare.proxy_port = proxy_port;
-            }
-            match spare.ready.take() {
-                Some(ready) if proxy_port.is_some() && ready.proxy_port == proxy_port => {
-                    (Some(ready), None)
-                }
-                other => (None, other),
-            }
-        };
-        if let Some(stale) = stale {
-            // Made for a proxy port no longer in use.
-            self.discard(&stale.name).await;
-        }
-        match taken {
-            Some(network) => Ok(network),
-            None => {
-                self.make(&format!("{container}-egress"), proxy_port, false)
-                    .await
-            }
-        }
-    }
-
-    /// Makes a spare unless there is one, one is being made, the proxy's port is not known
-    /// yet, or the provider has shut down.
-    async fn refill(&self) {
-        let Ok(_making) = self.making.try_lock() else {
-            return;
-        };
-        let proxy_port = {
-            let spare = self.spare.lock().unwrap();
-            // The port is known only once a proxy-only launch has run.
-            if spare.ready.is_some() || spare.shut || spare.proxy_port.is_none() {
-                return;
-            }
-            spare.proxy_port
-        };
-        let name = format!(
-            "claudecluster-spare-{}-egress",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
-        let made = self.make(&name, proxy_port, true).await;
-        let unwanted = {
-            let mut spare = self.spare.lock().unwrap();
-            match made {
-                Ok(network) if !spare.shut && spare.ready.is_none() => {
-                    spare.ready = Some(network);
-                    None
-                }
-                Ok(network) => Some(network),
-                Err(err) => {
-                    tracing::debug!(error = %err.0, "cannot make a spare egress network now");
-                    None
-                }
-            }
-        };
-        if let Some(network) = unwanted {
-            self.discard(&network.name).await;
-        }
-    }
-
-    /// Removes network `name` and takes back its firewall rules; what Docker would not remove
-    /// is a leftover, tried again later.
-    async fn discard(&self, name: &str) {
-        release(&self.docker, None, Some(name), &self.leftovers).await;
-    }
-
-    /// Removes the spare and makes no more: at shutdown.
-    async fn shut_down(&self) {
-        self.spare.lock().unwrap().shut = true;
-        // A spare being made is removed by its maker once done; bounded, as Docker may not
-        // answer.
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.making.lock()).await;
-        let ready = self.spare.lock().unwrap().ready.take();
-        if let Some(network) = ready {
-            self.discard(&network.name).await;
-        }
-    }
-
-    /// An internal network named `name`, and the host's address on it, where the proxy
-    /// listens: Docker gives an internal network no route out, so the host's address on it is
-    /// the one thing its containers reach. The host's other ports are closed to it.
-    async fn make(
-        &self,
-        name: &str,
-        proxy_port: Option<u16>,
-        spare: bool,
-    ) -> Result<EgressNetwork, LaunchError> {
-        let mut labels = owner_labels(&self.settings);
-        if spare {
-            labels.insert(LABEL_SPARE.to_owned(), "true".to_owned());
-        }
-        let request = NetworkCreateRequest {
-            name: name.to_owned(),
-            driver: Some("bridge".to_owned()),
-            internal: Some(true),
-            labels: Some(labels),
-            // Named by us, so that the host's firewall rules for it can be too.
-            options: Some(HashMap::from([(
-                "com.docker.network.bridge.name".to_owned(),
-                egress_interface(name),
-            )])),
-            ..Default::default()
-        };
-        self.docker
-            .create_network(request)
-            .await
-            .map_err(|err| refused(&self.settings, "network", err))?;
-        let gateway = match self.docker.inspect_network(name, None).await {
-            Ok(inspected) => inspected
-                .ipam
-                .and_then(|ipam| ipam.config)
-                .and_then(|configs| configs.into_iter().find_map(|config| config.gateway)),
-            Err(_) => None,
-        };
-        match gateway {
-            Some(gateway) => {
-                if let Some(port) = proxy_port {
-                    close_host_except(&egress_interface(name), port).await;
-                }
-                Ok(EgressNetwork {
-                    name: name.to_owned(),
-                    gateway,
-                    proxy_port,
-                })
-            }
-            None => {
-                self.discard(name).await;
-                Err(LaunchError(format!(
-                    "the network {name} has no gateway address for the proxy"
-                )))
-            }
-        }
-    }
-}
-
 /// Docker filters for what an earlier run of this worker left: one query each, as the labels
 /// of one filter must all match.
 fn leftover_filters(settings: &ContainerSettings) -> [HashMap<String, Vec<String>>; 2] {
@@ -545,11 +380,6 @@ async fn release(
             .push(Leftover::Container(id.to_owned()));
     }
     if let Some(name) = network
-        && name.ends_with("-egress")
-    {
-        open_host_again(&egress_interface(name)).await;
-    }
-    if let Some(name) = network
         && !remove_network(docker, name, PATIENT_ATTEMPTS).await
     {
         tracing::warn!(network = name, "cannot remove network; will retry");
@@ -587,81 +417,6 @@ fn removal_failed(kind: &str) {
         .inc();
 }
 
-/// The bridge interface of egress network `network`: at most 15 characters, as Linux wants.
-fn egress_interface(network: &str) -> String {
-    // FNV-1a, so that the name is the same whenever it is worked out.
-    let hash = network
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-        });
-    format!("cce{:012x}", hash & 0xffff_ffff_ffff)
-}
-
-/// With `egress: proxy-only`, the host answers a container on `interface` only on the
-/// proxy's port: Docker's internal network keeps it from the outside, not from the host's own
-/// services. Needs iptables and root; without them the rest of the host stays reachable, and
-/// the worker says so.
-async fn close_host_except(interface: &str, proxy_port: u16) {
-    let port = proxy_port.to_string();
-    let rules: [&[&str]; 2] = [
-        &["-I", "INPUT", "-i", interface, "-j", "DROP"],
-        &[
-            "-I", "INPUT", "-i", interface, "-p", "tcp", "--dport", &port, "-j", "ACCEPT",
-        ],
-    ];
-    for rule in rules {
-        let added = tokio::process::Command::new("iptables")
-            .args(rule)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .output()
-            .await;
-        match added {
-            Ok(output) if output.status.success() => {}
-            Ok(output) => {
-                tracing::warn!(interface, error = %String::from_utf8_lossy(&output.stderr).trim(), "cannot close the host's other ports to an agent container (egress: proxy-only)");
-                return;
-            }
-            Err(err) => {
-                tracing::warn!(interface, error = %err, "cannot run iptables to close the host's other ports to an agent container (egress: proxy-only)");
-                return;
-            }
-        }
-    }
-}
-
-/// Takes back what [`close_host_except`] added for `interface`.
-async fn open_host_again(interface: &str) {
-    loop {
-        // Each call removes one rule naming the interface; none left ends it.
-        let listed = tokio::process::Command::new("iptables")
-            .args(["-S", "INPUT"])
-            .output()
-            .await;
-        let Ok(listed) = listed else { return };
-        let text = String::from_utf8_lossy(&listed.stdout);
-        let Some(rule) = text
-            .lines()
-            .find(|line| line.split_whitespace().any(|word| word == interface))
-        else {
-            return;
-        };
-        let mut args: Vec<&str> = rule.split_whitespace().collect();
-        if args.first() != Some(&"-A") {
-            return;
-        }
-        args[0] = "-D";
-        let removed = tokio::process::Command::new("iptables")
-            .args(&args)
-            .output()
-            .await;
-        if !matches!(removed, Ok(output) if output.status.success()) {
-            return;
-        }
-    }
-}
-
 fn limit_or(task: f64, default: f64) -> f64 {
     if task > 0.0 { task } else { default }
 }
@@ -677,10 +432,6 @@ impl ExecutionProvider for ContainerProvider {
             Ok(Ok(_)) => {
                 // One try each: admissions wait on this check; the next check tries again.
                 self.remove_leftovers(1).await;
-                if self.settings.egress == claudecluster_config::Egress::ProxyOnly {
-                    let egress = Arc::clone(&self.egress);
-                    tokio::spawn(async move { egress.refill().await });
-                }
                 ProviderHealth::Ready
             }
             Ok(Err(err)) => ProviderHealth::Unavailable(self.unreachable(&err)),
@@ -692,7 +443,6 @@ impl ExecutionProvider for ContainerProvider {
     }
 
     async fn shut_down(&self) {
-        self.egress.shut_down().await;
         if self.leftovers.lock().unwrap().is_empty() {
             return;
         }
@@ -739,8 +489,14 @@ impl ExecutionProvider for ContainerProvider {
             .env
             .iter()
             .find(|(key, _)| key == "ANTHROPIC_BASE_URL")
-            .and_then(|(_, url)| url.strip_prefix("http://127.0.0.1:")?.parse().ok());
-        let (network_mode, own_network, proxy_host) = self.network_for(&name, proxy_port).await?;
+            .and_then(|(_, url)| url.strip_prefix("http://127.0.0.1:")?.parse::<u16>().ok());
+        // With no network, the proxy comes in as a socket, and the agent reaches it at the
+        // same port of its own loopback.
+        let proxy_socket = match (self.settings.egress, proxy_port) {
+            (Egress::ProxyOnly, Some(port)) => Some((self.proxy_socket_dir()?, port)),
+            _ => None,
+        };
+        let (network_mode, own_network, proxy_host) = self.network_for(&name).await?;
         let description = format!("container {name} on network {network_mode}");
 
         let defaults = self.settings.limits;
@@ -778,6 +534,11 @@ impl ExecutionProvider for ContainerProvider {
                     std::iter::once((launch.workspace.clone(), "/workspace".to_owned()))
                         .chain(launch.mounts.iter().cloned())
                         .map(|(host, inside)| format!("{}:{inside}:rw", host.display()))
+                        .chain(
+                            proxy_socket
+                                .iter()
+                                .map(|(dir, _)| format!("{dir}:{PROXY_SOCKET_DIR}:ro")),
+                        )
                         .collect(),
                 ),
                 memory: (memory > 0).then_some(memory as i64),
@@ -853,7 +614,11 @@ impl ExecutionProvider for ContainerProvider {
         tracing::debug!(task = %launch.task_id, container = %id, "agent container started");
 
         let mut writer = attached.input;
-        let preamble = env_preamble(&launch.env, proxy_host.as_deref());
+        let mut env = launch.env.clone();
+        if let Some((_, port)) = &proxy_socket {
+            env.push(("CLAUDECLUSTER_PROXY_PORT".to_owned(), port.to_string()));
+        }
+        let preamble = env_preamble(&env, proxy_host.as_deref());
         if let Err(err) = writer.write_all(preamble.as_bytes()).await {
             self.discard(Some(&id), own_network.as_deref()).await;
             return Err(LaunchError(format!(
@@ -917,7 +682,6 @@ impl ExecutionProvider for ContainerProvider {
                 network: own_network,
                 killed_by_worker,
                 leftovers: self.leftovers.clone(),
-                egress: Arc::clone(&self.egress),
             }),
             input,
             description,
@@ -1026,7 +790,6 @@ struct ContainerControl {
     network: Option<String>,
     killed_by_worker: Arc<AtomicBool>,
     leftovers: Arc<Mutex<Vec<Leftover>>>,
-    egress: Arc<EgressNetworks>,
 }
 
 impl ContainerControl {
@@ -1064,8 +827,6 @@ impl AgentControl for ContainerControl {
             &self.leftovers,
         )
         .await;
-        // The next agent's network, made now that this one no longer competes with its start.
-        self.egress.refill().await;
     }
 }
 
@@ -1090,6 +851,15 @@ mod tests {
             ..WorkerConfig::default()
         };
         ContainerSettings::from_config(&config, "worker-a1b2c3d4")
+    }
+
+    #[test]
+    fn the_entrypoint_forwards_to_the_socket_a_container_is_given() {
+        let socket = format!(
+            "UNIX-CONNECT:{PROXY_SOCKET_DIR}/{}",
+            crate::proxy::SOCKET_NAME
+        );
+        assert!(ENTRYPOINT.contains(&socket), "{ENTRYPOINT}");
     }
 
     #[test]
