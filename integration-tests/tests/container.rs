@@ -378,6 +378,38 @@ async fn an_image_without_socat_fails_proxy_only_tasks_saying_so() {
     docker(&["rmi", &image]).await;
 }
 
+/// A workspace root too long for a Unix socket's path (108 bytes): the worker runs, says why
+/// its proxy has no socket, and a proxy-only task fails naming it.
+#[tokio::test]
+async fn a_worker_without_its_proxy_socket_fails_proxy_only_tasks_saying_why() {
+    let mut cluster = TestCluster::start(vec![]).await;
+    let worker_id = format!("w-{}", "long".repeat(25));
+    cluster
+        .add_worker_named(&worker_id, container_worker())
+        .await;
+    cluster.wait_for_healthy_workers(1).await;
+    let task = cluster.submit(prompt("hello")).await;
+    let (ended, _) = cluster.finish(&task.task_id).await;
+    assert_eq!(ended.status(), TaskStatus::Failed);
+    let socket = cluster
+        .workspaces(&worker_id)
+        .join(".agent-proxy/proxy.sock");
+    assert!(
+        ended.status_reason.contains(&format!(
+            "the worker's credential proxy has no socket at {} for agent containers with `worker.container.egress: proxy-only`",
+            socket.display()
+        )),
+        "{}",
+        ended.status_reason
+    );
+    let log = cluster.workers[0].log();
+    assert!(
+        log.contains("cannot listen on") && log.contains("for agent containers"),
+        "the worker's log says why: {log}"
+    );
+    nothing_left(&worker_id).await;
+}
+
 #[tokio::test]
 async fn a_limit_docker_rejects_fails_the_task_with_dockers_reason() {
     // Within what the worker admits, past the cores of any host: Docker refuses it.
