@@ -380,6 +380,22 @@ async fn a_container_with_proxy_only_egress_reaches_the_api_and_nothing_else() {
         "unreachable",
         "the API only through the proxy"
     );
+    // Its agents come through the socket, so the proxy's port stays on loopback; agents off
+    // the host's network with open egress need it on the host's other addresses.
+    let proxy_address = |cluster: &TestCluster| {
+        let log = cluster.workers[0].log();
+        assert!(
+            !log.contains('\x1b'),
+            "colours in a log that is no terminal"
+        );
+        log.lines()
+            .find(|line| line.contains("credential proxy listening") && !line.contains("socket"))
+            .and_then(|line| line.split("address=").nth(1))
+            .map(|rest| rest.split(':').next().unwrap_or_default().to_owned())
+            .unwrap_or_else(|| panic!("the worker logs where its proxy listens: {log}"))
+    };
+    assert_eq!(proxy_address(&sealed), "127.0.0.1");
+    assert_eq!(proxy_address(&open), "0.0.0.0");
     accepting.abort();
 }
 

@@ -86,6 +86,8 @@ pub fn init_with(service: &str, config: &TelemetryConfig) -> Result<Telemetry, S
             Some(
                 tracing_subscriber::fmt::layer()
                     .with_writer(std::io::stderr)
+                    // Colours for a terminal only: not in files, journald or `docker logs`.
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                     .with_target(false),
             ),
             None,

@@ -183,17 +183,30 @@ async fn keep_workspaces(runtime: Arc<Runtime>, stop: CancellationToken) {
     }
 }
 
+/// Where the credential proxy listens unless `credentialProxy.listen` says: loopback, where
+/// process agents reach it and proxy-only containers' forwarders hand over to its socket; every
+/// address (its tokens guarding it) only when agents elsewhere need it: pods, or containers
+/// with `egress: open` off the host's network, which reach it at the host's gateway.
+fn default_proxy_listen(config: &WorkerConfig) -> &'static str {
+    let container = &config.container;
+    let agents_elsewhere = container.orchestrator == "kubernetes"
+        || (container.egress == claudecluster_config::Egress::Open && container.network != "host");
+    if agents_elsewhere {
+        "0.0.0.0:0"
+    } else {
+        "127.0.0.1:0"
+    }
+}
+
 /// Starts the worker's credential proxy with the credentials its configuration or environment
 /// names.
 async fn start_proxy(config: &WorkerConfig) -> Result<Arc<proxy::CredentialProxy>, StartError> {
     use proxy::Credential;
     let settings = &config.credential_proxy;
-    // Containers reach the proxy at their network's gateway, not loopback; and a worker may
-    // switch to container mode while it runs. Its tokens guard it on every address.
     let listen = settings
         .listen
         .clone()
-        .unwrap_or_else(|| "0.0.0.0:0".to_owned());
+        .unwrap_or_else(|| default_proxy_listen(config).to_owned());
     let listener = claudecluster_grpc::bind(&listen, "worker.credentialProxy.listen").await?;
     let env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
     let upstream = settings

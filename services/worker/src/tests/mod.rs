@@ -151,3 +151,21 @@ pub fn output(kind: &Kind) -> Option<&str> {
         _ => None,
     }
 }
+
+#[test]
+fn the_credential_proxy_leaves_loopback_only_for_agents_elsewhere() {
+    use claudecluster_config::Egress;
+    let with = |orchestrator: &str, egress: Egress, network: &str| {
+        let mut config = WorkerConfig::default();
+        config.container.orchestrator = orchestrator.to_owned();
+        config.container.egress = egress;
+        config.container.network = network.to_owned();
+        crate::default_proxy_listen(&config)
+    };
+    assert_eq!(with("docker", Egress::ProxyOnly, "bridge"), "127.0.0.1:0");
+    assert_eq!(with("docker", Egress::None, "bridge"), "127.0.0.1:0");
+    assert_eq!(with("docker", Egress::Open, "host"), "127.0.0.1:0");
+    assert_eq!(with("docker", Egress::Open, "bridge"), "0.0.0.0:0");
+    assert_eq!(with("docker", Egress::Open, "per_task"), "0.0.0.0:0");
+    assert_eq!(with("kubernetes", Egress::ProxyOnly, "bridge"), "0.0.0.0:0");
+}
