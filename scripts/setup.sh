@@ -68,6 +68,12 @@ fi
 # use refuses removal and stays.
 docker ps -aq --filter label=claudecluster.managed=true --filter status=exited | xargs -r docker rm -v >/dev/null 2>&1 || true
 docker network ls -q --filter label=claudecluster.managed=true | xargs -r docker network rm >/dev/null 2>&1 || true
+# Holders of network namespaces that a killed worker kept for its agents run until removed:
+# those of a workspace root that is gone (a test's).
+docker ps --filter label=claudecluster.role=network-holder --format '{{.ID}} {{.Label "claudecluster.home"}}' |
+  while read -r id home; do
+    [ -d "$home" ] || docker rm -f "$id" >/dev/null 2>&1 || true
+  done
 
 # A throwaway PostgreSQL for the store's tests: its own data directory under the cache, on a
 # loopback port, run as the `postgres` user (it refuses root). Started when none answers.

@@ -43,18 +43,52 @@ pub async fn containers_with_label(label: &str) -> Vec<String> {
 /// Waits until no container carries `label`, and fails naming those left after 30 s. A task's
 /// end does not wait for its container's removal; the worker removes it just after.
 pub async fn assert_containers_removed(label: &str) {
-    assert_none_left("container", label).await
+    assert_none_left("container", &[label]).await
+}
+
+/// Waits until no agent container (one of a task or session) carries `label`, as
+/// [`assert_containers_removed`] does. A running container worker keeps the holders of the
+/// network namespaces its agents used, for its next ones: those are not left behind.
+pub async fn assert_agent_containers_removed(label: &str) {
+    assert_none_left("container", &[label, "claudecluster.task"]).await
+}
+
+/// Names of the network holders of worker `worker_id` (see
+/// [`assert_agent_containers_removed`]).
+pub async fn network_holders(worker_id: &str) -> Vec<String> {
+    docker(&[
+        "ps",
+        "-a",
+        "--filter",
+        &format!("label=claudecluster.worker={worker_id}"),
+        "--filter",
+        "label=claudecluster.role=network-holder",
+        "--format",
+        "{{.Names}}",
+    ])
+    .await
+    .lines()
+    .map(str::to_owned)
+    .collect()
 }
 
 /// Waits until no network carries `label`, as [`assert_containers_removed`] does.
 pub async fn assert_networks_removed(label: &str) {
-    assert_none_left("network", label).await
+    assert_none_left("network", &[label]).await
 }
 
-async fn assert_none_left(kind: &str, label: &str) {
-    let filter = format!("label={label}");
+/// Waits until no `kind` carries all of `labels`.
+async fn assert_none_left(kind: &str, labels: &[&str]) {
+    let filters: Vec<String> = labels
+        .iter()
+        .map(|label| format!("label={label}"))
+        .collect();
+    let label = labels.join(", ");
     let list = || async {
-        let mut args = vec![kind, "ls", "-q", "--filter", &filter];
+        let mut args = vec![kind, "ls", "-q"];
+        for filter in &filters {
+            args.extend(["--filter", filter.as_str()]);
+        }
         if kind == "container" {
             args.push("-a");
         }

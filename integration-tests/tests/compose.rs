@@ -163,11 +163,27 @@ impl ComposeProject {
         list.lines().map(str::to_owned).collect()
     }
 
-    /// The agent containers and networks the container worker made: they carry its workspace
-    /// root.
-    async fn agent_leftovers(&self) -> (Vec<String>, Vec<String>) {
+    /// The containers and networks the container worker made: they carry its workspace root.
+    /// While it runs, only agent containers count: it keeps the holders of its agents' network
+    /// namespaces for its next agents.
+    async fn agent_leftovers(&self, running: bool) -> (Vec<String>, Vec<String>) {
         let label = format!("claudecluster.home={}", self.workspaces.display());
-        let containers = containers_with_label(&label).await;
+        let containers = if running {
+            docker(&[
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label={label}"),
+                "--filter",
+                "label=claudecluster.task",
+            ])
+            .await
+            .lines()
+            .map(str::to_owned)
+            .collect()
+        } else {
+            containers_with_label(&label).await
+        };
         let networks = docker(&["network", "ls", "-q", "--filter", &format!("label={label}")])
             .await
             .lines()
@@ -607,13 +623,13 @@ async fn the_compose_project_serves_both_workers_a_session_and_phase_zero_then_l
     assert_eq!(project.labelled("volumes").await.len(), 3);
     // A task's end does not wait for its container's removal; the worker removes it just after.
     let removed = wait_until(Duration::from_secs(30), || async {
-        project.agent_leftovers().await == (Vec::new(), Vec::new())
+        project.agent_leftovers(true).await == (Vec::new(), Vec::new())
     })
     .await;
     assert!(
         removed.is_ok(),
         "agent containers outlived their tasks: {:?}",
-        project.agent_leftovers().await
+        project.agent_leftovers(true).await
     );
 
     project.compose(&["down", "-v"]).await;
@@ -621,7 +637,7 @@ async fn the_compose_project_serves_both_workers_a_session_and_phase_zero_then_l
         let left = project.labelled(kind).await;
         assert!(left.is_empty(), "{kind} left by `down -v`: {left:?}");
     }
-    let (containers, networks) = project.agent_leftovers().await;
+    let (containers, networks) = project.agent_leftovers(false).await;
     assert!(
         containers.is_empty() && networks.is_empty(),
         "agent containers {containers:?} and networks {networks:?} left"

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use claudecluster_integration_tests::docker::{
-    DockerProxy, agent_image, assert_containers_removed, assert_networks_removed,
-    containers_with_label, docker, inspect,
+    DockerProxy, agent_image, assert_agent_containers_removed, assert_containers_removed,
+    assert_networks_removed, containers_with_label, docker, inspect, network_holders,
 };
 use claudecluster_integration_tests::*;
 use claudecluster_proto::v1::event::Kind;
@@ -18,10 +18,11 @@ fn container_worker() -> WorkerSpec {
     WorkerSpec::in_mode(Mode::Container)
 }
 
-/// Waits until the worker has removed every container and network it made.
+/// Waits until the worker has removed every agent container and network it made (it keeps
+/// the holders of its agents' network namespaces while it runs).
 async fn nothing_left(worker_id: &str) {
     let label = format!("claudecluster.worker={worker_id}");
-    assert_containers_removed(&label).await;
+    assert_agent_containers_removed(&label).await;
     assert_networks_removed(&label).await;
 }
 
@@ -129,6 +130,97 @@ async fn a_running_container_has_the_user_limits_capabilities_labels_and_network
     // Nothing the cluster recorded holds the key either.
     assert!(!format!("{events:?}").contains("sk-ant-standin-secret"));
     nothing_left(&worker_id).await;
+}
+
+/// With `egress: proxy-only` (the default), agent containers join network namespaces the
+/// worker keeps: one is made after the first agent, sealed like an agent and with no network;
+/// a holder that died is dropped and the agent gets a namespace of its own; one agent at a
+/// time uses a namespace, so a second at once gets its own and another is kept; stopping the
+/// worker removes them.
+#[tokio::test]
+async fn agents_reuse_kept_network_namespaces_one_at_a_time_and_they_go_with_the_worker() {
+    let mut cluster = TestCluster::start(vec![container_worker()]).await;
+    let worker_id = cluster.worker_ids[0].clone();
+    let holders = || network_holders(&worker_id);
+    // A holder is kept for agents once it runs (made and then started).
+    let running_holders = || async {
+        let mut running = Vec::new();
+        for name in holders().await {
+            if inspect(&name).await["State"]["Running"] == true {
+                running.push(name);
+            }
+        }
+        running
+    };
+    let completed = |task: Task| {
+        assert_eq!(
+            task.status(),
+            TaskStatus::Completed,
+            "{}",
+            task.status_reason
+        );
+    };
+    let first = cluster.submit(prompt("hello")).await;
+    completed(cluster.finish(&first.task_id).await.0);
+    wait_until(Duration::from_secs(30), || async {
+        running_holders().await.len() == 1
+    })
+    .await
+    .expect("a holder is made after the first agent");
+    let dead = running_holders().await.remove(0);
+    let holder = inspect(&dead).await;
+    assert_eq!(holder["HostConfig"]["NetworkMode"], "none");
+    assert_eq!(holder["HostConfig"]["ReadonlyRootfs"], true);
+    assert_eq!(holder["HostConfig"]["CapDrop"], serde_json::json!(["ALL"]));
+    assert_eq!(holder["Config"]["User"], "1000:1000");
+    assert_eq!(holder["State"]["Running"], true);
+
+    // Killed from outside: the next agent runs all the same, and the holder is dropped.
+    docker(&["kill", &dead]).await;
+    let second = cluster.submit(prompt("hello")).await;
+    completed(cluster.finish(&second.task_id).await.0);
+    wait_until(Duration::from_secs(30), || async {
+        holders().await.len() == 1 && running_holders().await.iter().any(|name| *name != dead)
+    })
+    .await
+    .expect("the dead holder is removed and a new one made");
+    let kept = holders().await.remove(0);
+    let kept_id = inspect(&kept).await["Id"].as_str().unwrap().to_owned();
+
+    let joining = cluster.submit(prompt("HANG")).await;
+    cluster.wait_for_agent(&joining.task_id).await;
+    let container = inspect(&task_container(&joining.task_id).await).await;
+    assert_eq!(
+        container["HostConfig"]["NetworkMode"],
+        format!("container:{kept_id}").as_str()
+    );
+    let running = cluster.task(&joining.task_id).await;
+    assert!(
+        running
+            .status_reason
+            .ends_with(&format!("in the namespace of {kept}")),
+        "{}",
+        running.status_reason
+    );
+    let beside = cluster.submit(prompt("HANG")).await;
+    cluster.wait_for_agent(&beside.task_id).await;
+    let container = inspect(&task_container(&beside.task_id).await).await;
+    assert_eq!(
+        container["HostConfig"]["NetworkMode"], "none",
+        "one agent a namespace"
+    );
+    wait_until(Duration::from_secs(30), || async {
+        holders().await.len() == 2
+    })
+    .await
+    .expect("a second holder is made for two agents at once");
+    for task in [&joining, &beside] {
+        cluster.cancel(&task.task_id).await;
+        cluster.finish(&task.task_id).await;
+    }
+    nothing_left(&worker_id).await;
+    assert_eq!(holders().await.len(), 2, "both kept for the next agents");
+    stop_worker_leaving_nothing(&mut cluster).await;
 }
 
 #[tokio::test]
@@ -362,7 +454,7 @@ async fn an_image_without_socat_fails_proxy_only_tasks_saying_so() {
         image: Some(image.clone()),
         ..container_worker()
     };
-    let cluster = TestCluster::start(vec![worker]).await;
+    let mut cluster = TestCluster::start(vec![worker]).await;
     let task = cluster.submit(prompt("hello")).await;
     let (ended, _) = cluster.finish(&task.task_id).await;
     assert_eq!(ended.status(), TaskStatus::Failed);
@@ -374,7 +466,8 @@ async fn an_image_without_socat_fails_proxy_only_tasks_saying_so() {
         ended.status_reason
     );
     nothing_left(&cluster.worker_ids[0]).await;
-    drop(cluster);
+    // Its network holders run the image too.
+    stop_worker_leaving_nothing(&mut cluster).await;
     docker(&["rmi", &image]).await;
 }
 
@@ -731,7 +824,7 @@ async fn docker_going_away_under_load_fails_or_reruns_every_task_and_leaves_no_c
         );
     }
     let label = format!("claudecluster.worker={}", cluster.worker_ids[0]);
-    assert_containers_removed(&label).await;
+    assert_agent_containers_removed(&label).await;
     assert_networks_removed(&label).await;
     stop_worker_leaving_nothing(&mut cluster).await;
 }
@@ -774,20 +867,30 @@ async fn dockerd_stopped_and_started_under_load_fails_or_reruns_every_task_and_l
         let label = label.clone();
         async move {
             daemon
-                .docker(&["ps", "-aq", "--filter", &label])
+                .docker(&[
+                    "ps",
+                    "-aq",
+                    "--filter",
+                    &label,
+                    "--filter",
+                    "label=claudecluster.task",
+                ])
                 .await
                 .trim()
                 .is_empty()
         }
     })
     .await
-    .expect("no container is left once the daemon is back");
-    // Stopped while its daemon runs, the worker leaves no network on it.
+    .expect("no agent container is left once the daemon is back");
+    // Stopped while its daemon runs, the worker leaves nothing on it: the holders of network
+    // namespaces that the daemon's restart stopped included.
     cluster.workers[0].signal(libc::SIGTERM);
     cluster.workers[0]
         .wait_exit(Duration::from_secs(60))
         .await
         .expect("the worker exits after SIGTERM");
+    let containers = daemon.docker(&["ps", "-aq", "--filter", &label]).await;
+    assert_eq!(containers.trim(), "", "containers left on the daemon");
     let networks = daemon
         .docker(&["network", "ls", "-q", "--filter", &label])
         .await;

@@ -380,6 +380,43 @@ async fn a_container_with_proxy_only_egress_reaches_the_api_and_nothing_else() {
         "unreachable",
         "the API only through the proxy"
     );
+    // The same in a network namespace the worker keeps for its agents (made after the first),
+    // once the last probe's container is gone, which frees the namespace it used: the worker
+    // gives it back as soon as Docker has removed the container, well before the next probe
+    // reaches it through the driver and the scheduler.
+    let worker_id = &sealed.worker_ids[0];
+    claudecluster_integration_tests::docker::assert_agent_containers_removed(&format!(
+        "claudecluster.worker={worker_id}"
+    ))
+    .await;
+    wait_until(Duration::from_secs(30), || async {
+        !claudecluster_integration_tests::docker::network_holders(worker_id)
+            .await
+            .is_empty()
+    })
+    .await
+    .expect("the worker keeps a network namespace after its first agent");
+    let probe = sealed
+        .submit(with_tools(
+            &format!(
+                "BASH for a in {}; do timeout 3 bash -c \"echo > /dev/tcp/$a/{port}\" 2>/dev/null && echo -n \"$a \"; done; echo probed",
+                addresses.join(" ")
+            ),
+            &["Bash"],
+        ))
+        .await;
+    let (ended, events) = sealed.finish(&probe.task_id).await;
+    assert_eq!(
+        ended.result.unwrap().text,
+        "MOCK_DONE probed",
+        "from a kept namespace"
+    );
+    assert!(
+        events.iter().any(|event| matches!(&event.kind,
+            Some(event::Kind::StatusChange(change)) if change.status() == TaskStatus::Running
+                && change.reason.contains("in the namespace of claudecluster-netns-"))),
+        "the probe ran in a kept namespace: {events:?}"
+    );
     // Its agents come through the socket, so the proxy's port stays on loopback; agents off
     // the host's network with open egress need it on the host's other addresses.
     let proxy_address = |cluster: &TestCluster| {

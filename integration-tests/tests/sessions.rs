@@ -499,7 +499,8 @@ async fn sessions_of_a_worker_that_disappears_are_lost_and_nothing_hangs() {
         "{}",
         lost.state_reason
     );
-    // The killed worker could not remove its container; its next run does.
+    // The killed worker could not remove its container (nor the holder of a network namespace
+    // it made for its next agent); its next run does.
     let label = format!("claudecluster.worker={worker_id}");
     assert!(!containers_with_label(&label).await.is_empty());
     cluster.workers[0].restart().await;

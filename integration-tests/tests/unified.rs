@@ -4,16 +4,16 @@
 
 use std::time::Duration;
 
-use claudecluster_integration_tests::docker::assert_containers_removed;
+use claudecluster_integration_tests::docker::assert_agent_containers_removed;
 use claudecluster_integration_tests::*;
 use claudecluster_proto::v1::event::Kind;
 use claudecluster_proto::v1::*;
 
-/// In container mode, the worker removed every container it made.
+/// In container mode, the worker removed every agent container it made.
 async fn assert_no_containers(cluster: &TestCluster, mode: Mode) {
     if mode == Mode::Container {
         for worker in &cluster.worker_ids {
-            assert_containers_removed(&format!("claudecluster.worker={worker}")).await;
+            assert_agent_containers_removed(&format!("claudecluster.worker={worker}")).await;
         }
     }
 }

@@ -5,7 +5,9 @@
 //! the configured network, and carries labels naming its task and worker. With `egress:
 //! proxy-only` (the default) that network is none at all: the worker's credential proxy comes
 //! in as a Unix socket on a read-only mount, and a forwarder on the container's loopback gives
-//! it to the agent at the proxy's usual address. The agent's
+//! it to the agent at the proxy's usual address. Such a container joins a network namespace
+//! the worker keeps for reuse (see [`NetworkHolders`]), as Docker takes about a tenth of a
+//! second to make a new one. The agent's
 //! environment (API keys among it) goes in through the container's stdin, never into its
 //! configuration, so `docker inspect` shows no secret. Containers are owned: a worker removes
 //! what an earlier run of it left (by its id, and by its workspace root, whatever id that run
@@ -152,6 +154,7 @@ pub struct ContainerProvider {
     settings: ContainerSettings,
     /// What could not be removed while Docker was away; removed once it answers again.
     leftovers: Arc<Mutex<Vec<Leftover>>>,
+    holders: Arc<NetworkHolders>,
 }
 
 impl ContainerProvider {
@@ -165,10 +168,19 @@ impl ContainerProvider {
                     settings.socket
                 ))
             })?;
+        let leftovers = Arc::default();
+        let holders = Arc::new(NetworkHolders {
+            docker: docker.clone(),
+            settings: settings.clone(),
+            leftovers: Arc::clone(&leftovers),
+            state: Mutex::default(),
+            making: tokio::sync::Mutex::default(),
+        });
         Ok(ContainerProvider {
             docker,
             settings,
-            leftovers: Arc::default(),
+            leftovers,
+            holders,
         })
     }
 
@@ -280,6 +292,55 @@ impl ContainerProvider {
         release(&self.docker, container, network, &self.leftovers).await;
     }
 
+    /// Creates container `name` from `body`, attaches to it and starts it; on failure, the id
+    /// of what was created, if anything, and Docker's error.
+    async fn create_and_start(
+        &self,
+        name: &str,
+        body: ContainerCreateBody,
+    ) -> Result<(String, bollard::container::AttachContainerResults), (Option<String>, DockerError)>
+    {
+        let options = CreateContainerOptions {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        };
+        let id = self
+            .docker
+            .create_container(Some(options), body)
+            .instrument(tracing::info_span!(
+                "container.create",
+                otel.name = "create the container"
+            ))
+            .await
+            .map_err(|err| (None, err))?
+            .id;
+        // Attached before it starts, so that no output is missed.
+        let attach = AttachContainerOptions {
+            stdin: true,
+            stdout: true,
+            stderr: true,
+            stream: true,
+            logs: false,
+            detach_keys: None,
+        };
+        let attached = match self.docker.attach_container(&id, Some(attach)).await {
+            Ok(attached) => attached,
+            Err(err) => return Err((Some(id), err)),
+        };
+        if let Err(err) = self
+            .docker
+            .start_container(&id, None)
+            .instrument(tracing::info_span!(
+                "container.start",
+                otel.name = "start the container"
+            ))
+            .await
+        {
+            return Err((Some(id), err));
+        }
+        Ok((id, attached))
+    }
+
     /// Tries again to remove what Docker would not; each network up to `network_attempts`
     /// times, 100 ms apart.
     async fn remove_leftovers(&self, network_attempts: u32) {
@@ -332,6 +393,146 @@ fn owner_labels(settings: &ContainerSettings) -> HashMap<String, String> {
     ])
 }
 
+/// Marks a container that only holds a network namespace for agent containers.
+const LABEL_ROLE: &str = "claudecluster.role";
+const NETWORK_HOLDER: &str = "network-holder";
+
+/// Network namespaces for agent containers with no network (`egress: proxy-only`), each held
+/// by a container of its own that only sleeps (with no network, and as sealed as an agent's):
+/// Docker takes about a tenth of a second to make a new namespace, but lets a container join
+/// an existing one at once. A namespace is used by one agent at a time and kept for the next
+/// once that agent's container is removed: no process of the agent is left in it then, and
+/// without capabilities the agent could change nothing of it (interfaces, routes, firewall).
+/// A launch that finds none free runs with a namespace of its own, as before, and one is made
+/// in the background for the next; so a worker keeps as many as it ran agents at once. They
+/// are removed at shutdown, and a later run of the worker removes those a crash left, like
+/// its other containers.
+struct NetworkHolders {
+    docker: Docker,
+    settings: ContainerSettings,
+    leftovers: Arc<Mutex<Vec<Leftover>>>,
+    state: Mutex<Holders>,
+    /// Held while a holder is made: one at a time, and shutdown waits for it.
+    making: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct Holders {
+    /// Names of the holders no agent uses.
+    free: Vec<String>,
+    /// After shutdown none is made or kept.
+    shut: bool,
+}
+
+impl NetworkHolders {
+    /// A free holder's name, if any.
+    fn take(&self) -> Option<String> {
+        self.state.lock().unwrap().free.pop()
+    }
+
+    /// Makes a holder in the background, for the next launch.
+    fn make_later(self: &Arc<Self>) {
+        let holders = Arc::clone(self);
+        tokio::spawn(async move { holders.make().await });
+    }
+
+    /// Keeps `name` for the next agent, once the agent that used it is gone.
+    async fn give_back(&self, name: String) {
+        let unwanted = {
+            let mut state = self.state.lock().unwrap();
+            if state.shut {
+                Some(name)
+            } else {
+                state.free.push(name);
+                None
+            }
+        };
+        if let Some(name) = unwanted {
+            self.discard(&name).await;
+        }
+    }
+
+    /// Removes holder `name`; what Docker would not remove is a leftover, tried again later.
+    async fn discard(&self, name: &str) {
+        release(&self.docker, Some(name), None, &self.leftovers).await;
+    }
+
+    /// Whether holder `name` runs, so that a container can join its namespace.
+    async fn runs(&self, name: &str) -> bool {
+        self.docker
+            .inspect_container(name, None)
+            .await
+            .ok()
+            .and_then(|inspected| inspected.state)
+            .and_then(|state| state.running)
+            .unwrap_or(false)
+    }
+
+    /// Makes one free holder, unless one is being made or the provider has shut down.
+    async fn make(&self) {
+        let Ok(_making) = self.making.try_lock() else {
+            return;
+        };
+        if self.state.lock().unwrap().shut {
+            return;
+        }
+        let name = format!(
+            "claudecluster-netns-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let mut labels = owner_labels(&self.settings);
+        labels.insert(LABEL_ROLE.to_owned(), NETWORK_HOLDER.to_owned());
+        let body = ContainerCreateBody {
+            image: Some(self.settings.image.clone()),
+            cmd: Some(vec!["sleep".to_owned(), "infinity".to_owned()]),
+            user: Some(self.settings.user.clone()),
+            labels: Some(labels),
+            host_config: Some(HostConfig {
+                network_mode: Some("none".to_owned()),
+                memory: Some(16 << 20),
+                pids_limit: Some(4),
+                security_opt: Some(vec!["no-new-privileges".to_owned()]),
+                cap_drop: Some(vec!["ALL".to_owned()]),
+                readonly_rootfs: Some(true),
+                runtime: self.settings.runtime.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let options = CreateContainerOptions {
+            name: Some(name.clone()),
+            ..Default::default()
+        };
+        let made = match self.docker.create_container(Some(options), body).await {
+            Ok(_) => self.docker.start_container(&name, None).await,
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot make a network holder now");
+                return;
+            }
+        };
+        let keep = made.is_ok() && !self.state.lock().unwrap().shut;
+        if keep {
+            self.state.lock().unwrap().free.push(name);
+        } else {
+            if let Err(err) = made {
+                tracing::debug!(error = %err, "cannot start a network holder now");
+            }
+            self.discard(&name).await;
+        }
+    }
+
+    /// Removes every free holder and makes no more: at shutdown, once no agent runs.
+    async fn shut_down(&self) {
+        self.state.lock().unwrap().shut = true;
+        // One being made is removed by its maker once done; bounded, as Docker may not answer.
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.making.lock()).await;
+        let free = std::mem::take(&mut self.state.lock().unwrap().free);
+        for name in free {
+            self.discard(&name).await;
+        }
+    }
+}
+
 /// Docker filters for what an earlier run of this worker left: one query each, as the labels
 /// of one filter must all match.
 fn leftover_filters(settings: &ContainerSettings) -> [HashMap<String, Vec<String>>; 2] {
@@ -363,12 +564,15 @@ async fn remove_container(docker: &Docker, id: &str) -> Result<(), DockerError> 
     }
 }
 
+/// Removes `container` and `network`; what Docker would not remove is a leftover, tried again
+/// later. True when the container (if any) is gone.
 async fn release(
     docker: &Docker,
     container: Option<&str>,
     network: Option<&str>,
     leftovers: &Mutex<Vec<Leftover>>,
-) {
+) -> bool {
+    let mut removed = true;
     if let Some(id) = container
         && let Err(err) = remove_container(docker, id).await
     {
@@ -378,6 +582,7 @@ async fn release(
             .lock()
             .unwrap()
             .push(Leftover::Container(id.to_owned()));
+        removed = false;
     }
     if let Some(name) = network
         && !remove_network(docker, name, PATIENT_ATTEMPTS).await
@@ -389,6 +594,7 @@ async fn release(
             .unwrap()
             .push(Leftover::Network(name.to_owned()));
     }
+    removed
 }
 
 /// Tries to remove a network for a second: Docker may still be letting go of a removed
@@ -443,6 +649,7 @@ impl ExecutionProvider for ContainerProvider {
     }
 
     async fn shut_down(&self) {
+        self.holders.shut_down().await;
         if self.leftovers.lock().unwrap().is_empty() {
             return;
         }
@@ -497,7 +704,10 @@ impl ExecutionProvider for ContainerProvider {
             _ => None,
         };
         let (network_mode, own_network, proxy_host) = self.network_for(&name).await?;
-        let description = format!("container {name} on network {network_mode}");
+        let mut holder = match proxy_socket {
+            Some(_) => self.holders.take(),
+            None => None,
+        };
 
         let defaults = self.settings.limits;
         let memory = if launch.limits.memory_bytes > 0 {
@@ -559,58 +769,52 @@ impl ExecutionProvider for ContainerProvider {
                 // at the host's gateway.
                 extra_hosts: (proxy_host.as_deref() == Some(PROXY_HOST))
                     .then(|| vec![format!("{PROXY_HOST}:host-gateway")]),
-                network_mode: Some(network_mode),
+                network_mode: Some(network_mode.clone()),
                 ..Default::default()
             }),
             ..Default::default()
         };
-        let options = CreateContainerOptions {
-            name: Some(name.clone()),
-            ..Default::default()
-        };
-        let id = match self
-            .docker
-            .create_container(Some(options), body)
-            .instrument(tracing::info_span!(
-                "container.create",
-                otel.name = "create the container"
-            ))
-            .await
-        {
-            Ok(created) => created.id,
-            Err(err) => {
-                self.discard(None, own_network.as_deref()).await;
-                return Err(self.launch_error(err));
+        let joining = |holder: &Option<String>| {
+            let mut body = body.clone();
+            if let (Some(holder), Some(host)) = (holder, body.host_config.as_mut()) {
+                host.network_mode = Some(format!("container:{holder}"));
             }
+            body
         };
-        // Attached before it starts, so that no output is missed.
-        let attach = AttachContainerOptions {
-            stdin: true,
-            stdout: true,
-            stderr: true,
-            stream: true,
-            logs: false,
-            detach_keys: None,
-        };
-        let attached = match self.docker.attach_container(&id, Some(attach)).await {
-            Ok(attached) => attached,
-            Err(err) => {
-                self.discard(Some(&id), own_network.as_deref()).await;
-                return Err(self.launch_error(err));
+        let mut started = self.create_and_start(&name, joining(&holder)).await;
+        if let (Err((created, _)), Some(taken)) = (&started, &holder) {
+            // A holder that no longer runs (Docker restarted) is dropped, and the agent gets
+            // a namespace of its own; a holder that runs was not the trouble.
+            if let Some(id) = created {
+                self.discard(Some(id), None).await;
             }
-        };
-        if let Err(err) = self
-            .docker
-            .start_container(&id, None)
-            .instrument(tracing::info_span!(
-                "container.start",
-                otel.name = "start the container"
-            ))
-            .await
-        {
-            self.discard(Some(&id), own_network.as_deref()).await;
-            return Err(self.launch_error(err));
+            let taken = taken.clone();
+            holder = None;
+            if self.holders.runs(&taken).await {
+                self.holders.give_back(taken).await;
+            } else {
+                self.holders.discard(&taken).await;
+                started = self.create_and_start(&name, joining(&holder)).await;
+            }
         }
+        let (id, attached) = match started {
+            Ok(started) => started,
+            Err((created, err)) => {
+                self.discard(created.as_deref(), own_network.as_deref())
+                    .await;
+                return Err(self.launch_error(err));
+            }
+        };
+        if proxy_socket.is_some() && holder.is_none() {
+            // Now that this one's container has started, so as not to slow its start.
+            self.holders.make_later();
+        }
+        let description = match &holder {
+            Some(holder) => {
+                format!("container {name} on network none, in the namespace of {holder}")
+            }
+            None => format!("container {name} on network {network_mode}"),
+        };
         tracing::debug!(task = %launch.task_id, container = %id, "agent container started");
 
         let mut writer = attached.input;
@@ -682,6 +886,7 @@ impl ExecutionProvider for ContainerProvider {
                 network: own_network,
                 killed_by_worker,
                 leftovers: self.leftovers.clone(),
+                holder: holder.map(|name| (Arc::clone(&self.holders), name)),
             }),
             input,
             description,
@@ -760,13 +965,29 @@ async fn wait_for_exit(
             };
         }
     };
-    let oom_killed = docker
-        .inspect_container(id, None)
-        .await
-        .ok()
-        .and_then(|inspect| inspect.state)
-        .and_then(|state| state.oom_killed)
-        .unwrap_or(false);
+    let oom_killed = || async {
+        docker
+            .inspect_container(id, None)
+            .await
+            .ok()
+            .and_then(|inspect| inspect.state)
+            .and_then(|state| state.oom_killed)
+            .unwrap_or(false)
+    };
+    let mut oom = oom_killed().await;
+    // Docker learns of an OOM kill from an event of its own, which may come after the exit:
+    // a SIGKILL the worker did not send is looked at again for half a second before it is
+    // called a kill from outside.
+    if code == 137 && !oom && !killed_by_worker.load(Ordering::SeqCst) {
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            oom = oom_killed().await;
+            if oom {
+                break;
+            }
+        }
+    }
+    let oom_killed = oom;
     let detail = if oom_killed {
         Some(format!(
             "out of memory (the container's limit is {} MiB)",
@@ -790,6 +1011,8 @@ struct ContainerControl {
     network: Option<String>,
     killed_by_worker: Arc<AtomicBool>,
     leftovers: Arc<Mutex<Vec<Leftover>>>,
+    /// The network holder whose namespace the container joined, given back once it is gone.
+    holder: Option<(Arc<NetworkHolders>, String)>,
 }
 
 impl ContainerControl {
@@ -820,13 +1043,21 @@ impl AgentControl for ContainerControl {
     }
 
     async fn release(&self) {
-        release(
+        let removed = release(
             &self.docker,
             Some(&self.id),
             self.network.as_deref(),
             &self.leftovers,
         )
         .await;
+        if let Some((holders, name)) = &self.holder {
+            if removed {
+                holders.give_back(name.clone()).await;
+            } else {
+                // The agent may still run in it: not for another agent.
+                holders.discard(name).await;
+            }
+        }
     }
 }
 
