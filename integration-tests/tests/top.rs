@@ -18,9 +18,13 @@ async fn top_shows_running_tasks_on_their_worker_and_quits_on_q() {
     let cluster = TestCluster::start(vec![WorkerSpec::default()]).await;
     cluster.wait_for_healthy_workers(1).await;
     let worker_id = cluster.worker_ids[0].clone();
-    // Both outlast the test: ten seconds and more of streamed text, and a Bash call that sleeps.
+    // Both outlast the test: ten seconds and more of streamed text, and a Bash call that waits.
+    // Not `sleep 60`: the CLI may refuse a standalone sleep of 25 s or more, and then the task
+    // ends at once.
     let streaming = cluster.submit(prompt("SLOW 120 250")).await;
-    let in_tool = cluster.submit(with_tools("BASH sleep 60", &["Bash"])).await;
+    let in_tool = cluster
+        .submit(with_tools("BASH timeout 60 tail -f /dev/null", &["Bash"]))
+        .await;
     wait_for(&cluster, &streaming.task_id, |task| {
         task.status() == TaskStatus::Running
     })
