@@ -219,6 +219,33 @@ async fn tasks_beyond_capacity_wait_and_all_finish(mode: Mode) {
         ..WorkerSpec::in_mode(mode)
     };
     let cluster = TestCluster::start(vec![worker]).await;
+    // The worker's load as the scheduler places on it, sampled until every task has ended.
+    // (The driver's event times cannot tell: it stamps a task's end and the next one's
+    // placement as they reach it, over two connections.)
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let mut driver = cluster.driver().await;
+        let done = std::sync::Arc::clone(&done);
+        tokio::spawn(async move {
+            let mut highest = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let status = driver
+                    .get_cluster_status(GetClusterStatusRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner();
+                highest = status
+                    .workers
+                    .iter()
+                    .map(|w| w.load)
+                    .max()
+                    .unwrap_or(0)
+                    .max(highest);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            highest
+        })
+    };
     let mut ids = Vec::new();
     for i in 0..5 {
         ids.push(
@@ -228,29 +255,18 @@ async fn tasks_beyond_capacity_wait_and_all_finish(mode: Mode) {
                 .task_id,
         );
     }
-    let mut intervals = Vec::new();
     for id in &ids {
-        let (task, events) = cluster.finish(id).await;
+        let (task, _) = cluster.finish(id).await;
         assert_eq!(
             task.status(),
             TaskStatus::Completed,
             "{}",
             task.status_reason
         );
-        let at = |status| status_time(&events, status).unwrap();
-        intervals.push((at(TaskStatus::Assigned), at(TaskStatus::Completed)));
     }
-    // At no moment were more than two tasks on the worker.
-    for (start, _) in &intervals {
-        let overlapping = intervals
-            .iter()
-            .filter(|(s, e)| s <= start && start < e)
-            .count();
-        assert!(
-            overlapping <= 2,
-            "{overlapping} tasks ran at once: {intervals:?}"
-        );
-    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    // At no moment were more than two tasks on the worker, and two were.
+    assert_eq!(sampler.await.unwrap(), 2, "the highest load of the worker");
     assert_no_containers(&cluster, mode).await;
 }
 

@@ -888,6 +888,21 @@ mod tests {
         );
     }
 
+    /// A proxy on loopback with no credential, forwarding nowhere.
+    async fn proxy_without_credentials() -> Arc<CredentialProxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        CredentialProxy::start(
+            listener,
+            "127.0.0.1",
+            "http://127.0.0.1:9",
+            Vec::new(),
+            Duration::from_secs(60),
+            Default::default(),
+            Vec::new(),
+        )
+        .unwrap()
+    }
+
     #[tokio::test]
     async fn the_socket_for_containers_replaces_a_stale_one_serves_anyone_and_goes_at_stop() {
         use std::os::unix::fs::PermissionsExt;
@@ -897,17 +912,7 @@ mod tests {
         // What a killed worker leaves: a socket file nothing listens on.
         std::fs::create_dir_all(&dir).unwrap();
         drop(std::os::unix::net::UnixListener::bind(dir.join(SOCKET_NAME)).unwrap());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy = CredentialProxy::start(
-            listener,
-            "127.0.0.1",
-            "http://127.0.0.1:9",
-            Vec::new(),
-            Duration::from_secs(60),
-            Default::default(),
-            Vec::new(),
-        )
-        .unwrap();
+        let proxy = proxy_without_credentials().await;
         let path = proxy.listen_for_containers(&dir).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o666, "any agent user may connect");
@@ -927,17 +932,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_grant_is_revoked() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy = CredentialProxy::start(
-            listener,
-            "127.0.0.1",
-            "http://127.0.0.1:9",
-            Vec::new(),
-            Duration::from_secs(60),
-            Default::default(),
-            Vec::new(),
-        )
-        .unwrap();
+        let proxy = proxy_without_credentials().await;
         let grant = proxy.grant("task t attempt 1");
         let token = grant.token.clone();
         assert!(proxy.grants.lock().unwrap().contains_key(&token));
