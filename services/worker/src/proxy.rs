@@ -418,35 +418,43 @@ impl CredentialProxy {
     }
 
     async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            let stream = tokio::select! {
-                _ = self.stop.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "the credential proxy cannot accept");
-                        continue;
-                    }
-                },
-            };
+        let listener = &listener;
+        let accept = move || async move {
+            let (stream, _) = listener.accept().await?;
             let _ = stream.set_nodelay(true);
-            tokio::spawn(self.clone().serve_connection(stream));
-        }
+            Ok(stream)
+        };
+        self.accept_until_stopped("", accept).await;
     }
 
     async fn serve_unix(self: Arc<Self>, listener: UnixListener) {
+        let listener = &listener;
+        let accept = move || async move { Ok(listener.accept().await?.0) };
+        self.accept_until_stopped(" on its socket", accept).await;
+    }
+
+    /// Serves each connection `accept` yields until the proxy stops; `on` says where, in the
+    /// warning of a failed accept.
+    async fn accept_until_stopped<Connection, Accepted>(
+        self: Arc<Self>,
+        on: &str,
+        mut accept: impl FnMut() -> Accepted,
+    ) where
+        Accepted: std::future::Future<Output = std::io::Result<Connection>>,
+        Connection: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         loop {
-            let stream = tokio::select! {
+            let connection = tokio::select! {
                 _ = self.stop.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
+                accepted = accept() => match accepted {
+                    Ok(connection) => connection,
                     Err(err) => {
-                        tracing::warn!(error = %err, "the credential proxy cannot accept on its socket");
+                        tracing::warn!(error = %err, "the credential proxy cannot accept{on}");
                         continue;
                     }
                 },
             };
-            tokio::spawn(self.clone().serve_connection(stream));
+            tokio::spawn(self.clone().serve_connection(connection));
         }
     }
 

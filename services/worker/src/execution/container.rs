@@ -459,11 +459,8 @@ impl NetworkHolders {
 
     /// Whether holder `name` runs, so that a container can join its namespace.
     async fn runs(&self, name: &str) -> bool {
-        self.docker
-            .inspect_container(name, None)
+        container_state(&self.docker, name)
             .await
-            .ok()
-            .and_then(|inspected| inspected.state)
             .and_then(|state| state.running)
             .unwrap_or(false)
     }
@@ -621,6 +618,11 @@ fn removal_failed(kind: &str) {
         .removal_failures
         .get_or_create(&vec![("kind", kind.to_owned())])
         .inc();
+}
+
+/// What Docker says of container `id`'s state, if it answers.
+async fn container_state(docker: &Docker, id: &str) -> Option<bollard::models::ContainerState> {
+    docker.inspect_container(id, None).await.ok()?.state
 }
 
 fn limit_or(task: f64, default: f64) -> f64 {
@@ -966,11 +968,8 @@ async fn wait_for_exit(
         }
     };
     let oom_killed = || async {
-        docker
-            .inspect_container(id, None)
+        container_state(docker, id)
             .await
-            .ok()
-            .and_then(|inspect| inspect.state)
             .and_then(|state| state.oom_killed)
             .unwrap_or(false)
     };
