@@ -209,11 +209,24 @@ async fn agents_reuse_kept_network_namespaces_one_at_a_time_and_they_go_with_the
         container["HostConfig"]["NetworkMode"], "none",
         "one agent a namespace"
     );
-    wait_until(Duration::from_secs(30), || async {
+    let made = wait_until(Duration::from_secs(30), || async {
         holders().await.len() == 2
     })
-    .await
-    .expect("a second holder is made for two agents at once");
+    .await;
+    if made.is_err() {
+        let containers = docker(&[
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=claudecluster.worker={worker_id}"),
+            "--format",
+            "{{.Names}} {{.Status}} {{.Labels}}",
+        ])
+        .await;
+        panic!(
+            "a second holder is made for two agents at once; the worker's containers:\n{containers}"
+        );
+    }
     for task in [&joining, &beside] {
         cluster.cancel(&task.task_id).await;
         cluster.finish(&task.task_id).await;

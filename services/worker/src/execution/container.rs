@@ -412,7 +412,8 @@ struct NetworkHolders {
     settings: ContainerSettings,
     leftovers: Arc<Mutex<Vec<Leftover>>>,
     state: Mutex<Holders>,
-    /// Held while a holder is made: one at a time, and shutdown waits for it.
+    /// Held while a holder is made: one at a time, so that each launch that found none free
+    /// adds one; shutdown waits for it.
     making: tokio::sync::Mutex<()>,
 }
 
@@ -430,10 +431,28 @@ impl NetworkHolders {
         self.state.lock().unwrap().free.pop()
     }
 
-    /// Makes a holder in the background, for the next launch.
+    /// Makes a holder in the background, for the next launch. Docker may refuse for a while
+    /// (busy, restarting): a few tries, further apart, before the next launch that finds none
+    /// free asks again.
     fn make_later(self: &Arc<Self>) {
         let holders = Arc::clone(self);
-        tokio::spawn(async move { holders.make().await });
+        tokio::spawn(async move {
+            for pause in [1, 2, 4, 0] {
+                match holders.make().await {
+                    Ok(()) => return,
+                    Err(err) if pause == 0 => {
+                        tracing::warn!(
+                            error = %err,
+                            "cannot make a network holder; agents start in namespaces of their own until one is made"
+                        );
+                    }
+                    Err(err) => {
+                        tracing::debug!(error = %err, retry_in_s = pause, "cannot make a network holder now");
+                        tokio::time::sleep(Duration::from_secs(pause)).await;
+                    }
+                }
+            }
+        });
     }
 
     /// Keeps `name` for the next agent, once the agent that used it is gone.
@@ -465,13 +484,11 @@ impl NetworkHolders {
             .unwrap_or(false)
     }
 
-    /// Makes one free holder, unless one is being made or the provider has shut down.
-    async fn make(&self) {
-        let Ok(_making) = self.making.try_lock() else {
-            return;
-        };
+    /// Makes one free holder, after the one being made, unless the provider has shut down.
+    async fn make(&self) -> Result<(), DockerError> {
+        let _making = self.making.lock().await;
         if self.state.lock().unwrap().shut {
-            return;
+            return Ok(());
         }
         let name = format!(
             "claudecluster-netns-{}",
@@ -500,22 +517,15 @@ impl NetworkHolders {
             name: Some(name.clone()),
             ..Default::default()
         };
-        let made = match self.docker.create_container(Some(options), body).await {
-            Ok(_) => self.docker.start_container(&name, None).await,
-            Err(err) => {
-                tracing::debug!(error = %err, "cannot make a network holder now");
-                return;
-            }
-        };
-        let keep = made.is_ok() && !self.state.lock().unwrap().shut;
+        self.docker.create_container(Some(options), body).await?;
+        let started = self.docker.start_container(&name, None).await;
+        let keep = started.is_ok() && !self.state.lock().unwrap().shut;
         if keep {
             self.state.lock().unwrap().free.push(name);
         } else {
-            if let Err(err) = made {
-                tracing::debug!(error = %err, "cannot start a network holder now");
-            }
             self.discard(&name).await;
         }
+        started
     }
 
     /// Removes every free holder and makes no more: at shutdown, once no agent runs.
