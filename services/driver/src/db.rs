@@ -18,6 +18,11 @@ use sqlx::{AnyPool, AssertSqlSafe, Row as _};
 const MIGRATION_LOCK: i64 = 0x636c_7573_7465_7200;
 pub const LEADER_LOCK: i64 = 0x636c_7573_7465_7201;
 
+/// How often an embedded store copies its write-ahead log into the database, off the commit
+/// path. SQLite would otherwise do it inside the commit that crosses its threshold, fsync and
+/// all: milliseconds that every submission waiting on that commit would wait too.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
+
 /// A schema migration: its version and its statements for each backend.
 struct Migration {
     version: i64,
@@ -182,6 +187,34 @@ pub struct Db {
     pub backend: Backend,
     /// Where the store is, for messages: a path or a URL without its password.
     pub place: String,
+    /// Stops the background checkpoints of an embedded store with it.
+    _checkpoints: tokio_util::sync::DropGuard,
+}
+
+/// Copies an embedded store's write-ahead log into the database every `CHECKPOINT_INTERVAL`
+/// on a connection of its own, until `stop` or the pool closes. PASSIVE: it never waits for
+/// the writer or blocks it; the writer starts the log afresh once everything in it has been
+/// copied.
+async fn checkpoint_until(pool: AnyPool, stop: tokio_util::sync::CancellationToken) {
+    let mut ticks = tokio::time::interval(CHECKPOINT_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if pool.is_closed() {
+            return;
+        }
+        if let Err(err) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+        {
+            // The next commit past the threshold checkpoints by itself; a store that cannot
+            // be written is reported by the writer.
+            tracing::debug!(error = %err, "cannot checkpoint the store now");
+        }
+    }
 }
 
 /// A URL as it may be shown: without the password.
@@ -248,11 +281,15 @@ impl Db {
                     if backend == Backend::Sqlite {
                         // WAL lets readers go on while the writer commits; NORMAL syncs at
                         // checkpoints, which survives a crash of the process (not of the host).
+                        // Checkpoints run in the background (see `checkpoint_until`).
                         for pragma in [
                             "PRAGMA journal_mode = WAL",
                             "PRAGMA synchronous = NORMAL",
                             "PRAGMA busy_timeout = 5000",
                             "PRAGMA foreign_keys = ON",
+                            // Past 8192 pages (32 MiB) a commit still checkpoints by
+                            // itself: a backstop should the background ones fall behind.
+                            "PRAGMA wal_autocheckpoint = 8192",
                         ] {
                             sqlx::query(pragma).execute(&mut *connection).await?;
                         }
@@ -263,10 +300,15 @@ impl Db {
             .connect_with(options)
             .await
             .map_err(|err| open_error(err.to_string()))?;
+        let checkpoints = tokio_util::sync::CancellationToken::new();
+        if backend == Backend::Sqlite {
+            tokio::spawn(checkpoint_until(pool.clone(), checkpoints.clone()));
+        }
         let db = Db {
             pool,
             backend,
             place,
+            _checkpoints: checkpoints.drop_guard(),
         };
         db.migrate().await?;
         Ok(db)
@@ -1022,6 +1064,45 @@ mod tests {
             }
             db.close().await;
         }
+    }
+
+    /// An embedded store's log is copied into the database in the background, well before the
+    /// threshold at which a commit would do it itself.
+    #[tokio::test]
+    async fn an_embedded_store_checkpoints_off_the_commit_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("driver.db");
+        let db = Db::open(&format!("sqlite://{}", path.display()), 2)
+            .await
+            .unwrap();
+        let size = || std::fs::metadata(&path).unwrap().len();
+        let before = size();
+        // 2 MB of events: half of SQLite's own threshold, a sixteenth of ours.
+        let writes: Vec<Write> = (0..20)
+            .map(|n| {
+                let mut write = write(format!("task-{n}"), 1, 1..=100);
+                for event in &mut write.events {
+                    event.bytes = vec![n as u8; 1000];
+                }
+                write
+            })
+            .collect();
+        db.commit(&writes).await.unwrap();
+        let wal = dir.path().join("driver.db-wal");
+        assert!(
+            std::fs::metadata(&wal).unwrap().len() > 2_000_000,
+            "written to the log"
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while size() < before + 2_000_000 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the log is not copied into the database: {} bytes",
+                size()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        db.close().await;
     }
 
     #[test]
