@@ -141,6 +141,14 @@ impl<R: Record> Journal<R> {
         value
     }
 
+    /// Changes the record in memory only: the change goes with the next commit of the record,
+    /// if there is one. For what the driver learns again after a restart anyway.
+    pub fn note<T>(&self, f: impl FnOnce(&mut R) -> T) -> T {
+        let value = f(&mut self.lock().record);
+        self.durable.send_modify(|_| {});
+        value
+    }
+
     pub fn last_sequence(&self) -> u64 {
         self.lock().last()
     }

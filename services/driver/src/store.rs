@@ -266,14 +266,11 @@ impl TaskEntry {
 
     /// Updates why a pending task waits, without an event: it is a description, not a change.
     pub fn set_waiting_reason(&self, reason: String) {
-        // Most tasks are placed at once and get no reason: then nothing changed, and nothing is
-        // written (each write is one more subject in a commit).
-        let changes = !reason.is_empty()
-            && self.journal.read(|record| {
-                record.task.status() == TaskStatus::Pending && record.task.status_reason != reason
-            });
-        if changes {
-            self.journal.update(|record| {
+        // Not a commit of its own: a task that waits is enqueued again when a driver takes up
+        // the stored work, and the scheduler tells the reason again. Most tasks are placed at
+        // once and get no reason.
+        if !reason.is_empty() {
+            self.journal.note(|record| {
                 if record.task.status() == TaskStatus::Pending {
                     record.task.status_reason = reason;
                 }
@@ -907,8 +904,10 @@ pub(crate) mod tests {
         }
     }
 
+    /// A waiting reason is shown at once but costs no commit of its own; it is stored with the
+    /// task's next change.
     #[tokio::test]
-    async fn a_waiting_reason_is_written_only_when_it_changes() {
+    async fn a_waiting_reason_is_shown_and_stored_with_the_next_change() {
         use crate::journal::Persist as _;
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("driver.db").display());
@@ -916,16 +915,35 @@ pub(crate) mod tests {
         let (entry, _) = store.insert(spec("hi"), "").await.unwrap();
         let changes = || entry.journal.unwritten().unwrap().changes;
         let before = changes();
+        let accepted = entry.snapshot().status_reason;
         entry.set_waiting_reason(String::new());
-        assert_eq!(changes(), before, "placed at once: no reason, no write");
+        assert_eq!(
+            entry.snapshot().status_reason,
+            accepted,
+            "no reason: unchanged"
+        );
         entry.set_waiting_reason("no worker runs process_pool".into());
-        assert_eq!(changes(), before + 1);
+        assert_eq!(changes(), before, "no write of its own");
         assert_eq!(
             entry.snapshot().status_reason,
             "no worker runs process_pool"
         );
-        entry.set_waiting_reason("no worker runs process_pool".into());
-        assert_eq!(changes(), before + 1, "the same reason again");
+        let stored = |id: String| {
+            let db = store.db.clone();
+            async move {
+                let row = db.get(&id).await.unwrap().unwrap();
+                Task::decode(row.record.as_slice()).unwrap()
+            }
+        };
+        assert_eq!(stored(entry.id.clone()).await.status_reason, accepted);
+        // Any later change of the task, say its next event.
+        entry.journal.update(|_| ());
+        assert!(entry.journal.wait_stored(Duration::from_secs(5)).await);
+        assert_eq!(
+            stored(entry.id.clone()).await.status_reason,
+            "no worker runs process_pool",
+            "stored with the next change"
+        );
     }
 
     #[tokio::test]
