@@ -153,7 +153,14 @@ pub struct Auth {
     /// Whether the store holds a key in force, and when that was read.
     stored_keys_exist: Mutex<Option<(Instant, bool)>>,
     buckets: Mutex<HashMap<String, Bucket>>,
-    audit: mpsc::UnboundedSender<AuditRow>,
+    audit: mpsc::UnboundedSender<Audited>,
+}
+
+/// What the audit writer is sent.
+enum Audited {
+    Record(AuditRow),
+    /// Store what has gathered now, then say so: at shutdown.
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 impl Auth {
@@ -186,6 +193,14 @@ impl Auth {
             buckets: Mutex::default(),
             audit,
         })
+    }
+
+    /// Stores the audit records made so far: at shutdown, once no call is served any more.
+    pub async fn flush_audit(&self) {
+        let (done, stored) = tokio::sync::oneshot::channel();
+        if self.audit.send(Audited::Flush(done)).is_ok() {
+            let _ = stored.await;
+        }
     }
 
     /// Whether callers must present a key.
@@ -350,14 +365,14 @@ impl Auth {
     /// Records what `caller` did.
     pub fn audit(&self, caller: &Caller, action: &str, subject: &str, detail: &str) {
         tracing::info!(target: "audit", key = %caller.key_id, action, subject, detail, "audit");
-        let _ = self.audit.send(AuditRow {
+        let _ = self.audit.send(Audited::Record(AuditRow {
             seq: 0,
             time_ms: now_ms(),
             key_id: caller.key_id.clone(),
             action: action.to_owned(),
             subject: subject.to_owned(),
             detail: detail.to_owned(),
-        });
+        }));
     }
 
     fn refused(&self, key_id: &str, why: &str) {
@@ -526,23 +541,80 @@ pub fn sha256_hex(text: &str) -> String {
 
 /// Audit records written in one transaction at most.
 const AUDIT_BATCH: usize = 512;
+/// How long the first record of a batch waits for others. No call waits on its record, and a
+/// driver busy with a thousand calls a second would otherwise pay a transaction for each.
+const AUDIT_GATHER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Writes audit records as they come, a batch of what has gathered at a time, so that a busy
 /// driver pays one transaction for many; a store that is away loses none of the log lines,
 /// which were written first.
-async fn write_audit(db: Arc<Db>, mut records: mpsc::UnboundedReceiver<AuditRow>) {
+async fn write_audit(db: Arc<Db>, mut incoming: mpsc::UnboundedReceiver<Audited>) {
     let mut batch = Vec::with_capacity(AUDIT_BATCH);
-    while records.recv_many(&mut batch, AUDIT_BATCH).await > 0 {
-        if let Err(err) = db.append_audit(&batch).await {
+    let mut flushes = Vec::new();
+    while let Some(first) = incoming.recv().await {
+        let mut next = Some(first);
+        let mut gathered = false;
+        loop {
+            match next.take() {
+                Some(Audited::Record(record)) => batch.push(record),
+                Some(Audited::Flush(done)) => {
+                    flushes.push(done);
+                    // Asked to store now: no more gathering.
+                    gathered = true;
+                }
+                None if gathered => break,
+                None => {
+                    tokio::time::sleep(AUDIT_GATHER).await;
+                    gathered = true;
+                }
+            }
+            if batch.len() >= AUDIT_BATCH {
+                break;
+            }
+            next = incoming.try_recv().ok();
+        }
+        if !batch.is_empty()
+            && let Err(err) = db.append_audit(&batch).await
+        {
             tracing::warn!(error = %err, records = batch.len(), "cannot store audit records");
         }
         batch.clear();
+        for done in flushes.drain(..) {
+            let _ = done.send(());
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Audit records gather for a moment before they are stored, and a flush stores them at
+    /// once, in the order they were made.
+    #[tokio::test]
+    async fn audit_records_gather_and_a_flush_stores_them_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("driver.db").display());
+        let db = Arc::new(Db::open(&url, 2).await.unwrap());
+        let auth = Auth::new(db.clone(), &AuthConfig::default(), false);
+        let caller = Caller {
+            key_id: "alice".into(),
+            scopes: Vec::new(),
+            quotas: None,
+        };
+        for n in 0..600 {
+            auth.audit(&caller, "task.submit", &format!("task-{n}"), "");
+        }
+        auth.flush_audit().await;
+        let stored = db.audit_page(0, 1000).await.unwrap();
+        let subjects: Vec<String> = stored.iter().map(|row| row.subject.clone()).collect();
+        let made: Vec<String> = (0..600).map(|n| format!("task-{n}")).collect();
+        assert_eq!(subjects, made);
+        // Nothing waiting: a flush answers at once.
+        tokio::time::timeout(Duration::from_secs(5), auth.flush_audit())
+            .await
+            .unwrap();
+    }
 
     #[test]
     fn keys_are_known_by_their_sha256() {

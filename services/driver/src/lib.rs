@@ -48,6 +48,7 @@ pub struct Handle {
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     http: Option<JoinHandle<()>>,
     writer: JoinHandle<()>,
+    auth: Arc<auth::Auth>,
     db: Arc<db::Db>,
 }
 
@@ -65,6 +66,7 @@ impl Handle {
             let _ = http.await;
         }
         let _ = self.writer.await;
+        self.auth.flush_audit().await;
         // Gives up the lead once the last writes are stored: a standby takes over at once.
         if let Ok(Some(leadership)) = self.leading.await {
             leadership.release().await;
@@ -195,12 +197,13 @@ pub async fn spawn(
     };
     // A standby answers health checks (NOT_SERVING) and refuses the API until it leads.
     let leading = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let auth = auth::Auth::new(db.clone(), &config.auth, keys_exist);
     // One service behind both faces: gRPC, and HTTP calling its methods.
     let api = Arc::new(service::DriverService::new(
         store.clone(),
         sessions.clone(),
         dispatcher.clone(),
-        auth::Auth::new(db.clone(), &config.auth, keys_exist),
+        auth.clone(),
         limits,
         usage.clone(),
         stop.clone(),
@@ -304,6 +307,7 @@ pub async fn spawn(
         leading,
         server,
         writer: writer_task,
+        auth,
         db,
     })
 }
