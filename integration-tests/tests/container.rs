@@ -236,6 +236,64 @@ async fn agents_reuse_kept_network_namespaces_one_at_a_time_and_they_go_with_the
     stop_worker_leaving_nothing(&mut cluster).await;
 }
 
+/// A kept namespace that stopped is removed at the next look, before its idle timeout; one no
+/// agent used for `container.namespaceIdleTimeout` is removed; the worker makes them again
+/// when agents come.
+#[tokio::test]
+async fn kept_namespaces_go_when_they_stop_or_stay_unused() {
+    let worker = WorkerSpec {
+        container_yaml: "  namespaceIdleTimeout: 8\n".into(),
+        ..container_worker()
+    };
+    let mut cluster = TestCluster::start(vec![worker]).await;
+    let worker_id = cluster.worker_ids[0].clone();
+    let holders = || network_holders(&worker_id);
+    async fn run_one(cluster: &TestCluster) {
+        let task = cluster.submit(prompt("hello")).await;
+        let (ended, _) = cluster.finish(&task.task_id).await;
+        assert_eq!(
+            ended.status(),
+            TaskStatus::Completed,
+            "{}",
+            ended.status_reason
+        );
+    }
+    run_one(&cluster).await;
+    wait_until(Duration::from_secs(30), || async {
+        holders().await.len() == 1
+    })
+    .await
+    .expect("a holder is made after the first agent");
+    let stopped = holders().await.remove(0);
+    docker(&["kill", &stopped]).await;
+    wait_until(Duration::from_secs(30), || async {
+        holders().await.is_empty()
+    })
+    .await
+    .expect("the stopped holder is removed");
+    assert!(
+        cluster.workers[0].log().contains(&format!(
+            "removing a network holder that had stopped holder={stopped}"
+        )),
+        "{}",
+        cluster.workers[0].log()
+    );
+
+    run_one(&cluster).await;
+    wait_until(Duration::from_secs(30), || async {
+        holders().await.len() == 1
+    })
+    .await
+    .expect("a holder is made again");
+    wait_until(Duration::from_secs(30), || async {
+        holders().await.is_empty()
+    })
+    .await
+    .expect("a holder no agent used for its idle timeout is removed");
+    run_one(&cluster).await;
+    stop_worker_leaving_nothing(&mut cluster).await;
+}
+
 #[tokio::test]
 async fn a_per_task_network_is_made_for_the_task_and_removed_with_it() {
     let worker = WorkerSpec {

@@ -758,6 +758,9 @@ pub struct ContainerConfig {
     /// Hosts agents may reach through the worker's proxy (HTTP CONNECT), for package
     /// registries and git hosts; `.example.com` allows every host under it.
     pub egress_allow: StringList,
+    /// A network namespace kept for agent containers (`egress: proxy-only`) that no agent
+    /// used for this long is removed (a bare number is seconds).
+    pub namespace_idle_timeout: Seconds,
 }
 
 /// What an agent container may reach over the network.
@@ -788,6 +791,7 @@ impl Default for ContainerConfig {
             runtime: None,
             egress: Egress::default(),
             egress_allow: StringList::default(),
+            namespace_idle_timeout: Seconds(Duration::from_secs(300)),
         }
     }
 }
@@ -1185,6 +1189,11 @@ impl ClusterConfig {
         check(
             !worker.agent.idle_timeout.get().is_zero(),
             "worker.agent.idleTimeout",
+            "must be longer than zero",
+        );
+        check(
+            !worker.container.namespace_idle_timeout.get().is_zero(),
+            "worker.container.namespaceIdleTimeout",
             "must be longer than zero",
         );
         check(

@@ -222,6 +222,12 @@ fn a_value_that_fails_validation_is_named() {
     assert_eq!(key, "processPool.maxProcesses");
     assert!(origin.starts_with("file "), "{origin}");
     assert_eq!(message, "must be at least 1");
+
+    let file = write("container:\n  namespaceIdleTimeout: 0\n");
+    let (key, _, message) =
+        invalid(load(Some(file.path()), FileLayout::Section("worker"), vars(&[])).unwrap_err());
+    assert_eq!(key, "container.namespaceIdleTimeout");
+    assert_eq!(message, "must be longer than zero");
 }
 
 #[test]

@@ -109,6 +109,8 @@ pub struct ContainerSettings {
     /// The directory of the credential proxy's socket, mounted into containers with `egress:
     /// proxy-only`.
     pub proxy_socket_dir: PathBuf,
+    /// How long a kept network namespace may go unused before it is removed.
+    pub namespace_idle_timeout: Duration,
 }
 
 /// The agent's home in its container: on the tmpfs at `/tmp`, the root filesystem being
@@ -139,6 +141,7 @@ impl ContainerSettings {
             runtime: container.runtime.clone(),
             egress: container.egress,
             proxy_socket_dir: crate::proxy::socket_dir(&root),
+            namespace_idle_timeout: container.namespace_idle_timeout.get(),
         }
     }
 }
@@ -404,9 +407,10 @@ const NETWORK_HOLDER: &str = "network-holder";
 /// once that agent's container is removed: no process of the agent is left in it then, and
 /// without capabilities the agent could change nothing of it (interfaces, routes, firewall).
 /// A launch that finds none free runs with a namespace of its own, as before, and one is made
-/// in the background for the next; so a worker keeps as many as it ran agents at once. They
-/// are removed at shutdown, and a later run of the worker removes those a crash left, like
-/// its other containers.
+/// in the background for the next; so a worker keeps as many as it ran agents at once. One
+/// unused for `namespace_idle_timeout` is removed (each holds a containerd shim), as is one
+/// found stopped. They are removed at shutdown, and a later run of the worker removes those a
+/// crash left, like its other containers.
 struct NetworkHolders {
     docker: Docker,
     settings: ContainerSettings,
@@ -419,16 +423,91 @@ struct NetworkHolders {
 
 #[derive(Default)]
 struct Holders {
-    /// Names of the holders no agent uses.
-    free: Vec<String>,
+    /// The holders no agent uses, the one freed last at the end: taken first, so that those
+    /// not needed age.
+    free: Vec<FreeHolder>,
+    /// Whether a task looks for idle and stopped free holders; it ends when none is free.
+    sweeping: bool,
     /// After shutdown none is made or kept.
     shut: bool,
+}
+
+struct FreeHolder {
+    name: String,
+    since: tokio::time::Instant,
 }
 
 impl NetworkHolders {
     /// A free holder's name, if any.
     fn take(&self) -> Option<String> {
-        self.state.lock().unwrap().free.pop()
+        self.state.lock().unwrap().free.pop().map(|free| free.name)
+    }
+
+    /// Adds `name` to the free holders, unless the provider has shut down (then it is given
+    /// back to the caller to remove).
+    fn keep(self: &Arc<Self>, name: String) -> Option<String> {
+        let mut state = self.state.lock().unwrap();
+        if state.shut {
+            return Some(name);
+        }
+        state.free.push(FreeHolder {
+            name,
+            since: tokio::time::Instant::now(),
+        });
+        if !std::mem::replace(&mut state.sweeping, true) {
+            tokio::spawn(Self::sweep(Arc::downgrade(self)));
+        }
+        None
+    }
+
+    /// Removes free holders unused for the idle timeout, and those no longer running, every
+    /// half of that timeout (at most 30 s), while any is free.
+    async fn sweep(holders: std::sync::Weak<Self>) {
+        let every = match holders.upgrade() {
+            Some(holders) => (holders.settings.namespace_idle_timeout / 2)
+                .clamp(Duration::from_millis(100), Duration::from_secs(30)),
+            None => return,
+        };
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(holders) = holders.upgrade() else {
+                return;
+            };
+            let idle = holders.settings.namespace_idle_timeout;
+            let (expired, kept) = {
+                let mut state = holders.state.lock().unwrap();
+                if state.shut || state.free.is_empty() {
+                    state.sweeping = false;
+                    return;
+                }
+                let (expired, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut state.free)
+                    .into_iter()
+                    .partition(|free| free.since.elapsed() >= idle);
+                let names: Vec<String> = kept.iter().map(|free| free.name.clone()).collect();
+                state.free = kept;
+                (expired, names)
+            };
+            for free in expired {
+                tracing::debug!(holder = %free.name, "removing a network holder no agent used");
+                holders.discard(&free.name).await;
+            }
+            for name in kept {
+                if holders.runs(&name).await {
+                    continue;
+                }
+                // Unless a launch took it meanwhile: that launch finds it stopped itself.
+                let taken = {
+                    let mut state = holders.state.lock().unwrap();
+                    let before = state.free.len();
+                    state.free.retain(|free| free.name != name);
+                    state.free.len() < before
+                };
+                if taken {
+                    tracing::info!(holder = %name, "removing a network holder that had stopped");
+                    holders.discard(&name).await;
+                }
+            }
+        }
     }
 
     /// Makes a holder in the background, for the next launch. Docker may refuse for a while
@@ -456,18 +535,9 @@ impl NetworkHolders {
     }
 
     /// Keeps `name` for the next agent, once the agent that used it is gone.
-    async fn give_back(&self, name: String) {
-        let unwanted = {
-            let mut state = self.state.lock().unwrap();
-            if state.shut {
-                Some(name)
-            } else {
-                state.free.push(name);
-                None
-            }
-        };
-        if let Some(name) = unwanted {
-            self.discard(&name).await;
+    async fn give_back(self: &Arc<Self>, name: String) {
+        if let Some(unwanted) = self.keep(name) {
+            self.discard(&unwanted).await;
         }
     }
 
@@ -485,7 +555,7 @@ impl NetworkHolders {
     }
 
     /// Makes one free holder, after the one being made, unless the provider has shut down.
-    async fn make(&self) -> Result<(), DockerError> {
+    async fn make(self: &Arc<Self>) -> Result<(), DockerError> {
         let _making = self.making.lock().await;
         if self.state.lock().unwrap().shut {
             return Ok(());
@@ -519,10 +589,11 @@ impl NetworkHolders {
         };
         self.docker.create_container(Some(options), body).await?;
         let started = self.docker.start_container(&name, None).await;
-        let keep = started.is_ok() && !self.state.lock().unwrap().shut;
-        if keep {
-            self.state.lock().unwrap().free.push(name);
-        } else {
+        let unwanted = match started {
+            Ok(()) => self.keep(name),
+            Err(_) => Some(name),
+        };
+        if let Some(name) = unwanted {
             self.discard(&name).await;
         }
         started
@@ -534,8 +605,8 @@ impl NetworkHolders {
         // One being made is removed by its maker once done; bounded, as Docker may not answer.
         let _ = tokio::time::timeout(Duration::from_secs(10), self.making.lock()).await;
         let free = std::mem::take(&mut self.state.lock().unwrap().free);
-        for name in free {
-            self.discard(&name).await;
+        for free in free {
+            self.discard(&free.name).await;
         }
     }
 }
