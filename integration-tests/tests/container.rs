@@ -152,16 +152,7 @@ async fn agents_reuse_kept_network_namespaces_one_at_a_time_and_they_go_with_the
         }
         running
     };
-    let completed = |task: Task| {
-        assert_eq!(
-            task.status(),
-            TaskStatus::Completed,
-            "{}",
-            task.status_reason
-        );
-    };
-    let first = cluster.submit(prompt("hello")).await;
-    completed(cluster.finish(&first.task_id).await.0);
+    cluster.completed_text(prompt("hello")).await;
     wait_until(Duration::from_secs(30), || async {
         running_holders().await.len() == 1
     })
@@ -177,8 +168,7 @@ async fn agents_reuse_kept_network_namespaces_one_at_a_time_and_they_go_with_the
 
     // Killed from outside: the next agent runs all the same, and the holder is dropped.
     docker(&["kill", &dead]).await;
-    let second = cluster.submit(prompt("hello")).await;
-    completed(cluster.finish(&second.task_id).await.0);
+    cluster.completed_text(prompt("hello")).await;
     wait_until(Duration::from_secs(30), || async {
         holders().await.len() == 1 && running_holders().await.iter().any(|name| *name != dead)
     })
@@ -248,17 +238,7 @@ async fn kept_namespaces_go_when_they_stop_or_stay_unused() {
     let mut cluster = TestCluster::start(vec![worker]).await;
     let worker_id = cluster.worker_ids[0].clone();
     let holders = || network_holders(&worker_id);
-    async fn run_one(cluster: &TestCluster) {
-        let task = cluster.submit(prompt("hello")).await;
-        let (ended, _) = cluster.finish(&task.task_id).await;
-        assert_eq!(
-            ended.status(),
-            TaskStatus::Completed,
-            "{}",
-            ended.status_reason
-        );
-    }
-    run_one(&cluster).await;
+    cluster.completed_text(prompt("hello")).await;
     wait_until(Duration::from_secs(30), || async {
         holders().await.len() == 1
     })
@@ -279,7 +259,7 @@ async fn kept_namespaces_go_when_they_stop_or_stay_unused() {
         cluster.workers[0].log()
     );
 
-    run_one(&cluster).await;
+    cluster.completed_text(prompt("hello")).await;
     wait_until(Duration::from_secs(30), || async {
         holders().await.len() == 1
     })
@@ -290,7 +270,7 @@ async fn kept_namespaces_go_when_they_stop_or_stay_unused() {
     })
     .await
     .expect("a holder no agent used for its idle timeout is removed");
-    run_one(&cluster).await;
+    cluster.completed_text(prompt("hello")).await;
     stop_worker_leaving_nothing(&mut cluster).await;
 }
 

@@ -551,27 +551,27 @@ const AUDIT_GATHER: std::time::Duration = std::time::Duration::from_millis(20);
 async fn write_audit(db: Arc<Db>, mut incoming: mpsc::UnboundedReceiver<Audited>) {
     let mut batch = Vec::with_capacity(AUDIT_BATCH);
     let mut flushes = Vec::new();
+    // Takes a record into the batch, or a flush to answer once it is stored; true once a flush
+    // is waiting.
+    fn take(
+        audited: Audited,
+        batch: &mut Vec<AuditRow>,
+        flushes: &mut Vec<tokio::sync::oneshot::Sender<()>>,
+    ) -> bool {
+        match audited {
+            Audited::Record(record) => batch.push(record),
+            Audited::Flush(done) => flushes.push(done),
+        }
+        !flushes.is_empty()
+    }
     while let Some(first) = incoming.recv().await {
-        let mut next = Some(first);
-        let mut gathered = false;
-        loop {
-            match next.take() {
-                Some(Audited::Record(record)) => batch.push(record),
-                Some(Audited::Flush(done)) => {
-                    flushes.push(done);
-                    // Asked to store now: no more gathering.
-                    gathered = true;
-                }
-                None if gathered => break,
-                None => {
-                    tokio::time::sleep(AUDIT_GATHER).await;
-                    gathered = true;
-                }
-            }
-            if batch.len() >= AUDIT_BATCH {
-                break;
-            }
-            next = incoming.try_recv().ok();
+        if !take(first, &mut batch, &mut flushes) {
+            tokio::time::sleep(AUDIT_GATHER).await;
+        }
+        while batch.len() < AUDIT_BATCH
+            && let Ok(next) = incoming.try_recv()
+        {
+            take(next, &mut batch, &mut flushes);
         }
         if !batch.is_empty()
             && let Err(err) = db.append_audit(&batch).await
