@@ -28,14 +28,15 @@ pub struct Tracking {
 }
 
 /// What changed in a workspace: the base it is compared with (a commit, or the empty tree),
-/// and each changed path.
+/// each changed path, and their summary.
 #[derive(Debug, Clone, Default)]
 pub struct Changes {
     pub base: String,
     pub paths: BTreeMap<String, Change>,
+    pub summary: ChangeSummary,
 }
 
-/// How a path differs from the base, as `git diff --name-status` says.
+/// How a path differs from the base, as `git diff --raw` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
     Added,
@@ -188,32 +189,20 @@ impl Tracking {
     }
 
     /// The workspace as it is now against its start: every changed path (a deleted one too),
-    /// by path. Brings the worker's index up to date.
+    /// by path, and their summary. Brings the worker's index up to date.
     pub async fn changes(&self) -> Result<Changes, String> {
         let base = self.refresh().await?;
-        let output = run(
-            self.git()
-                .args(["diff", "--cached", "--name-status", "-z", "--no-renames"])
-                .arg(&base),
-            "list the changes",
-        )
-        .await?;
-        let mut fields = output.split(|byte| *byte == 0).filter(|f| !f.is_empty());
-        let mut paths = BTreeMap::new();
-        while let (Some(status), Some(path)) = (fields.next(), fields.next()) {
-            let change = match status.first() {
-                Some(b'A') => Change::Added,
-                Some(b'D') => Change::Deleted,
-                _ => Change::Modified,
-            };
-            paths.insert(String::from_utf8_lossy(path).into_owned(), change);
-        }
-        Ok(Changes { base, paths })
+        self.changes_against(base).await
+    }
+
+    /// [`Tracking::changes`], and the paths the index then holds: the two read at once.
+    pub async fn changes_and_indexed(&self) -> Result<(Changes, HashSet<String>), String> {
+        let base = self.refresh().await?;
+        tokio::try_join!(self.changes_against(base), self.indexed())
     }
 
     /// The paths the worker's index holds: what the workspace's `.gitignore` does not ignore.
-    /// Call after [`Tracking::changes`], which brings the index up to date.
-    pub async fn indexed(&self) -> Result<HashSet<String>, String> {
+    async fn indexed(&self) -> Result<HashSet<String>, String> {
         let output = run(
             self.git().args(["ls-files", "-z"]),
             "list the indexed files",
@@ -297,13 +286,13 @@ impl Tracking {
             .is_none())
     }
 
-    /// The summary of `changes`, just taken.
-    pub async fn summary_of(&self, changes: &Changes) -> Result<ChangeSummary, String> {
-        self.summary_against(changes.base.clone()).await
+    async fn summary_against(&self, base: String) -> Result<ChangeSummary, String> {
+        Ok(self.changes_against(base).await?.summary)
     }
 
-    /// The summary of the worker's index against `base`.
-    async fn summary_against(&self, base: String) -> Result<ChangeSummary, String> {
+    /// The worker's index against `base`: each changed path and the summary, from one
+    /// `git diff`.
+    async fn changes_against(&self, base: String) -> Result<Changes, String> {
         let output = run(
             self.git()
                 .args([
@@ -315,14 +304,15 @@ impl Tracking {
                     "--no-renames",
                 ])
                 .arg(&base),
-            "count the changes",
+            "list the changes",
         )
         .await?;
+        let mut paths = BTreeMap::new();
         let mut summary = ChangeSummary {
             base_commit: if base == EMPTY_TREE {
                 String::new()
             } else {
-                base
+                base.clone()
             },
             ..ChangeSummary::default()
         };
@@ -332,12 +322,20 @@ impl Tracking {
         let mut fields = output.split(|byte| *byte == 0).filter(|f| !f.is_empty());
         while let Some(field) = fields.next() {
             if field.first() == Some(&b':') {
-                match field.last() {
-                    Some(b'A') => summary.files_added += 1,
-                    Some(b'D') => summary.files_deleted += 1,
-                    _ => {}
+                let change = match field.last() {
+                    Some(b'A') => {
+                        summary.files_added += 1;
+                        Change::Added
+                    }
+                    Some(b'D') => {
+                        summary.files_deleted += 1;
+                        Change::Deleted
+                    }
+                    _ => Change::Modified,
+                };
+                if let Some(path) = fields.next() {
+                    paths.insert(String::from_utf8_lossy(path).into_owned(), change);
                 }
-                fields.next();
                 continue;
             }
             let text = String::from_utf8_lossy(field);
@@ -355,7 +353,11 @@ impl Tracking {
                 _ => summary.binary_files += 1,
             }
         }
-        Ok(summary)
+        Ok(Changes {
+            base,
+            paths,
+            summary,
+        })
     }
 
     /// The unified diff of the changes under `paths` (all when empty), cut at `max_bytes`.

@@ -207,16 +207,17 @@ impl Results {
         let after = decode_token(&query.page_token)?;
         let lock = self.lock_for(&tracking);
         let _held = lock.lock().await;
-        // The walk comes first: a file made after it and before git looks is simply not
-        // listed, rather than taken for an ignored one.
-        let entries = walk(&tracking, &paths, query.include_git).await?;
-        let changes = tracking.changes().await.map_err(WorkerError::Workspace)?;
-        let indexed = tracking.indexed().await.map_err(WorkerError::Workspace)?;
-        let summary = tracking
-            .summary_of(&changes)
-            .await
-            .map_err(WorkerError::Workspace)?;
-        let changes = changes.paths;
+        // The walk and git's look run at once. A file made or removed meanwhile is listed as
+        // both saw it, or not at all: what git did not take is asked about below, so it is
+        // never taken for an ignored one.
+        let (entries, (changes, indexed)) =
+            tokio::try_join!(walk(&tracking, &paths, query.include_git), async {
+                tracking
+                    .changes_and_indexed()
+                    .await
+                    .map_err(WorkerError::Workspace)
+            },)?;
+        let (changes, summary) = (changes.paths, changes.summary);
         // What git did not take is ignored, or went away since the walk.
         let untaken: Vec<&str> = entries
             .iter()
@@ -353,10 +354,7 @@ impl Results {
             .diff(&changes, &paths, self.max_diff_bytes)
             .await
             .map_err(WorkerError::Workspace)?;
-        let summary = tracking
-            .summary_of(&changes)
-            .await
-            .map_err(WorkerError::Workspace)?;
+        let summary = changes.summary.clone();
         Ok(GetTaskDiffResponse {
             diff,
             summary: Some(summary),
