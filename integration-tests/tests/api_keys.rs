@@ -504,3 +504,43 @@ async fn the_mcp_server_over_http_takes_only_its_key_and_acts_as_it() {
     assert!(!listed.contains(&alices.task_id), "{listed}");
     server.kill().await.unwrap();
 }
+
+/// Audit records gather for a moment before they are stored; a driver stopped with SIGTERM
+/// right after the calls stores them first, and a driver started again lists every one.
+#[tokio::test]
+async fn a_driver_stopped_right_after_calls_keeps_their_audit_records() {
+    let mut cluster =
+        TestCluster::start_with_env(&keys_yaml(), &[("CLAUDECLUSTER_API_KEY", ADMIN)], vec![])
+            .await;
+    let mut driver = cluster.driver().await;
+    let mut submitted = Vec::new();
+    for n in 0..20 {
+        submitted.push(
+            submit(&mut driver, ALICE, parked(&format!("task {n}")))
+                .await
+                .unwrap()
+                .task_id,
+        );
+    }
+    cluster.driver.signal(libc::SIGTERM);
+    let status = cluster
+        .driver
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("the driver stops on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    cluster.driver.restart().await;
+    let mut driver = cluster.driver().await;
+    let records = driver
+        .list_audit_records(with_key(ListAuditRecordsRequest::default(), ADMIN))
+        .await
+        .unwrap()
+        .into_inner()
+        .records;
+    let audited: Vec<String> = records
+        .into_iter()
+        .filter(|record| record.action == "task.submit" && record.key_id == "alice")
+        .map(|record| record.subject)
+        .collect();
+    assert_eq!(audited, submitted);
+}
