@@ -807,3 +807,32 @@ async fn the_cli_and_the_mcp_server_resume_on_their_own_across_a_driver_restart(
         "the CLI printed the agent's text after the restart"
     );
 }
+
+/// A waiting task's reason is not stored on its own: a driver killed and started again shows it
+/// again, as the scheduler tells it when the task is enqueued anew.
+#[tokio::test]
+async fn a_waiting_tasks_reason_comes_back_after_the_driver_is_killed() {
+    let mut cluster = TestCluster::start(vec![WorkerSpec::default()]).await;
+    let spec = TaskSpec {
+        execution_mode: ExecutionMode::ContainerAgentic as i32,
+        ..prompt("in a container")
+    };
+    let task = cluster.submit(spec).await;
+    let reason = "waiting for a container_agentic worker: none is registered";
+    assert_eq!(cluster.task(&task.task_id).await.status_reason, reason);
+
+    cluster.driver.kill().await;
+    cluster.driver.restart().await;
+    let shown = wait_until(Duration::from_secs(30), || async {
+        cluster.task(&task.task_id).await.status_reason == reason
+    })
+    .await;
+    let after = cluster.task(&task.task_id).await;
+    assert!(
+        shown.is_ok(),
+        "{:?}: {}",
+        after.status(),
+        after.status_reason
+    );
+    assert_eq!(after.status(), TaskStatus::Pending);
+}
