@@ -492,7 +492,7 @@ impl NetworkHolders {
                 holders.discard(&free.name).await;
             }
             for name in kept {
-                if holders.runs(&name).await {
+                if !holders.stopped(&name).await {
                     continue;
                 }
                 // Unless a launch took it meanwhile: that launch finds it stopped itself.
@@ -544,6 +544,18 @@ impl NetworkHolders {
     /// Removes holder `name`; what Docker would not remove is a leftover, tried again later.
     async fn discard(&self, name: &str) {
         release(&self.docker, Some(name), None, &self.leftovers).await;
+    }
+
+    /// Whether Docker says holder `name` no longer runs, or is gone; not when Docker does not
+    /// answer (it may be restarting), which the next look or launch will see.
+    async fn stopped(&self, name: &str) -> bool {
+        match self.docker.inspect_container(name, None).await {
+            Ok(container) => container.state.and_then(|state| state.running) != Some(true),
+            Err(DockerError::DockerResponseServerError {
+                status_code: 404, ..
+            }) => true,
+            Err(_) => false,
+        }
     }
 
     /// Whether holder `name` runs, so that a container can join its namespace.
