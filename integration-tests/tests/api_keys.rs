@@ -530,13 +530,7 @@ async fn a_driver_stopped_right_after_calls_keeps_their_audit_records() {
         .expect("the driver stops on SIGTERM");
     assert!(status.success(), "{status:?}");
     cluster.driver.restart().await;
-    let mut driver = cluster.driver().await;
-    let records = driver
-        .list_audit_records(with_key(ListAuditRecordsRequest::default(), ADMIN))
-        .await
-        .unwrap()
-        .into_inner()
-        .records;
+    let records = wait_for_audit(&mut cluster.driver().await, "task.submit").await;
     let audited: Vec<String> = records
         .into_iter()
         .filter(|record| record.action == "task.submit" && record.key_id == "alice")
