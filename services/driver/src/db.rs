@@ -22,6 +22,9 @@ pub const LEADER_LOCK: i64 = 0x636c_7573_7465_7201;
 /// path. SQLite would otherwise do it inside the commit that crosses its threshold, fsync and
 /// all: milliseconds that every submission waiting on that commit would wait too.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
+/// How long an embedded store's connection waits for a lock another process holds before it
+/// gives up. This driver's own writes take turns (see `Db::write_turn`) and never wait here.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A schema migration: its version and its statements for each backend.
 struct Migration {
@@ -189,6 +192,8 @@ pub struct Db {
     pub place: String,
     /// Stops the background checkpoints of an embedded store with it.
     _checkpoints: tokio_util::sync::DropGuard,
+    /// An embedded store's turn to write (see `write_turn`).
+    writing: tokio::sync::Mutex<()>,
 }
 
 /// Copies an embedded store's write-ahead log into the database every `CHECKPOINT_INTERVAL`
@@ -236,6 +241,14 @@ impl Db {
     /// Opens the store at `url` (`sqlite://PATH` or `postgres://…`) and brings its schema up
     /// to date.
     pub async fn open(url: &str, max_connections: u32) -> Result<Db, DbError> {
+        Self::open_with(url, max_connections, SQLITE_BUSY_TIMEOUT).await
+    }
+
+    async fn open_with(
+        url: &str,
+        max_connections: u32,
+        sqlite_busy_timeout: Duration,
+    ) -> Result<Db, DbError> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("postgres") {
             Backend::Postgres
@@ -282,16 +295,20 @@ impl Db {
                         // WAL lets readers go on while the writer commits; NORMAL syncs at
                         // checkpoints, which survives a crash of the process (not of the host).
                         // Checkpoints run in the background (see `checkpoint_until`).
+                        let busy_timeout =
+                            format!("PRAGMA busy_timeout = {}", sqlite_busy_timeout.as_millis());
                         for pragma in [
                             "PRAGMA journal_mode = WAL",
                             "PRAGMA synchronous = NORMAL",
-                            "PRAGMA busy_timeout = 5000",
+                            &busy_timeout,
                             "PRAGMA foreign_keys = ON",
                             // Past 8192 pages (32 MiB) a commit still checkpoints by
                             // itself: a backstop should the background ones fall behind.
                             "PRAGMA wal_autocheckpoint = 8192",
                         ] {
-                            sqlx::query(pragma).execute(&mut *connection).await?;
+                            sqlx::query(AssertSqlSafe(pragma.to_owned()))
+                                .execute(&mut *connection)
+                                .await?;
                         }
                     }
                     Ok(())
@@ -309,6 +326,7 @@ impl Db {
             backend,
             place,
             _checkpoints: checkpoints.drop_guard(),
+            writing: tokio::sync::Mutex::new(()),
         };
         db.migrate().await?;
         Ok(db)
@@ -392,7 +410,20 @@ impl Db {
     }
 
     /// Writes rows and events in one transaction: all or nothing.
+    /// Waits until this driver may write to an embedded store: one write at a time. SQLite
+    /// takes one writer at a time, and a second one waits in its busy handler, which sleeps
+    /// 1 ms, then 2, 5, 10… before it looks again: the audit log's writes and the journals'
+    /// commits meeting there put milliseconds on requests waiting for a commit. Waiting here,
+    /// the next write starts the moment the one before ends. A server store needs no turn.
+    async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match self.backend {
+            Backend::Sqlite => Some(self.writing.lock().await),
+            Backend::Postgres => None,
+        }
+    }
+
     pub async fn commit(&self, writes: &[Write]) -> Result<(), DbError> {
+        let _turn = self.write_turn().await;
         let mut tx = self.pool.begin().await?;
         insert_rows(
             &mut tx,
@@ -453,6 +484,7 @@ impl Db {
 
     /// Removes a subject and its events in one transaction. False when there was none.
     pub async fn delete_subject(&self, id: &str) -> Result<bool, DbError> {
+        let _turn = self.write_turn().await;
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM events WHERE subject = $1")
             .bind(id.to_owned())
@@ -637,6 +669,7 @@ impl Db {
                 .filter(|(_, bytes)| keep_event(bytes))
                 .map(|(sequence, bytes)| StoredEvent { sequence, bytes })
                 .collect();
+            let _turn = self.write_turn().await;
             let mut tx = self.pool.begin().await?;
             sqlx::query("DELETE FROM events WHERE subject = $1")
                 .bind(id.clone())
@@ -665,6 +698,7 @@ impl Db {
 
     /// Stores a new key; false when its id is taken.
     pub async fn insert_key(&self, key: &KeyRow) -> Result<bool, DbError> {
+        let _turn = self.write_turn().await;
         let inserted = sqlx::query(
             "INSERT INTO api_keys (id, sha256, scopes, quotas, created_by, created_ms) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
         )
@@ -718,11 +752,14 @@ impl Db {
 
     /// Revokes a stored key; the key as it is now, or `None` when there is no such key.
     pub async fn revoke_key(&self, id: &str) -> Result<Option<KeyRow>, DbError> {
-        sqlx::query("UPDATE api_keys SET revoked_ms = $1 WHERE id = $2 AND revoked_ms IS NULL")
-            .bind(now_ms())
-            .bind(id.to_owned())
-            .execute(&self.pool)
-            .await?;
+        {
+            let _turn = self.write_turn().await;
+            sqlx::query("UPDATE api_keys SET revoked_ms = $1 WHERE id = $2 AND revoked_ms IS NULL")
+                .bind(now_ms())
+                .bind(id.to_owned())
+                .execute(&self.pool)
+                .await?;
+        }
         let sql = format!("SELECT {} FROM api_keys WHERE id = $1", Self::KEY_COLUMNS);
         let row = sqlx::query(AssertSqlSafe(sql))
             .bind(id.to_owned())
@@ -741,6 +778,7 @@ impl Db {
 
     /// Appends audit records in one transaction.
     pub async fn append_audit(&self, records: &[AuditRow]) -> Result<(), DbError> {
+        let _turn = self.write_turn().await;
         let mut tx = self.pool.begin().await?;
         insert_rows(
             &mut tx,
@@ -788,6 +826,7 @@ impl Db {
     /// Records what a run cost; a row already recorded (after a restart) stays as it was.
     pub async fn insert_usage(&self, row: &UsageRow) -> Result<(), DbError> {
         use prost::Message;
+        let _turn = self.write_turn().await;
         sqlx::query(
             "INSERT INTO usage_records (subject, turn, session, time_ms, tree, owner, worker, model, cost_usd, metered_cost_usd, tokens, metered_tokens) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (subject, turn) DO NOTHING",
@@ -852,6 +891,7 @@ impl Db {
 
     /// Counts a new leadership; its number.
     pub async fn next_leader_epoch(&self) -> Result<i64, DbError> {
+        let _turn = self.write_turn().await;
         let (epoch,): (i64,) = sqlx::query_as(
             "INSERT INTO leadership (id, epoch) VALUES (1, 1) \
              ON CONFLICT (id) DO UPDATE SET epoch = leadership.epoch + 1 RETURNING epoch",
@@ -1102,6 +1142,43 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        db.close().await;
+    }
+
+    /// Writes of every kind at once on an embedded store, which would fail at once should two
+    /// of them meet in SQLite (it may not wait here): they take turns, and all are stored.
+    #[tokio::test]
+    async fn an_embedded_stores_writes_take_turns() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("driver.db").display());
+        let db = std::sync::Arc::new(Db::open_with(&url, 8, Duration::ZERO).await.unwrap());
+        let mut writing = tokio::task::JoinSet::new();
+        for n in 0..64 {
+            let db = db.clone();
+            writing.spawn(async move {
+                if n % 2 == 0 {
+                    db.commit(&[write(format!("task-{n:02}"), 1, 1..=50)]).await
+                } else {
+                    let record = AuditRow {
+                        seq: 0,
+                        time_ms: n,
+                        key_id: "key".into(),
+                        action: "SubmitTask".into(),
+                        subject: format!("task-{n:02}"),
+                        detail: String::new(),
+                    };
+                    db.append_audit(&[record]).await
+                }
+            });
+        }
+        while let Some(written) = writing.join_next().await {
+            written.unwrap().unwrap();
+        }
+        for n in (0..64).step_by(2) {
+            let stored = db.get(&format!("task-{n:02}")).await.unwrap();
+            assert!(stored.is_some(), "task-{n:02} is stored");
+        }
+        assert_eq!(db.audit_page(0, 100).await.unwrap().len(), 32);
         db.close().await;
     }
 
