@@ -424,30 +424,6 @@ impl Db {
 
     pub async fn commit(&self, writes: &[Write]) -> Result<(), DbError> {
         let _turn = self.write_turn().await;
-        let mut tx = self.pool.begin().await?;
-        insert_rows(
-            &mut tx,
-            "INSERT INTO subjects (id, kind, status, ended, idempotency_key, record, bookkeeping, last_sequence, end_ms)",
-            9,
-            "ON CONFLICT (id) DO UPDATE SET status = excluded.status, ended = excluded.ended, \
-             record = excluded.record, bookkeeping = excluded.bookkeeping, \
-             last_sequence = excluded.last_sequence, end_ms = excluded.end_ms",
-            writes,
-            |query, write| {
-                let row = &write.row;
-                query
-                    .bind(write.id.clone())
-                    .bind(row.kind as i64)
-                    .bind(i64::from(row.status))
-                    .bind(i64::from(row.ended))
-                    .bind(row.idempotency_key.clone())
-                    .bind(row.record.clone())
-                    .bind(row.bookkeeping.clone())
-                    .bind(row.last_sequence as i64)
-                    .bind(row.end_time_ms)
-            },
-        )
-        .await?;
         let chunks: Vec<(&str, &[StoredEvent])> = writes
             .iter()
             .flat_map(|write| {
@@ -457,28 +433,77 @@ impl Db {
                     .map(move |chunk| (write.id.as_str(), chunk))
             })
             .collect();
-        // A commit retried after an error may find part of a chunk written already: what it
-        // carries now holds that and more.
+        let values = writes.len() * SUBJECT_COLUMNS + chunks.len() * CHUNK_COLUMNS;
+        if self.backend == Backend::Sqlite && values <= SQLITE_MAX_VALUES {
+            return self.commit_in_one_trip(writes, &chunks).await;
+        }
+        let mut tx = self.pool.begin().await?;
         insert_rows(
             &mut tx,
-            "INSERT INTO events (subject, first_seq, last_seq, events)",
-            4,
-            "ON CONFLICT (subject, first_seq) DO UPDATE SET last_seq = excluded.last_seq, \
-             events = excluded.events",
+            SUBJECTS_INSERT,
+            SUBJECT_COLUMNS,
+            SUBJECTS_ON_CONFLICT,
+            writes,
+            bind_subject,
+        )
+        .await?;
+        insert_rows(
+            &mut tx,
+            CHUNKS_INSERT,
+            CHUNK_COLUMNS,
+            CHUNKS_ON_CONFLICT,
             &chunks,
-            |query, (id, chunk)| {
-                let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
-                    unreachable!("chunks() yields no empty chunk");
-                };
-                query
-                    .bind(id.to_string())
-                    .bind(first.sequence as i64)
-                    .bind(last.sequence as i64)
-                    .bind(chunk_bytes(chunk))
-            },
+            bind_chunk,
         )
         .await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// A commit to an embedded store as one script, transaction and all: one trip to the
+    /// connection's thread where statement by statement takes four, and a commit is what
+    /// every SubmitTask waits for.
+    async fn commit_in_one_trip(
+        &self,
+        writes: &[Write],
+        chunks: &[(&str, &[StoredEvent])],
+    ) -> Result<(), DbError> {
+        let mut script = String::from("BEGIN IMMEDIATE; ");
+        script.push_str(&multi_row_insert(
+            SUBJECTS_INSERT,
+            SUBJECT_COLUMNS,
+            writes.len(),
+            SUBJECTS_ON_CONFLICT,
+            1,
+        ));
+        if !chunks.is_empty() {
+            script.push_str("; ");
+            script.push_str(&multi_row_insert(
+                CHUNKS_INSERT,
+                CHUNK_COLUMNS,
+                chunks.len(),
+                CHUNKS_ON_CONFLICT,
+                1 + writes.len() * SUBJECT_COLUMNS,
+            ));
+        }
+        script.push_str("; COMMIT");
+        let query = writes
+            .iter()
+            .fold(sqlx::query(AssertSqlSafe(script)), bind_subject);
+        let query = chunks.iter().fold(query, bind_chunk);
+        let mut connection = self.pool.acquire().await?;
+        if let Err(err) = query.execute(&mut *connection).await {
+            // A statement that failed leaves the transaction open on this connection: it must
+            // not go back to the pool so. A connection that cannot even roll back is dropped.
+            if sqlx::query("ROLLBACK")
+                .execute(&mut *connection)
+                .await
+                .is_err()
+            {
+                drop(connection.detach());
+            }
+            return Err(err.into());
+        }
         Ok(())
     }
 
@@ -943,6 +968,47 @@ impl Db {
 
 type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
 
+const SUBJECTS_INSERT: &str = "INSERT INTO subjects (id, kind, status, ended, idempotency_key, record, bookkeeping, last_sequence, end_ms)";
+const SUBJECT_COLUMNS: usize = 9;
+const SUBJECTS_ON_CONFLICT: &str = "ON CONFLICT (id) DO UPDATE SET status = excluded.status, \
+     ended = excluded.ended, record = excluded.record, bookkeeping = excluded.bookkeeping, \
+     last_sequence = excluded.last_sequence, end_ms = excluded.end_ms";
+
+fn bind_subject(query: AnyQuery<'static>, write: &Write) -> AnyQuery<'static> {
+    let row = &write.row;
+    query
+        .bind(write.id.clone())
+        .bind(row.kind as i64)
+        .bind(i64::from(row.status))
+        .bind(i64::from(row.ended))
+        .bind(row.idempotency_key.clone())
+        .bind(row.record.clone())
+        .bind(row.bookkeeping.clone())
+        .bind(row.last_sequence as i64)
+        .bind(row.end_time_ms)
+}
+
+const CHUNKS_INSERT: &str = "INSERT INTO events (subject, first_seq, last_seq, events)";
+const CHUNK_COLUMNS: usize = 4;
+// A commit retried after an error may find part of a chunk written already: what it carries
+// now holds that and more.
+const CHUNKS_ON_CONFLICT: &str = "ON CONFLICT (subject, first_seq) DO UPDATE SET \
+     last_seq = excluded.last_seq, events = excluded.events";
+
+fn bind_chunk(query: AnyQuery<'static>, (id, chunk): &(&str, &[StoredEvent])) -> AnyQuery<'static> {
+    let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
+        unreachable!("chunks() yields no empty chunk");
+    };
+    query
+        .bind(id.to_string())
+        .bind(first.sequence as i64)
+        .bind(last.sequence as i64)
+        .bind(chunk_bytes(chunk))
+}
+
+/// The most values one SQLite statement takes (`SQLITE_MAX_VARIABLE_NUMBER`, since 3.32).
+const SQLITE_MAX_VALUES: usize = 32_766;
+
 /// Inserts `rows` in `tx` with multi-row statements (see [`multi_row_insert`]) of at most
 /// [`ROWS_PER_STATEMENT`] rows, `bind` giving one row's `columns` values: each statement is a
 /// round trip to the connection (for SQLite, to its thread), and a busy driver writes hundreds
@@ -956,7 +1022,7 @@ async fn insert_rows<T>(
     bind: impl Fn(AnyQuery<'static>, &T) -> AnyQuery<'static>,
 ) -> Result<(), sqlx::Error> {
     for statement in rows.chunks(ROWS_PER_STATEMENT) {
-        let sql = multi_row_insert(head, columns, statement.len(), tail);
+        let sql = multi_row_insert(head, columns, statement.len(), tail, 1);
         let query = statement
             .iter()
             .fold(sqlx::query(AssertSqlSafe(sql)), |query, row| {
@@ -968,8 +1034,8 @@ async fn insert_rows<T>(
 }
 
 /// `head VALUES ($1, …, $columns), (…), … tail` for `rows` rows: the placeholders both
-/// backends read.
-fn multi_row_insert(head: &str, columns: usize, rows: usize, tail: &str) -> String {
+/// backends read, numbered from `first`.
+fn multi_row_insert(head: &str, columns: usize, rows: usize, tail: &str, first: usize) -> String {
     use std::fmt::Write as _;
     let mut sql = String::with_capacity(head.len() + tail.len() + rows * columns * 6 + 16);
     sql.push_str(head);
@@ -978,7 +1044,7 @@ fn multi_row_insert(head: &str, columns: usize, rows: usize, tail: &str) -> Stri
         sql.push_str(if row == 0 { "(" } else { ", (" });
         for column in 0..columns {
             let separator = if column == 0 { "" } else { ", " };
-            let _ = write!(sql, "{separator}${}", row * columns + column + 1);
+            let _ = write!(sql, "{separator}${}", first + row * columns + column);
         }
         sql.push(')');
     }
@@ -1145,6 +1211,67 @@ mod tests {
         db.close().await;
     }
 
+    /// A commit of more values than one SQLite statement takes goes statement by statement,
+    /// and is written whole too.
+    #[tokio::test]
+    async fn an_embedded_commit_too_large_for_one_statement_is_written_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("driver.db").display());
+        let db = Db::open(&url, 2).await.unwrap();
+        let subjects = SQLITE_MAX_VALUES / (SUBJECT_COLUMNS + CHUNK_COLUMNS) + 1;
+        let writes: Vec<Write> = (0..subjects)
+            .map(|n| write(format!("task-{n:05}"), 1, 1..=1))
+            .collect();
+        db.commit(&writes).await.unwrap();
+        for n in [0, subjects / 2, subjects - 1] {
+            let id = format!("task-{n:05}");
+            assert_eq!(db.get(&id).await.unwrap().unwrap().record, id.as_bytes());
+            let (events, _) = db.events(&id, 0, u64::MAX >> 1, 10).await.unwrap();
+            assert_eq!(events.len(), 1, "{id}");
+        }
+        db.close().await;
+    }
+
+    /// A commit to an embedded store that fails halfway writes none of it, and the connection
+    /// it failed on (the pool's only one) writes the next commit.
+    #[tokio::test]
+    async fn a_failed_embedded_commit_leaves_nothing_and_the_next_one_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("driver.db").display());
+        let db = Db::open(&url, 1).await.unwrap();
+        // The events of task-c are refused: the commit fails in its second statement, after
+        // the subjects' rows went in.
+        sqlx::query(
+            "CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.subject = 'task-c' \
+             BEGIN SELECT RAISE(ABORT, 'refused'); END",
+        )
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        let failed = db
+            .commit(&[
+                write("task-b".into(), 1, 1..=3),
+                write("task-c".into(), 1, 1..=3),
+            ])
+            .await;
+        assert!(failed.unwrap_err().to_string().contains("refused"));
+        assert!(
+            db.get("task-b").await.unwrap().is_none(),
+            "task-b rolled back"
+        );
+        assert!(
+            db.get("task-c").await.unwrap().is_none(),
+            "task-c rolled back"
+        );
+        db.commit(&[write("task-d".into(), 1, 1..=3)])
+            .await
+            .unwrap();
+        assert!(db.get("task-d").await.unwrap().is_some());
+        let (events, _) = db.events("task-d", 0, u64::MAX >> 1, 10).await.unwrap();
+        assert_eq!(events.len(), 3);
+        db.close().await;
+    }
+
     /// Writes of every kind at once on an embedded store, which would fail at once should two
     /// of them meet in SQLite (it may not wait here): they take turns, and all are stored.
     #[tokio::test]
@@ -1185,12 +1312,16 @@ mod tests {
     #[test]
     fn a_multi_row_insert_numbers_its_placeholders_row_by_row() {
         assert_eq!(
-            multi_row_insert("INSERT INTO t (a, b)", 2, 3, "ON CONFLICT DO NOTHING"),
+            multi_row_insert("INSERT INTO t (a, b)", 2, 3, "ON CONFLICT DO NOTHING", 1),
             "INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4), ($5, $6) ON CONFLICT DO NOTHING"
         );
         assert_eq!(
-            multi_row_insert("INSERT INTO t (a)", 1, 1, ""),
+            multi_row_insert("INSERT INTO t (a)", 1, 1, "", 1),
             "INSERT INTO t (a) VALUES ($1)"
+        );
+        assert_eq!(
+            multi_row_insert("INSERT INTO t (a, b)", 2, 2, "", 7),
+            "INSERT INTO t (a, b) VALUES ($7, $8), ($9, $10)"
         );
     }
 
