@@ -423,6 +423,9 @@ impl Db {
     }
 
     pub async fn commit(&self, writes: &[Write]) -> Result<(), DbError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
         let _turn = self.write_turn().await;
         let chunks: Vec<(&str, &[StoredEvent])> = writes
             .iter()
@@ -1230,6 +1233,21 @@ mod tests {
             assert_eq!(events.len(), 1, "{id}");
         }
         db.close().await;
+    }
+
+    /// A commit of nothing writes nothing, and fails on neither store.
+    #[tokio::test]
+    async fn an_empty_commit_is_no_error() {
+        let dir = tempfile::tempdir().unwrap();
+        for url in crate::test_support::store_urls(dir.path()).await {
+            let db = Db::open(&url, 2).await.unwrap();
+            db.commit(&[]).await.unwrap();
+            db.commit(&[write("task-a".into(), 1, 1..=1)])
+                .await
+                .unwrap();
+            assert!(db.get("task-a").await.unwrap().is_some());
+            db.close().await;
+        }
     }
 
     /// A commit to an embedded store that fails halfway writes none of it, and the connection
