@@ -76,24 +76,31 @@ async fn require_docker_and_compose() {
     );
 }
 
-/// The host's address on Docker's default bridge: where containers reach the host
-/// (`host.docker.internal` with `host-gateway`), and so where the stand-in API must listen.
+/// The host's address as containers reach it (`host.docker.internal` with `host-gateway`), and
+/// so where the stand-in API must listen: asked of Docker itself, in a container. The default
+/// bridge's IPAM gateway would say the same, but Docker leaves it out on some hosts.
 async fn docker_host_address() -> String {
-    let gateway = docker(&[
-        "network",
-        "inspect",
+    let image = agent_image();
+    let resolved = docker(&[
+        "run",
+        "--rm",
+        "--network",
         "bridge",
-        "-f",
-        "{{range .IPAM.Config}}{{.Gateway}}{{end}}",
+        "--add-host",
+        "gateway.probe:host-gateway",
+        "--entrypoint",
+        "getent",
+        &image,
+        "hosts",
+        "gateway.probe",
     ])
-    .await
-    .trim()
-    .to_owned();
+    .await;
+    let gateway = resolved.split_whitespace().next().unwrap_or_default();
     assert!(
         gateway.parse::<std::net::Ipv4Addr>().is_ok(),
-        "Docker's default bridge has no IPv4 gateway: `{gateway}`"
+        "Docker's host-gateway is no IPv4 address: `{resolved}`"
     );
-    gateway
+    gateway.to_owned()
 }
 
 /// A port free on `ip` now (the services bind it a moment later).
