@@ -409,7 +409,6 @@ impl Db {
         Ok(())
     }
 
-    /// Writes rows and events in one transaction: all or nothing.
     /// Waits until this driver may write to an embedded store: one write at a time. SQLite
     /// takes one writer at a time, and a second one waits in its busy handler, which sleeps
     /// 1 ms, then 2, 5, 10… before it looks again: the audit log's writes and the journals'
@@ -422,6 +421,7 @@ impl Db {
         }
     }
 
+    /// Writes rows and events in one transaction: all or nothing.
     pub async fn commit(&self, writes: &[Write]) -> Result<(), DbError> {
         if writes.is_empty() {
             return Ok(());
